@@ -1,0 +1,104 @@
+"""The `llm-envs` command line.
+
+    llm-envs world build [--size default|test] [--seed 0] [--cache-dir DIR] [--force] [--json]
+    llm-envs world info  [--size ...] [--seed ...] [--cache-dir DIR]
+    llm-envs demo        [--num-prompts 8] [--json]   # build the world, score greedy answers
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Sequence
+
+from llm_envs.world import WORLD_PRESETS
+
+HEADROOM_KEYS = ("greedy_low_gold_frac", "nucleus_best_gold_frac", "rm_gold_agreement")
+
+
+def _add_world_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--size", default="default", choices=sorted(WORLD_PRESETS),
+                        help="world preset: 'default' (used by everything) or 'test' (small, for tests)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the world (corpus, splits, training)")
+    parser.add_argument("--cache-dir", default=None,
+                        help="cache root (default: $LLM_ENVS_CACHE or ~/.cache/llm_envs)")
+
+
+def _print_world_summary(report: dict) -> None:
+    print(f"world: {report['path']}")
+    print(f"  built in {report['seconds']} s; sizes: {json.dumps(report['sizes'])}")
+    for key in HEADROOM_KEYS:
+        print(f"  {key:24s} {report[key]}")
+    decisions = report["decision_positions"]
+    print(f"  decision_positions       {decisions['positions']} "
+          f"(prompt-dependent: {decisions['right_token_depends_on_prompt']})")
+
+
+def cmd_world_build(args: argparse.Namespace) -> int:
+    from llm_envs.world import build_world
+
+    world = build_world(args.size, args.seed, args.cache_dir, force=args.force,
+                        progress=not args.json and not args.no_progress)
+    if args.json:
+        print(json.dumps(world.report))
+    else:
+        _print_world_summary(world.report)
+    return 0
+
+
+def cmd_world_info(args: argparse.Namespace) -> int:
+    from llm_envs.world import load_world
+
+    world = load_world(args.size, args.seed, args.cache_dir, build=False)
+    _print_world_summary(world.report)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """The main job until the benchmark exists: world, greedy answers, one reward wrapper."""
+    from llm_envs.demo import run_demo
+
+    summary = run_demo(num_prompts=args.num_prompts, cache_dir=args.cache_dir, size=args.size,
+                       seed=args.seed, verbose=not args.json)
+    if args.json:
+        print(json.dumps(summary))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="llm-envs", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    world = commands.add_parser("world", help="build or inspect the embedded offline world")
+    world_commands = world.add_subparsers(dest="world_command", required=True)
+    build = world_commands.add_parser("build", help="build the world into the cache (a no-op if built)")
+    _add_world_args(build)
+    build.add_argument("--force", action="store_true", help="rebuild even if the cache holds it")
+    build.add_argument("--json", action="store_true", help="print the build report as one JSON object")
+    build.add_argument("--no-progress", action="store_true", help="no progress bars")
+    build.set_defaults(func=cmd_world_build)
+    info = world_commands.add_parser("info", help="print the report of a built world")
+    _add_world_args(info)
+    info.set_defaults(func=cmd_world_info)
+
+    demo = commands.add_parser("demo", help="build the world and score greedy answers with the RM and gold judge")
+    _add_world_args(demo)
+    demo.add_argument("--num-prompts", type=int, default=8, help="test prompts to decode and score")
+    demo.add_argument("--json", action="store_true", help="print the summary as one JSON object")
+    demo.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, OSError) as error:
+        print(f"llm-envs: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,360 @@
+"""Prompt sources: lists, JSONL files, HF datasets (hub or local) and the embedded world.
+
+`load_prompts` turns any of them into a `PromptSet` of non-empty prompt strings, optionally
+dropping prompts longer than `max_prompt_tokens` (the Proxy-RLHF paper drops prompts over 256
+tokens) and drawing a seeded, order-stable sample of `num_prompts`.
+
+HH convention: Anthropic HH-RLHF rows hold whole dialogues (``"\\n\\nHuman: ...\\n\\nAssistant:
+..."``) in ``chosen``/``rejected`` and no prompt column. When ``column="chosen"``, or when no
+column is given, the data has no ``prompt`` column and has a ``chosen`` column, the prompt is
+the ``chosen`` text up to and including its last ``"Assistant:"`` (the turn to be generated).
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, overload
+
+import numpy as np
+from transformers import PreTrainedTokenizerBase
+
+from llm_envs.models import _hub_endpoint_reachable, load_tokenizer
+
+HH_MARKER = "Assistant:"
+_DICT_KEYS = ("dataset", "split", "column", "name", "data_dir")
+_WORLD_SPLITS = {"world:train": "train_prompts", "world:test": "test_prompts"}
+_FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
+_OFFLINE_HINT = (
+    "Use source='world:train' (or 'world:test') for the embedded offline world's prompts, or pass a "
+    "local .jsonl file, a Dataset.save_to_disk directory, or a list of strings."
+)
+
+
+@dataclass(frozen=True)
+class PromptSet:
+    """Prompts ready for the envs, with how many were dropped as too long and where they came from."""
+
+    prompts: list[str]
+    dropped_too_long: int = 0
+    source: str = ""
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.prompts)
+
+    @overload
+    def __getitem__(self, index: int) -> str: ...
+    @overload
+    def __getitem__(self, index: slice) -> list[str]: ...
+    def __getitem__(self, index: int | slice) -> str | list[str]:
+        return self.prompts[index]
+
+
+PromptSource = str | os.PathLike | Sequence[str] | Mapping[str, Any] | PromptSet
+
+
+def hh_prompt(dialogue: str) -> str | None:
+    """The HH-RLHF prompt of a dialogue: the text up to and including its last "Assistant:"."""
+    cut = dialogue.rfind(HH_MARKER)
+    return None if cut == -1 else dialogue[: cut + len(HH_MARKER)]
+
+
+def load_prompts(
+    source: PromptSource,
+    *,
+    split: str | None = None,
+    column: str | None = None,
+    tokenizer: PreTrainedTokenizerBase | str | os.PathLike | None = None,
+    max_prompt_tokens: int | None = None,
+    num_prompts: int | None = None,
+    seed: int = 0,
+) -> PromptSet:
+    """Load prompts from `source` (see the module docstring), filter and sample them.
+
+    `source`: a list/tuple of str (or a PromptSet); a ``.jsonl`` file (one JSON object per line with a
+    ``"prompt"`` key, or `column`); ``.json``/``.csv``/``.parquet`` files; a
+    ``save_to_disk`` directory or a directory of data files; a HF hub dataset name; a dict
+    ``{"dataset": ..., "split": ..., "column": ..., "name": ..., "data_dir": ...}``; or
+    ``"world:train"`` / ``"world:test"`` for the embedded offline world.
+
+    With `tokenizer` and `max_prompt_tokens`, prompts longer than that many tokens (special
+    tokens included) are dropped and counted. `num_prompts` then draws a sample with
+    ``numpy.random.default_rng(seed)``, kept in source order.
+    """
+    if isinstance(source, Mapping):
+        source, split, column, extra = _from_dict(source, split, column)
+    else:
+        extra = {}
+    prompts, desc = _read(source, split=split, column=column, extra=extra)
+    for i, prompt in enumerate(prompts):
+        if not isinstance(prompt, str):
+            raise TypeError(
+                f"prompt {i} of {desc} is {type(prompt).__name__} ({prompt!r:.80}); expected str."
+            )
+        if not prompt.strip():
+            raise ValueError(
+                f"prompt {i} of {desc} is empty or whitespace-only ({prompt!r}); remove it from the source "
+                "or fix the column (an env cannot start an episode from an empty prompt)."
+            )
+    dropped = 0
+    if max_prompt_tokens is not None:
+        prompts, dropped = _filter_long(prompts, tokenizer, max_prompt_tokens, desc)
+    elif tokenizer is not None and not isinstance(tokenizer, (str, os.PathLike, PreTrainedTokenizerBase)):
+        raise TypeError(f"tokenizer={tokenizer!r}; expected a tokenizer, its directory or hub name.")
+    if not prompts:
+        raise ValueError(f"{desc} holds no prompts; pass a source with at least one prompt.")
+    if num_prompts is not None:
+        prompts = _sample(prompts, num_prompts, seed, desc, dropped, max_prompt_tokens)
+        desc = f"{desc}, {num_prompts} sampled (seed={seed})"
+    return PromptSet(prompts=list(prompts), dropped_too_long=dropped, source=desc)
+
+
+# ---------------------------------------------------------------------- dispatch
+def _from_dict(
+    spec: Mapping[str, Any], split: str | None, column: str | None
+) -> tuple[Any, str | None, str | None, dict[str, Any]]:
+    for key in spec:
+        if key not in _DICT_KEYS:
+            hint = difflib.get_close_matches(str(key), _DICT_KEYS, n=1)
+            extra = f" Did you mean {hint[0]!r}?" if hint else ""
+            raise ValueError(
+                f"prompt source dict has an unknown key {key!r}; expected keys {list(_DICT_KEYS)}.{extra}"
+            )
+    if "dataset" not in spec:
+        raise ValueError(
+            f"prompt source dict {dict(spec)!r} has no 'dataset' key; "
+            "e.g. {'dataset': 'Anthropic/hh-rlhf', 'split': 'test'}."
+        )
+    for key, given in (("split", split), ("column", column)):
+        if given is not None and spec.get(key) not in (None, given):
+            raise ValueError(
+                f"{key}={given!r} conflicts with the source dict's {key}={spec[key]!r}; give it once."
+            )
+    extra = {k: spec[k] for k in ("name", "data_dir") if spec.get(k) is not None}
+    return spec["dataset"], split or spec.get("split"), column or spec.get("column"), extra
+
+
+def _read(
+    source: Any, *, split: str | None, column: str | None, extra: dict[str, Any]
+) -> tuple[list[Any], str]:
+    if isinstance(source, PromptSet):
+        source = source.prompts
+    if isinstance(source, (list, tuple)):
+        if split is not None or column is not None:
+            raise ValueError(
+                "split= and column= apply to datasets and files, not to a list of prompts; drop them."
+            )
+        return list(source), f"a list of {len(source)} prompts"
+    if not isinstance(source, (str, os.PathLike)):
+        raise TypeError(
+            f"prompt source {source!r:.80} ({type(source).__name__}) is not supported; expected a list of "
+            "str, a .jsonl path, a dataset name or directory, a dict {'dataset': ...}, or "
+            "'world:train'/'world:test'."
+        )
+    text = str(os.fspath(source))
+    if text.startswith("world:"):
+        return _read_world(text)
+    path = Path(text).expanduser()
+    if path.is_file():
+        if path.suffix == ".jsonl" and not extra:
+            return _read_jsonl(path, column, split)
+        builder = _FILE_BUILDERS.get(path.suffix)
+        if builder is None:
+            raise ValueError(
+                f"prompt file {text!r} has an unknown extension; expected one of {sorted(_FILE_BUILDERS)}."
+            )
+        return _read_dataset(
+            builder, split=split or "train", column=column, desc=text, data_files=str(path), **extra
+        )
+    if path.is_dir():
+        if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
+            return _read_from_disk(path, split, column)
+        return _read_dataset(str(path), split=split, column=column, desc=text, **extra)
+    looks_like_path = text.startswith((".", "/", "~")) or text.count("/") > 1 or path.suffix in _FILE_BUILDERS
+    if looks_like_path:
+        raise FileNotFoundError(f"prompt source {text!r}: no such file or directory. {_OFFLINE_HINT}")
+    if not _hub_endpoint_reachable() and not _hub_cached(str(text)):
+        raise ConnectionError(
+            f"dataset {text!r} is neither a local path nor reachable: the Hugging Face hub cannot be contacted "
+            "from this machine (offline or HF_HUB_OFFLINE=1; a copy in the local HF cache is used only when "
+            f"HF_HUB_OFFLINE=1 is set before Python starts). {_OFFLINE_HINT}"
+        )
+    return _read_dataset(text, split=split, column=column, desc=f"hub dataset {text!r}", **extra)
+
+
+def _hub_cached(name: str) -> bool:
+    """Whether a cached copy may exist; only with HF_HUB_OFFLINE set, which makes `datasets` use it."""
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() not in {"1", "true", "yes"}:
+        return False
+    try:
+        from datasets import config as ds_config
+        from huggingface_hub import constants
+
+        hub = Path(constants.HF_HUB_CACHE) / f"datasets--{name.replace('/', '--')}"
+        built = Path(ds_config.HF_DATASETS_CACHE) / name.replace("/", "___")
+        return hub.is_dir() or built.is_dir()
+    except Exception:  # pragma: no cover - best-effort probe
+        return False
+
+
+def _read_world(text: str) -> tuple[list[Any], str]:
+    if text not in _WORLD_SPLITS:
+        raise ValueError(
+            f"prompt source {text!r} is not a world split; expected one of {sorted(_WORLD_SPLITS)}."
+        )
+    from llm_envs.world import load_world  # lazy: building the world is expensive
+
+    world = load_world()
+    return list(getattr(world, _WORLD_SPLITS[text])), f"embedded world ({text})"
+
+
+def _read_jsonl(path: Path, column: str | None, split: str | None) -> tuple[list[Any], str]:
+    if split is not None:
+        raise ValueError(f"split={split!r} does not apply to the single JSONL file {str(path)!r}; drop it.")
+    rows: list[dict[str, Any]] = []
+    with path.open(encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(
+                    f"{str(path)!r} line {lineno} is not valid JSON ({exc.msg}): {line.strip()!r:.120}"
+                ) from exc
+            if not isinstance(row, dict):
+                raise ValueError(
+                    f"{str(path)!r} line {lineno} is a JSON {type(row).__name__}; expected an object such as "
+                    '{"prompt": "..."}.'
+                )
+            rows.append(row)
+    desc = f"JSONL file {str(path)!r}"
+    if not rows:
+        return [], desc
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    name, hh = _pick_column(columns, column, desc)
+    values = []
+    for i, row in enumerate(rows):
+        if name not in row:
+            raise ValueError(
+                f"row {i} of {desc} has no {name!r} key (it has {sorted(row)}); every line needs one."
+            )
+        values.append(row[name])
+    return _apply_hh(values, hh, desc), f"{desc}, column {name!r}"
+
+
+def _read_from_disk(path: Path, split: str | None, column: str | None) -> tuple[list[Any], str]:
+    from datasets import load_from_disk
+
+    data = load_from_disk(str(path))
+    return _from_loaded(data, split, column, f"dataset directory {str(path)!r}")
+
+
+def _read_dataset(
+    name: str, *, split: str | None, column: str | None, desc: str, **kwargs: Any
+) -> tuple[list[Any], str]:
+    import datasets
+
+    try:
+        data = datasets.load_dataset(name, **kwargs)
+    except (ConnectionError, FileNotFoundError) as exc:
+        raise ConnectionError(f"could not load dataset {name!r} ({exc}). {_OFFLINE_HINT}") from exc
+    return _from_loaded(data, split, column, desc)
+
+
+def _from_loaded(data: Any, split: str | None, column: str | None, desc: str) -> tuple[list[Any], str]:
+    from datasets import DatasetDict
+
+    if isinstance(data, DatasetDict):
+        splits = list(data.keys())
+        if split is None:
+            if len(splits) != 1:
+                raise ValueError(f"{desc} has splits {splits}; pass split= (one of them).")
+            split = splits[0]
+        if split not in data:
+            raise ValueError(f"split={split!r} is not in {desc}; available splits: {splits}.")
+        data = data[split]
+    elif split is not None and split != "train":
+        raise ValueError(f"{desc} is a single dataset without splits; drop split={split!r}.")
+    desc = f"{desc}, split {split!r}" if split else desc
+    name, hh = _pick_column(list(data.column_names), column, desc)
+    return _apply_hh(list(data[name]), hh, desc), f"{desc}, column {name!r}"
+
+
+def _pick_column(columns: list[str], column: str | None, desc: str) -> tuple[str, bool]:
+    """(column to read, whether to apply the HH cut)."""
+    if column is not None:
+        if column not in columns:
+            hint = difflib.get_close_matches(column, columns, n=1)
+            extra = f" Did you mean {hint[0]!r}?" if hint else ""
+            raise ValueError(
+                f"column {column!r} is not in {desc}; available columns: {columns}.{extra} "
+                "Pass column= one of them."
+            )
+        return column, column == "chosen"
+    if "prompt" in columns:
+        return "prompt", False
+    if "chosen" in columns:
+        return "chosen", True
+    raise ValueError(
+        f"{desc} has no 'prompt' column (nor an HH-style 'chosen' column); available columns: {columns}. "
+        "Pass column= naming the prompt column."
+    )
+
+
+def _apply_hh(values: list[Any], hh: bool, desc: str) -> list[Any]:
+    if not hh:
+        return values
+    out = []
+    for i, value in enumerate(values):
+        prompt = hh_prompt(value) if isinstance(value, str) else None
+        if prompt is None:
+            raise ValueError(
+                f"row {i} of {desc}, column 'chosen', has no {HH_MARKER!r} ({value!r:.80}): not HH-RLHF format "
+                "('\\n\\nHuman: ...\\n\\nAssistant: ...'). Pass column= naming a plain prompt column."
+            )
+        out.append(prompt)
+    return out
+
+
+# ---------------------------------------------------------------------- filtering / sampling
+def _filter_long(
+    prompts: list[str], tokenizer: PreTrainedTokenizerBase | str | os.PathLike | None, limit: int, desc: str
+) -> tuple[list[str], int]:
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+        raise ValueError(f"max_prompt_tokens={limit!r}; expected a positive int (the paper uses 256).")
+    if tokenizer is None:
+        raise ValueError(f"max_prompt_tokens={limit} needs tokenizer= (the LM's tokenizer) to count tokens.")
+    if isinstance(tokenizer, (str, os.PathLike)):
+        tokenizer = load_tokenizer(tokenizer)
+    lengths = [len(ids) for ids in tokenizer(prompts)["input_ids"]] if prompts else []
+    kept = [p for p, n in zip(prompts, lengths) if n <= limit]
+    dropped = len(prompts) - len(kept)
+    if prompts and not kept:
+        raise ValueError(
+            f"all {dropped} prompts of {desc} are longer than max_prompt_tokens={limit} "
+            f"(shortest: {min(lengths)} tokens); raise max_prompt_tokens or use shorter prompts."
+        )
+    return kept, dropped
+
+
+def _sample(
+    prompts: list[str], num: int, seed: int, desc: str, dropped: int, limit: int | None
+) -> list[str]:
+    if isinstance(num, bool) or not isinstance(num, int) or num < 1:
+        raise ValueError(f"num_prompts={num!r}; expected a positive int (or None for all prompts).")
+    if num > len(prompts):
+        after = f" after dropping {dropped} longer than max_prompt_tokens={limit}" if dropped else ""
+        raise ValueError(
+            f"num_prompts={num} but {desc} has only {len(prompts)} prompts{after}; lower num_prompts or pass "
+            "num_prompts=None for all of them."
+        )
+    picked = np.sort(np.random.default_rng(seed).choice(len(prompts), size=num, replace=False))
+    return [prompts[int(i)] for i in picked]

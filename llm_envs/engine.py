@@ -1,0 +1,374 @@
+"""Batched, KV-cached single-token decoding over a frozen Hugging Face causal LM.
+
+The RL environments keep N rows (one per env) that advance one token at a time, reject
+candidates, and reset at different moments. This engine serves all of them with at most one
+batched forward per env step, and it knows only token ids: candidate pools, masks and rewards
+live in the envs.
+
+Cache layout (why it is built this way): transformers' `DynamicCache` can only crop every row
+at once, so a per-row rollback is done with masking instead of deletion.
+
+* The cache is append-only, ``[N, heads, L, head_dim]`` per layer, where ``L`` is a *physical*
+  slot count shared by all rows. A 2-D attention mask ``[N, L]`` says which slots a row can see;
+  padding, dropped (rejected) slots and slots of a row's previous episode are hidden.
+* Every forward passes explicit per-row ``position_ids`` (the row's count of visible tokens),
+  because physical slot != logical position; without them GPT-2's learned positions are wrong.
+* Each row's visible slots are in increasing physical order, so compaction (gathering each row's
+  visible slots to the front) preserves order. It runs before a forward whenever the physical
+  length exceeds the longest visible row by more than ``compact_slack``, so memory stays
+  O(N * (longest visible row + slack)).
+* ``reset_rows`` prefills the new prompts in their own left-padded batch (fresh cache), then
+  splices that K/V into slots ``[0, P)`` of those rows (growing ``L`` when ``P > L``) and
+  hides the rest of the row.
+
+The result equals a fresh no-cache forward of each row's visible sequence to float rounding
+(~1e-6 in float32), for learned-position (GPT-2) and rotary (Llama) models, eager and sdpa.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from transformers import DynamicCache, PreTrainedModel
+from transformers.cache_utils import DynamicLayer
+
+__all__ = ["DecodeEngine", "StepOutput"]
+
+
+@dataclass(frozen=True)
+class StepOutput:
+    """Next-token logits and the chosen layer's hidden state at each returned row's last slot.
+
+    Both are float32 whatever the model dtype, so envs can build observations and
+    probabilities without caring how the LM was loaded.
+    """
+
+    logits: torch.Tensor  # [B, V] float32
+    hidden: torch.Tensor  # [B, D] float32
+
+
+def _as_int_list(values: Sequence[int] | torch.Tensor) -> list[int]:
+    if isinstance(values, torch.Tensor):
+        return [int(v) for v in values.reshape(-1).tolist()]
+    return [int(v) for v in values]
+
+
+def _grow(kv: torch.Tensor, length: int) -> torch.Tensor:
+    """Pad a [N, H, L, Dh] cache tensor with zero slots up to ``length``."""
+    n, h, cur, d = kv.shape
+    return torch.cat([kv, kv.new_zeros(n, h, length - cur, d)], dim=2)
+
+
+def _gather_slots(kv: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Per row, take the slots ``index[row]`` of a [N, H, L, Dh] cache tensor."""
+    n, h, _, d = kv.shape
+    return kv.gather(2, index[:, None, :, None].expand(n, h, index.shape[1], d))
+
+
+class DecodeEngine:
+    """N independent decoding rows over one frozen causal LM, one batched forward per step.
+
+    Typical use: ``reset_rows`` a row with its prompt; each step ``append`` one token per row
+    (a candidate, tentatively); ``drop_last`` the rows whose candidate was rejected. Logits and
+    hidden states always match a fresh forward of the row's visible tokens (``tokens(row)``).
+    """
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        num_rows: int,
+        *,
+        hidden_layer: int = -1,
+        compact_slack: int = 32,
+    ) -> None:
+        """Wrap ``model`` (put in eval mode) for ``num_rows`` rows.
+
+        ``hidden_layer`` indexes ``output_hidden_states`` (0 = embeddings, -1 = after the final
+        norm, the default, which is read from the LM head's input at no extra cost).
+        ``compact_slack`` is how many hidden slots beyond the longest row are tolerated before
+        the cache is compacted: larger = fewer gathers, more memory.
+        """
+        if num_rows < 1:
+            raise ValueError(f"num_rows={num_rows}; expected at least 1 row.")
+        if compact_slack < 0:
+            raise ValueError(f"compact_slack={compact_slack}; expected an integer >= 0.")
+        self.model = model.eval()
+        self.config = model.config.get_text_config(decoder=True)
+        self.num_rows = num_rows
+        self.device = next(model.parameters()).device
+        self.compact_slack = compact_slack
+        n_layers = int(self.config.num_hidden_layers)
+        if not -(n_layers + 1) <= hidden_layer <= n_layers:
+            raise ValueError(
+                f"hidden_layer={hidden_layer} is out of range for a model with {n_layers} layers; "
+                f"expected -{n_layers + 1}..{n_layers} (0 = embeddings, -1 = final normed state)."
+            )
+        self.hidden_layer = hidden_layer
+        self._head = model.get_output_embeddings()
+        if hidden_layer in (-1, n_layers) and self._head is None:
+            self.hidden_layer = n_layers  # no LM-head module to hook: fall back to hidden_states
+        self.vocab_size = int(self.config.vocab_size)
+        self.hidden_size = int(self.config.hidden_size)
+        limit = getattr(self.config, "max_position_embeddings", None) or getattr(
+            self.config, "n_positions", None
+        )
+        self.max_context: int | None = int(limit) if limit else None
+        self._cache = DynamicCache(config=model.config)
+        if any(type(layer) is not DynamicLayer for layer in self._cache.layers):
+            raise ValueError(
+                f"{type(model).__name__} uses sliding-window or hybrid cache layers, which this "
+                "engine's slot masking does not support; use a model with full attention only."
+            )
+        with torch.inference_mode():
+            self._mask = torch.zeros(num_rows, 0, dtype=torch.bool, device=self.device)
+        self._ids: list[list[int]] = [[] for _ in range(num_rows)]
+        self._cols: list[list[int]] = [[] for _ in range(num_rows)]  # physical slot per token
+        self._prompt_len = [0] * num_rows
+        self._row_forwards = [0] * num_rows
+        self.forward_calls = 0  # batched forwards, prefill included
+        self.tokens_forwarded = 0  # token positions computed (padding and inactive rows included)
+        self.compactions = 0
+
+    # ------------------------------------------------------------------ per-row state
+    def tokens(self, row: int) -> list[int]:
+        """The row's visible token ids (prompt + kept tokens): what a fresh forward would see."""
+        return list(self._ids[row])
+
+    def next_position(self, row: int) -> int:
+        """Position id the row's next token gets (= its number of visible tokens)."""
+        return len(self._ids[row])
+
+    def prompt_length(self, row: int) -> int:
+        """Length of the prompt the row was last reset with (0 if never reset)."""
+        return self._prompt_len[row]
+
+    def row_forwards(self, row: int) -> int:
+        """Forwards that computed something for this row since its last reset (prefill = 1)."""
+        return self._row_forwards[row]
+
+    @property
+    def cache_length(self) -> int:
+        """Physical slots per row in the cache (visible + hidden)."""
+        return int(self._mask.shape[1])
+
+    # ------------------------------------------------------------------ operations
+    @torch.inference_mode()
+    def reset_rows(
+        self, rows: Sequence[int], prompt_ids: Sequence[Sequence[int] | torch.Tensor]
+    ) -> StepOutput:
+        """Replace what ``rows`` hold with new prompts, prefilled in one batched forward.
+
+        Returns, in the order of ``rows``, the logits and hidden state at each prompt's last
+        token. Other rows are untouched.
+        """
+        rows = _as_int_list(rows)
+        prompts = [_as_int_list(p) for p in prompt_ids]
+        if len(rows) != len(prompts):
+            raise ValueError(f"got {len(rows)} rows but {len(prompts)} prompts; pass one per row.")
+        if not rows:
+            raise ValueError("reset_rows needs at least one row.")
+        if len(set(rows)) != len(rows):
+            raise ValueError(f"rows={rows} repeats a row; reset each row at most once per call.")
+        for row, prompt in zip(rows, prompts):
+            self._check_row(row)
+            if not prompt:
+                raise ValueError(f"row {row}: the prompt is empty; pass at least one token id.")
+            if self.max_context is not None and len(prompt) > self.max_context:
+                raise ValueError(
+                    f"row {row}: prompt of {len(prompt)} tokens exceeds the model's maximum "
+                    f"context of {self.max_context} positions (config.max_position_embeddings); "
+                    "truncate the prompt (keep its last tokens, leaving room for the response) "
+                    "or use a model with a longer context."
+                )
+            self._check_ids(row, prompt)
+        batch, width = len(rows), max(len(p) for p in prompts)
+        ids = torch.zeros(batch, width, dtype=torch.long)
+        attn = torch.zeros(batch, width, dtype=torch.bool)
+        pos = torch.zeros(batch, width, dtype=torch.long)
+        for i, prompt in enumerate(prompts):  # left padding: every prompt ends at slot width-1
+            n = len(prompt)
+            ids[i, width - n :] = torch.tensor(prompt)
+            attn[i, width - n :] = True
+            pos[i, width - n :] = torch.arange(n)
+        ids, attn, pos = (t.to(self.device) for t in (ids, attn, pos))
+        fresh = DynamicCache(config=self.model.config)
+        logits, hidden = self._forward(ids, attn, pos, fresh)
+        if len(rows) == self.num_rows:
+            # Every row starts over: drop the old cache, so the layout (and with it the float
+            # rounding of attention sums) depends only on the new prompts. This makes a single
+            # env bit-for-bit reproducible across resets with the same seed.
+            self._cache = DynamicCache(config=self.model.config)
+            self._mask = self._mask.new_zeros(self.num_rows, 0)
+
+        index = torch.tensor(rows, device=self.device)
+        if width > self.cache_length:  # grow every layer (and the mask) to hold the prompt
+            extra = width - self.cache_length
+            self._mask = torch.cat([self._mask, self._mask.new_zeros(self.num_rows, extra)], 1)
+        hide = ~attn[:, None, :, None]
+        for main, new in zip(self._cache.layers, fresh.layers):
+            k_new, v_new = new.keys.masked_fill(hide, 0), new.values.masked_fill(hide, 0)
+            if not main.is_initialized:  # first prefill: allocate [N, H, L, Dh] of zeros
+                main.lazy_initialization(k_new, v_new)
+                shape = (self.num_rows, k_new.shape[1], 0, k_new.shape[3])
+                main.keys = k_new.new_zeros(shape)
+                main.values = v_new.new_zeros(shape[:3] + (v_new.shape[3],))
+            if main.keys.shape[2] < self.cache_length:
+                main.keys = _grow(main.keys, self.cache_length)
+                main.values = _grow(main.values, self.cache_length)
+            main.keys[index, :, :width] = k_new
+            main.values[index, :, :width] = v_new
+        self._mask[index] = False
+        self._mask[index, :width] = attn
+        for row, prompt in zip(rows, prompts):
+            self._ids[row] = list(prompt)
+            self._cols[row] = list(range(width - len(prompt), width))
+            self._prompt_len[row] = len(prompt)
+            self._row_forwards[row] = 1
+        self.forward_calls += 1
+        self.tokens_forwarded += batch * width
+        self._maybe_compact()
+        return StepOutput(logits, hidden)
+
+    @torch.inference_mode()
+    def append(
+        self,
+        tokens: torch.Tensor | Sequence[int],
+        active: torch.Tensor | Sequence[bool] | None = None,
+    ) -> StepOutput:
+        """Feed one token per row in ONE batched forward; active rows keep it (tentatively).
+
+        Each active row's token gets a new cache slot at its next position; ``drop_last`` undoes
+        it. Returns logits [N, V] and hidden [N, D] at the new slot; rows not active get
+        meaningless (but finite) outputs and their slot is hidden at once; their token may be
+        any placeholder (it is not validated or fed to the model).
+        """
+        toks = _as_int_list(tokens)
+        if len(toks) != self.num_rows:
+            raise ValueError(f"got {len(toks)} tokens for {self.num_rows} rows; pass one per row.")
+        act = [True] * self.num_rows if active is None else [bool(a) for a in _as_int_list(active)]
+        if len(act) != self.num_rows:
+            raise ValueError(f"active has {len(act)} entries for {self.num_rows} rows.")
+        for row in (r for r in range(self.num_rows) if act[r]):
+            if self._prompt_len[row] == 0:
+                raise ValueError(f"row {row} has no prompt; call reset_rows([{row}], ...) first.")
+            position = len(self._ids[row])
+            if self.max_context is not None and position >= self.max_context:
+                raise ValueError(
+                    f"row {row}: appending a token at position {position} exceeds the model's maximum "
+                    f"context of {self.max_context} positions (prompt {self._prompt_len[row]} + "
+                    f"{position - self._prompt_len[row]} kept tokens); end the episode earlier (cap "
+                    "max_new_tokens at context minus prompt length) or use shorter prompts."
+                )
+            self._check_ids(row, [toks[row]])
+        self._maybe_compact()
+        ids = torch.tensor([[t if a else 0] for t, a in zip(toks, act)], device=self.device)
+        positions = [[len(i) if a else 0] for i, a in zip(self._ids, act)]
+        pos = torch.tensor(positions, device=self.device)
+        act_t = torch.tensor(act, device=self.device)
+        # Inactive rows see their new slot during this forward so no query is fully masked (a
+        # fully masked softmax can yield NaN, which would sit in the cache); it is hidden after.
+        attn = torch.cat([self._mask, self._mask.new_ones(self.num_rows, 1)], 1)
+        slot = self.cache_length
+        logits, hidden = self._forward(ids, attn, pos, self._cache)
+        self._mask = torch.cat([self._mask, act_t[:, None]], 1)
+        for row in range(self.num_rows):
+            if act[row]:
+                self._ids[row].append(toks[row])
+                self._cols[row].append(slot)
+                self._row_forwards[row] += 1
+        self.forward_calls += 1
+        self.tokens_forwarded += self.num_rows
+        return StepOutput(logits, hidden)
+
+    @torch.inference_mode()
+    def drop_last(self, rows: Sequence[int]) -> None:
+        """Hide each row's most recent kept token (a rejected candidate); no forward needed.
+
+        Later forwards behave exactly as if that token was never there and the row's next
+        position goes back by one. A row listed twice drops two tokens. Prompt tokens cannot be
+        dropped (reset the row instead).
+        """
+        rows = _as_int_list(rows)
+        hidden_rows, hidden_cols = [], []
+        for row in rows:
+            self._check_row(row)
+            if len(self._ids[row]) <= self._prompt_len[row]:
+                raise ValueError(
+                    f"row {row} holds only its prompt ({self._prompt_len[row]} tokens); there is "
+                    "no appended token to drop. Use reset_rows to replace the prompt."
+                )
+            self._ids[row].pop()
+            hidden_rows.append(row)
+            hidden_cols.append(self._cols[row].pop())
+        if hidden_rows:
+            self._mask[torch.tensor(hidden_rows), torch.tensor(hidden_cols)] = False
+
+    @torch.inference_mode()
+    def compact(self) -> None:
+        """Gather each row's visible slots to the front; the cache shrinks to the longest row."""
+        longest = max(len(c) for c in self._cols)
+        index = torch.zeros(self.num_rows, longest, dtype=torch.long)
+        for row, cols in enumerate(self._cols):
+            index[row, : len(cols)] = torch.tensor(cols, dtype=torch.long)
+            self._cols[row] = list(range(len(cols)))
+        index = index.to(self.device)
+        for layer in self._cache.layers:
+            if layer.is_initialized:
+                layer.keys = _gather_slots(layer.keys, index)
+                layer.values = _gather_slots(layer.values, index)
+        lengths = torch.tensor([len(c) for c in self._cols], device=self.device)
+        self._mask = torch.arange(longest, device=self.device)[None, :] < lengths[:, None]
+        self.compactions += 1
+
+    # ------------------------------------------------------------------ internals
+    def _maybe_compact(self) -> None:
+        if self.cache_length - max(len(c) for c in self._cols) > self.compact_slack:
+            self.compact()
+
+    def _check_row(self, row: int) -> None:
+        if not 0 <= row < self.num_rows:
+            raise ValueError(
+                f"row {row} is out of range; this engine has rows 0..{self.num_rows - 1}."
+            )
+
+    def _check_ids(self, row: int, ids: list[int]) -> None:
+        bad = [t for t in ids if not 0 <= t < self.vocab_size]
+        if bad:
+            raise ValueError(
+                f"row {row}: token id {bad[0]} is outside the model's vocabulary "
+                f"[0, {self.vocab_size}); check that the tokenizer matches the model."
+            )
+
+    def _forward(
+        self, ids: torch.Tensor, attn: torch.Tensor, pos: torch.Tensor, cache: DynamicCache
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One forward; returns float32 last-position logits [B, V] and hidden state [B, D]."""
+        captured: list[torch.Tensor] = []
+        hook = None
+        if self.hidden_layer == -1:  # the LM head's input is the final normed hidden state
+            hook = self._head.register_forward_pre_hook(lambda _m, args: captured.append(args[0]))
+        try:
+            out = self.model(
+                input_ids=ids,
+                attention_mask=attn.long(),
+                position_ids=pos,
+                past_key_values=cache,
+                use_cache=True,
+                logits_to_keep=1,
+                output_hidden_states=self.hidden_layer != -1,
+            )
+        finally:
+            if hook is not None:
+                hook.remove()
+        if hook is not None:
+            if not captured:
+                raise RuntimeError(
+                    f"{type(self.model).__name__} did not call its output embeddings module; "
+                    f"pass hidden_layer={self.config.num_hidden_layers} to read hidden_states."
+                )
+            hidden = captured[-1][:, -1]
+        else:
+            hidden = out.hidden_states[self.hidden_layer][:, -1]
+        return out.logits[:, -1].float(), hidden.float()

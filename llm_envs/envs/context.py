@@ -1,0 +1,113 @@
+"""What every LM environment stands on: a frozen LM, its tokenizer, the reward wrapper, prompts.
+
+`build_context` turns the public env kwargs (`lm`, `reward`, `prompts`, `gold`, `device`,
+`dtype`) into one `LMContext`. With nothing given it uses the embedded world (building it on
+first use, with a message): the world's SFT LM, its reward model, its train prompts and its
+gold judge.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from llm_envs.data import PromptSet, load_prompts
+from llm_envs.models import load_causal_lm, load_tokenizer, model_source_name, prepare_tokenizer
+from llm_envs.rewards import RewardWrapper
+
+GoldFn = Callable[[list[str], list[str]], Sequence[float]]
+
+
+@dataclass(frozen=True)
+class LMContext:
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    reward: RewardWrapper
+    prompts: PromptSet
+    prompt_ids: list[list[int]]
+    gold: RewardWrapper | None
+    lm_name: str
+
+    @property
+    def eos_token_id(self) -> int | None:
+        return self.tokenizer.eos_token_id
+
+    @property
+    def max_context(self) -> int | None:
+        config = self.model.config.get_text_config(decoder=True)
+        limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+        return int(limit) if limit else None
+
+    def encode(self, prompt: str) -> list[int]:
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise ValueError(f"prompt={prompt!r} is empty; pass a non-empty string.")
+        ids = self.tokenizer(prompt)["input_ids"]
+        if not ids:
+            raise ValueError(f"prompt={prompt!r} encodes to no tokens with {self.lm_name}'s tokenizer.")
+        return list(ids)
+
+
+def build_context(
+    *,
+    lm: str | PreTrainedModel | None = None,
+    tokenizer: str | PreTrainedTokenizerBase | None = None,
+    reward: Any = None,
+    prompts: Any = None,
+    gold: GoldFn | None = None,
+    device: str | torch.device | None = "auto",
+    dtype: str | torch.dtype | None = "auto",
+    max_prompt_tokens: int | None = None,
+    reward_kwargs: dict[str, Any] | None = None,
+) -> LMContext:
+    """Resolve the env kwargs. `lm=None` means the embedded world for every unset part."""
+    world = None
+    if lm is None or reward is None or prompts is None:
+        from llm_envs.world import load_world
+
+        world = load_world()
+    if lm is None:
+        lm, tokenizer = world.lm_dir, tokenizer or world.lm_dir
+        if gold is None:
+            gold = world.gold
+    model = load_causal_lm(lm, device=device, dtype=dtype)
+    tok = _resolve_tokenizer(tokenizer, lm, model)
+    if reward is None:
+        reward = world.rm_dir
+    reward_wrapper = RewardWrapper.build(
+        reward, **{"lm_tokenizer": tok, "device": device, "dtype": dtype, **(reward_kwargs or {})}
+    )
+    prompt_set = load_prompts(
+        "world:train" if prompts is None else prompts,
+        tokenizer=tok if max_prompt_tokens else None,
+        max_prompt_tokens=max_prompt_tokens,
+    )
+    context = LMContext(
+        model=model,
+        tokenizer=tok,
+        reward=reward_wrapper,
+        prompts=prompt_set,
+        prompt_ids=[],
+        gold=RewardWrapper.from_callable(gold, name="gold") if gold is not None else None,
+        lm_name=model_source_name(lm),
+    )
+    context.prompt_ids.extend(context.encode(p) for p in prompt_set.prompts)
+    return context
+
+
+def _resolve_tokenizer(
+    tokenizer: str | PreTrainedTokenizerBase | None, lm: Any, model: PreTrainedModel
+) -> PreTrainedTokenizerBase:
+    if isinstance(tokenizer, PreTrainedTokenizerBase):
+        return prepare_tokenizer(tokenizer)
+    if tokenizer is not None:
+        return load_tokenizer(tokenizer)
+    source = lm if not isinstance(lm, PreTrainedModel) else model.config.name_or_path
+    if not source:
+        raise ValueError(
+            "lm= was given as a loaded model with no name_or_path, so its tokenizer cannot be "
+            "found; pass tokenizer= (a tokenizer object, hub name or directory)."
+        )
+    return load_tokenizer(source)

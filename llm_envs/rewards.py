@@ -1,0 +1,584 @@
+"""The reward wrapper: one object that scores (prompt, response) batches for every method.
+
+Backends:
+
+- a HF sequence-classification reward model (``num_labels=1``), by hub name, local
+  directory or loaded model: `RewardWrapper.from_model`;
+- a programmatic function ``fn(prompts, responses) -> list[float]`` (the embedded world's
+  gold judge is one): `RewardWrapper.from_callable`.
+
+`RewardWrapper.build` dispatches on whatever a user passed as ``reward=``.
+
+Conventions shared by every backend:
+
+- **Turn cutting (HH convention).** Before scoring, a response is cut at the first turn
+  marker (default ``"Human:"``, ``"Assistant:"``, ``"USER:"``), see `cut_at_turn`; a model
+  that keeps talking past its own turn is scored on its own turn only.
+- **Special tokens.** A response is its text content: on the token-id path it ends at the
+  first EOS and pad/BOS ids are dropped; on the text path the EOS/pad/BOS strings are treated
+  the same way. Prompts keep their special tokens (chat templates need them).
+- **Text template** (model backend). ``"concat"`` scores ``prompt + " " + response`` (no
+  space is added when the prompt already ends, or the response already starts, with
+  whitespace, so BPE responses decoded as ``" Sure"`` are not double-spaced); ``"pair"``
+  passes ``tokenizer(prompt, response)`` for reward models trained on text pairs.
+- **Fast path.** `score_ids` builds reward-model inputs straight from the LM's token ids when
+  the RM tokenizer equals the LM tokenizer (same vocabulary and same BOS/EOS/UNK/SEP/CLS;
+  pad may differ); otherwise it decodes and re-tokenizes. Both give the same score.
+- Scores are finite floats; a non-finite score raises naming the pair and the backend.
+- ``calls`` counts batches sent to the backend, ``pairs_scored`` the pairs (compute accounting).
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import numbers
+import os
+import weakref
+from collections.abc import Callable, Sequence
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from llm_envs.models import ModelSpec, load_reward_model, load_tokenizer, model_source_name
+
+DEFAULT_TURN_MARKERS: tuple[str, ...] = ("Human:", "Assistant:", "USER:")
+Template = Literal["concat", "pair"]
+RewardFn = Callable[[list[str], list[str]], Sequence[float]]
+_PROBE_TEXT = "hello world"
+
+
+def cut_at_turn(response: str, markers: Sequence[str] = DEFAULT_TURN_MARKERS) -> str:
+    """Cut `response` at the first occurrence of any turn marker (HH convention).
+
+    The text before the marker is kept, with trailing whitespace removed (the ``"\\n\\n"``
+    that precedes an HH turn belongs to the next turn). No marker: returned unchanged.
+    """
+    cut = len(response)
+    for marker in markers:
+        if marker:
+            idx = response.find(marker, 0, cut)
+            if idx != -1:
+                cut = idx
+    return response if cut == len(response) else response[:cut].rstrip()
+
+
+def _short(text: str, limit: int = 200) -> str:
+    return repr(text if len(text) <= limit else text[:limit] + "...")
+
+
+def _join(prompt: str, response: str) -> str:
+    if not prompt or not response or prompt[-1].isspace() or response[0].isspace():
+        return prompt + response
+    return prompt + " " + response
+
+
+def _special_template(tokenizer: PreTrainedTokenizerBase) -> tuple[list[int], list[int]] | None:
+    """The ids a tokenizer adds around one sequence (e.g. ([bos], [])); None if unknowable."""
+    full = list(tokenizer(_PROBE_TEXT)["input_ids"])
+    body = list(tokenizer(_PROBE_TEXT, add_special_tokens=False)["input_ids"])
+    if not body:
+        return None
+    for start in range(len(full) - len(body) + 1):
+        if full[start : start + len(body)] == body:
+            return full[:start], full[start + len(body) :]
+    return None
+
+
+def _as_id_rows(rows: Any) -> Any:
+    """Tensors / arrays of token ids -> lists; anything else is left for validation."""
+    if hasattr(rows, "tolist") and not isinstance(rows, (str, bytes)):
+        rows = rows.tolist()
+    if isinstance(rows, list):
+        return [row.tolist() if hasattr(row, "tolist") else row for row in rows]
+    return rows
+
+
+def _strip_template(ids: list[int], template: tuple[list[int], list[int]] | None) -> list[int]:
+    """Drop the tokenizer's own specials (e.g. a leading BOS) from an encoded prompt."""
+    prefix, suffix = template or ([], [])
+    if prefix and ids[: len(prefix)] == prefix:
+        ids = ids[len(prefix) :]
+    if suffix and ids[-len(suffix) :] == suffix:
+        ids = ids[: -len(suffix)]
+    return ids
+
+
+def _response_special_ids(tokenizer: PreTrainedTokenizerBase) -> set[int]:
+    ids = (tokenizer.eos_token_id, tokenizer.pad_token_id, tokenizer.bos_token_id)
+    return {int(i) for i in ids if isinstance(i, int)}
+
+
+def _response_special_strings(tokenizer: PreTrainedTokenizerBase) -> list[str]:
+    toks = (tokenizer.pad_token, tokenizer.bos_token)
+    return [t for t in toks if isinstance(t, str) and t]
+
+
+def _tokenizers_match(a: PreTrainedTokenizerBase, b: PreTrainedTokenizerBase) -> bool:
+    if a is b:
+        return True
+    keys = ("bos_token", "eos_token", "unk_token", "sep_token", "cls_token")
+    if any(getattr(a, k, None) != getattr(b, k, None) for k in keys):
+        return False
+    return a.get_vocab() == b.get_vocab() and _special_template(a) == _special_template(b)
+
+
+class RewardWrapper:
+    """Scores (prompt, response) pairs in batches; see the module docstring for conventions.
+
+    Build it with `from_model`, `from_callable` or `build`, then call `score` (texts) or
+    `score_ids` (LM token ids). ``calls``/``pairs_scored`` count backend batches and pairs.
+    """
+
+    def __init__(
+        self,
+        *,
+        name: str,
+        model: PreTrainedModel | None = None,
+        tokenizer: PreTrainedTokenizerBase | None = None,
+        fn: RewardFn | None = None,
+        lm_tokenizer: PreTrainedTokenizerBase | None = None,
+        batch_size: int | None = 32,
+        max_length: int | None = None,
+        template: Template = "concat",
+        turn_markers: Sequence[str] = DEFAULT_TURN_MARKERS,
+    ) -> None:
+        if (model is None) == (fn is None):
+            raise ValueError("RewardWrapper needs exactly one backend: model= or fn=.")
+        if model is not None and tokenizer is None:
+            raise ValueError("a reward-model backend needs its tokenizer (tokenizer=).")
+        if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
+            raise ValueError(f"batch_size={batch_size!r}; expected a positive int (or None).")
+        if template not in ("concat", "pair"):
+            raise ValueError(f"template={template!r}; expected 'concat' or 'pair'.")
+        if isinstance(turn_markers, str) or not all(isinstance(m, str) for m in turn_markers):
+            raise TypeError(f"turn_markers={turn_markers!r}; expected a tuple of strings.")
+        self.name = name
+        self.model = model
+        self.tokenizer = tokenizer
+        self.fn = fn
+        self.lm_tokenizer = lm_tokenizer
+        self.batch_size = batch_size
+        self.template: Template = template
+        self.turn_markers: tuple[str, ...] = tuple(turn_markers)
+        self.max_length: int | None = None
+        self._template_ids: tuple[list[int], list[int]] | None = None
+        self._match_cache: tuple[weakref.ref[Any], bool] | None = None
+        self.last_path: str | None = None  # "ids" or "text": which path the last score_ids took
+        if model is not None and tokenizer is not None:
+            if model.config.pad_token_id is None:
+                pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+                model.config.pad_token_id = int(pad) if pad is not None else 0
+            self._template_ids = _special_template(tokenizer)
+            self.max_length = max_length if max_length is not None else self._model_max_length()
+            if self.max_length is not None and self.max_length < 2:
+                raise ValueError(f"max_length={self.max_length!r}; expected at least 2 tokens.")
+        self.reset_counters()
+
+    # ------------------------------------------------------------------ constructors
+    @classmethod
+    def from_model(
+        cls,
+        spec: ModelSpec,
+        *,
+        tokenizer: PreTrainedTokenizerBase | str | os.PathLike | None = None,
+        lm_tokenizer: PreTrainedTokenizerBase | None = None,
+        device: str | torch.device | None = "auto",
+        dtype: str | torch.dtype | None = "auto",
+        batch_size: int = 32,
+        max_length: int | None = None,
+        template: Template = "concat",
+        turn_markers: Sequence[str] = DEFAULT_TURN_MARKERS,
+    ) -> RewardWrapper:
+        """A HF sequence-classification reward model (hub name, local dir or loaded model).
+
+        `tokenizer` defaults to the one saved beside the model. `lm_tokenizer` is the policy
+        LM's tokenizer, the default for `score_ids`. `max_length` defaults to the model's
+        context size; longer inputs lose their oldest prompt tokens (counted in ``truncated``).
+        """
+        model = load_reward_model(spec, device=device, dtype=dtype)
+        if tokenizer is None:
+            source = model_source_name(spec)
+            try:
+                tokenizer = load_tokenizer(source)
+            except (OSError, ValueError) as exc:
+                raise ValueError(
+                    f"could not load the reward model's tokenizer from {source!r} ({exc}); "
+                    "pass tokenizer= (a tokenizer object or its directory)."
+                ) from exc
+        elif isinstance(tokenizer, (str, os.PathLike)):
+            tokenizer = load_tokenizer(tokenizer)
+        return cls(
+            name=model_source_name(spec),
+            model=model,
+            tokenizer=tokenizer,
+            lm_tokenizer=lm_tokenizer,
+            batch_size=batch_size,
+            max_length=max_length,
+            template=template,
+            turn_markers=turn_markers,
+        )
+
+    @classmethod
+    def from_callable(
+        cls,
+        fn: RewardFn,
+        name: str | None = None,
+        *,
+        lm_tokenizer: PreTrainedTokenizerBase | None = None,
+        batch_size: int | None = None,
+        turn_markers: Sequence[str] = DEFAULT_TURN_MARKERS,
+    ) -> RewardWrapper:
+        """A programmatic reward ``fn(prompts, responses) -> list[float]``.
+
+        `batch_size=None` sends each `score` call to `fn` as one batch.
+        """
+        if not callable(fn):
+            raise TypeError(f"from_callable expects a function, got {type(fn).__name__}: {fn!r}.")
+        if name is None:
+            name = getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None) or type(fn).__name__
+        return cls(
+            name=str(name), fn=fn, lm_tokenizer=lm_tokenizer, batch_size=batch_size, turn_markers=turn_markers
+        )
+
+    _MODEL_KW = (
+        "tokenizer", "lm_tokenizer", "device", "dtype", "batch_size", "max_length", "template", "turn_markers"
+    )
+    _CALLABLE_KW = ("name", "lm_tokenizer", "batch_size", "turn_markers")
+
+    @classmethod
+    def build(cls, reward: Any, **kw: Any) -> RewardWrapper:
+        """What envs call with their ``reward=`` kwarg.
+
+        A RewardWrapper is returned as is (`kw` ignored); a str/PathLike/PreTrainedModel goes
+        to `from_model`; any other callable to `from_callable`. Keywords that do not apply to
+        the chosen backend (e.g. ``device`` for a function) are ignored; unknown ones raise.
+        """
+        known = set(cls._MODEL_KW) | set(cls._CALLABLE_KW)
+        for key in kw:
+            if key not in known:
+                hint = difflib.get_close_matches(key, sorted(known), n=1)
+                extra = f" Did you mean {hint[0]!r}?" if hint else ""
+                raise TypeError(
+                    f"RewardWrapper.build got an unknown keyword {key!r}; expected one of {sorted(known)}.{extra}"
+                )
+        if isinstance(reward, RewardWrapper):
+            return reward
+        if isinstance(reward, (str, os.PathLike, PreTrainedModel)):
+            return cls.from_model(reward, **{k: v for k, v in kw.items() if k in cls._MODEL_KW})
+        if callable(reward):
+            return cls.from_callable(reward, **{k: v for k, v in kw.items() if k in cls._CALLABLE_KW})
+        raise TypeError(
+            f"reward={reward!r} ({type(reward).__name__}) is not a reward; expected a RewardWrapper, a "
+            "reward-model hub name or directory, a loaded PreTrainedModel (num_labels=1), or a function "
+            "fn(prompts, responses) -> list[float]. For the offline default use "
+            "`llm_envs.world.load_world().rm_dir`."
+        )
+
+    # ------------------------------------------------------------------ provenance
+    @property
+    def kind(self) -> str:
+        return "model" if self.model is not None else "callable"
+
+    def describe(self) -> dict[str, Any]:
+        """Provenance for result files: backend, name, template, batching, counters."""
+        info: dict[str, Any] = {
+            "kind": self.kind,
+            "name": self.name,
+            "batch_size": self.batch_size,
+            "turn_markers": list(self.turn_markers),
+            "calls": self.calls,
+            "pairs_scored": self.pairs_scored,
+        }
+        if self.model is not None:
+            info.update(
+                template=self.template,
+                max_length=self.max_length,
+                truncated=self.truncated,
+                model_class=type(self.model).__name__,
+                device=str(self.model.device),
+                dtype=str(self.model.dtype).replace("torch.", ""),
+                num_parameters=int(sum(p.numel() for p in self.model.parameters())),
+            )
+        return info
+
+    def __repr__(self) -> str:
+        return (
+            f"RewardWrapper(kind={self.kind!r}, name={self.name!r}, calls={self.calls}, "
+            f"pairs_scored={self.pairs_scored})"
+        )
+
+    def reset_counters(self) -> None:
+        self.calls = 0
+        self.pairs_scored = 0
+        self.truncated = 0
+
+    # ------------------------------------------------------------------ scoring
+    def score(self, prompts: Sequence[str], responses: Sequence[str]) -> list[float]:
+        """Score text pairs (responses cut at the next turn marker first)."""
+        prompts, responses = self._check_pairs(prompts, responses, str, "score")
+        if not prompts:
+            return []  # (transformers 5 tokenizers raise IndexError on an empty batch)
+        if self.fn is not None:
+            cut = [cut_at_turn(r, self.turn_markers) for r in responses]
+            return self._callable_scores(prompts, cut)
+        assert self.tokenizer is not None
+        tok = self.tokenizer
+        cut = [cut_at_turn(self._clean_response_text(r), self.turn_markers) for r in responses]
+        if self.template == "pair":
+            return self._score_pair_template(prompts, cut, responses)
+        texts = [_join(p, r) for p, r in zip(prompts, cut)]
+        bodies = tok(texts, add_special_tokens=False)["input_ids"]
+        return self._model_scores([self._wrap(list(b)) for b in bodies], None, prompts, responses)
+
+    def score_ids(
+        self,
+        prompt_ids: Sequence[Sequence[int]],
+        response_ids: Sequence[Sequence[int]],
+        lm_tokenizer: PreTrainedTokenizerBase | None = None,
+        *,
+        fast: bool | None = None,
+    ) -> list[float]:
+        """Score pairs given as the LM's token ids (unpadded prompts; responses may carry EOS/pad).
+
+        `fast=None` takes the ids fast path when possible, `True` requires it, `False` forces
+        decode + re-tokenize. `lm_tokenizer` defaults to the one given at construction.
+        """
+        prompt_ids, response_ids = _as_id_rows(prompt_ids), _as_id_rows(response_ids)
+        prompt_ids, response_ids = self._check_pairs(prompt_ids, response_ids, Sequence, "score_ids")
+        if not prompt_ids:
+            return []
+        lm_tok = lm_tokenizer if lm_tokenizer is not None else self.lm_tokenizer
+        if lm_tok is None:
+            raise ValueError(
+                "score_ids needs the LM's tokenizer to read token ids: pass lm_tokenizer= here or "
+                "to RewardWrapper.from_model/from_callable/build."
+            )
+        eligible, why = self._fast_eligible(lm_tok)
+        if fast and not eligible:
+            raise ValueError(f"score_ids(fast=True) is impossible: {why}; use fast=None or False.")
+        lm_template = self._template_ids if lm_tok is self.tokenizer else _special_template(lm_tok)
+        prompt_content = [_strip_template(list(map(int, p)), lm_template) for p in prompt_ids]
+        specials = _response_special_ids(lm_tok)
+        eos = lm_tok.eos_token_id
+        response_content = []
+        for ids in response_ids:
+            ids = list(map(int, ids))
+            if eos is not None and eos in ids:
+                ids = ids[: ids.index(eos)]
+            response_content.append([i for i in ids if i not in specials])
+        if not eligible or fast is False:
+            self.last_path = "text"  # decode with the LM tokenizer, re-tokenize with the RM's
+            prompts = lm_tok.batch_decode(prompt_content, skip_special_tokens=False)
+            responses = lm_tok.batch_decode(response_content, skip_special_tokens=False)
+            return self.score(prompts, responses)
+        self.last_path = "ids"
+        assert self.tokenizer is not None
+        tok = self.tokenizer
+        seqs: list[list[int]] = []
+        for p, r in zip(prompt_content, response_content):
+            if self.turn_markers:
+                text = tok.decode(r, skip_special_tokens=False)
+                cut = cut_at_turn(text, self.turn_markers)
+                if cut != text:
+                    r = list(tok(cut, add_special_tokens=False)["input_ids"])
+            seqs.append(self._wrap(p + r))
+        return self._model_scores(seqs, None, None, None, (prompt_content, response_content))
+
+    # ------------------------------------------------------------------ internals
+    def _score_pair_template(self, prompts: list[str], cut: list[str], responses: list[str]) -> list[float]:
+        assert self.tokenizer is not None
+        tok = self.tokenizer
+        with_types = "token_type_ids" in tok.model_input_names
+        ids, types = [], []
+        for p, r in zip(prompts, cut):
+            enc = tok(p, r)
+            if self.max_length is not None and len(enc["input_ids"]) > self.max_length:
+                self.truncated += 1  # the prompt gives way (tokenizer's truncation_side)
+                enc = tok(p, r, truncation="only_first", max_length=self.max_length)
+            ids.append(list(enc["input_ids"]))
+            types.append(list(enc.get("token_type_ids") or []))
+        return self._model_scores(ids, types if with_types else None, prompts, responses)
+
+    def _check_pairs(
+        self, prompts: Any, responses: Any, item_type: type, where: str
+    ) -> tuple[list[Any], list[Any]]:
+        for label, seq in (("prompts", prompts), ("responses", responses)):
+            if isinstance(seq, (str, bytes)) or not isinstance(seq, Sequence):
+                raise TypeError(
+                    f"{where}: {label} must be a list, got {type(seq).__name__}: {_short(str(seq), 80)}."
+                )
+        if len(prompts) != len(responses):
+            raise ValueError(
+                f"{where}: got {len(prompts)} prompts but {len(responses)} responses; "
+                "pass one response per prompt."
+            )
+        for label, seq in (("prompts", prompts), ("responses", responses)):
+            for i, item in enumerate(seq):
+                if not isinstance(item, item_type) or (item_type is Sequence and isinstance(item, str)):
+                    want = "str" if item_type is str else "a list of token ids"
+                    raise TypeError(
+                        f"{where}: {label}[{i}] is {type(item).__name__} ({_short(str(item), 80)}); "
+                        f"expected {want}."
+                    )
+        return list(prompts), list(responses)
+
+    def _model_max_length(self) -> int | None:
+        assert self.model is not None and self.tokenizer is not None
+        cfg = self.model.config
+        limits = [getattr(cfg, k, None) for k in ("max_position_embeddings", "n_positions")]
+        limits.append(getattr(self.tokenizer, "model_max_length", None))
+        valid = [int(x) for x in limits if isinstance(x, int) and 0 < x < 1_000_000]
+        return min(valid) if valid else None
+
+    def _clean_response_text(self, response: str) -> str:
+        assert self.tokenizer is not None
+        eos = self.tokenizer.eos_token
+        if isinstance(eos, str) and eos and eos in response:
+            response = response[: response.index(eos)]
+        for special in _response_special_strings(self.tokenizer):
+            response = response.replace(special, "")
+        return response
+
+    def _wrap(self, body: list[int]) -> list[int]:
+        """RM template specials around a body of content ids, truncating the oldest tokens."""
+        prefix, suffix = self._template_ids or ([], [])
+        if self.max_length is not None:
+            room = self.max_length - len(prefix) - len(suffix)
+            if len(body) > room:
+                self.truncated += 1
+                body = body[len(body) - room :]
+        return prefix + body + suffix
+
+    def _fast_eligible(self, lm_tok: PreTrainedTokenizerBase) -> tuple[bool, str]:
+        if self.model is None or self.tokenizer is None:
+            return False, f"the backend of {self.name!r} is a function, which scores text"
+        if self.template != "concat":
+            return False, "template='pair' scores text pairs"
+        if self._template_ids is None:
+            return False, "the reward tokenizer's special-token template could not be determined"
+        cached = self._match_cache
+        if cached is not None and cached[0]() is lm_tok:
+            same = cached[1]
+        else:
+            same = _tokenizers_match(self.tokenizer, lm_tok)
+            self._match_cache = (weakref.ref(lm_tok), same)
+        return same, ("" if same else "the reward tokenizer differs from the LM tokenizer")
+
+    def _model_scores(
+        self,
+        seqs: list[list[int]],
+        token_types: list[list[int]] | None,
+        prompts: list[str] | None,
+        responses: list[str] | None,
+        id_pairs: tuple[list[list[int]], list[list[int]]] | None = None,
+    ) -> list[float]:
+        assert self.model is not None
+        model, pad = self.model, int(self.model.config.pad_token_id)
+        for i, ids in enumerate(seqs):
+            if not ids:
+                p, r = self._pair_text(i, prompts, responses, id_pairs)
+                raise ValueError(
+                    f"pair {i} (prompt {_short(p)}, response {_short(r)}) tokenizes to nothing for reward "
+                    f"model {self.name!r}; give a non-empty prompt or response."
+                )
+        order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))  # less padding per batch
+        step = self.batch_size or max(1, len(seqs))
+        out = [0.0] * len(seqs)
+        with torch.inference_mode():
+            for start in range(0, len(order), step):
+                idx = order[start : start + step]
+                width = max(len(seqs[i]) for i in idx)
+                ids = torch.full((len(idx), width), pad, dtype=torch.long)
+                mask = torch.zeros((len(idx), width), dtype=torch.long)
+                for row, i in enumerate(idx):  # right padding: positions start at 0 for every row
+                    ids[row, : len(seqs[i])] = torch.tensor(seqs[i], dtype=torch.long)
+                    mask[row, : len(seqs[i])] = 1
+                inputs: dict[str, torch.Tensor] = {"input_ids": ids, "attention_mask": mask}
+                if token_types is not None:
+                    types = torch.zeros((len(idx), width), dtype=torch.long)
+                    for row, i in enumerate(idx):
+                        types[row, : len(token_types[i])] = torch.tensor(token_types[i], dtype=torch.long)
+                    inputs["token_type_ids"] = types
+                logits = model(**{k: v.to(model.device) for k, v in inputs.items()}).logits
+                self.calls += 1
+                for row, value in zip(idx, logits[:, 0].float().cpu().tolist()):
+                    out[row] = float(value)
+        self.pairs_scored += len(seqs)
+        self._check_finite(out, prompts, responses, id_pairs)
+        return out
+
+    def _callable_scores(self, prompts: list[str], responses: list[str]) -> list[float]:
+        assert self.fn is not None
+        step = self.batch_size or max(1, len(prompts))
+        out: list[float] = []
+        for start in range(0, len(prompts), step):
+            p, r = prompts[start : start + step], responses[start : start + step]
+            result = self.fn(p, r)
+            self.calls += 1
+            out.extend(self._as_floats(result, len(p), start))
+        self.pairs_scored += len(prompts)
+        self._check_finite(out, prompts, responses, None)
+        return out
+
+    def _as_floats(self, result: Any, expected: int, offset: int) -> list[float]:
+        where = f"reward function {self.name!r}"
+        if isinstance(result, torch.Tensor):
+            result = result.detach().cpu().numpy()
+        if isinstance(result, np.ndarray):
+            if result.ndim != 1:
+                raise TypeError(
+                    f"{where} returned an array of shape {result.shape}; expected a 1-D list of {expected} floats."
+                )
+            result = result.tolist()
+        if isinstance(result, (str, bytes, dict)) or not isinstance(result, Sequence):
+            raise TypeError(
+                f"{where} returned {type(result).__name__} ({_short(str(result), 80)}); expected a list of "
+                f"{expected} floats, one per (prompt, response) pair."
+            )
+        if len(result) != expected:
+            raise ValueError(
+                f"{where} returned {len(result)} scores for a batch of {expected} pairs; it must return one "
+                "float per pair, in order."
+            )
+        values = []
+        for j, value in enumerate(result):
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                raise TypeError(
+                    f"{where} returned {type(value).__name__} ({_short(str(value), 80)}) for pair {offset + j}; "
+                    "expected a real number."
+                )
+            values.append(float(value))
+        return values
+
+    def _pair_text(
+        self,
+        i: int,
+        prompts: list[str] | None,
+        responses: list[str] | None,
+        id_pairs: tuple[list[list[int]], list[list[int]]] | None,
+    ) -> tuple[str, str]:
+        if prompts is not None and responses is not None:
+            return prompts[i], responses[i]
+        if id_pairs is not None and self.tokenizer is not None:
+            return self.tokenizer.decode(id_pairs[0][i]), self.tokenizer.decode(id_pairs[1][i])
+        return "?", "?"
+
+    def _check_finite(
+        self,
+        scores: list[float],
+        prompts: list[str] | None,
+        responses: list[str] | None,
+        id_pairs: tuple[list[list[int]], list[list[int]]] | None,
+    ) -> None:
+        for i, value in enumerate(scores):
+            if not math.isfinite(value):
+                p, r = self._pair_text(i, prompts, responses, id_pairs)
+                raise ValueError(
+                    f"reward backend {self.kind} {self.name!r} returned a non-finite score ({value}) "
+                    f"for pair {i}: "
+                    f"prompt {_short(p)}, response {_short(r)}. Check the reward function / model (e.g. dtype "
+                    "overflow: try dtype='float32')."
+                )

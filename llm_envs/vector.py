@@ -1,0 +1,199 @@
+"""Vector views of the batched MDP cores: a native Gymnasium `VectorEnv` and an SB3 `VecEnv`.
+
+Both drive one core with N rows, so a step of N envs is one batched LM forward (not N
+single-env forwards as `SyncVectorEnv`/`SubprocVecEnv` would do). Row i, seeded with
+`seed + i`, follows the same trajectory as a single env seeded with `seed + i`.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any, Sequence
+
+import gymnasium as gym
+import numpy as np
+from gymnasium.utils.seeding import np_random
+from gymnasium.vector import AutoresetMode, VectorEnv
+from stable_baselines3.common.vec_env.base_vec_env import VecEnv
+
+# env id -> "module:CoreClass" (the batched implementation behind the id)
+CORES: dict[str, str] = {
+    "llm_envs/TokenAccept-v0": "llm_envs.envs.token_accept:TokenAcceptCore",
+}
+
+
+def _core_class(env_id: str) -> type:
+    if env_id not in CORES:
+        import difflib
+
+        close = difflib.get_close_matches(env_id, list(CORES), n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise ValueError(f"env id {env_id!r} has no batched core; expected one of {sorted(CORES)}.{hint}")
+    module, name = CORES[env_id].split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def _rngs(seed: int | None, n: int) -> list[np.random.Generator]:
+    return [np_random(None if seed is None else seed + i)[0] for i in range(n)]
+
+
+class LMVectorEnv(VectorEnv):
+    """A Gymnasium `VectorEnv` over a batched core (autoreset: NEXT_STEP or SAME_STEP)."""
+
+    def __init__(
+        self,
+        core_cls: type,
+        num_envs: int,
+        *,
+        autoreset_mode: AutoresetMode | str = AutoresetMode.NEXT_STEP,
+        max_episode_steps: int | None = None,
+        **kwargs: Any,
+    ) -> None:
+        mode = AutoresetMode(autoreset_mode)
+        if mode == AutoresetMode.DISABLED:
+            raise ValueError("autoreset_mode=DISABLED is not supported; use NEXT_STEP or SAME_STEP.")
+        if max_episode_steps is not None:
+            kwargs.setdefault("max_steps", max_episode_steps)
+        self.core = core_cls(num_envs, **kwargs)
+        self.num_envs = num_envs
+        self.autoreset_mode = mode
+        self.metadata = {"autoreset_mode": mode, "render_modes": []}
+        self.single_observation_space = self.core.observation_space
+        self.single_action_space = self.core.action_space
+        self.observation_space = gym.vector.utils.batch_space(self.single_observation_space, num_envs)
+        self.action_space = gym.vector.utils.batch_space(self.single_action_space, num_envs)
+        self._rngs = _rngs(None, num_envs)
+        self._needs_reset = np.zeros(num_envs, dtype=bool)
+        self._options: dict[str, Any] | None = None
+        self._started = False
+
+    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
+        super().reset(seed=seed)
+        if seed is not None:
+            self._rngs = _rngs(seed, self.num_envs)
+        self._options = options
+        rows = list(range(self.num_envs))
+        obs, row_infos = self.core.reset_rows(rows, self._rngs, [options] * self.num_envs)
+        self._needs_reset[:] = False
+        self._started = True
+        return obs, self._merge(row_infos, rows)
+
+    def step(self, actions: Any):
+        if not self._started:
+            raise RuntimeError("step() called before reset(); call reset() first.")
+        resetting = np.flatnonzero(self._needs_reset).tolist()
+        obs, rewards, terminated, truncated, infos = self.core.step(actions, ~self._needs_reset)
+        if resetting:  # NEXT_STEP: the rows that ended last step start over; their action is ignored
+            reset_obs, reset_infos = self._reset(resetting)
+            obs[resetting] = reset_obs
+            rewards[resetting], terminated[resetting], truncated[resetting] = 0.0, False, False
+            for row, info in zip(resetting, reset_infos):
+                infos[row] = info
+        done = np.flatnonzero(terminated | truncated).tolist()
+        if self.autoreset_mode == AutoresetMode.NEXT_STEP:
+            self._needs_reset[:] = False
+            self._needs_reset[done] = True
+        elif done:  # SAME_STEP: start over at once; the last observation goes to final_obs
+            reset_obs, reset_infos = self._reset(done)
+            for i, row in enumerate(done):
+                infos[row] = {**reset_infos[i], "final_obs": obs[row].copy(), "final_info": infos[row]}
+            obs[done] = reset_obs
+        return obs, rewards, terminated, truncated, self._merge(infos, range(self.num_envs))
+
+    def action_masks(self) -> np.ndarray:
+        """[num_envs, n_actions] bool (for rows about to reset: all actions legal)."""
+        masks = self.core.action_masks()
+        masks[self._needs_reset] = True
+        return masks
+
+    def _reset(self, rows: list[int]) -> tuple[np.ndarray, list[dict[str, Any]]]:
+        return self.core.reset_rows(rows, [self._rngs[r] for r in rows], [self._options] * len(rows))
+
+    def _merge(self, row_infos: Sequence[dict[str, Any]], rows: Sequence[int]) -> dict[str, Any]:
+        merged: dict[str, Any] = {}
+        for info, row in zip(row_infos, rows):
+            if info:
+                merged = self._add_info(merged, info, row)
+        return merged
+
+
+class LMSb3VecEnv(VecEnv):
+    """An SB3 `VecEnv` over a batched core: same-step autoreset, `terminal_observation` and
+    `TimeLimit.truncated` in infos, and `env_method("action_masks")` -> one (N, n_actions) array
+    (what sb3-contrib's MaskablePPO reads)."""
+
+    def __init__(self, core_cls: type, num_envs: int, **kwargs: Any) -> None:
+        self.core = core_cls(num_envs, **kwargs)
+        self.render_mode = None
+        super().__init__(num_envs, self.core.observation_space, self.core.action_space)
+        self._rngs = _rngs(None, num_envs)
+        self._actions: np.ndarray | None = None
+
+    def reset(self) -> np.ndarray:
+        if any(seed is not None for seed in self._seeds):
+            self._rngs = [np_random(seed)[0] for seed in self._seeds]
+        rows = list(range(self.num_envs))
+        options = [opt or None for opt in self._options]
+        obs, infos = self.core.reset_rows(rows, self._rngs, options)
+        self.reset_infos = infos
+        self._reset_seeds()
+        self._reset_options()
+        return obs
+
+    def step_async(self, actions: np.ndarray) -> None:
+        self._actions = np.asarray(actions)
+
+    def step_wait(self):
+        obs, rewards, terminated, truncated, infos = self.core.step(self._actions)
+        dones = terminated | truncated
+        done_rows = np.flatnonzero(dones).tolist()
+        for row in done_rows:
+            infos[row]["terminal_observation"] = obs[row].copy()
+            infos[row]["TimeLimit.truncated"] = bool(truncated[row] and not terminated[row])
+        if done_rows:
+            reset_obs, reset_infos = self.core.reset_rows(
+                done_rows, [self._rngs[r] for r in done_rows], [None] * len(done_rows))
+            obs[done_rows] = reset_obs
+            for row, info in zip(done_rows, reset_infos):
+                self.reset_infos[row] = info
+        return obs, rewards.astype(np.float32), dones, infos
+
+    def action_masks(self) -> np.ndarray:
+        return self.core.action_masks()
+
+    def close(self) -> None:
+        pass
+
+    def get_attr(self, attr_name: str, indices: Any = None) -> list[Any]:
+        target = self if hasattr(type(self), attr_name) and attr_name == "action_masks" else self.core
+        value = getattr(target, attr_name)  # AttributeError when missing, as SB3 expects
+        return [value for _ in self._get_indices(indices)]
+
+    def set_attr(self, attr_name: str, value: Any, indices: Any = None) -> None:
+        setattr(self.core, attr_name, value)
+
+    def env_method(self, method_name: str, *args: Any, indices: Any = None, **kwargs: Any) -> Any:
+        if method_name == "action_masks":
+            masks = self.action_masks()
+            return masks[list(self._get_indices(indices))]
+        return [getattr(self.core, method_name)(*args, **kwargs) for _ in self._get_indices(indices)]
+
+    def env_is_wrapped(self, wrapper_class: type, indices: Any = None) -> list[bool]:
+        return [False for _ in self._get_indices(indices)]
+
+
+def make_vector_env(env_id: str, num_envs: int, **kwargs: Any) -> LMVectorEnv:
+    """The Gymnasium vector env for `env_id` (what `gym.make_vec` calls)."""
+    return LMVectorEnv(_core_class(env_id), num_envs, **kwargs)
+
+
+def make_sb3_vec_env(env_id: str, num_envs: int, **kwargs: Any) -> LMSb3VecEnv:
+    """An SB3 `VecEnv` of `num_envs` rows on one engine, ready for MaskablePPO."""
+    if num_envs < 1:
+        raise ValueError(f"num_envs={num_envs}; expected at least 1.")
+    return LMSb3VecEnv(_core_class(env_id), num_envs, **kwargs)
+
+
+def token_accept_vector_env(num_envs: int = 1, **kwargs: Any) -> LMVectorEnv:
+    """vector_entry_point of llm_envs/TokenAccept-v0."""
+    return make_vector_env("llm_envs/TokenAccept-v0", num_envs, **kwargs)

@@ -1,0 +1,262 @@
+"""The embedded offline world: corpus, tokenizer, SFT LM, reward model and gold judge.
+
+Nothing can be downloaded from a model hub here, so llm_envs builds its own small world in
+which every method can be trained and compared in minutes on a CPU:
+
+>>> from llm_envs.world import load_world
+>>> world = load_world()            # builds on first use (~2 min on 2 cores), then cached
+>>> world.lm_dir, world.rm_dir      # plain save_pretrained directories
+>>> world.gold(prompts, responses)  # the programmatic gold judge
+
+The cache lives in `$LLM_ENVS_CACHE/world/` (default `~/.cache/llm_envs/world/`, honouring
+`XDG_CACHE_HOME`), or wherever `cache_dir=` / `llm-envs world build --cache-dir` says.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from llm_envs.world import grammar
+from llm_envs.world.build import (
+    WorldSpec,
+    make_preference_pairs,
+    make_sft_corpus,
+    train_reward_model,
+    train_sft_lm,
+    train_tokenizer,
+)
+from llm_envs.world.gold import BEST_GOLD, LOW_GOLD, gold_reward, gold_score
+from llm_envs.world.report import headroom_report
+
+WORLD_VERSION = 1  # bump when a build would change, so stale caches are never reused
+
+WORLD_PRESETS: dict[str, WorldSpec] = {
+    # The default world: what the envs, agents and benchmarks use.
+    "default": WorldSpec(
+        num_test_prompts=192, sft_dialogues=40_000, rm_pairs=12_000, heldout_pairs=1_000,
+        n_embd=128, n_layer=2, n_head=4, sft_steps=1_000, rm_steps=300,
+    ),
+    # A smaller world for the test-suite: same grammar, built in seconds.
+    "test": WorldSpec(
+        num_test_prompts=96, sft_dialogues=12_000, rm_pairs=4_000, heldout_pairs=400,
+        n_embd=64, n_layer=2, n_head=4, sft_steps=500, rm_steps=200,
+    ),
+}
+
+__all__ = [
+    "BEST_GOLD",
+    "LOW_GOLD",
+    "WORLD_PRESETS",
+    "World",
+    "build_world",
+    "default_cache_root",
+    "gold_reward",
+    "gold_score",
+    "load_world",
+    "world_dir",
+]
+
+
+def default_cache_root() -> Path:
+    """`$LLM_ENVS_CACHE`, else `$XDG_CACHE_HOME/llm_envs`, else `~/.cache/llm_envs`."""
+    if os.environ.get("LLM_ENVS_CACHE"):
+        return Path(os.environ["LLM_ENVS_CACHE"]).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(xdg).expanduser() / "llm_envs"
+
+
+def world_dir(size: str = "default", seed: int = 0, cache_dir: str | os.PathLike | None = None) -> Path:
+    """Where the world of this preset and seed lives (built or not)."""
+    _check_size(size)
+    root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_root()
+    return root / "world" / f"{size}-seed{seed}-v{WORLD_VERSION}"
+
+
+def _check_size(size: str) -> None:
+    if size not in WORLD_PRESETS:
+        raise ValueError(f"world size {size!r} is unknown; expected one of {sorted(WORLD_PRESETS)}.")
+
+
+@dataclass(frozen=True)
+class World:
+    """A built world on disk. Every path is a plain save_pretrained / JSONL artefact."""
+
+    path: Path
+    size: str
+    seed: int
+    report: dict[str, Any] = field(repr=False)
+
+    @property
+    def lm_dir(self) -> Path:
+        """The SFT causal LM and its tokenizer (load with `llm_envs.models.load_causal_lm`)."""
+        return self.path / "lm"
+
+    @property
+    def rm_dir(self) -> Path:
+        """The reward model (sequence classifier, num_labels=1) and its tokenizer."""
+        return self.path / "rm"
+
+    @property
+    def train_prompts(self) -> list[str]:
+        return _read_prompts(self.path / "prompts_train.jsonl")
+
+    @property
+    def test_prompts(self) -> list[str]:
+        return _read_prompts(self.path / "prompts_test.jsonl")
+
+    @staticmethod
+    def gold(prompts: list[str], responses: list[str]) -> list[float]:
+        """The gold judge (a reward callable): higher is better, `BEST_GOLD` at best."""
+        return gold_reward(prompts, responses)
+
+
+def _read_prompts(path: Path) -> list[str]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line)["prompt"] for line in f if line.strip()]
+
+
+def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+
+
+def _stderr_progress() -> Callable[[str, int, int], None]:
+    """A progress display on stderr (a tqdm bar per stage)."""
+    from tqdm.auto import tqdm
+
+    bars: dict[str, Any] = {}
+
+    def update(stage: str, done: int, total: int) -> None:
+        if stage not in bars:
+            bars[stage] = tqdm(total=total, desc=f"world: {stage}", file=sys.stderr, leave=False)
+        bars[stage].n = done
+        bars[stage].refresh()
+        if done >= total:
+            bars.pop(stage).close()
+
+    return update
+
+
+def build_world(
+    size: str = "default",
+    seed: int = 0,
+    cache_dir: str | os.PathLike | None = None,
+    *,
+    force: bool = False,
+    progress: bool = True,
+) -> World:
+    """Build the world into its cache directory (atomically: a build that dies leaves nothing)."""
+    _check_size(size)
+    target = world_dir(size, seed, cache_dir)
+    if target.exists() and not force:
+        return _load(target, size, seed)
+    spec = WORLD_PRESETS[size]
+    report_progress = _stderr_progress() if progress else (lambda *_: None)
+    started = time.perf_counter()
+    rng = np.random.default_rng(seed)
+
+    train, test = grammar.split_requests(rng, spec.num_test_prompts)
+    dialogues, habits = make_sft_corpus(rng, train, spec)
+    pairs = make_preference_pairs(rng, train, spec.rm_pairs)
+    heldout = make_preference_pairs(rng, test, spec.heldout_pairs)
+    tokenizer = train_tokenizer(
+        [f"{p} {a}" for p, a in dialogues] + [f"{p.prompt} {p.chosen} {p.rejected}" for p in pairs]
+        + [r.text for r in test]
+    )
+    stage_seconds = {"data": time.perf_counter() - started}
+    lm, sft_loss = train_sft_lm(dialogues, tokenizer, spec, seed, report_progress)
+    stage_seconds["sft"] = time.perf_counter() - started - sum(stage_seconds.values())
+    rm, rm_loss = train_reward_model(pairs, tokenizer, lm, spec, seed, report_progress)
+    stage_seconds["rm"] = time.perf_counter() - started - sum(stage_seconds.values())
+    report_progress("report", 0, 1)
+    report = headroom_report(lm, rm, tokenizer, test, heldout,
+                             nucleus_samples=spec.nucleus_samples, seed=seed)
+    report_progress("report", 1, 1)
+    stage_seconds["report"] = time.perf_counter() - started - sum(stage_seconds.values())
+    report.update(
+        size=size,
+        seed=seed,
+        world_version=WORLD_VERSION,
+        seconds=round(time.perf_counter() - started, 1),
+        stage_seconds={k: round(v, 1) for k, v in stage_seconds.items()},
+        sizes={
+            "train_prompts": len(train),
+            "test_prompts": len(test),
+            "sft_dialogues": len(dialogues),
+            "rm_pairs": len(pairs),
+            "heldout_pairs": len(heldout),
+            "vocab": len(tokenizer),
+            "lm_params": sum(p.numel() for p in lm.parameters()),
+            "rm_params": sum(p.numel() for p in rm.parameters()),
+        },
+        final_losses={"sft": round(sft_loss, 4), "rm_bradley_terry": round(rm_loss, 4)},
+        torch_threads=torch.get_num_threads(),
+    )
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        lm.save_pretrained(staging / "lm")
+        tokenizer.save_pretrained(staging / "lm")
+        rm.save_pretrained(staging / "rm")
+        tokenizer.save_pretrained(staging / "rm")
+        _write_jsonl(staging / "prompts_train.jsonl", [{"prompt": r.text, "task": r.task} for r in train])
+        _write_jsonl(staging / "prompts_test.jsonl", [{"prompt": r.text, "task": r.task} for r in test])
+        _write_jsonl(staging / "sft_corpus.jsonl", [{"prompt": p, "response": a} for p, a in dialogues])
+        _write_jsonl(staging / "preference_pairs.jsonl", [asdict(p) for p in pairs])
+        _write_jsonl(staging / "heldout_pairs.jsonl", [asdict(p) for p in heldout])
+        (staging / "task_habits.json").write_text(json.dumps(habits, indent=2))
+        (staging / "spec.json").write_text(json.dumps(asdict(spec), indent=2, default=str))
+        report["path"] = str(target)
+        (staging / "report.json").write_text(json.dumps(report, indent=2))
+        if target.exists():  # force=True: replace only once the new build is complete
+            shutil.rmtree(target)
+        os.replace(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return _load(target, size, seed)
+
+
+def _load(path: Path, size: str, seed: int) -> World:
+    report_path = path / "report.json"
+    if not report_path.exists():
+        raise FileNotFoundError(
+            f"world directory {path} is incomplete (no report.json); delete it and rebuild with "
+            "`llm-envs world build --force`."
+        )
+    return World(path=path, size=size, seed=seed, report=json.loads(report_path.read_text()))
+
+
+def load_world(
+    size: str = "default",
+    seed: int = 0,
+    cache_dir: str | os.PathLike | None = None,
+    *,
+    build: bool = True,
+    progress: bool = True,
+) -> World:
+    """The world of this preset and seed, built on first use (with a message) unless build=False."""
+    target = world_dir(size, seed, cache_dir)
+    if target.exists():
+        return _load(target, size, seed)
+    if not build:
+        raise FileNotFoundError(
+            f"the embedded world ({size}, seed {seed}) is not built at {target}; run "
+            f"`llm-envs world build --size {size} --seed {seed}` or call load_world(build=True)."
+        )
+    print(f"llm_envs: building the embedded world ({size}, seed {seed}) into {target} "
+          "(first use only; about two minutes on 2 CPU cores)", file=sys.stderr)
+    return build_world(size, seed, cache_dir, progress=progress)

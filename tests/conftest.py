@@ -1,0 +1,26 @@
+"""Shared fixtures. The test-suite never touches the user's cache or the network."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+# Nothing in the tests may reach a hub; wandb stays off.
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+os.environ.setdefault("WANDB_MODE", "disabled")
+
+
+@pytest.fixture(scope="session")
+def world_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A cache root private to this test session (the user's ~/.cache is never written)."""
+    return tmp_path_factory.mktemp("llm_envs_cache")
+
+
+@pytest.fixture(scope="session")
+def test_world(world_cache: Path):
+    """The 'test' preset of the embedded world (same grammar, small models; ~30 s to build)."""
+    from llm_envs.world import load_world
+
+    return load_world("test", seed=0, cache_dir=world_cache, progress=False)

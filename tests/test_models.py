@@ -1,0 +1,135 @@
+"""Model / tokenizer loaders: round trip through save_pretrained, frozen models, fast offline failures."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import (
+    GPT2Config,
+    GPT2ForSequenceClassification,
+    GPT2LMHeadModel,
+    PreTrainedTokenizerFast,
+)
+
+from llm_envs import models as llm_models
+from llm_envs.models import (
+    ModelNotFoundError,
+    load_causal_lm,
+    load_reward_model,
+    load_tokenizer,
+    prepare_tokenizer,
+    resolve_device,
+)
+
+WORDS = "<unk> <pad> <eos> Human: Assistant: hello world how are you fine thanks".split()
+
+
+def make_tokenizer(pad: bool = True) -> PreTrainedTokenizerFast:
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    kwargs = {"pad_token": "<pad>"} if pad else {}
+    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<eos>", unk_token="<unk>", **kwargs)
+
+
+def tiny_config(**kw: object) -> GPT2Config:
+    return GPT2Config(vocab_size=len(WORDS), n_positions=32, n_embd=16, n_layer=1, n_head=2, pad_token_id=1, **kw)
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
+    root = tmp_path_factory.mktemp("models")
+    torch.manual_seed(0)
+    lm = GPT2LMHeadModel(tiny_config())
+    rm = GPT2ForSequenceClassification(tiny_config(num_labels=1))
+    tok = make_tokenizer(pad=False)  # load_tokenizer must add a pad token (EOS)
+    lm.save_pretrained(root / "lm")
+    rm.save_pretrained(root / "rm")
+    GPT2ForSequenceClassification(tiny_config(num_labels=3)).save_pretrained(root / "clf3")
+    for sub in ("lm", "rm"):
+        tok.save_pretrained(root / sub)
+    return {"root": root, "lm": lm.eval(), "rm": rm.eval()}
+
+
+def test_resolve_device() -> None:
+    assert resolve_device("auto").type in {"cpu", "cuda"}
+    assert resolve_device("cpu") == torch.device("cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            resolve_device("cuda")
+
+
+def test_causal_lm_round_trip(saved: dict) -> None:
+    lm = load_causal_lm(saved["root"] / "lm", device="cpu")
+    assert not lm.training
+    assert all(not p.requires_grad for p in lm.parameters())
+    ids = torch.tensor([[3, 5, 6, 2]])
+    with torch.no_grad():
+        torch.testing.assert_close(lm(ids).logits, saved["lm"](ids).logits)
+
+
+def test_reward_model_round_trip(saved: dict) -> None:
+    rm = load_reward_model(str(saved["root"] / "rm"), device="cpu")
+    assert not rm.training and all(not p.requires_grad for p in rm.parameters())
+    ids = torch.tensor([[3, 5, 6], [4, 7, 8]])
+    with torch.no_grad():
+        out = rm(ids).logits
+        torch.testing.assert_close(out, saved["rm"](ids).logits)
+    assert out.shape == (2, 1)
+
+
+def test_loaded_model_object_is_frozen(saved: dict) -> None:
+    model = GPT2LMHeadModel(tiny_config()).train()
+    frozen = load_causal_lm(model, device="cpu")
+    assert frozen is model and not frozen.training
+    assert not any(p.requires_grad for p in frozen.parameters())
+
+
+def test_tokenizer_round_trip(saved: dict) -> None:
+    tok = load_tokenizer(saved["root"] / "lm")
+    assert tok.pad_token == "<eos>" and tok.padding_side == "left"
+    assert tok("Human: hello world")["input_ids"] == [3, 5, 6]
+    batch = tok(["hello", "hello world"], padding=True)["input_ids"]
+    assert batch[0] == [tok.pad_token_id, 5]  # left padding
+    right = load_tokenizer(saved["root"] / "lm", padding_side="right")
+    assert right.padding_side == "right"
+    with pytest.raises(ValueError, match="padding_side"):
+        load_tokenizer(saved["root"] / "lm", padding_side="middle")
+
+
+def test_prepare_tokenizer_keeps_existing_pad() -> None:
+    tok = prepare_tokenizer(make_tokenizer(pad=True), padding_side="right")
+    assert tok.pad_token == "<pad>" and tok.padding_side == "right"
+
+
+def test_num_labels_must_be_one(saved: dict) -> None:
+    with pytest.raises(ValueError, match="num_labels=3"):
+        load_reward_model(saved["root"] / "clf3", device="cpu")
+
+
+def test_missing_local_path_fails_clearly(tmp_path: Path) -> None:
+    with pytest.raises(ModelNotFoundError, match="no such local directory"):
+        load_causal_lm(str(tmp_path / "nope" / "model"))
+    (tmp_path / "file.bin").write_text("x")
+    with pytest.raises(ModelNotFoundError, match="is a file, not a model directory"):
+        load_reward_model(tmp_path / "file.bin")
+
+
+@pytest.mark.parametrize("offline", [True, False])
+def test_bogus_hub_id_fails_fast(monkeypatch: pytest.MonkeyPatch, offline: bool) -> None:
+    if offline:
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    else:
+        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+        if llm_models._hub_endpoint_reachable(timeout_s=2.0):
+            pytest.skip("the hub is reachable from this machine; the offline failure cannot be exercised")
+    start = time.perf_counter()
+    with pytest.raises(ModelNotFoundError, match="neither a local directory nor reachable") as err:
+        load_causal_lm("llm-envs-test/definitely-not-a-model", device="cpu")
+    assert time.perf_counter() - start < 10
+    assert "definitely-not-a-model" in str(err.value) and "load_world" in str(err.value)
+    with pytest.raises(ModelNotFoundError, match="neither a local directory nor reachable"):
+        load_tokenizer("llm-envs-test/definitely-not-a-model")
