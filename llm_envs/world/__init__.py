@@ -26,6 +26,7 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
+from transformers.utils import logging as hf_logging
 
 from llm_envs.world import grammar
 from llm_envs.world.build import (
@@ -207,6 +208,8 @@ def build_world(
 
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    bars_were_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # our own progress display is enough
     try:
         lm.save_pretrained(staging / "lm")
         tokenizer.save_pretrained(staging / "lm")
@@ -227,6 +230,9 @@ def build_world(
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    finally:
+        if bars_were_on:
+            hf_logging.enable_progress_bar()
     return _load(target, size, seed)
 
 
