@@ -124,7 +124,7 @@ class LMSb3VecEnv(VecEnv):
 
     def __init__(self, core_cls: type, num_envs: int, **kwargs: Any) -> None:
         self.core = core_cls(num_envs, **kwargs)
-        self.render_mode = None
+        self.render_mode: str | None = None
         super().__init__(num_envs, self.core.observation_space, self.core.action_space)
         self._rngs = _rngs(None, num_envs)
         self._actions: np.ndarray | None = None
@@ -165,7 +165,7 @@ class LMSb3VecEnv(VecEnv):
         pass
 
     def get_attr(self, attr_name: str, indices: Any = None) -> list[Any]:
-        target = self if hasattr(type(self), attr_name) and attr_name == "action_masks" else self.core
+        target = self if attr_name in ("action_masks", "render_mode") else self.core
         value = getattr(target, attr_name)  # AttributeError when missing, as SB3 expects
         return [value for _ in self._get_indices(indices)]
 

@@ -24,6 +24,21 @@ NUM_FEATURES = 5
 FEATURE_NAMES = ("candidate_prob", "remaining_mean_prob", "rejections_here", "budget_used", "reject_allowed")
 
 
+def skam_allows_reject(pool: Pool, rejections: int, p_t: float, max_rejections: int | None = None) -> bool:
+    """The Stable Knowledge-Aware Module's action restriction (Proxy-RLHF, eq. for A).
+
+    With T' = the pool minus the `rejections` tokens already rejected at this position, reject
+    is allowed iff |T'| > 1 and sum_{t in T'} p(t) > p_t * |T'| (the mean probability left is
+    above p_t), and, with a cap, fewer than `max_rejections` rejections were made here.
+    """
+    remaining = len(pool) - rejections
+    if remaining <= 1:
+        return False
+    if max_rejections is not None and rejections >= max_rejections:
+        return False
+    return float(pool.suffix_mass[rejections]) > p_t * remaining
+
+
 @dataclass
 class _Row:
     """Per-row episode state. `pool[rejections]` is always the current candidate."""
@@ -167,13 +182,7 @@ class TokenAcceptCore:
         return masks
 
     def _reject_allowed(self, state: _Row) -> bool:
-        """SKAM: |T'| > 1 and sum_{t in T'} p(t) > p_t * |T'| (and under the rejection cap)."""
-        remaining = len(state.pool) - state.rejections
-        if remaining <= 1:
-            return False
-        if self.max_rejections is not None and state.rejections >= self.max_rejections:
-            return False
-        return float(state.pool.suffix_mass[state.rejections]) > self.p_t * remaining
+        return skam_allows_reject(state.pool, state.rejections, self.p_t, self.max_rejections)
 
     def step(
         self, actions: Sequence[int] | np.ndarray, active: Sequence[bool] | None = None
@@ -213,9 +222,15 @@ class TokenAcceptCore:
         return obs, rewards, terminated, truncated, infos
 
     def _checked_action(self, raw: Any, state: _Row, row: int) -> int:
-        if isinstance(raw, (bool, np.bool_)) or not float(raw).is_integer() or int(raw) not in (ACCEPT, REJECT):
-            raise ValueError(f"env {row}: action {raw!r} is outside the action space; expected 0 (accept) or 1 (reject).")
-        action = int(raw)
+        try:
+            valid = not isinstance(raw, (bool, np.bool_)) and float(raw) in (ACCEPT, REJECT)
+        except (TypeError, ValueError):
+            valid = False
+        if not valid:
+            raise ValueError(
+                f"env {row}: action {raw!r} is outside the action space; expected 0 (accept) or 1 (reject)."
+            )
+        action = int(float(raw))
         if action == REJECT and not self._reject_allowed(state):
             if self.invalid_action == "raise":
                 raise ValueError(
@@ -306,7 +321,7 @@ class TokenAcceptCore:
                     "response_ids": list(state.response),
                     "response_text": texts[i],
                     "reward_parts": parts,
-                    "episode": {
+                    "episode_stats": {
                         "steps": state.steps,
                         "response_len": len(state.response),
                         "rejections": state.total_rejections,
@@ -404,7 +419,7 @@ class TokenAcceptEnv(gym.Env):
     `prompt`, `prompt_index`, `position`, `rejections_here`, `forced_accept`. The final step
     adds `response_ids` (list of int, EOS included when accepted), `response_text`,
     `reward_parts` (`reward_model`, `rejection_cost`, `deviation_cost`, and `gold` when a gold
-    judge is set, as with the embedded world) and `episode` (`steps`, `response_len`,
+    judge is set, as with the embedded world) and `episode_stats` (`steps`, `response_len`,
     `rejections`, `forced_accepts`, `lm_forwards`).
 
     ## Arguments
