@@ -31,7 +31,8 @@ def run_demo(
     if num_prompts < 1:
         raise ValueError(f"num_prompts={num_prompts}; expected at least 1.")
     world = load_world(size, seed, cache_dir)
-    prompts = world.test_prompts[:num_prompts]
+    every = max(1, len(world.test_prompts) // num_prompts)  # spread over tasks (sorted by task)
+    prompts = world.test_prompts[::every][:num_prompts]
     lm = load_causal_lm(world.lm_dir, device="cpu")
     tokenizer = load_tokenizer(world.lm_dir)
     reward_model = RewardWrapper.from_model(world.rm_dir, lm_tokenizer=tokenizer, device="cpu")
