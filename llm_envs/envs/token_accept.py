@@ -56,6 +56,7 @@ class _Row:
     forced_accepts: int = 0
     rejection_cost: float = 0.0
     deviation_cost: float = 0.0
+    deviation_nats: float = 0.0  # sum of log p(top1) - log p(accepted), before deviation_beta
     live: bool = False
 
     @property
@@ -252,7 +253,9 @@ class TokenAcceptCore:
             reward -= self.rejection_cost_per_reject
         else:
             token = state.candidate
-            cost = self.deviation_beta * (state.pool.top_logprob - float(torch.log(state.pool.probs[state.rejections])))
+            nats = state.pool.top_logprob - float(torch.log(state.pool.probs[state.rejections]))
+            cost = self.deviation_beta * nats
+            state.deviation_nats += nats
             state.deviation_cost += cost
             reward -= cost
             state.forced_accepts += int(forced)
@@ -326,6 +329,7 @@ class TokenAcceptCore:
                         "response_len": len(state.response),
                         "rejections": state.total_rejections,
                         "forced_accepts": state.forced_accepts,
+                        "deviation_nats": state.deviation_nats,
                         "lm_forwards": self.engine.row_forwards(row),
                     },
                 },
@@ -420,7 +424,8 @@ class TokenAcceptEnv(gym.Env):
     adds `response_ids` (list of int, EOS included when accepted), `response_text`,
     `reward_parts` (`reward_model`, `rejection_cost`, `deviation_cost`, and `gold` when a gold
     judge is set, as with the embedded world) and `episode_stats` (`steps`, `response_len`,
-    `rejections`, `forced_accepts`, `lm_forwards`).
+    `rejections`, `forced_accepts`, `deviation_nats` = sum of log p(top1) - log p(accepted),
+    `lm_forwards`).
 
     ## Arguments
     `gym.make("llm_envs/TokenAccept-v0", **kwargs)`; with no kwargs it runs on the embedded

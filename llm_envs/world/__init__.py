@@ -158,11 +158,25 @@ def build_world(
     force: bool = False,
     progress: bool = True,
 ) -> World:
-    """Build the world into its cache directory (atomically: a build that dies leaves nothing)."""
+    """Build the world into its cache directory (atomically: a build that dies leaves nothing).
+
+    Processes that ask for the same world at once wait on a file lock, and all but the first
+    find it built.
+    """
+    from filelock import FileLock
+
     _check_size(size)
     target = world_dir(size, seed, cache_dir)
     if target.exists() and not force:
         return _load(target, size, seed)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target) + ".lock"):
+        if target.exists() and not force:
+            return _load(target, size, seed)
+        return _build_locked(target, size, seed, progress)
+
+
+def _build_locked(target: Path, size: str, seed: int, progress: bool) -> World:
     spec = WORLD_PRESETS[size]
     report_progress = _stderr_progress() if progress else (lambda *_: None)
     started = time.perf_counter()

@@ -1,0 +1,145 @@
+"""Train the Proxy-RLHF proxy: MaskablePPO on the SB3 view of TokenAccept-v0.
+
+Read top to bottom: config -> envs -> policy -> callbacks (metrics, eval, checkpoints) ->
+learn -> save. `llm-envs train --config configs/tiny.yaml` runs `train`.
+
+Logged metrics (stdout, CSV in the run dir, and wandb; each is a mean over the episodes that
+ended during the rollout):
+- `rollout/reward_model`: reward-model score of the finished responses (the training reward).
+- `rollout/gold`: gold-judge score, where a gold judge exists (the embedded world).
+- `rollout/rejection_rate`: rejects / steps.
+- `rollout/forced_accepts`: masked rejects coerced to accept, per episode.
+- `rollout/deviation_nats`: sum over accepted tokens of log p(top1) - log p(accepted), per
+  episode (how far the proxy moved the LM from its own greedy choice).
+- `rollout/response_len`: accepted tokens per response.
+- `rollout/lm_forwards`: LM forwards per episode (prefill counts 1).
+- `time/env_steps_per_s`: env steps per second of wall time since the start.
+- SB3's own: `rollout/ep_rew_mean`, `train/*` (losses, KL, clip fraction), `eval/mean_reward`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from sb3_contrib import MaskablePPO
+from sb3_contrib.common.maskable.callbacks import MaskableEvalCallback
+from stable_baselines3.common.callbacks import BaseCallback, CallbackList, CheckpointCallback
+from stable_baselines3.common.logger import KVWriter, configure
+
+import llm_envs
+from agents.configs import TrainConfig
+from llm_envs.config import save_config, to_dict
+
+ENV_ID = "llm_envs/TokenAccept-v0"
+ACTIVATIONS = {"relu": torch.nn.ReLU, "tanh": torch.nn.Tanh, "gelu": torch.nn.GELU}
+
+
+class EpisodeMetrics(BaseCallback):
+    """Averages the env's end-of-episode info (see the module docstring) per rollout."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sums: dict[str, list[float]] = defaultdict(list)
+        self.started = time.perf_counter()
+
+    def _on_step(self) -> bool:
+        for info, done in zip(self.locals["infos"], self.locals["dones"]):
+            if not done or "reward_parts" not in info:
+                continue
+            parts, stats = info["reward_parts"], info["episode_stats"]
+            self.sums["reward_model"].append(parts["reward_model"])
+            if "gold" in parts:
+                self.sums["gold"].append(parts["gold"])
+            self.sums["rejection_rate"].append(stats["rejections"] / max(stats["steps"], 1))
+            for key in ("forced_accepts", "deviation_nats", "response_len", "lm_forwards"):
+                self.sums[key].append(stats[key])
+        return True
+
+    def _on_rollout_end(self) -> None:
+        for key, values in self.sums.items():
+            self.logger.record(f"rollout/{key}", float(np.mean(values)))
+        self.logger.record("time/env_steps_per_s", self.num_timesteps / (time.perf_counter() - self.started))
+        self.sums.clear()
+
+
+class WandbWriter(KVWriter):
+    """Forwards SB3's logger to wandb (wandb's SB3 integration needs tensorboard)."""
+
+    def __init__(self, run: Any) -> None:
+        self.run = run
+
+    def write(self, key_values: dict[str, Any], key_excluded: dict[str, Any], step: int = 0) -> None:
+        numbers = {k: v for k, v in key_values.items() if isinstance(v, (int, float, np.floating, np.integer))}
+        self.run.log(numbers, step=step, commit=True)
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+def _latest_checkpoint(run_dir: Path) -> Path | None:
+    checkpoints = sorted((run_dir / "checkpoints").glob("proxy_*_steps.zip"),
+                         key=lambda p: int(p.stem.split("_")[-2]))
+    return checkpoints[-1] if checkpoints else None
+
+
+def train(cfg: TrainConfig) -> Path:
+    """Train a proxy; returns the path of the final model (`<output_dir>/proxy.zip`)."""
+    if cfg.torch_threads:
+        torch.set_num_threads(cfg.torch_threads)
+    run_dir = Path(cfg.output_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, run_dir / "config.yaml")
+
+    # Envs: one engine steps all training envs; evaluation runs on held-out prompts.
+    train_env = llm_envs.make_sb3_vec_env(ENV_ID, cfg.num_envs, **cfg.env.env_kwargs(cfg.env.train_prompts))
+    train_env.seed(cfg.seed)
+    eval_env = llm_envs.make_sb3_vec_env(ENV_ID, min(cfg.num_envs, cfg.eval_episodes),
+                                         **cfg.env.env_kwargs(cfg.env.eval_prompts))
+    eval_env.seed(cfg.seed + 10_000)
+
+    # Policy: the paper's proxy is a 2-layer MLP (hidden 2048) for both policy and value.
+    checkpoint = _latest_checkpoint(run_dir) if cfg.resume else None
+    if checkpoint is not None:
+        model = MaskablePPO.load(checkpoint, env=train_env, device="auto")
+        print(f"resuming from {checkpoint} at {model.num_timesteps} steps")
+    else:
+        p = cfg.proxy
+        policy_kwargs = dict(net_arch=dict(pi=list(p.hidden_sizes), vf=list(p.hidden_sizes)),
+                             activation_fn=ACTIVATIONS[p.activation])
+        model = MaskablePPO("MlpPolicy", train_env, learning_rate=p.learning_rate, n_steps=p.n_steps,
+                            batch_size=p.batch_size, n_epochs=p.n_epochs, gamma=p.gamma,
+                            gae_lambda=p.gae_lambda, clip_range=p.clip_range, ent_coef=p.ent_coef,
+                            normalize_advantage=p.normalize_advantage, policy_kwargs=policy_kwargs,
+                            seed=cfg.seed, device="auto", verbose=0)
+
+    # Logging: stdout + CSV always; wandb offline by default (no network needed).
+    logger = configure(str(run_dir / "logs"), ["stdout", "csv"])
+    if cfg.wandb_mode != "disabled":
+        import wandb
+
+        run = wandb.init(project=cfg.wandb_project, dir=str(run_dir), mode=cfg.wandb_mode,
+                         config=to_dict(cfg), name=run_dir.name, reinit="finish_previous")
+        logger.output_formats.append(WandbWriter(run))
+    model.set_logger(logger)
+
+    callbacks: list[BaseCallback] = [EpisodeMetrics()]
+    eval_freq = cfg.eval_freq or max(cfg.total_timesteps // cfg.num_envs, 1)
+    callbacks.append(MaskableEvalCallback(eval_env, n_eval_episodes=cfg.eval_episodes, eval_freq=eval_freq,
+                                          deterministic=True, best_model_save_path=str(run_dir / "best"),
+                                          log_path=str(run_dir / "eval"), verbose=0))
+    if cfg.checkpoint_freq:
+        callbacks.append(CheckpointCallback(cfg.checkpoint_freq, str(run_dir / "checkpoints"), name_prefix="proxy"))
+
+    remaining = cfg.total_timesteps - model.num_timesteps
+    if remaining > 0:
+        model.learn(remaining, callback=CallbackList(callbacks), progress_bar=cfg.progress_bar,
+                    reset_num_timesteps=checkpoint is None)
+    final = run_dir / "proxy.zip"
+    model.save(final)
+    logger.close()
+    return final

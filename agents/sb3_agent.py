@@ -1,0 +1,50 @@
+"""Adapters from SB3 / sb3-contrib models to the `PolicyAgent` protocol, and safe loading."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+
+
+class SB3Agent:
+    """Any SB3 model as a `PolicyAgent`; masks are passed on to maskable models."""
+
+    def __init__(self, model: Any, name: str = "proxy") -> None:
+        self.model = model
+        self.name = name
+        self._maskable = "action_masks" in model.predict.__code__.co_varnames
+
+    def predict(
+        self, obs: np.ndarray, action_masks: np.ndarray | None = None, deterministic: bool = True
+    ) -> np.ndarray:
+        kwargs = {"action_masks": action_masks} if self._maskable and action_masks is not None else {}
+        actions, _ = self.model.predict(obs, deterministic=deterministic, **kwargs)
+        return np.asarray(actions)
+
+    @property
+    def trainable_params(self) -> int:
+        return sum(p.numel() for p in self.model.policy.parameters() if p.requires_grad)
+
+
+def load_proxy(path: str | os.PathLike, observation_space: gym.spaces.Box, device: str = "auto") -> SB3Agent:
+    """Load a MaskablePPO proxy for an env; a different observation size is a clear error."""
+    from sb3_contrib import MaskablePPO
+
+    path = Path(path)
+    if not path.exists() and path.with_suffix(".zip").exists():
+        path = path.with_suffix(".zip")
+    if not path.is_file():
+        raise FileNotFoundError(f"proxy checkpoint {str(path)!r} does not exist; pass the .zip written by `llm-envs train`.")
+    model = MaskablePPO.load(path, device=device)
+    saved, wanted = model.observation_space.shape, observation_space.shape
+    if saved != wanted:
+        raise ValueError(
+            f"proxy checkpoint {str(path)!r} expects observations of shape {saved}, but the env "
+            f"gives {wanted}: it was trained on another LM (hidden size) or obs_mode. Evaluate it "
+            "with the env config it was trained with (config.yaml beside it), or retrain."
+        )
+    return SB3Agent(model, name="proxy")
