@@ -3,6 +3,7 @@
     llm-envs world build [--size default|test] [--seed 0] [--cache-dir DIR] [--force] [--json]
     llm-envs world info  [--size ...] [--seed ...] [--cache-dir DIR]
     llm-envs demo        [--num-prompts 8] [--json]   # build the world, score greedy answers
+    llm-envs rrhf        [--config FILE] [--stages sample,score,train,eval] [key=value ...] [--json]
 """
 
 from __future__ import annotations
@@ -66,6 +67,44 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_rrhf(args: argparse.Namespace) -> int:
+    """RRHF's stages (sample, score, train, eval) on the embedded world unless the config says otherwise."""
+    from agents.rrhf import load_rrhf_config, run
+
+    cfg = load_rrhf_config(args.config, args.overrides)
+    summary = run(cfg, [s.strip() for s in args.stages.split(",") if s.strip()], verbose=not args.json)
+    if args.json:
+        print(json.dumps(summary))
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from agents.configs import TrainConfig
+    from agents.proxy import train
+    from llm_envs.config import load_config
+
+    cfg = load_config(TrainConfig, args.config, args.overrides, section="train")
+    path = train(cfg)
+    print(f"proxy saved to {path} (resolved config: {path.parent / 'config.yaml'})")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from agents.configs import TrainConfig
+    from agents.evaluate import evaluate
+    from llm_envs.config import load_config
+
+    cfg = load_config(TrainConfig, args.config, args.overrides, section="train")
+    summary = evaluate(cfg.env, args.agent, num_prompts=args.num_prompts, num_envs=cfg.num_envs, seed=cfg.seed)
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        for key, value in summary.items():
+            if key != "examples":
+                print(f"{key:26s} {value}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llm-envs", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -88,6 +127,27 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--num-prompts", type=int, default=8, help="test prompts to decode and score")
     demo.add_argument("--json", action="store_true", help="print the summary as one JSON object")
     demo.set_defaults(func=cmd_demo)
+
+    rrhf = commands.add_parser("rrhf", help="RRHF baseline: sample, score, train, evaluate (resumable)")
+    rrhf.add_argument("--config", default=None, help="YAML config (e.g. configs/rrhf_tiny.yaml); fields of RRHFConfig")
+    rrhf.add_argument("--stages", default="sample,score,train,eval",
+                      help="comma-separated stages to run; complete ones are skipped")
+    rrhf.add_argument("overrides", nargs="*", help="config overrides key=value (e.g. epochs=1 output_dir=runs/x)")
+    rrhf.add_argument("--json", action="store_true", help="print the summary as one JSON object")
+    rrhf.set_defaults(func=cmd_rrhf)
+
+    train = commands.add_parser("train", help="train the MaskablePPO proxy on TokenAccept")
+    train.add_argument("--config", default="configs/tiny.yaml", help="YAML config (its 'train' section)")
+    train.add_argument("overrides", nargs="*", help="key=value overrides, e.g. total_timesteps=2000 env.p_t=0.001")
+    train.set_defaults(func=cmd_train)
+
+    evaluate = commands.add_parser("eval", help="evaluate an agent on the held-out prompts")
+    evaluate.add_argument("--config", default="configs/tiny.yaml", help="YAML config (its 'train' section)")
+    evaluate.add_argument("--agent", default="greedy", help="greedy, random, or proxy:PATH (a .zip)")
+    evaluate.add_argument("--num-prompts", type=int, default=None, help="evaluate on a seeded sample of prompts")
+    evaluate.add_argument("--json", action="store_true", help="print the summary as one JSON object")
+    evaluate.add_argument("overrides", nargs="*", help="key=value overrides of the config")
+    evaluate.set_defaults(func=cmd_eval)
     return parser
 
 

@@ -222,6 +222,7 @@ def _build_locked(target: Path, size: str, seed: int, progress: bool) -> World:
 
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    staging.chmod(0o755)  # mkdtemp makes it private; a cache is shared like any other
     bars_were_on = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # our own progress display is enough
     try:

@@ -1,0 +1,156 @@
+"""`RRHFConfig`: every knob of the three RRHF stages (sample, score, train) and the evaluation.
+
+Load it with `llm_envs.config.load_config(RRHFConfig, path, overrides, section=...)`. Defaults run on
+the embedded offline world (base LM, reward model, train/test prompts and the dataset's own
+responses all come from it); the paper's values for a 7B model are given in the help texts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+Sampling = Literal["beam", "diverse_beam", "top_p"]
+
+# Fields that define each stage's output: changing one after that output exists is refused, so a
+# resumed run never mixes results of two configs (see `agents.rrhf.pipeline.check_output_dir`).
+SAMPLE_FIELDS = (
+    "lm", "prompts", "prompt_column", "prompt_split", "num_prompts", "max_prompt_tokens",
+    "dataset_responses", "responses_per_prompt", "world", "world_seed", "sampling", "num_samples",
+    "max_new_tokens", "temperature", "top_p", "diversity_penalty", "sample_batch_size", "cut_at_turn", "seed",
+)
+SCORE_FIELDS = SAMPLE_FIELDS + ("reward",)
+TRAIN_FIELDS = SCORE_FIELDS + (
+    "epochs", "max_steps", "queries_per_batch", "grad_accum", "lr", "warmup_ratio", "weight_decay",
+    "max_grad_norm", "rank_weight", "sft_weight", "sft_normalization", "max_length", "mixed_precision",
+)
+EVAL_FIELDS = TRAIN_FIELDS + ("eval_prompts", "eval_num_prompts", "eval_best_of", "eval_max_new_tokens")
+
+
+def _help(text: str) -> dict[str, str]:
+    return {"help": text}
+
+
+@dataclass(frozen=True)
+class RRHFConfig:
+    """RRHF (Yuan et al. 2023) on any causal LM; the defaults use the embedded world."""
+
+    output_dir: str = field(default="runs/rrhf", metadata=_help(
+        "Run directory: samples.jsonl, scored.jsonl, config.yaml, train_log.jsonl, model/, eval.json."))
+    # ------------------------------------------------------------------ what to train on
+    lm: str | None = field(default=None, metadata=_help(
+        "Base causal LM (hub name or save_pretrained directory); null = the embedded world's SFT LM."))
+    reward: str | None = field(default=None, metadata=_help(
+        "Reward model (hub name or directory) used for scoring; null = the world's reward model."))
+    prompts: str | None = field(default=None, metadata=_help(
+        "Training prompts: anything llm_envs.data.load_prompts takes as a string (.jsonl, dataset "
+        "name or directory, 'world:train'); null = 'world:train'."))
+    prompt_column: str | None = field(default=None, metadata=_help("Prompt column of a dataset (load_prompts)."))
+    prompt_split: str | None = field(default=None, metadata=_help("Dataset split of the prompts (load_prompts)."))
+    num_prompts: int | None = field(default=None, metadata=_help(
+        "Use a seeded sample of this many training prompts; null = all."))
+    max_prompt_tokens: int | None = field(default=None, metadata=_help("Drop prompts longer than this."))
+    dataset_responses: str | None = field(default="auto", metadata=_help(
+        "The dataset's own responses (the paper's 'P'): a .jsonl of {prompt, response} (or {prompt, "
+        "chosen, rejected}) rows; 'auto' = the world's sft_corpus.jsonl when the prompts are the "
+        "world's; null = none."))
+    responses_per_prompt: int = field(default=2, metadata=_help(
+        "Dataset responses added per prompt (first ones found; HH gives 2: chosen and rejected)."))
+    world: str = field(default="default", metadata=_help("Embedded world preset used for unset parts."))
+    world_seed: int = field(default=0, metadata=_help("Seed of the embedded world."))
+    world_cache_dir: str | None = field(default=None, metadata=_help(
+        "Cache root of the world (null = $LLM_ENVS_CACHE or ~/.cache/llm_envs)."))
+    # ------------------------------------------------------------------ stage 1: sampling
+    sampling: Sampling = field(default="diverse_beam", metadata=_help(
+        "How the base LM samples: 'beam' (BP: beam search, num_beams=num_samples), 'diverse_beam' (DP: "
+        "num_samples groups of 1 beam, Hamming diversity penalty), 'top_p' (SP: num_samples independent "
+        "samples with top_p and temperature)."))
+    num_samples: int = field(default=4, metadata=_help("k responses sampled per prompt (paper: 4)."))
+    max_new_tokens: int = field(default=40, metadata=_help("Longest sampled response (paper: 128)."))
+    temperature: float = field(default=0.8, metadata=_help("Temperature of 'top_p' sampling (paper: 0.8)."))
+    top_p: float = field(default=1.0, metadata=_help("top_p of 'top_p' sampling (paper: 1.0)."))
+    diversity_penalty: float = field(default=1.0, metadata=_help("Diverse beam search penalty (paper: 1.0)."))
+    sample_batch_size: int = field(default=32, metadata=_help("Prompts per sampling batch."))
+    cut_at_turn: bool = field(default=True, metadata=_help(
+        "Cut sampled responses at the next turn marker ('Human:', 'Assistant:'), as the reward "
+        "wrapper does before scoring (the reference code's stop_response)."))
+    # ------------------------------------------------------------------ stage 2: scoring
+    score_batch_size: int = field(default=64, metadata=_help("(prompt, response) pairs per reward-model forward."))
+    # ------------------------------------------------------------------ stage 3: training
+    epochs: int = field(default=3, metadata=_help("Passes over the scored prompts (paper: 3)."))
+    max_steps: int | None = field(default=None, metadata=_help(
+        "Stop after this many optimizer updates (overrides epochs when smaller); null = no cap."))
+    queries_per_batch: int = field(default=8, metadata=_help(
+        "Prompts per micro-batch per process (all their responses go in together; paper: 1)."))
+    grad_accum: int = field(default=1, metadata=_help(
+        "Micro-batches per optimizer update (paper: 8 on 8 GPUs = 64 prompts per update)."))
+    lr: float = field(default=5e-4, metadata=_help(
+        "Peak learning rate: linear warmup then linear decay to 0 (paper: 2e-5 for 7B models; the "
+        "world's small LM needs more)."))
+    warmup_ratio: float = field(default=0.03, metadata=_help("Share of the updates spent warming up."))
+    weight_decay: float = field(default=0.0, metadata=_help("AdamW weight decay."))
+    max_grad_norm: float = field(default=1.0, metadata=_help("Gradient clipping norm (0 = none)."))
+    rank_weight: float = field(default=1.0, metadata=_help(
+        "Weight of the ranking loss (paper and scripts: 1; the reference code's default is 100)."))
+    sft_weight: float = field(default=1.0, metadata=_help("Weight of the SFT loss on the best response."))
+    sft_normalization: Literal["mean", "sum"] = field(default="mean", metadata=_help(
+        "SFT loss of the best response: 'mean' per-token NLL (its own length), 'sum' over tokens (eq. 4)."))
+    max_length: int | None = field(default=None, metadata=_help(
+        "Tokens per (prompt + response) row; longer responses are cut; null = the model's context."))
+    mixed_precision: Literal["no", "bf16", "fp16"] = field(default="no", metadata=_help(
+        "accelerate mixed precision (bf16 on recent GPUs)."))
+    checkpoint_every: int = field(default=0, metadata=_help(
+        "Save a resumable training checkpoint every this many updates (0 = never)."))
+    log_every: int = field(default=10, metadata=_help("Updates between train_log.jsonl lines."))
+    # ------------------------------------------------------------------ evaluation
+    eval_prompts: str | None = field(default="auto", metadata=_help(
+        "Held-out prompts for the comparison in eval.json; 'auto' = 'world:test' when training on the "
+        "world's prompts (else no eval); null = no eval."))
+    eval_num_prompts: int | None = field(default=None, metadata=_help("Evaluate on this many prompts (null = all)."))
+    eval_best_of: int = field(default=16, metadata=_help("n of the best-of-n reference (0 = skip it)."))
+    eval_max_new_tokens: int | None = field(default=None, metadata=_help(
+        "Response budget at evaluation; null = max_new_tokens."))
+    # ------------------------------------------------------------------ general
+    seed: int = field(default=0, metadata=_help("Seed of prompt sampling, response sampling and training."))
+    device: str = field(default="auto", metadata=_help(
+        "Device of sampling, scoring and evaluation ('auto', 'cpu', 'cuda'); training uses accelerate's."))
+    progress: bool = field(default=True, metadata=_help("Progress bars on stderr."))
+    num_threads: int | None = field(default=None, metadata=_help(
+        "torch CPU threads (torch.set_num_threads); null = torch's default. 1 is much faster for "
+        "small models on a busy machine."))
+
+    def __post_init__(self) -> None:
+        positive = ("num_samples", "max_new_tokens", "sample_batch_size", "score_batch_size", "epochs",
+                    "queries_per_batch", "grad_accum", "responses_per_prompt", "log_every")
+        for name in positive:
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}={value!r}; expected a positive integer.")
+        for name in ("num_prompts", "max_steps", "max_length", "max_prompt_tokens", "eval_num_prompts",
+                     "eval_max_new_tokens", "num_threads"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name}={value!r}; expected a positive integer or null.")
+        for name in ("eval_best_of", "checkpoint_every"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}={getattr(self, name)!r}; expected 0 (off) or a positive integer.")
+        if self.sampling not in ("beam", "diverse_beam", "top_p"):
+            raise ValueError(f"sampling={self.sampling!r}; expected 'beam' (BP), 'diverse_beam' (DP) or 'top_p' (SP).")
+        if self.sampling == "top_p" and not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p={self.top_p!r}; expected a number in (0, 1].")
+        if not self.temperature > 0:
+            raise ValueError(f"temperature={self.temperature!r}; expected a number > 0.")
+        if self.num_samples == 1 and self.dataset_responses is None:
+            raise ValueError(
+                "num_samples=1 with dataset_responses=null leaves one response per prompt, so there is "
+                "nothing to rank; use num_samples >= 2 or add the dataset's responses."
+            )
+        for name in ("lr", "rank_weight", "sft_weight", "diversity_penalty", "weight_decay", "max_grad_norm"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}={getattr(self, name)!r}; expected a number >= 0.")
+        if not self.lr > 0:
+            raise ValueError(f"lr={self.lr!r}; expected a number > 0 (e.g. 5e-4 on the world, 2e-5 for 7B).")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ValueError(f"warmup_ratio={self.warmup_ratio!r}; expected a number in [0, 1).")
+        if not self.output_dir:
+            raise ValueError("output_dir is empty; give the run directory (e.g. runs/rrhf).")

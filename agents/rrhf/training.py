@@ -1,0 +1,228 @@
+"""RRHF stage 3: fine-tune the base LM on scored.jsonl with `rrhf_loss`, on accelerate.
+
+Single process: `llm-envs rrhf ...`. Several GPUs (DDP, or FSDP through `accelerate config`):
+`accelerate launch --multi_gpu --num_processes N -m llm_envs.cli rrhf ...` with no code change
+(`queries_per_batch` is per process; sampling, scoring and evaluation run on the main process
+while the others wait). Several CPU processes (gloo), e.g. to try it without GPUs:
+`torchrun --nproc_per_node 2 -m llm_envs.cli rrhf ... device=cpu`.
+
+Each micro-batch holds `queries_per_batch` prompts with all their responses, one row per
+(prompt, response): `prompt ids + response ids + EOS`, right-padded, labels = the response tokens
+(prompt and padding are -100). The epoch order is a seeded permutation, so a run restarted from a
+checkpoint (`checkpoint_every`) replays the same batches. The model is saved (save_pretrained plus
+the tokenizer) to `model/` atomically; `model/rrhf_train.json` marks it complete.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+
+from agents.rrhf.cache import append_jsonl, check_scored, read_jsonl, write_jsonl_atomic
+from agents.rrhf.config import RRHFConfig
+from agents.rrhf.loss import IGNORE_INDEX, rrhf_loss
+from agents.rrhf.stages import SCORED_FILE
+from llm_envs.models import load_causal_lm, load_tokenizer
+
+MODEL_DIR, DONE_FILE, CHECKPOINT_DIR = "model", "rrhf_train.json", "checkpoint"
+Example = tuple[list[int], list[list[int]], list[float]]  # prompt ids, response ids (EOS incl.), rewards
+
+
+def model_is_complete(output_dir: str | os.PathLike) -> bool:
+    return (Path(output_dir) / MODEL_DIR / DONE_FILE).is_file()
+
+
+def tokenize_scored(records: list[dict[str, Any]], tokenizer: Any, max_length: int) -> list[Example]:
+    """(prompt ids, [response ids + EOS], rewards) per record; responses cut to fit `max_length`."""
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise ValueError(f"tokenizer {tokenizer.name_or_path!r} has no EOS token; RRHF appends EOS to responses.")
+    examples = []
+    for i, record in enumerate(records):
+        check_scored(record, f"{SCORED_FILE} line {i + 1}")
+        prompt = list(tokenizer(record["query"])["input_ids"])
+        room = max_length - len(prompt)
+        if room < 1:
+            raise ValueError(
+                f"prompt {i} ({record['query'][:80]!r}) has {len(prompt)} tokens, leaving no room for a "
+                f"response within max_length={max_length}; raise max_length or drop long prompts "
+                "(max_prompt_tokens)."
+            )
+        responses = [(list(tokenizer(r, add_special_tokens=False)["input_ids"]) + [eos])[:room]
+                     for r in record["responses"]]
+        examples.append((prompt, responses, [float(s) for s in record["scores"]]))
+    return examples
+
+
+def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded rows (one per response) with labels on response tokens, rewards and query ids."""
+    rows, labels, rewards, groups = [], [], [], []
+    for q, (prompt, responses, scores) in enumerate(examples):
+        for response, reward in zip(responses, scores):
+            rows.append(prompt + response)
+            labels.append([IGNORE_INDEX] * len(prompt) + response)
+            rewards.append(reward)
+            groups.append(q)
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    label_t = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+    for i, (row, label) in enumerate(zip(rows, labels)):
+        ids[i, : len(row)], mask[i, : len(row)] = torch.tensor(row), 1
+        label_t[i, : len(label)] = torch.tensor(label)
+    return {"input_ids": ids, "attention_mask": mask, "labels": label_t,
+            "rewards": torch.tensor(rewards, dtype=torch.float32), "groups": torch.tensor(groups)}
+
+
+def _lr_at(update: int, total: int, peak: float, warmup: int) -> float:
+    """Linear warmup to `peak`, then linear decay to 0 (the paper's schedule)."""
+    if update < warmup:
+        return peak * (update + 1) / warmup
+    return peak * max(0.0, (total - update) / max(1, total - warmup))
+
+
+def _save_atomically(target: Path, save: Any) -> None:
+    """Call save(tmp_dir), then swap tmp_dir in for `target`."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        save(staging)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def train(cfg: RRHFConfig, lm: str) -> Path:
+    """Stage 3: RRHF fine-tuning of `lm` on `output_dir/scored.jsonl`; returns `output_dir/model`."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    out_dir = Path(cfg.output_dir)
+    target = out_dir / MODEL_DIR
+    if model_is_complete(out_dir):
+        return target
+    records, clean = read_jsonl(out_dir / SCORED_FILE)
+    if not records or not clean:
+        raise FileNotFoundError(
+            f"{out_dir / SCORED_FILE} is missing or incomplete; run the sample and score stages first "
+            "(llm-envs rrhf --stages sample,score)."
+        )
+    accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum, mixed_precision=cfg.mixed_precision,
+                              cpu=cfg.device == "cpu")
+    set_seed(cfg.seed)
+    tokenizer = load_tokenizer(lm, padding_side="right")
+    model = load_causal_lm(lm, device="cpu")
+    model.requires_grad_(True)
+    model.train()
+    limit = getattr(model.config.get_text_config(decoder=True), "max_position_embeddings", None) \
+        or getattr(model.config, "n_positions", None)
+    max_length = cfg.max_length or limit or 1024
+    if limit and max_length > limit:
+        raise ValueError(f"max_length={max_length} exceeds the model's context of {limit} tokens; use <= {limit}.")
+    examples = tokenize_scored(records, tokenizer, max_length)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    model, optimizer = accelerator.prepare(model, optimizer)
+
+    def epoch_loader(epoch: int) -> DataLoader:
+        order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(cfg.seed + epoch)).tolist()
+        loader = DataLoader([examples[i] for i in order], batch_size=cfg.queries_per_batch,
+                            collate_fn=lambda batch: collate(batch, tokenizer.pad_token_id))
+        return accelerator.prepare(loader)
+
+    per_epoch = math.ceil(len(epoch_loader(0)) / cfg.grad_accum)
+    total = per_epoch * cfg.epochs if cfg.max_steps is None else min(cfg.max_steps, per_epoch * cfg.epochs)
+    warmup = int(cfg.warmup_ratio * total)
+    update, checkpoint = 0, out_dir / CHECKPOINT_DIR
+    if (checkpoint / "progress.json").is_file():
+        accelerator.load_state(str(checkpoint))
+        update = json.loads((checkpoint / "progress.json").read_text())["update"]
+    log_path = out_dir / "train_log.jsonl"
+    if accelerator.is_main_process:  # keep the log of the updates this run resumes from, no more
+        write_jsonl_atomic(log_path, [r for r in read_jsonl(log_path)[0] if r.get("update", 0) <= update])
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total, initial=update, desc="rrhf train", file=sys.stderr, leave=False,
+               disable=not (cfg.progress and accelerator.is_main_process))
+    sums: dict[str, float] = {"loss": 0.0, "rank_loss": 0.0, "sft_loss": 0.0, "micro": 0}
+    started = time.perf_counter()
+    while update < total:
+        epoch = update // per_epoch
+        loader = epoch_loader(epoch)
+        loader = accelerator.skip_first_batches(loader, (update % per_epoch) * cfg.grad_accum)
+        for batch in loader:
+            with accelerator.accumulate(model):
+                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                parts = rrhf_loss(logits, batch["labels"], batch["rewards"], batch["groups"],
+                                  rank_weight=cfg.rank_weight, sft_weight=cfg.sft_weight,
+                                  sft_normalization=cfg.sft_normalization)
+                accelerator.backward(parts.loss)
+                if accelerator.sync_gradients:
+                    if cfg.max_grad_norm > 0:
+                        accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+                    for group in optimizer.param_groups:
+                        group["lr"] = _lr_at(update, total, cfg.lr, warmup)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            for key in ("loss", "rank_loss", "sft_loss"):
+                sums[key] += float(getattr(parts, key).detach())
+            sums["micro"] += 1
+            if not accelerator.sync_gradients:
+                continue
+            update += 1
+            bar.update(1)
+            if update % cfg.log_every == 0 or update == total:
+                row = {k: round(sums[k] / sums["micro"], 5) for k in ("loss", "rank_loss", "sft_loss")}
+                row.update(update=update, epoch=epoch, lr=_lr_at(update - 1, total, cfg.lr, warmup))
+                bar.set_postfix(loss=row["loss"], rank=row["rank_loss"], sft=row["sft_loss"])
+                if accelerator.is_main_process:
+                    append_jsonl(log_path, [row])
+                sums = {"loss": 0.0, "rank_loss": 0.0, "sft_loss": 0.0, "micro": 0}
+            if cfg.checkpoint_every and update % cfg.checkpoint_every == 0 and update < total:
+                _checkpoint(accelerator, checkpoint, update)
+            if update >= total:
+                break
+    bar.close()
+
+    accelerator.wait_for_everyone()
+    unwrapped = accelerator.unwrap_model(model)
+    state = accelerator.get_state_dict(model)
+    summary = {"updates": total, "updates_per_epoch": per_epoch, "queries": len(examples),
+               "responses": sum(len(e[1]) for e in examples), "processes": accelerator.num_processes,
+               "seconds": round(time.perf_counter() - started, 1), "base_lm": lm}
+    if accelerator.is_main_process:
+        def save(directory: Path) -> None:
+            unwrapped.save_pretrained(directory, state_dict=state, save_function=accelerator.save)
+            tokenizer.padding_side = "left"  # how decoders load it
+            tokenizer.save_pretrained(directory)
+            (directory / DONE_FILE).write_text(json.dumps(summary, indent=2))
+
+        _save_atomically(target, save)
+        shutil.rmtree(checkpoint, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return target
+
+
+def _checkpoint(accelerator: Any, checkpoint: Path, update: int) -> None:
+    """accelerate state (model, optimizer, RNG) + the update count, swapped in atomically."""
+    staging = checkpoint.with_name(checkpoint.name + ".tmp")
+    accelerator.save_state(str(staging))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (staging / "progress.json").write_text(json.dumps({"update": update}))
+        if checkpoint.exists():
+            shutil.rmtree(checkpoint)
+        os.replace(staging, checkpoint)
+    accelerator.wait_for_everyone()
