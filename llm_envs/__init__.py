@@ -15,6 +15,13 @@ if "llm_envs/TokenAccept-v0" not in registry:
         vector_entry_point="llm_envs.vector:token_accept_vector_env",
     )
 
+if "llm_envs/TokenChoice-v0" not in registry:
+    register(
+        id="llm_envs/TokenChoice-v0",
+        entry_point="llm_envs.envs.token_choice:TokenChoiceEnv",
+        vector_entry_point="llm_envs.vector:token_choice_vector_env",
+    )
+
 
 def make_sb3_vec_env(env_id: str, num_envs: int, **kwargs):
     """An SB3 `VecEnv` of `num_envs` envs on one batched engine (for MaskablePPO)."""

@@ -19,6 +19,7 @@ from stable_baselines3.common.vec_env.base_vec_env import VecEnv
 # env id -> "module:CoreClass" (the batched implementation behind the id)
 CORES: dict[str, str] = {
     "llm_envs/TokenAccept-v0": "llm_envs.envs.token_accept:TokenAcceptCore",
+    "llm_envs/TokenChoice-v0": "llm_envs.envs.token_choice:TokenChoiceCore",
 }
 
 
@@ -197,3 +198,10 @@ def make_sb3_vec_env(env_id: str, num_envs: int, **kwargs: Any) -> LMSb3VecEnv:
 def token_accept_vector_env(num_envs: int = 1, **kwargs: Any) -> LMVectorEnv:
     """vector_entry_point of llm_envs/TokenAccept-v0."""
     return make_vector_env("llm_envs/TokenAccept-v0", num_envs, **kwargs)
+
+
+def token_choice_vector_env(num_envs: int = 1, **kwargs: Any) -> LMVectorEnv:
+    """vector_entry_point of llm_envs/TokenChoice-v0 (adds `candidate_rewards()` and friends)."""
+    from llm_envs.envs.token_choice import TokenChoiceCore, TokenChoiceVectorEnv
+
+    return TokenChoiceVectorEnv(TokenChoiceCore, num_envs, **kwargs)

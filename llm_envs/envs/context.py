@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
+import numpy as np
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -40,6 +41,37 @@ class LMContext:
         config = self.model.config.get_text_config(decoder=True)
         limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
         return int(limit) if limit else None
+
+    def pick_prompt(
+        self, rng: np.random.Generator, options: dict[str, Any], max_new_tokens: int
+    ) -> tuple[str, int | None, list[int]]:
+        """The prompt an episode starts from: `options["prompt"]`, `options["prompt_index"]`, or
+        one drawn uniformly with `rng`. Returns (text, index or None, token ids); a prompt that
+        leaves no room for `max_new_tokens` in the model's context is a clear error."""
+        unknown = set(options) - {"prompt", "prompt_index"}
+        if unknown:
+            raise ValueError(f"reset options {sorted(unknown)} are unknown; expected 'prompt' or 'prompt_index'.")
+        if "prompt" in options:
+            prompt, index = options["prompt"], None
+            prompt_ids = self.encode(prompt)
+        else:
+            n = len(self.prompts)
+            index = options.get("prompt_index")
+            if index is None:
+                index = int(rng.integers(n))
+            elif isinstance(index, bool) or not isinstance(index, (int, np.integer)) or not 0 <= index < n:
+                raise ValueError(f"prompt_index={index!r}; expected an int in [0, {n}).")
+            index = int(index)
+            prompt, prompt_ids = self.prompts[index], self.prompt_ids[index]
+        limit = self.max_context
+        if limit is not None and len(prompt_ids) + max_new_tokens > limit:
+            raise ValueError(
+                f"prompt {prompt[:80]!r} has {len(prompt_ids)} tokens; with max_new_tokens="
+                f"{max_new_tokens} that exceeds the model's context of {limit} positions. Use "
+                f"shorter prompts (max_prompt_tokens={limit - max_new_tokens} drops longer "
+                "ones) or a smaller max_new_tokens."
+            )
+        return prompt, index, list(prompt_ids)
 
     def encode(self, prompt: str) -> list[int]:
         if not isinstance(prompt, str) or not prompt.strip():

@@ -149,30 +149,8 @@ class TokenAcceptCore:
         return np.stack([self._observation(r) for r in rows]), [self._info(r) for r in rows]
 
     def _start_episode(self, state: _Row, rng: np.random.Generator, options: dict[str, Any]) -> None:
-        unknown = set(options) - {"prompt", "prompt_index"}
-        if unknown:
-            raise ValueError(f"reset options {sorted(unknown)} are unknown; expected 'prompt' or 'prompt_index'.")
-        if "prompt" in options:
-            prompt, index = options["prompt"], None
-            prompt_ids = self.ctx.encode(prompt)
-        else:
-            n = len(self.ctx.prompts)
-            index = options.get("prompt_index")
-            if index is None:
-                index = int(rng.integers(n))
-            elif not isinstance(index, (int, np.integer)) or not 0 <= index < n:
-                raise ValueError(f"prompt_index={index!r}; expected an int in [0, {n}).")
-            prompt, prompt_ids = self.ctx.prompts[int(index)], self.ctx.prompt_ids[int(index)]
-        limit = self.engine.max_context
-        if limit is not None and len(prompt_ids) + self.max_new_tokens > limit:
-            raise ValueError(
-                f"prompt {prompt[:80]!r} has {len(prompt_ids)} tokens; with max_new_tokens="
-                f"{self.max_new_tokens} that exceeds the model's context of {limit} positions. Use "
-                f"shorter prompts (max_prompt_tokens={limit - self.max_new_tokens} drops longer "
-                "ones) or a smaller max_new_tokens."
-            )
-        state.__init__(prompt=prompt, prompt_index=None if index is None else int(index),
-                       prompt_ids=list(prompt_ids), live=True)
+        prompt, index, prompt_ids = self.ctx.pick_prompt(rng, options, self.max_new_tokens)
+        state.__init__(prompt=prompt, prompt_index=index, prompt_ids=prompt_ids, live=True)
 
     # ------------------------------------------------------------------ step
     def action_masks(self) -> np.ndarray:

@@ -1,0 +1,274 @@
+"""ARGS: alignment as reward-guided search (Khanov et al., 2024), greedy and stochastic.
+
+At each step ARGS takes the top-k candidates of the raw next-token logits, `torch.topk(logits, k)`,
+scores each as `logit_j + w * r_j`, where `r_j` is the reward model's score of prompt + response +
+candidate j, and keeps the argmax (ARGS-greedy) or samples one candidate from
+`softmax(score / temperature)` with one `torch.multinomial(probs, 1)` per step (ARGS-stochastic).
+Paper settings: k = 10, w = 1.5, temperature 0.7.
+
+Two faces of the same rule (`args_select`):
+
+- `ARGS`, a batch decoder (`agents.base.Decoder`): ``ARGS(lm, reward, k=10, w=1.5).generate(prompts)``.
+  One batched LM forward and one reward-model forward per step for all prompts in flight; the
+  reward model's KV cache of every prefix is kept (`llm_envs.rewards.CandidateScorer`).
+- `ARGSAgent`, a policy of `llm_envs/TokenChoice-v0` (`agents.base.PolicyAgent`): it reads the
+  env's `candidate_logits()` and `candidate_rewards()` (bound by `PolicyDecoder`).
+
+Against the reference code (deeplearning-wisc/args): with ``scoring="raw"`` (the default) the
+reward model reads exactly the ids the reference feeds it, ``prompt_ids + response + [candidate]``,
+so with ``stop_at_eos=False`` the tokens equal the reference's (for ARGS-stochastic, a given
+``torch.manual_seed(s)`` before a single-prompt ``generate(seed=None)``, or ``seed=s``, draws the
+same samples). Beyond it: batches of prompts in both modes, stopping at EOS (default), and reward
+models with a different tokenizer (their text is re-tokenized and scored under the reward
+wrapper's conventions, since there are no shared ids). ``scoring="wrapper"`` scores candidates
+under the wrapper's conventions (response cut at EOS and turn markers) as the envs do.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Sequence
+
+import numpy as np
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from agents.base import Generation
+from agents.decoding import check_context, encode_prompts
+from llm_envs.engine import DecodeEngine
+from llm_envs.models import ModelSpec, load_causal_lm, load_tokenizer, model_source_name, prepare_tokenizer
+from llm_envs.rewards import RewardWrapper, Scoring
+
+Mode = Literal["greedy", "stochastic"]
+
+__all__ = ["ARGS", "ARGSAgent", "args_select"]
+
+
+def _check_args(k: int | None, w: float, mode: str, temperature: float, scoring: str) -> None:
+    if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
+        raise ValueError(f"k={k!r}; expected a positive int (the paper uses 10).")
+    if not np.isfinite(w):
+        raise ValueError(f"w={w!r}; expected a finite reward weight (the paper uses 1.5; 0 = greedy decoding).")
+    if mode not in ("greedy", "stochastic"):
+        raise ValueError(f"mode={mode!r}; expected 'greedy' or 'stochastic'.")
+    if not temperature > 0:
+        raise ValueError(f"temperature={temperature!r}; expected a number > 0 (the paper uses 0.7).")
+    if scoring not in ("raw", "wrapper"):
+        raise ValueError(f"scoring={scoring!r}; expected 'raw' (the reference's RM input) or 'wrapper'.")
+
+
+def args_select(
+    logits: torch.Tensor,
+    rewards: torch.Tensor,
+    *,
+    w: float,
+    mode: Mode,
+    temperature: float = 0.7,
+    generators: Sequence[torch.Generator | None] | None = None,
+    valid: torch.Tensor | None = None,
+) -> list[int]:
+    """The ARGS rule on [B, k] candidate logits and rewards (in topk order): one slot per row.
+
+    ``score = rewards * w + logits`` (as the reference computes it, in the logits' dtype). Greedy:
+    ``torch.topk(score, 1)``. Stochastic: per row, ``torch.multinomial(softmax(score / temperature),
+    1, generator=generators[i])`` (None = torch's global generator). `valid` masks slots out.
+    """
+    scores = rewards.to(logits.dtype) * w + logits
+    if valid is not None:
+        scores = scores.masked_fill(~valid, float("-inf"))
+    if mode == "greedy":
+        return torch.topk(scores, 1, dim=-1).indices[:, 0].tolist()
+    gens = list(generators) if generators is not None else [None] * scores.shape[0]
+    probs = torch.softmax(scores / temperature, dim=-1)
+    return [int(torch.multinomial(probs[i], 1, generator=gens[i])) for i in range(scores.shape[0])]
+
+
+class ARGS:
+    """ARGS batch decoder: ``ARGS(lm, reward, k=10, w=1.5, mode="greedy").generate(prompts)``.
+
+    `lm` / `reward` take hub names, local directories or loaded models (a reward may also be a
+    `RewardWrapper` or a function), like the envs; both default to the embedded world's.
+    `batch_size` prompts are decoded at once (finished rows are refilled from the queue).
+    ``prefix_cache=False`` scores each candidate from scratch (same tokens, more compute).
+    After `generate`, `last_stats` holds the batched LM forwards and reward-model calls it used.
+    """
+
+    def __init__(
+        self,
+        lm: ModelSpec | None = None,
+        reward: Any = None,
+        *,
+        k: int = 10,
+        w: float = 1.5,
+        mode: Mode = "greedy",
+        temperature: float = 0.7,
+        scoring: Scoring = "raw",
+        tokenizer: Any = None,
+        device: str | torch.device | None = "auto",
+        dtype: str | torch.dtype | None = "auto",
+        batch_size: int = 16,
+        prefix_cache: bool = True,
+        name: str | None = None,
+    ) -> None:
+        _check_args(k, w, mode, temperature, scoring)
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size={batch_size!r}; expected a positive int (prompts decoded at once).")
+        if lm is None or reward is None:
+            from llm_envs.world import load_world
+
+            world = load_world()
+            lm = world.lm_dir if lm is None else lm
+            reward = world.rm_dir if reward is None else reward
+        self.model = load_causal_lm(lm, device=device, dtype=dtype)
+        if isinstance(tokenizer, PreTrainedTokenizerBase):
+            self.tokenizer = prepare_tokenizer(tokenizer)
+        else:
+            self.tokenizer = load_tokenizer(tokenizer if tokenizer is not None else model_source_name(lm))
+        self.reward = RewardWrapper.build(reward, lm_tokenizer=self.tokenizer, device=device, dtype=dtype)
+        self.k, self.w, self.mode, self.temperature = k, float(w), mode, float(temperature)
+        self.scoring: Scoring = scoring
+        self.batch_size, self.prefix_cache = batch_size, prefix_cache
+        self.name = name or f"args-{mode}"
+        self.last_stats: dict[str, Any] = {}
+
+    def __repr__(self) -> str:
+        return f"ARGS(name={self.name!r}, k={self.k}, w={self.w}, mode={self.mode!r}, reward={self.reward.name!r})"
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        prompts: Sequence[str],
+        max_new_tokens: int = 128,
+        stop_at_eos: bool = True,
+        seed: int | None = None,
+    ) -> list[Generation]:
+        """Decode every prompt; per prompt, the response ids (EOS included when reached) and text.
+
+        ``seed``: prompt i samples with its own generator seeded ``seed + i``, so a prompt gets the
+        same tokens alone or in a batch; ``None`` samples from torch's global generator (seed it
+        with ``torch.manual_seed`` to reproduce the reference on one prompt).
+        """
+        prompt_ids = encode_prompts(self.tokenizer, prompts)
+        check_context(self.model, prompt_ids, max_new_tokens)
+        n = min(self.batch_size, len(prompt_ids))
+        if n == 0:
+            return []
+        engine = DecodeEngine(self.model, n)
+        scorer = self.reward.candidate_scorer(n, self.tokenizer, prefix_cache=self.prefix_cache)
+        gens = [None if seed is None else torch.Generator().manual_seed(seed + i) for i in range(len(prompts))]
+        eos, k = self.tokenizer.eos_token_id, min(self.k, engine.vocab_size)
+        calls_before = self.reward.calls
+        results: list[Generation | None] = [None] * len(prompts)
+        slot: list[int | None] = [None] * n  # prompt index each row decodes
+        responses: list[list[int]] = [[] for _ in range(n)]
+        rm_calls = [0] * n
+        logits = torch.zeros(n, engine.vocab_size)
+        queue = list(range(len(prompts)))
+        steps = 0
+
+        def fill(rows: list[int]) -> None:
+            rows = rows[: len(queue)]
+            if rows:
+                picked = [queue.pop(0) for _ in rows]
+                out = engine.reset_rows(rows, [prompt_ids[i] for i in picked])
+                scorer.forget(rows)
+                for j, (row, index) in enumerate(zip(rows, picked)):
+                    slot[row], responses[row], rm_calls[row] = index, [], 0
+                    logits[row] = out.logits[j].cpu()
+
+        fill(list(range(n)))
+        while any(s is not None for s in slot):
+            live = [r for r in range(n) if slot[r] is not None]
+            top_logits, top_ids = torch.topk(logits[live], k, dim=-1)
+            before = self.reward.calls
+            rewards, _ = scorer.score(live, [prompt_ids[slot[r]] for r in live], [responses[r] for r in live],
+                                      top_ids.tolist(), scoring=self.scoring)
+            picks = args_select(top_logits, torch.from_numpy(rewards), w=self.w, mode=self.mode,
+                                temperature=self.temperature, generators=[gens[slot[r]] for r in live])
+            going, done = [], []
+            for i, row in enumerate(live):
+                token = int(top_ids[i, picks[i]])
+                responses[row].append(token)
+                rm_calls[row] += self.reward.calls - before
+                ended = (stop_at_eos and token == eos) or len(responses[row]) >= max_new_tokens
+                (done if ended else going).append(row)
+            steps += 1
+            if going:
+                tokens = [responses[r][-1] if r in going else 0 for r in range(n)]
+                out = engine.append(tokens, [r in going for r in range(n)])
+                logits[going] = out.logits[going].cpu()
+            for row in done:
+                ids = list(responses[row])
+                results[slot[row]] = Generation(
+                    prompt=prompts[slot[row]], response_ids=ids,
+                    response_text=self.tokenizer.decode(ids, skip_special_tokens=True),
+                    lm_forwards=engine.row_forwards(row), rm_calls=rm_calls[row],
+                    extra={"k": self.k, "w": self.w, "mode": self.mode},
+                )
+                slot[row] = None
+            fill(done)
+        self.last_stats = {
+            "lm_forwards": engine.forward_calls,
+            "rm_calls": self.reward.calls - calls_before,
+            "steps": steps,
+            "tokens": sum(len(g.response_ids) for g in results if g is not None),
+            "prefix_cache": scorer.uses_prefix_cache,
+        }
+        return [g for g in results if g is not None]
+
+
+class ARGSAgent:
+    """ARGS as a policy of `llm_envs/TokenChoice-v0`: picks the slot ARGS would pick.
+
+    Bind it to the env (a single `TokenChoiceEnv`, its vector env, or a `TokenChoiceCore`) with
+    `bind` (`agents.base.PolicyDecoder` does this). `predict` reads the env's raw candidate logits
+    and `candidate_rewards(scoring)`, and respects the action mask (with the default
+    ``top_p=1.0`` nothing is masked and the choice is the reference's). The mode set here decides
+    greedy vs sampling; `deterministic` is accepted for the protocol and ignored.
+    """
+
+    def __init__(
+        self,
+        w: float = 1.5,
+        mode: Mode = "greedy",
+        temperature: float = 0.7,
+        scoring: Scoring = "raw",
+        seed: int | None = None,
+        name: str | None = None,
+    ) -> None:
+        _check_args(None, w, mode, temperature, scoring)
+        self.w, self.mode, self.temperature = float(w), mode, float(temperature)
+        self.scoring: Scoring = scoring
+        self.generator = None if seed is None else torch.Generator().manual_seed(seed)
+        self.name = name or f"args-{mode}"
+        self.env: Any = None
+
+    def bind(self, env: Any) -> ARGSAgent:
+        for attr in ("unwrapped", "core"):  # gym.make wrappers, SB3 views
+            if not hasattr(env, "candidate_rewards"):
+                env = getattr(env, attr, env)
+        if not (hasattr(env, "candidate_rewards") and hasattr(env, "candidate_logits")):
+            raise TypeError(
+                f"ARGSAgent.bind got {type(env).__name__}; expected a TokenChoice env, vector env or core "
+                "(something with candidate_rewards() and candidate_logits())."
+            )
+        self.env = env
+        return self
+
+    def predict(
+        self, obs: np.ndarray, action_masks: np.ndarray | None = None, deterministic: bool = True
+    ) -> np.ndarray:
+        if self.env is None:
+            raise RuntimeError("ARGSAgent.predict needs the env: call agent.bind(env) first.")
+        single = np.asarray(obs).ndim == 1
+        logits = np.atleast_2d(self.env.candidate_logits())
+        rewards = np.atleast_2d(self.env.candidate_rewards(self.scoring))
+        masks = np.atleast_2d(self.env.action_masks() if action_masks is None else action_masks)
+        actions = np.zeros(logits.shape[0], dtype=np.int64)
+        rows = [r for r in range(logits.shape[0]) if np.isfinite(logits[r, 0])]  # rows in an episode
+        if rows:
+            picks = args_select(torch.from_numpy(logits[rows]), torch.from_numpy(rewards[rows]), w=self.w,
+                                mode=self.mode, temperature=self.temperature,
+                                generators=[self.generator] * len(rows),
+                                valid=torch.from_numpy(masks[rows].astype(bool)))
+            actions[rows] = picks
+        return actions[0] if single else actions
