@@ -10,7 +10,7 @@ Two faces of the same rule (`args_select`):
 
 - `ARGS`, a batch decoder (`agents.base.Decoder`): ``ARGS(lm, reward, k=10, w=1.5).generate(prompts)``.
   One batched LM forward and one reward-model forward per step for all prompts in flight; the
-  reward model's KV cache of every prefix is kept (`llm_envs.rewards.CandidateScorer`).
+  reward model's KV cache of every prefix is kept (`llm_envs.candidate_scoring.CandidateScorer`).
 - `ARGSAgent`, a policy of `llm_envs/TokenChoice-v0` (`agents.base.PolicyAgent`): it reads the
   env's `candidate_logits()` and `candidate_rewards()` (bound by `PolicyDecoder`).
 

@@ -202,12 +202,12 @@ def test_scorer_edge_cases_match_scratch(test_world, tok):
 
 
 def test_prefix_cache_disagreement_warns_and_falls_back(test_world, tok, monkeypatch):
-    from llm_envs import rewards
+    from llm_envs import candidate_scoring
 
     model = load_reward_model(test_world.rm_dir, device="cpu")
     wrapper = RewardWrapper.from_model(model, lm_tokenizer=tok, device="cpu")
-    original = rewards._PrefixKV.run
-    monkeypatch.setattr(rewards._PrefixKV, "run",
+    original = candidate_scoring._PrefixKV.run
+    monkeypatch.setattr(candidate_scoring._PrefixKV, "run",
                         lambda self, *a: [([v + 1.0 for v in c], p) for c, p in original(self, *a)])
     prompt, response, cands = [tok("Human: hi Assistant:")["input_ids"]], [[]], [[5, 9, 12]]
     with pytest.warns(RuntimeWarning, match="prefix KV cache is off"):

@@ -1,0 +1,443 @@
+"""Candidate scoring for reward-guided decoding (TokenChoice, ARGS).
+
+`CandidateScorer` scores k candidate next tokens after each of N growing prefixes in one
+reward-model forward per call, keeping the reward model's KV cache of every prefix between
+calls. Build one with `RewardWrapper.candidate_scorer(...)`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from llm_envs.rewards import (
+    RewardWrapper,
+    Scoring,
+    _as_id_rows,
+    _response_special_ids,
+    _special_template,
+    _strip_template,
+    cut_at_turn,
+)
+
+
+class _PrefixKV:
+    """The reward model's KV cache of N growing prefixes; scores k candidates per row per forward.
+
+    Layout as in `llm_envs.engine.DecodeEngine`: one append-only cache ``[N, heads, L, head_dim]``
+    per layer, a ``[N, L]`` mask of the slots each row sees, explicit per-row position ids, and
+    compaction when hidden slots pile up. One call is ONE forward of, per row, the prefix tokens
+    not yet cached ("pending") followed by the k candidates, with a 4-D attention mask: pending
+    tokens are causal among themselves; each candidate sees the row's prefix and itself only
+    (not the other candidates), all candidates at the same position. The score head is read at
+    every position, so a candidate's score is the sequence score of prefix + candidate.
+    Candidate slots stay hidden afterwards; when the next prefix is the old one plus one of them
+    (the chosen token), that slot is made visible instead of feeding the token again, so a
+    decoding step costs one reward-model forward of k tokens per row.
+
+    Scores follow HF's sequence-classification pooling (the last token that is not padding), so
+    they equal a fresh forward of the whole sequence.
+    """
+
+    def __init__(self, model: PreTrainedModel, num_rows: int, compact_slack: int) -> None:
+        from transformers import DynamicCache
+        from transformers.cache_utils import DynamicLayer
+
+        self.model, self.base, self.head = model, model.base_model, model.score
+        self.pad = int(model.config.get_text_config().pad_token_id)
+        self.device, self.dtype = model.device, model.dtype
+        self.num_rows, self.slack = num_rows, compact_slack
+        self.cache = DynamicCache(config=model.config)
+        if any(type(layer) is not DynamicLayer for layer in self.cache.layers):
+            raise ValueError(f"{type(model).__name__} uses sliding-window or hybrid cache layers")
+        self.mask = torch.zeros(num_rows, 0, dtype=torch.bool, device=self.device)
+        self.fed: list[list[int]] = [[] for _ in range(num_rows)]  # ids in the row's visible slots
+        self.cols: list[list[int]] = [[] for _ in range(num_rows)]  # physical slot of each
+        self.pooled: list[list[float]] = [[] for _ in range(num_rows)]  # score of fed[: i + 1]
+        self.tentative: list[dict[int, tuple[int, float]]] = [{} for _ in range(num_rows)]
+        self.forwards = 0
+
+    def _sync(self, row: int, prefix: list[int]) -> list[int]:
+        """Make the row's visible slots the longest cached part of `prefix`; return the rest."""
+        fed, tentative = self.fed[row], self.tentative[row]
+        self.tentative[row] = {}
+        n = len(fed)
+        if len(prefix) > n and prefix[n] in tentative and prefix[:n] == fed:  # the chosen candidate
+            slot, score = tentative[prefix[n]]
+            self.mask[row, slot] = True
+            self._append(row, prefix[n], slot, score)
+            n += 1
+        elif prefix[:n] != fed:  # diverged (new episode or rollback): keep the common part
+            n = next((i for i, (a, b) in enumerate(zip(fed, prefix)) if a != b), min(n, len(prefix)))
+            self.mask[row, self.cols[row][n:]] = False
+            del fed[n:], self.cols[row][n:], self.pooled[row][n:]
+        return prefix[n:]
+
+    @torch.inference_mode()
+    def forget(self, rows: Sequence[int]) -> None:
+        """Drop what `rows` hold; once every row is empty the cache starts afresh (so a run's float
+        rounding depends only on its own inputs, as with `DecodeEngine.reset_rows`)."""
+        for row in rows:
+            self._sync(row, [])
+        if not any(self.fed):
+            self.cache = type(self.cache)(config=self.model.config)
+            self.mask = self.mask.new_zeros(self.num_rows, 0)
+
+    def _append(self, row: int, token: int, slot: int, score: float) -> None:
+        pooled = self.pooled[row]  # HF pooling: the last non-pad token (position 0 if none)
+        pooled.append(score if token != self.pad or not pooled else pooled[-1])
+        self.fed[row].append(token)
+        self.cols[row].append(slot)
+
+    @torch.inference_mode()
+    def run(
+        self, rows: list[int], prefixes: list[list[int]], candidates: list[list[int]]
+    ) -> list[tuple[list[float], float]]:
+        """Per row: the scores of prefix + [c] for each candidate c, and the prefix's own score."""
+        pending = [self._sync(r, p) for r, p in zip(rows, prefixes)]
+        if self.mask.shape[1] - max(len(c) for c in self.cols) > self.slack:
+            self._compact()
+        wp = max(len(p) for p in pending)
+        width = wp + max(len(c) for c in candidates)
+        if width:
+            scores = self._forward(rows, pending, candidates, wp, width)
+        out = []
+        for i, (row, cands) in enumerate(zip(rows, candidates)):
+            cand_scores = [self.pooled[row][-1] if c == self.pad else float(scores[i][j]) for j, c in enumerate(cands)]
+            out.append((cand_scores, self.pooled[row][-1]))
+        return out
+
+    def _forward(
+        self, rows: list[int], pending: list[list[int]], candidates: list[list[int]], wp: int, width: int
+    ) -> list[list[float]]:
+        n, length, dev = self.num_rows, self.mask.shape[1], self.device
+        ids = torch.full((n, width), self.pad, dtype=torch.long)
+        pos = torch.zeros((n, width), dtype=torch.long)
+        allowed = torch.zeros((n, width, length + width), dtype=torch.bool, device=dev)
+        span = torch.arange(width, device=dev)
+        allowed[:, span, length + span] = True  # every query sees itself (no fully masked row)
+        visible = torch.zeros((n, width), dtype=torch.bool)
+        for row, pend, cands in zip(rows, pending, candidates):
+            m, k, start = len(pend), len(cands), wp - len(pend)
+            first = len(self.fed[row])
+            ids[row, start:wp] = torch.tensor(pend, dtype=torch.long)
+            ids[row, wp : wp + k] = torch.tensor(cands, dtype=torch.long)
+            pos[row, start:wp] = torch.arange(first, first + m)
+            pos[row, wp : wp + k] = first + m
+            allowed[row, start : wp + k, :length] = self.mask[row]
+            allowed[row, start:wp, length + start : length + wp] = torch.ones(m, m, dtype=torch.bool).tril()
+            allowed[row, wp : wp + k, length + start : length + wp] = True
+            visible[row, start:wp] = True
+        additive = torch.zeros(allowed.shape, dtype=self.dtype, device=dev)
+        additive.masked_fill_(~allowed, torch.finfo(self.dtype).min)
+        out = self.base(input_ids=ids.to(dev), attention_mask=additive[:, None], position_ids=pos.to(dev),
+                        past_key_values=self.cache, use_cache=True)
+        table = self.head(out.last_hidden_state)[..., 0].float().cpu().tolist()  # [N, width]
+        self.mask = torch.cat([self.mask, visible.to(dev)], dim=1)
+        self.forwards += 1
+        result = []
+        for row, pend, cands in zip(rows, pending, candidates):
+            start = wp - len(pend)
+            for i, token in enumerate(pend):
+                self._append(row, token, length + start + i, table[row][start + i])
+            self.tentative[row] = {c: (length + wp + j, table[row][wp + j]) for j, c in enumerate(cands)}
+            result.append(table[row][wp : wp + len(cands)])
+        return result
+
+    def _compact(self) -> None:
+        """Gather each row's visible slots to the front (forgets the tentative candidates)."""
+        longest = max(len(c) for c in self.cols)
+        index = torch.zeros(self.num_rows, longest, dtype=torch.long)
+        for row, cols in enumerate(self.cols):
+            index[row, : len(cols)] = torch.tensor(cols, dtype=torch.long)
+            self.cols[row] = list(range(len(cols)))
+            self.tentative[row] = {}
+        index = index.to(self.device)
+        for layer in self.cache.layers:
+            if layer.is_initialized:
+                for name in ("keys", "values"):
+                    kv = getattr(layer, name)
+                    b, h, _, d = kv.shape
+                    setattr(layer, name, kv.gather(2, index[:, None, :, None].expand(b, h, longest, d)))
+        lengths = torch.tensor([len(c) for c in self.cols], device=self.device)
+        self.mask = torch.arange(longest, device=self.device)[None, :] < lengths[:, None]
+
+
+class CandidateScorer:
+    """Scores k candidate next tokens after each of N (prompt, response) prefixes, batched.
+
+    ``score(rows, prompt_ids, response_ids, candidates)`` returns, for row i and candidate c, the
+    reward of ``prompt + response + [c]`` (all LM token ids):
+
+    - ``scoring="wrapper"``: the wrapper's `score_ids` of (prompt, response + [c]), with all its
+      conventions (the response ends at EOS, pad/BOS are not content, turn cutting, truncation).
+      This is what the envs' terminal reward uses.
+    - ``scoring="raw"``: the reward model's score of exactly the ids ``prompt + response + [c]``
+      (no cutting), i.e. what the ARGS reference code feeds its reward model. Needs the ids
+      path (the RM tokenizer equals the LM's); otherwise text is re-tokenized as for "wrapper".
+
+    Cost: when the reward model is a decoder sequence classifier (GPT-2, Llama, ... with a
+    ``score`` head) and the tokenizers match, each call is ONE reward-model forward over the
+    rows' new prefix tokens plus their k candidates, reusing the KV cache of every prefix
+    (`_PrefixKV`); a chosen candidate's K/V is kept, so a decoding step feeds k tokens per
+    row, not the whole sequence. The first such call on a wrapper is checked against scoring
+    from scratch; on disagreement (an architecture this trick does not fit) it warns and scores
+    from scratch from then on. Rows the cache cannot serve (turn markers in the text, prefixes
+    at the RM's length limit, a tokenizer suffix template) and other backends (functions,
+    ``template="pair"``, a different RM tokenizer: decoded and re-tokenized) are scored from
+    scratch in one extra batched call. The wrapper's ``calls``/``pairs_scored`` count it all.
+    """
+
+    def __init__(
+        self,
+        wrapper: RewardWrapper,
+        num_rows: int = 1,
+        lm_tokenizer: PreTrainedTokenizerBase | None = None,
+        *,
+        prefix_cache: bool = True,
+        compact_slack: int = 64,
+    ) -> None:
+        if not isinstance(num_rows, int) or num_rows < 1:
+            raise ValueError(f"num_rows={num_rows!r}; expected a positive int (one row per prefix).")
+        lm_tok = lm_tokenizer if lm_tokenizer is not None else wrapper.lm_tokenizer
+        if lm_tok is None:
+            raise ValueError("candidate scoring needs the LM's tokenizer: pass lm_tokenizer= here or to the wrapper.")
+        self.wrapper, self.num_rows, self.lm_tokenizer = wrapper, num_rows, lm_tok
+        self.ids_path, why = wrapper._fast_eligible(lm_tok)
+        self.lm_template = _special_template(lm_tok) if self.ids_path else None
+        self.specials = _response_special_ids(lm_tok)
+        self.eos = lm_tok.eos_token_id
+        self._kv: _PrefixKV | None = None
+        self.cache_off_reason = why or ("prefix_cache=False" if not prefix_cache else "")
+        if prefix_cache and self.ids_path:
+            self._kv = self._make_kv(compact_slack)
+
+    def _make_kv(self, compact_slack: int) -> _PrefixKV | None:
+        model, template = self.wrapper.model, self.wrapper._template_ids
+        reasons = [
+            (self.wrapper._prefix_kv_ok is False, "the prefix cache disagreed with scoring from scratch"),
+            (bool(template and template[1]), "the RM tokenizer appends tokens after the text"),
+            (not isinstance(getattr(model, "score", None), torch.nn.Module) or model.base_model is model,
+             f"{type(model).__name__} has no `score` head over a base model"),
+            (bool(getattr(model.config, "is_encoder_decoder", False)), "the RM is an encoder-decoder"),
+        ]
+        for failed, reason in reasons:
+            if failed:
+                self.cache_off_reason = reason
+                return None
+        try:
+            return _PrefixKV(model, self.num_rows, compact_slack)
+        except ValueError as exc:
+            self.cache_off_reason = str(exc)
+            return None
+
+    def forget(self, rows: Sequence[int]) -> None:
+        """Drop the cached prefixes of `rows` (a new episode starts there)."""
+        if self._kv is not None:
+            self._kv.forget([int(r) for r in rows])
+
+    @property
+    def uses_prefix_cache(self) -> bool:
+        return self._kv is not None
+
+    def score(
+        self,
+        rows: Sequence[int],
+        prompt_ids: Sequence[Sequence[int]],
+        response_ids: Sequence[Sequence[int]],
+        candidates: Sequence[Sequence[int]],
+        *,
+        scoring: Scoring = "wrapper",
+        prefix: bool = False,
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """Scores [B, k] (float64) and, with ``prefix=True``, each row's own score R(prompt, response).
+
+        ``rows`` name the cache row of each entry (in [0, num_rows)); a row whose prefix changed
+        in any other way than growing (a new episode) is re-synced automatically.
+        """
+        rows = [int(r) for r in rows]
+        batch = len(rows)
+        prompts = [list(map(int, p)) for p in _as_id_rows(prompt_ids)]
+        responses = [list(map(int, r)) for r in _as_id_rows(response_ids)]
+        cands = [list(map(int, c)) for c in _as_id_rows(candidates)]
+        if not len(prompts) == len(responses) == len(cands) == batch:
+            raise ValueError(
+                f"score got {batch} rows, {len(prompts)} prompts, {len(responses)} responses and "
+                f"{len(cands)} candidate lists; pass one of each per row."
+            )
+        if scoring not in ("wrapper", "raw"):
+            raise ValueError(f"scoring={scoring!r}; expected 'wrapper' (the wrapper's conventions) or 'raw'.")
+        bad = [r for r in rows if not 0 <= r < self.num_rows] or ([rows[0]] if len(set(rows)) < batch else [])
+        if bad:
+            raise ValueError(
+                f"row {bad[0]} is out of range or repeated; expected distinct rows in [0, {self.num_rows})."
+            )
+        k = len(cands[0]) if cands else 0
+        if any(len(c) != k for c in cands):
+            raise ValueError(f"candidate lists have lengths {[len(c) for c in cands]}; pass the same k for every row.")
+        out, pref = np.zeros((batch, k)), np.zeros(batch)
+        if not self.ids_path:  # decode and re-tokenize: one batched call
+            pairs = [(i, j, responses[i] + [c]) for i in range(batch) for j, c in enumerate(cands[i])]
+            pairs += [(i, -1, responses[i]) for i in range(batch)] if prefix else []
+            values = self.wrapper.score_ids([prompts[i] for i, _, _ in pairs], [r for _, _, r in pairs],
+                                            self.lm_tokenizer)
+            for (i, j, _), value in zip(pairs, values):
+                if j < 0:
+                    pref[i] = value
+                else:
+                    out[i, j] = value
+            return out, (pref if prefix else None)
+        if self._kv is not None and self.wrapper._prefix_kv_ok is False:  # another scorer found it wrong
+            self._kv, self.cache_off_reason = None, "the prefix cache disagreed with scoring from scratch"
+        plan = _Plan()
+        for i in range(batch):
+            if scoring == "raw":
+                self._plan_raw(plan, i, prompts[i] + responses[i], cands[i], prefix)
+            else:
+                self._plan_wrapper(plan, i, prompts[i], responses[i], cands[i], prefix)
+        self._execute(plan, rows, out, pref)
+        return out, (pref if prefix else None)
+
+    # ------------------------------------------------------------------ planning
+    def _fits(self, seq_len: int) -> bool:
+        limit = self.wrapper.max_length
+        return self._kv is not None and seq_len >= 1 and (limit is None or seq_len + 1 <= limit)
+
+    def _plan_raw(self, plan: _Plan, i: int, seq: list[int], cands: list[int], prefix: bool) -> None:
+        if self._fits(len(seq)):
+            plan.kv[i] = (seq, list(enumerate(cands)))
+            return
+        limit = self.wrapper.max_length
+        for j, c in [*enumerate(cands), *([(-1, None)] if prefix else [])]:
+            full = seq + ([] if c is None else [c])
+            if limit is not None and len(full) > limit:
+                self.wrapper.truncated += 1
+                full = full[len(full) - limit :]
+            plan.seqs.append((i, j, full))
+
+    def _plan_wrapper(self, plan: _Plan, i: int, p: list[int], r: list[int], cands: list[int], prefix: bool) -> None:
+        wrapper, tok = self.wrapper, self.wrapper.tokenizer
+        content = _strip_template(p, self.lm_template)
+        frozen = self.eos is not None and self.eos in r
+        body = [t for t in (r[: r.index(self.eos)] if frozen else r) if t not in self.specials]
+        markers = wrapper.turn_markers
+        if not frozen and markers:
+            text = tok.decode(body, skip_special_tokens=False)
+            frozen = cut_at_turn(text, markers) != text
+        if frozen:  # the response is already cut: every continuation scores as the response itself
+            plan.pairs.append((i, -2, p, r))
+            return
+        seq = (wrapper._template_ids or ([], []))[0] + content + body
+        regular: list[tuple[int, int]] = []
+        copies: list[int] = []
+        for j, c in enumerate(cands):
+            if c in self.specials:
+                copies.append(j)  # EOS / pad / BOS are not content: the prefix's own score
+            else:
+                regular.append((j, c))
+        if regular and markers:
+            texts = tok.batch_decode([body + [c] for _, c in regular], skip_special_tokens=False)
+            cut = {j for (j, _), t in zip(regular, texts) if cut_at_turn(t, markers) != t}
+            plan.pairs += [(i, j, p, r + [c]) for j, c in regular if j in cut]
+            regular = [(j, c) for j, c in regular if j not in cut]
+        plan.copies[i] = copies
+        if self._fits(len(seq)):
+            plan.kv[i] = (seq, regular)
+            return
+        plan.pairs += [(i, j, p, r + [c]) for j, c in regular]
+        if copies or prefix:
+            plan.pairs.append((i, -1, p, r))
+
+    # ------------------------------------------------------------------ execution
+    def _execute(self, plan: _Plan, rows: list[int], out: np.ndarray, pref: np.ndarray) -> None:
+        wrapper = self.wrapper
+        if plan.kv:
+            order = list(plan.kv)
+            results = self._kv_scores(order, rows, plan)
+            for i, (cand_scores, prefix_score) in zip(order, results):
+                for (j, _), value in zip(plan.kv[i][1], cand_scores):
+                    out[i, j] = value
+                pref[i] = prefix_score
+        if plan.seqs:
+            values = wrapper._model_scores([s for _, _, s in plan.seqs], None, None, None)
+            for (i, j, _), value in zip(plan.seqs, values):
+                if j < 0:
+                    pref[i] = value
+                else:
+                    out[i, j] = value
+        if plan.pairs:
+            values = wrapper.score_ids([p for _, _, p, _ in plan.pairs], [r for _, _, _, r in plan.pairs],
+                                       self.lm_tokenizer)
+            for (i, j, _, _), value in zip(plan.pairs, values):
+                if j == -2:
+                    out[i, :], pref[i] = value, value
+                elif j == -1:
+                    pref[i] = value
+                else:
+                    out[i, j] = value
+        for i, copies in plan.copies.items():
+            out[i, copies] = pref[i]
+
+    def _kv_scores(self, order: list[int], rows: list[int], plan: _Plan) -> list[tuple[list[float], float]]:
+        """Run the prefix cache for the planned rows; verify against scratch on the wrapper's first use."""
+        wrapper, kv = self.wrapper, self._kv
+        assert kv is not None
+        prefixes = [plan.kv[i][0] for i in order]
+        cand_lists = [[c for _, c in plan.kv[i][1]] for i in order]
+        seqs = [[*p, c] for p, cs in zip(prefixes, cand_lists) for c in cs] + prefixes
+        try:
+            results = kv.run([rows[i] for i in order], prefixes, cand_lists)
+        except Exception as exc:  # an architecture the 4-D mask trick does not fit
+            return self._disable(f"it failed ({type(exc).__name__}: {exc})", seqs, cand_lists)
+        wrapper.calls += 1
+        wrapper.pairs_scored += sum(len(c) for c in cand_lists)
+        if wrapper._prefix_kv_ok is None:
+            cached = [v for cs, _ in results for v in cs] + [p for _, p in results]
+            scratch = wrapper._model_scores(seqs, None, None, None)
+            tol = 1e-3 if kv.dtype == torch.float32 else 5e-2
+            err = max((abs(a - b) / max(1.0, abs(b)) for a, b in zip(cached, scratch)), default=0.0)
+            if not err <= tol:
+                return self._disable(f"its scores differ from scoring from scratch by {err:.3g}", seqs,
+                                     cand_lists, scratch)
+            wrapper._prefix_kv_ok = True
+        for scores, prefix_score in results:
+            if not all(math.isfinite(v) for v in [*scores, prefix_score]):
+                raise ValueError(
+                    f"reward model {wrapper.name!r} returned a non-finite score ({[*scores, prefix_score]}) for "
+                    "a candidate continuation. Check the reward model (e.g. dtype overflow: try dtype='float32')."
+                )
+        return results
+
+    def _disable(
+        self, why: str, seqs: list[list[int]], cand_lists: list[list[int]], scratch: list[float] | None = None
+    ) -> list[tuple[list[float], float]]:
+        import warnings
+
+        warnings.warn(
+            f"the reward model's prefix KV cache is off for {self.wrapper.name!r}: {why}. Candidates are "
+            "scored from scratch from now on (same scores, more compute).", RuntimeWarning, stacklevel=4,
+        )
+        self.wrapper._prefix_kv_ok, self._kv, self.cache_off_reason = False, None, why
+        if scratch is None:
+            scratch = self.wrapper._model_scores(seqs, None, None, None)
+        n = sum(len(c) for c in cand_lists)
+        values, prefix_values = scratch[:n], scratch[n:]
+        out, at = [], 0
+        for cs, prefix_value in zip(cand_lists, prefix_values):
+            out.append((values[at : at + len(cs)], prefix_value))
+            at += len(cs)
+        return out
+
+
+class _Plan:
+    """How one `CandidateScorer.score` call serves each (row, candidate)."""
+
+    def __init__(self) -> None:
+        self.kv: dict[int, tuple[list[int], list[tuple[int, int]]]] = {}  # i -> (RM prefix, [(j, c)])
+        self.seqs: list[tuple[int, int, list[int]]] = []  # raw RM inputs from scratch (j = -1: prefix)
+        self.pairs: list[tuple[int, int, list[int], list[int]]] = []  # score_ids pairs (-1 prefix, -2 all)
+        self.copies: dict[int, list[int]] = {}  # i -> slots that take the prefix's own score
