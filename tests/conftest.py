@@ -24,3 +24,15 @@ def test_world(world_cache: Path):
     from llm_envs.world import load_world
 
     return load_world("test", seed=0, cache_dir=world_cache, progress=False)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models run far faster on one thread (thread hand-offs cost more than they save,
+    ~50x on a shared 2-core box); modules opt in with `pytestmark`."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -15,13 +15,7 @@ from llm_envs.models import load_causal_lm, load_reward_model, load_tokenizer
 from llm_envs.rewards import RewardWrapper
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models are ~50x slower with several threads on a shared 2-core box."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
@@ -184,7 +178,7 @@ def test_agent_acts_on_a_single_env_made_with_gym(world):
                    device="cpu", k=5, max_new_tokens=10)
     agent = ARGSAgent(w=2.0).bind(env)
     obs, _ = env.reset(seed=0)
-    done, response = False, []
+    done = False
     while not done:
         action = agent.predict(obs, env.unwrapped.action_masks())
         assert np.ndim(action) == 0 and env.action_space.contains(int(action))

@@ -17,13 +17,7 @@ ARCHS = ["gpt2", "llama"]
 ATTNS = ["eager", "sdpa"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models are ~50x slower with several threads on a shared 2-core box."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def make_model(arch: str, attn: str, dtype: torch.dtype = torch.float32) -> PreTrainedModel:

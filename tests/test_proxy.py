@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 import yaml
 
 from agents.configs import EnvConfig, ProxyConfig, TrainConfig
@@ -18,12 +17,7 @@ from llm_envs.config import ConfigError, load_config
 from llm_envs.envs.token_accept import TokenAcceptCore
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: thread hand-offs cost more than they save
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _config(test_world, tmp_path: Path, **overrides) -> TrainConfig:
