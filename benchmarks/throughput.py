@@ -1,0 +1,531 @@
+"""TokenAccept-v0 throughput: the batched env vs a bare KV-cached decode loop vs a naive env.
+
+For each model -- the embedded world's SFT LM and a GPT-2-small-shaped (~124M parameter)
+random-initialised model -- and each number of envs N, three env-step rates are measured in one
+process, all in the same unit, **env-steps per second** (one env-step = one token position
+advanced for one row; a batched forward over N rows counts as N env-steps):
+
+- ``limit``: a bare loop of batched single-token forwards with a Hugging Face ``DynamicCache``
+  (``model(input_ids=[N, 1], past_key_values=cache, use_cache=True)``, plus the attention mask and
+  position ids that left-padded prompts need), feeding each row its argmax token. Prompts are
+  prefilled first and the prefill is NOT timed (its time is reported separately as
+  ``limit_prefill_s``); then ``new_tokens`` decode forwards are timed per episode.
+- ``env``: ``gym.make_vec("llm_envs/TokenAccept-v0", num_envs=N, lm=<dir>, reward=<zeros>,
+  prompts=<world train prompts>, max_new_tokens=64, device="cpu")`` stepped with random *valid*
+  actions (``venv.action_masks()``; reject with probability 1/2 where it is allowed), default
+  autoreset (NEXT_STEP). The reward is a callable returning zeros, so reward-model time does not
+  pollute the LM measurement. Timed: the whole loop (action masks, action sampling, ``venv.step``,
+  autoresets included). Counted: real transitions only (rows that were not being autoreset in that
+  step). ``env_decode_steps_per_s`` also subtracts the time spent in ``core.reset_rows`` (prefill of
+  new prompts + their first candidate forward), for a decode-vs-decode comparison with ``limit``.
+- ``naive``: the design of peer implementations: one env per row, no KV cache, every step a full
+  forward of the whole sequence (prompt + accepted tokens + candidate), rows one after another,
+  plus the same per-step env work (float64 nucleus pool, SKAM mask, observation vector). The naive
+  forward is given ``logits_to_keep=1`` (only the last position's logits), so this is a fast,
+  conservative naive baseline. Its cost grows with the sequence, so it is measured on a sample of
+  positions spread evenly over 0..63 of each row's all-accept (greedy) trajectory -- the full run
+  times every position 0..63 exactly once (rows taken round-robin: N=1 is one whole 64-token
+  episode) -- and env-steps/s = 1 / mean step time. Rows run one after another, so N does not
+  change this rate beyond noise.
+
+Timing: ``time.perf_counter`` under ``torch.inference_mode``, one torch thread by default (faster
+than two on a shared 2-core box), a warm-up before each measurement. For each (model, N) the three
+take turns for ``rounds`` rounds (default 3; per round: limit one 64-token episode, env 65 vector
+steps = one all-accept episode plus its autoreset step, naive 64 positions) and each rate is its
+best round (load from other processes only slows a round down); every round is kept in the JSON.
+
+``--quick`` (smoke run, ~1 min on 2 cores, < 2 min): one round; limit times one episode of 16
+decode tokens; env times 16 steps after 2 warm-up steps (so no autoreset falls in the window for
+the 124M model); naive times 8 positions (0, 9, ..., 63); otherwise identical. Quick numbers
+compare shorter sequences, so only the full run is the reference. Quick results go to
+``throughput_quick.{json,md}`` so that they never overwrite the full results.
+
+    python -m benchmarks.throughput                 # full run, writes benchmarks/results/throughput.{json,md}
+    python -m benchmarks.throughput --quick --out /tmp/tp
+    python -m benchmarks.throughput --json          # print the JSON report instead of the table
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+UNIT = "env-steps/s (one env-step = one token position for one row; a batched forward over N rows = N env-steps)"
+REWARD_NOTE = ("reward = a callable returning zeros, so reward-model time is excluded from every "
+               "measurement (the env's LM path is measured, not the RM)")
+
+__all__ = [
+    "EnvRunner", "Settings", "benchmark_model", "build_report", "make_random_gpt2", "markdown", "measure_env",
+    "measure_limit", "measure_naive", "main", "write_results", "zero_reward",
+]
+
+
+@dataclass
+class Settings:
+    """What one run measures; `quick()` is the smoke-test preset."""
+
+    num_envs: list[int] = field(default_factory=lambda: [1, 16, 64])
+    max_new_tokens: int = 64  # env episode budget, limit episode length, naive position range
+    rounds: int = 3  # limit, env, naive take turns this many times; each rate is the best round
+    limit_episodes: int = 1  # timed decode episodes per round (each: untimed prefill, then the forwards)
+    limit_tokens: int | None = None  # decode forwards timed per limit episode (None = max_new_tokens)
+    env_warmup: int = 4  # env steps after reset, before the first round
+    env_steps: int = 65  # timed env steps per round (= one all-accept episode + its autoreset step)
+    naive_samples: int = 64  # timed naive steps per round, positions spread evenly over 0..max_new_tokens-1
+    naive_warmup: int = 2
+    top_p: float = 0.9
+    p_t: float = 0.01
+    temperature: float = 1.0
+    threads: int = 1
+    seed: int = 0
+    quick: bool = False
+
+    @classmethod
+    def quick_preset(cls, **overrides: Any) -> Settings:
+        base = dict(rounds=1, limit_episodes=1, limit_tokens=16, env_warmup=2, env_steps=16, naive_samples=8,
+                    naive_warmup=1, quick=True)
+        base.update(overrides)
+        return cls(**base)
+
+
+def _git_commit() -> str | None:
+    """The checked-out commit, read from .git (no git process)."""
+    git = Path(__file__).resolve().parents[1] / ".git"
+    try:
+        head = (git / "HEAD").read_text().strip()
+        if head.startswith("ref: "):
+            ref = head[5:]
+            path = git / ref
+            if path.exists():
+                return path.read_text().strip()
+            packed = (git / "packed-refs").read_text().splitlines()
+            return next((line.split()[0] for line in packed if line.endswith(ref)), None)
+        return head
+    except OSError:
+        return None
+
+
+def zero_reward(prompts: Sequence[str], responses: Sequence[str]) -> list[float]:
+    """The benchmark's reward: zeros, so no reward-model time enters the measurement."""
+    return [0.0] * len(prompts)
+
+
+def make_random_gpt2(out_dir: str | os.PathLike, tokenizer: Any, *, seed: int = 0, **config: Any) -> Path:
+    """Save a seeded random-initialised GPT-2 (`GPT2Config()` defaults: 768 wide, 12 layers, vocab
+    50257, ~124M parameters, unless `config` overrides) with `tokenizer` into `out_dir`, so that
+    an env loads it through its ordinary `lm=<dir>` path. Token ids of `tokenizer` must be < vocab."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    cfg = GPT2Config(**config)
+    top = max(tokenizer.get_vocab().values())
+    if top >= cfg.vocab_size:
+        raise ValueError(f"tokenizer has id {top} but the model's vocabulary is {cfg.vocab_size}.")
+    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        value = getattr(tokenizer, name, None)
+        if value is not None:
+            setattr(cfg, name, value)
+    torch.manual_seed(seed)
+    model = GPT2LMHeadModel(cfg).eval()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def _sample_prompts(prompt_ids: Sequence[Sequence[int]], n: int, rng: np.random.Generator) -> list[list[int]]:
+    picks = rng.integers(len(prompt_ids), size=n)
+    return [list(prompt_ids[int(i)]) for i in picks]
+
+
+# ---------------------------------------------------------------------------------------- limit
+@torch.inference_mode()
+def _limit_episode(model: Any, prompts: list[list[int]], tokens: int) -> tuple[float, float, list[list[int]]]:
+    """Prefill `prompts` (left-padded), then `tokens` batched single-token KV-cached forwards
+    feeding each row its argmax token. Returns (prefill seconds, decode seconds, the tokens fed)."""
+    from transformers import DynamicCache
+
+    n, width = len(prompts), max(len(p) for p in prompts)
+    ids = torch.zeros(n, width, dtype=torch.long)
+    attn = torch.zeros(n, width, dtype=torch.long)
+    pos = torch.zeros(n, width, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):] = torch.tensor(p)
+        attn[i, width - len(p):] = 1
+        pos[i, width - len(p):] = torch.arange(len(p))
+    cache = DynamicCache(config=model.config)
+    start = time.perf_counter()
+    out = model(input_ids=ids, attention_mask=attn, position_ids=pos, past_key_values=cache, use_cache=True,
+                logits_to_keep=1)
+    token = out.logits[:, -1].argmax(-1, keepdim=True)
+    prefill = time.perf_counter() - start
+    position = attn.sum(1, keepdim=True)
+    fed = []
+    start = time.perf_counter()
+    for _ in range(tokens):
+        fed.append(token)
+        attn = torch.cat([attn, attn.new_ones(n, 1)], 1)
+        out = model(input_ids=token, attention_mask=attn, position_ids=position, past_key_values=cache,
+                    use_cache=True)
+        token = out.logits[:, -1].argmax(-1, keepdim=True)
+        position = position + 1
+    decode = time.perf_counter() - start
+    return prefill, decode, torch.cat(fed, 1).tolist()
+
+
+def measure_limit(model: Any, prompt_ids: Sequence[Sequence[int]], num_envs: int, settings: Settings,
+                  round_index: int = 0) -> dict[str, Any]:
+    """Bare batched KV-cached decoding; returns steps/s (env-steps) and each row's greedy trajectory."""
+    rng = np.random.default_rng([settings.seed, round_index])
+    tokens = settings.limit_tokens or settings.max_new_tokens
+    _limit_episode(model, _sample_prompts(prompt_ids, num_envs, rng), min(tokens, 4))  # warm-up
+    prefill_s = decode_s = 0.0
+    rows: list[list[int]] = []
+    trajectories: list[list[int]] = []
+    for _ in range(settings.limit_episodes):
+        prompts = _sample_prompts(prompt_ids, num_envs, rng)
+        p, d, fed = _limit_episode(model, prompts, tokens)
+        prefill_s, decode_s = prefill_s + p, decode_s + d
+        rows += prompts
+        trajectories += fed
+    steps = num_envs * tokens * settings.limit_episodes
+    return {
+        "limit_steps_per_s": steps / decode_s,
+        "limit_with_prefill_steps_per_s": steps / (decode_s + prefill_s),
+        "limit_prefill_s": prefill_s / settings.limit_episodes,
+        "limit_timed_forwards": tokens * settings.limit_episodes,
+        "_prompts": rows,
+        "_trajectories": trajectories,
+    }
+
+
+# ------------------------------------------------------------------------------------------ env
+def make_env(lm_dir: str | os.PathLike, prompts: Sequence[str], num_envs: int, settings: Settings) -> Any:
+    import gymnasium as gym
+
+    import llm_envs  # noqa: F401  (registers the ids)
+
+    return gym.make_vec(
+        "llm_envs/TokenAccept-v0", num_envs=num_envs, lm=str(lm_dir), reward=zero_reward, prompts=list(prompts),
+        max_new_tokens=settings.max_new_tokens, top_p=settings.top_p, p_t=settings.p_t,
+        temperature=settings.temperature, device="cpu",
+    )
+
+
+class EnvRunner:
+    """Steps a vector env with random valid actions (reject w.p. 1/2 where allowed); `segment(steps)`
+    times one stretch. Env-steps are real transitions: a row's autoreset step (NEXT_STEP) is not
+    counted as its transition, but its time is; time inside `core.reset_rows` is also reported."""
+
+    def __init__(self, venv: Any, settings: Settings) -> None:
+        self.venv = venv
+        self.core = venv.unwrapped.core if hasattr(venv.unwrapped, "core") else venv.core
+        self.n = venv.num_envs
+        self.rng = np.random.default_rng(settings.seed)
+        self.reset_seconds = 0.0
+        original = self.core.reset_rows
+
+        def timed_reset(*args: Any, **kwargs: Any) -> Any:
+            start = time.perf_counter()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                self.reset_seconds += time.perf_counter() - start
+
+        self.core.reset_rows = timed_reset  # instance attribute: only this env's core is instrumented
+        venv.reset(seed=settings.seed)
+        self.resetting = np.zeros(self.n, dtype=bool)
+        for _ in range(settings.env_warmup):
+            self._step()
+
+    def _step(self) -> tuple[int, int]:
+        masks = self.venv.action_masks()
+        actions = self.rng.integers(0, 2, size=self.n)
+        actions[~masks[:, 1]] = 0
+        _, _, terminated, truncated, _ = self.venv.step(actions)
+        real, rejects = int((~self.resetting).sum()), int((actions[~self.resetting] == 1).sum())
+        self.resetting = np.asarray(terminated | truncated)
+        return real, rejects
+
+    def segment(self, steps: int) -> dict[str, Any]:
+        forwards_before = self.core.engine.forward_calls
+        self.reset_seconds = 0.0
+        transitions = rejects = 0
+        start = time.perf_counter()
+        for _ in range(steps):
+            real, rej = self._step()
+            transitions, rejects = transitions + real, rejects + rej
+        total = time.perf_counter() - start
+        return {
+            "env_steps_per_s": transitions / total,
+            "env_decode_steps_per_s": transitions / max(total - self.reset_seconds, 1e-12),
+            "env_reset_time_fraction": self.reset_seconds / total,
+            "env_transitions": transitions,
+            "env_vector_steps": steps,
+            "env_lm_forwards_per_vector_step": (self.core.engine.forward_calls - forwards_before) / steps,
+            "env_reject_fraction": rejects / max(transitions, 1),
+        }
+
+
+def measure_env(venv: Any, settings: Settings) -> dict[str, Any]:
+    """One timed stretch of `settings.env_steps` steps after the warm-up (see `EnvRunner`)."""
+    return EnvRunner(venv, settings).segment(settings.env_steps)
+
+
+# ---------------------------------------------------------------------------------------- naive
+@torch.inference_mode()
+def _naive_step(model: Any, sequence: list[int], settings: Settings, rejections: int, budget_used: float) -> np.ndarray:
+    """One naive env step: a full no-cache forward of the whole sequence (prompt + accepted +
+    candidate), then the same per-step env work as TokenAccept (pool, SKAM mask, observation)."""
+    from llm_envs.envs.pools import nucleus_pools
+    from llm_envs.envs.token_accept import skam_allows_reject
+
+    out = model(input_ids=torch.tensor([sequence]), use_cache=False, output_hidden_states=True, logits_to_keep=1)
+    hidden = out.hidden_states[-1][0, -1].float()
+    pool = nucleus_pools(out.logits[:, -1].float(), top_p=settings.top_p, top_k=None,
+                         temperature=settings.temperature)[0]
+    allowed = skam_allows_reject(pool, rejections, settings.p_t)
+    remaining = len(pool) - rejections
+    features = torch.tensor([float(pool.probs[rejections]), float(pool.suffix_mass[rejections]) / max(remaining, 1),
+                             float(rejections), budget_used, float(allowed)], dtype=torch.float32)
+    return torch.cat([hidden, features]).numpy()
+
+
+def measure_naive(model: Any, prompts: list[list[int]], trajectories: list[list[int]], num_envs: int,
+                  settings: Settings) -> dict[str, Any]:
+    """Time `naive_samples` naive steps at positions spread evenly over 0..max_new_tokens-1, rows
+    0..num_envs-1 round-robin, each on its greedy (all-accept) trajectory; steps/s = 1 / mean time."""
+    k, horizon = settings.naive_samples, settings.max_new_tokens
+    positions = [round(i * (horizon - 1) / max(k - 1, 1)) for i in range(k)]
+    rows = min(num_envs, len(prompts))
+
+    def sequence(t: int) -> tuple[list[int], int]:
+        row, pos = t % rows, positions[t]
+        traj = trajectories[row]
+        traj = (traj * (pos // max(len(traj), 1) + 1))[: pos + 1]  # limit ran fewer tokens (quick)
+        return prompts[row] + traj, pos
+
+    for t in range(min(settings.naive_warmup, k)):
+        seq, pos = sequence(t)
+        _naive_step(model, seq, settings, 0, pos / horizon)
+    times = []
+    for t in range(k):
+        seq, pos = sequence(t)
+        start = time.perf_counter()
+        _naive_step(model, seq, settings, 0, pos / horizon)
+        times.append(time.perf_counter() - start)
+    mean = statistics.fmean(times)
+    return {"naive_steps_per_s": 1.0 / mean, "naive_positions": positions, "naive_rows": rows,
+            "naive_ms_at_first_last_position": [1e3 * times[0], 1e3 * times[-1]]}
+
+
+# ---------------------------------------------------------------------------------------- driver
+_RATES = ("limit_steps_per_s", "limit_with_prefill_steps_per_s", "env_steps_per_s", "env_decode_steps_per_s",
+          "naive_steps_per_s")
+
+
+def _best_of(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """Each rate: the best round (noise from other processes only ever slows a round down); the
+    env's counters come from its best round; every round's rates are kept under `rounds`."""
+    best_env = max(rounds, key=lambda r: r["env_steps_per_s"])
+    out = {**rounds[0], **{k: v for k, v in best_env.items() if k.startswith("env_")}}
+    for key in _RATES:
+        out[key] = max(r[key] for r in rounds)
+    out["limit_prefill_s"] = min(r["limit_prefill_s"] for r in rounds)
+    out["rounds"] = {key: [r[key] for r in rounds] for key in _RATES}
+    return out
+
+
+def benchmark_model(name: str, lm_dir: str | os.PathLike, prompts: Sequence[str], settings: Settings,
+                    log: Callable[[str], None] = print) -> list[dict[str, Any]]:
+    """All three measurements for one model and every N in `settings.num_envs`."""
+    from llm_envs.models import load_causal_lm, load_tokenizer
+
+    model = load_causal_lm(str(lm_dir), device="cpu")
+    tokenizer = load_tokenizer(str(lm_dir))
+    prompt_ids = [list(tokenizer(p)["input_ids"]) for p in prompts]
+    params = sum(p.numel() for p in model.parameters())
+    rows = []
+    for n in settings.num_envs:
+        venv = make_env(lm_dir, prompts, n, settings)
+        try:
+            runner = EnvRunner(venv, settings)
+            rounds: list[dict[str, Any]] = []
+            for r in range(settings.rounds):  # the three take turns, so load from elsewhere hits all alike
+                limit = measure_limit(model, prompt_ids, n, settings, round_index=r)
+                env = runner.segment(settings.env_steps)
+                naive = measure_naive(model, limit.pop("_prompts"), limit.pop("_trajectories"), n, settings)
+                rounds.append({**limit, **env, **naive})
+        finally:
+            venv.close()
+            del venv
+        row = {"model": name, "params": params, "num_envs": n, **_best_of(rounds)}
+        row["env_over_limit"] = row["env_steps_per_s"] / row["limit_steps_per_s"]
+        row["env_decode_over_limit"] = row["env_decode_steps_per_s"] / row["limit_steps_per_s"]
+        row["env_over_naive"] = row["env_steps_per_s"] / row["naive_steps_per_s"]
+        rows.append(row)
+        log(f"{name:<10} N={n:<3} limit {row['limit_steps_per_s']:9.1f}  env {row['env_steps_per_s']:9.1f} "
+            f"(decode {row['env_decode_steps_per_s']:9.1f})  naive {row['naive_steps_per_s']:8.1f}  "
+            f"env/limit {row['env_over_limit']:.2f}  env/naive {row['env_over_naive']:.1f}")
+    return rows
+
+
+def build_report(rows: list[dict[str, Any]], settings: Settings, command: str,
+                 models: dict[str, dict[str, Any]] | None = None, seconds: float | None = None) -> dict[str, Any]:
+    import transformers
+
+    return {
+        "benchmark": "throughput",
+        "unit": UNIT,
+        "reward": REWARD_NOTE,
+        "method": {
+            "limit": "bare loop of batched single-token forwards with a HF DynamicCache (attention mask + position "
+                     "ids for left-padded prompts), argmax token fed back; prefill untimed (limit_prefill_s "
+                     "reported; limit_with_prefill_steps_per_s amortises it over one episode)",
+            "env": "gym.make_vec('llm_envs/TokenAccept-v0', N) with random valid actions (reject w.p. 1/2 where "
+                   "SKAM allows it), NEXT_STEP autoreset; time of the whole loop incl. action_masks and "
+                   "autoresets; counts real transitions only; env_decode_steps_per_s subtracts time in "
+                   "core.reset_rows (prefill + first candidate forward); env_lm_forwards_per_vector_step counts "
+                   "batched forwards, prefills included",
+            "naive": "one env per row, no KV cache, full forward of prompt + accepted + candidate every step "
+                     "(logits_to_keep=1: a conservative, fast naive), rows one after another, same per-step env "
+                     "work; mean over positions spread evenly over 0..max_new_tokens-1 of greedy trajectories",
+            "timing": "time.perf_counter, torch.inference_mode, warm-up before every measurement; limit, env and "
+                      "naive take turns `rounds` times on the same model and env, each rate is its best round "
+                      "(all rounds under rows[i].rounds)",
+        },
+        "settings": asdict(settings),
+        "models": models or {},
+        "rows": rows,
+        "targets": {"env_over_limit_at_N64_124M": 0.9, "env_over_naive_at_N64": 30.0},
+        "provenance": {
+            "git_commit": _git_commit(),
+            "command": command,
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "processor": platform.processor() or platform.machine(),
+            "python_executable": sys.executable,
+            "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "wall_seconds": seconds,
+        },
+    }
+
+
+def markdown(report: dict[str, Any]) -> str:
+    s, prov = report["settings"], report["provenance"]
+    lines = [
+        "# TokenAccept-v0 throughput" + (" (quick)" if s["quick"] else ""),
+        "",
+        f"Unit: {report['unit']}. CPU, {prov['torch_threads']} torch thread(s), {prov['cpu_count']} CPUs; "
+        f"max_new_tokens = {s['max_new_tokens']}, top_p = {s['top_p']}, p_t = {s['p_t']}; {report['reward']}.",
+        "",
+        "| model | params | N | limit | env | env excl. resets | naive | env / limit | env excl. resets / limit "
+        "| env / naive | env LM fwd / vector step | env rejects |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in report["rows"]:
+        lines.append(
+            f"| {r['model']} | {r['params'] / 1e6:.2f}M | {r['num_envs']} | {r['limit_steps_per_s']:.1f} | "
+            f"{r['env_steps_per_s']:.1f} | {r['env_decode_steps_per_s']:.1f} | {r['naive_steps_per_s']:.1f} | "
+            f"{r['env_over_limit']:.2f} | {r['env_decode_over_limit']:.2f} | {r['env_over_naive']:.1f} | "
+            f"{r['env_lm_forwards_per_vector_step']:.2f} | {100 * r['env_reject_fraction']:.0f}% |"
+        )
+    lines += [
+        "",
+        "- **limit**: " + report["method"]["limit"] + ".",
+        "- **env**: " + report["method"]["env"] + ".",
+        "- **naive**: " + report["method"]["naive"] + ".",
+        "- env LM fwd / vector step: batched LM forwards (prefills of autoreset rows included) per `venv.step`; "
+        "env rejects: share of transitions that were rejects (random valid actions; SKAM forbids every reject "
+        "on a near-uniform random model, so its episodes are all accepts).",
+        f"- Timed per round ({s['rounds']} round(s), limit / env / naive in turn, best round reported): limit "
+        f"{s['limit_episodes']} episode(s) x {s['limit_tokens'] or s['max_new_tokens']} forwards; env "
+        f"{s['env_steps']} vector steps (after {s['env_warmup']} warm-up steps before the first round); naive "
+        f"{s['naive_samples']} steps.",
+        "",
+        f"git {prov['git_commit']}, torch {prov['torch']}, transformers {prov['transformers']}, "
+        f"{prov['processor']}, {prov['date']}, `{prov['command']}`"
+        + (f", {prov['wall_seconds']:.0f} s wall." if prov.get("wall_seconds") else "."),
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def write_results(report: dict[str, Any], out_dir: str | os.PathLike) -> tuple[Path, Path]:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = "throughput_quick" if report["settings"]["quick"] else "throughput"
+    paths = out / f"{stem}.json", out / f"{stem}.md"
+    paths[0].write_text(json.dumps(report, indent=2) + "\n")
+    paths[1].write_text(markdown(report))
+    return paths
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--json", action="store_true", help="print the JSON report (progress goes to stderr)")
+    parser.add_argument("--quick", action="store_true", help="smoke run (< 2 min): fewer steps, see the module doc")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="directory for throughput.{json,md}")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (default 1: faster than 2 on a shared 2-core box)")
+    parser.add_argument("--num-envs", type=int, nargs="+", default=None, help="override N values")
+    parser.add_argument("--models", nargs="+", default=["world", "gpt2-124m"], choices=["world", "gpt2-124m"])
+    args = parser.parse_args(argv)
+    overrides: dict[str, Any] = {"threads": args.threads}
+    if args.num_envs:
+        overrides["num_envs"] = args.num_envs
+    settings = Settings.quick_preset(**overrides) if args.quick else Settings(**overrides)
+    command = "python -m benchmarks.throughput" + (" " + shlex.join(sys.argv[1:] if argv is None else argv)
+                                                    if (sys.argv[1:] if argv is None else argv) else "")
+    log = (lambda msg: print(msg, file=sys.stderr, flush=True)) if args.json else (lambda msg: print(msg, flush=True))
+
+    from llm_envs.models import load_tokenizer
+    from llm_envs.world import load_world
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    torch.set_num_threads(settings.threads)
+    started = time.perf_counter()
+    world = load_world()
+    prompts = list(world.train_prompts)
+    rows: list[dict[str, Any]] = []
+    models: dict[str, dict[str, Any]] = {}
+    if "world" in args.models:
+        models["world"] = {"source": "load_world().lm_dir", "path": f"{Path(world.lm_dir).parent.name}/lm"}
+        rows += benchmark_model("world", world.lm_dir, prompts, settings, log)
+    if "gpt2-124m" in args.models:
+        with tempfile.TemporaryDirectory(prefix="llm_envs_gpt2_") as tmp:
+            make_random_gpt2(tmp, load_tokenizer(world.lm_dir), seed=settings.seed)
+            models["gpt2-124m"] = {"source": "GPT2Config() defaults (n_embd 768, 12 layers, 12 heads, vocab 50257), "
+                                             f"random init with torch.manual_seed({settings.seed}), saved with the "
+                                             "world tokenizer and loaded by the env through lm=<dir>"}
+            rows += benchmark_model("gpt2-124m", tmp, prompts, settings, log)
+    report = build_report(rows, settings, command, models, time.perf_counter() - started)
+    write_results(report, args.out)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(markdown(report))
+    return report
+
+
+if __name__ == "__main__":
+    main()
