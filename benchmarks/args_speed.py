@@ -27,24 +27,9 @@ from typing import Any, Callable
 
 import torch
 
+from benchmarks.provenance import git_commit
+
 RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def _git_commit() -> str | None:
-    """The checked-out commit, read from .git (no git process)."""
-    git = Path(__file__).resolve().parents[1] / ".git"
-    try:
-        head = (git / "HEAD").read_text().strip()
-        if head.startswith("ref: "):
-            ref = head[5:]
-            path = git / ref
-            if path.exists():
-                return path.read_text().strip()
-            packed = (git / "packed-refs").read_text().splitlines()
-            return next((line.split()[0] for line in packed if line.endswith(ref)), None)
-        return head
-    except OSError:
-        return None
 
 
 @torch.inference_mode()
@@ -147,7 +132,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                    "rm_parameters": rm_parameters},
         "seeds": {"world": 0},
         "results": rows,
-        "git_commit": _git_commit(),
+        "git_commit": git_commit(),
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
                      "transformers": transformers.__version__},
         "hardware": {"machine": platform.machine(), "processor": platform.processor() or platform.machine(),

@@ -63,6 +63,8 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
+from benchmarks.provenance import git_commit
+
 RESULTS = Path(__file__).resolve().parent / "results"
 UNIT = "env-steps/s (one env-step = one token position for one row; a batched forward over N rows = N env-steps)"
 REWARD_NOTE = ("reward = a callable returning zeros, so reward-model time is excluded from every "
@@ -100,23 +102,6 @@ class Settings:
                     naive_warmup=1, quick=True)
         base.update(overrides)
         return cls(**base)
-
-
-def _git_commit() -> str | None:
-    """The checked-out commit, read from .git (no git process)."""
-    git = Path(__file__).resolve().parents[1] / ".git"
-    try:
-        head = (git / "HEAD").read_text().strip()
-        if head.startswith("ref: "):
-            ref = head[5:]
-            path = git / ref
-            if path.exists():
-                return path.read_text().strip()
-            packed = (git / "packed-refs").read_text().splitlines()
-            return next((line.split()[0] for line in packed if line.endswith(ref)), None)
-        return head
-    except OSError:
-        return None
 
 
 def zero_reward(prompts: Sequence[str], responses: Sequence[str]) -> list[float]:
@@ -413,7 +398,7 @@ def build_report(rows: list[dict[str, Any]], settings: Settings, command: str,
         "rows": rows,
         "targets": {"env_over_limit_at_N64_124M": 0.9, "env_over_naive_at_N64": 30.0},
         "provenance": {
-            "git_commit": _git_commit(),
+            "git_commit": git_commit(),
             "command": command,
             "python": platform.python_version(),
             "torch": torch.__version__,

@@ -17,6 +17,7 @@ import torch
 from llm_envs.engine import DecodeEngine
 from llm_envs.envs.context import LMContext, build_context
 from llm_envs.envs.pools import Pool, nucleus_pools, validate_sampling
+from llm_envs.envs.single import SingleRowEnv
 
 ObsMode = Literal["candidate", "prefix"]
 ACCEPT, REJECT = 0, 1
@@ -349,7 +350,7 @@ class TokenAcceptCore:
         }
 
 
-class TokenAcceptEnv(gym.Env):
+class TokenAcceptEnv(SingleRowEnv):
     """
     ## Description
     The Proxy-RLHF MDP (Zhu, Sun et al., 2024): a frozen causal LM proposes tokens, a small
@@ -424,27 +425,7 @@ class TokenAcceptEnv(gym.Env):
     - v0: initial version.
     """
 
-    metadata = {"render_modes": ["ansi"]}
-
-    def __init__(self, render_mode: str | None = None, **kwargs: Any) -> None:
-        if render_mode not in (None, "ansi"):
-            raise ValueError(f"render_mode={render_mode!r}; expected None or 'ansi'.")
-        self.render_mode = render_mode
-        self.core = TokenAcceptCore(1, **kwargs)
-        self.observation_space = self.core.observation_space
-        self.action_space = self.core.action_space
-
-    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
-        super().reset(seed=seed)
-        obs, infos = self.core.reset_rows([0], [self.np_random], [options])
-        return obs[0], infos[0]
-
-    def step(self, action: Any):
-        obs, rewards, terminated, truncated, infos = self.core.step(np.array([action], dtype=object))
-        return obs[0], float(rewards[0]), bool(terminated[0]), bool(truncated[0]), infos[0]
-
-    def action_masks(self) -> np.ndarray:
-        return self.core.action_masks()[0]
+    core_class = TokenAcceptCore
 
     def render(self) -> str | None:
         if self.render_mode != "ansi":
