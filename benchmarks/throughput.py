@@ -78,7 +78,7 @@ __all__ = [
 
 @dataclass
 class Settings:
-    """What one run measures; `quick()` is the smoke-test preset."""
+    """What one run measures; `quick_preset()` is the smoke-test preset."""
 
     num_envs: list[int] = field(default_factory=lambda: [1, 16, 64])
     max_new_tokens: int = 64  # env episode budget, limit episode length, naive position range
