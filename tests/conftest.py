@@ -36,3 +36,16 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(params=["HF_HUB_OFFLINE=1", "no network"])
+def hub_unreachable(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The hub cannot be reached: either declared offline, or (this machine) no network at all."""
+    from llm_envs import models
+
+    if request.param == "HF_HUB_OFFLINE=1":
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    else:
+        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+        if models._hub_endpoint_reachable(timeout_s=2.0):
+            pytest.skip("the hub is reachable from this machine; the offline failure cannot be exercised")

@@ -12,7 +12,6 @@ from datasets import Dataset, DatasetDict
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from llm_envs import models as llm_models
 from llm_envs.data import PromptSet, hh_prompt, load_prompts
 
 HH_ROWS = [
@@ -202,14 +201,8 @@ def test_missing_paths_and_bad_sources(tmp_path: Path) -> None:
         load_prompts(tmp_path / "p.xml")
 
 
-@pytest.mark.parametrize("offline", [True, False])
-def test_unknown_hub_dataset_fails_fast(monkeypatch: pytest.MonkeyPatch, offline: bool) -> None:
-    if offline:
-        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    else:
-        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-        if llm_models._hub_endpoint_reachable(timeout_s=2.0):
-            pytest.skip("the hub is reachable from this machine; the offline failure cannot be exercised")
+@pytest.mark.usefixtures("hub_unreachable")
+def test_unknown_hub_dataset_fails_fast() -> None:
     start = time.perf_counter()
     with pytest.raises(ConnectionError, match="neither a local path nor reachable") as err:
         load_prompts("llm-envs-test/no-such-dataset", split="test")

@@ -153,6 +153,17 @@ def _cosine_lr(step: int, total: int, base: float, warmup: int = 30) -> float:
     return base * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
+def _optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loss: torch.Tensor, lr: float) -> float:
+    """One AdamW step at learning rate `lr`, gradients clipped to norm 1; returns the loss."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    return loss.item()
+
+
 def train_sft_lm(
     dialogues: Sequence[tuple[str, str]],
     tokenizer: PreTrainedTokenizerFast,
@@ -183,14 +194,8 @@ def train_sft_lm(
         labels[mask == 0] = -100
         for r, i in enumerate(idx):
             labels[r, : len(encoded[i][0])] = -100
-        for group in optimizer.param_groups:
-            group["lr"] = _cosine_lr(step, spec.sft_steps, spec.lr)
         loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        loss_value = loss.item()
+        loss_value = _optimizer_step(model, optimizer, loss, _cosine_lr(step, spec.sft_steps, spec.lr))
         progress("sft", step + 1, spec.sft_steps)
     model.eval()
     return model, loss_value
@@ -226,13 +231,7 @@ def train_reward_model(
         ids, mask = _right_pad(rows, tokenizer.pad_token_id)
         scores = model(input_ids=ids, attention_mask=mask).logits.squeeze(-1)
         loss = -F.logsigmoid(scores[:half] - scores[half:]).mean()
-        for group in optimizer.param_groups:
-            group["lr"] = _cosine_lr(step, spec.rm_steps, spec.rm_lr)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        loss_value = loss.item()
+        loss_value = _optimizer_step(model, optimizer, loss, _cosine_lr(step, spec.rm_steps, spec.rm_lr))
         progress("rm", step + 1, spec.rm_steps)
     model.eval()
     return model, loss_value
