@@ -129,6 +129,15 @@ def build_context(
     return context
 
 
+def context_for_env(context: LMContext | None, **kwargs: Any) -> LMContext:
+    """An env's context: the one passed in (shared between envs), or one built from the env's
+    kwargs (see `build_context`); either way it must hold at least one prompt."""
+    ctx = context or build_context(**kwargs)
+    if len(ctx.prompts) == 0:
+        raise ValueError("the prompt source holds no prompts; pass a non-empty list or dataset.")
+    return ctx
+
+
 def _resolve_tokenizer(
     tokenizer: str | PreTrainedTokenizerBase | None, lm: Any, model: PreTrainedModel
 ) -> PreTrainedTokenizerBase:

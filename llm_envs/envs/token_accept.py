@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from llm_envs.engine import DecodeEngine
-from llm_envs.envs.context import LMContext, build_context
+from llm_envs.envs.context import LMContext, context_for_env
 from llm_envs.envs.pools import Pool, nucleus_pools, validate_sampling
 from llm_envs.envs.single import SingleRowEnv
 
@@ -108,11 +108,8 @@ class TokenAcceptCore:
         for name, value in (("rejection_cost", rejection_cost), ("deviation_beta", deviation_beta)):
             if not np.isfinite(value) or value < 0:
                 raise ValueError(f"{name}={value!r}; expected a finite number >= 0.")
-        self.ctx = context or build_context(lm=lm, tokenizer=tokenizer, reward=reward, prompts=prompts,
-                                            gold=gold, device=device, dtype=dtype,
-                                            max_prompt_tokens=max_prompt_tokens)
-        if len(self.ctx.prompts) == 0:
-            raise ValueError("the prompt source holds no prompts; pass a non-empty list or dataset.")
+        self.ctx = context_for_env(context, lm=lm, tokenizer=tokenizer, reward=reward, prompts=prompts,
+                                   gold=gold, device=device, dtype=dtype, max_prompt_tokens=max_prompt_tokens)
         self.num_rows = num_rows
         self.top_p, self.top_k, self.temperature, self.p_t = top_p, top_k, temperature, p_t
         self.max_rejections = max_rejections

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from llm_envs.engine import DecodeEngine
-from llm_envs.envs.context import LMContext, build_context
+from llm_envs.envs.context import LMContext, context_for_env
 from llm_envs.envs.pools import nucleus_pools, validate_sampling
 from llm_envs.envs.single import SingleRowEnv
 from llm_envs.rewards import Scoring
@@ -87,11 +87,8 @@ class TokenChoiceCore:
             raise ValueError(f"invalid_action={invalid_action!r}; expected 'top' (take slot 0) or 'raise'.")
         if not np.isfinite(deviation_beta) or deviation_beta < 0:
             raise ValueError(f"deviation_beta={deviation_beta!r}; expected a finite number >= 0.")
-        self.ctx = context or build_context(lm=lm, tokenizer=tokenizer, reward=reward, prompts=prompts,
-                                            gold=gold, device=device, dtype=dtype,
-                                            max_prompt_tokens=max_prompt_tokens)
-        if len(self.ctx.prompts) == 0:
-            raise ValueError("the prompt source holds no prompts; pass a non-empty list or dataset.")
+        self.ctx = context_for_env(context, lm=lm, tokenizer=tokenizer, reward=reward, prompts=prompts,
+                                   gold=gold, device=device, dtype=dtype, max_prompt_tokens=max_prompt_tokens)
         self.num_rows, self.k = num_rows, int(k)
         self.top_p, self.temperature = top_p, temperature
         self.max_new_tokens = max_new_tokens
