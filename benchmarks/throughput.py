@@ -20,7 +20,7 @@ advanced for one row; a batched forward over N rows counts as N env-steps):
   new prompts + their first candidate forward), for a decode-vs-decode comparison with ``limit``.
 - ``naive``: the design of peer implementations: one env per row, no KV cache, every step a full
   forward of the whole sequence (prompt + accepted tokens + candidate), rows one after another,
-  plus the same per-step env work (float64 nucleus pool, SKAM mask, observation vector). The naive
+  plus the same per-step env work (float64 nucleus pool via the same `nucleus_pools`, SKAM mask, observation vector). The naive
   forward is given ``logits_to_keep=1`` (only the last position's logits), so this is a fast,
   conservative naive baseline. Its cost grows with the sequence, so it is measured on a sample of
   positions spread evenly over 0..63 of each row's all-accept (greedy) trajectory -- the full run
@@ -282,7 +282,7 @@ def _naive_step(model: Any, sequence: list[int], settings: Settings, rejections:
     out = model(input_ids=torch.tensor([sequence]), use_cache=False, output_hidden_states=True, logits_to_keep=1)
     hidden = out.hidden_states[-1][0, -1].float()
     pool = nucleus_pools(out.logits[:, -1].float(), top_p=settings.top_p, top_k=None,
-                         temperature=settings.temperature)[0]
+                         temperature=settings.temperature, head_min_prob=settings.p_t).rows()[0]
     allowed = skam_allows_reject(pool, rejections, settings.p_t)
     remaining = len(pool) - rejections
     features = torch.tensor([float(pool.probs[rejections]), float(pool.suffix_mass[rejections]) / max(remaining, 1),

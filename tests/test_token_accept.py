@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 
 import gymnasium as gym
 import numpy as np
@@ -11,7 +10,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import llm_envs
-from llm_envs.envs.pools import Pool, nucleus_pools
+from llm_envs.envs.pools import Pool, nucleus_pools, reference_pool
 from llm_envs.envs.token_accept import ACCEPT, NUM_FEATURES, REJECT, skam_allows_reject
 from llm_envs.models import load_causal_lm, load_tokenizer
 
@@ -129,9 +128,7 @@ def test_observation_and_probs_equal_a_fresh_forward_without_cache(world_kwargs,
 
 
 def _pool(probs: list[float]) -> Pool:
-    p = torch.tensor(probs, dtype=torch.float64)
-    suffix = torch.cat([p.flip(0).cumsum(0).flip(0), p.new_zeros(1)])
-    return Pool(torch.arange(len(probs)), p, suffix, math.log(probs[0]))
+    return Pool.from_sorted(list(range(len(probs))), probs)
 
 
 @pytest.mark.parametrize(
@@ -161,17 +158,28 @@ def test_rejection_cap_masks_reject():
 
 def test_nucleus_pool_is_the_smallest_prefix_reaching_top_p():
     logits = torch.log(torch.tensor([[0.05, 0.5, 0.3, 0.15]]))
-    (pool,) = nucleus_pools(logits, top_p=0.8, top_k=None, temperature=1.0)
+    (pool,) = nucleus_pools(logits, top_p=0.8, top_k=None, temperature=1.0).rows()
     assert pool.ids.tolist() == [1, 2]  # 0.5 + 0.3 reaches 0.8
-    (pool,) = nucleus_pools(logits, top_p=0.81, top_k=None, temperature=1.0)
+    (pool,) = nucleus_pools(logits, top_p=0.81, top_k=None, temperature=1.0).rows()
     assert pool.ids.tolist() == [1, 2, 3]
-    (pool,) = nucleus_pools(logits, top_p=0.81, top_k=2, temperature=1.0)
+    (pool,) = nucleus_pools(logits, top_p=0.81, top_k=2, temperature=1.0).rows()
     assert pool.ids.tolist() == [1, 2]
 
 
-def test_env_mask_matches_formula_and_rejected_tokens_never_return(world_kwargs):
+def _remaining_pool_probs(model, core, row: int = 0) -> list[float]:
+    """p of the tokens left in the row's pool, from a cache-free forward and a full sort."""
+    state = core.rows[0]
+    prefix = state.prompt_ids + state.response
+    with torch.inference_mode():
+        logits = model(input_ids=torch.tensor([prefix])).logits[0, -1]
+    pool = reference_pool(logits, top_p=core.top_p, top_k=core.top_k, temperature=core.temperature)
+    return pool.probs[state.rejections:].tolist()
+
+
+def test_env_mask_matches_formula_and_rejected_tokens_never_return(world_kwargs, test_world):
     env = gym.make(ENV_ID, p_t=0.001, **world_kwargs)
     core = env.unwrapped.core
+    model = load_causal_lm(test_world.lm_dir, device="cpu")
     rng = np.random.default_rng(2)
     for _ in range(4):
         env.reset(seed=int(rng.integers(1000)))
@@ -179,7 +187,7 @@ def test_env_mask_matches_formula_and_rejected_tokens_never_return(world_kwargs)
         position = 0
         for _ in range(150):
             state = core.rows[0]
-            left = state.pool.probs[state.rejections:].tolist()
+            left = _remaining_pool_probs(model, core)
             formula = len(left) > 1 and sum(left) > 0.001 * len(left)
             assert env.unwrapped.action_masks().tolist() == [True, formula]
             assert state.candidate not in seen_here

@@ -1,31 +1,93 @@
-"""Candidate pools: the top-p nucleus of `softmax(logits / temperature)`, sorted by probability.
+"""Candidate pools: the top-p nucleus of `softmax(logits / temperature)`, without sorting it.
 
 Shared by the envs so that TokenAccept and TokenChoice see the same candidates.
+
+Why no full sort: a near-flat distribution (a random model, a high temperature) has a nucleus of
+tens of thousands of tokens, and sorting 50k probabilities per row per step cost as much as the
+LM forward. The envs never need the whole sorted nucleus, only
+
+- its size |T| and mass (for the SKAM mask and the observation features), and
+- its first few tokens in order (the candidates a row can actually reach).
+
+So a pool is a sorted *head* (a `topk`) plus the nucleus size and mass. When the head does not
+reach `top_p`, size and mass come from a histogram of the logits: whole bins above the boundary
+are counted and summed, and only the boundary bin is sorted (`_nucleus_by_histogram`).
+
+Order: descending probability, ties broken by lower token id first (deterministic; it is also
+what a stable full sort gives, the reference in the tests).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
+
+HISTOGRAM_BINS = 4096  # bins over each row's logit range; only the boundary bin gets sorted
+MAX_SPREAD = 64.0  # logit range (in units of temperature) the bins cover below each row's top
+DEFAULT_HEAD = 32  # head width tried first: peaked rows usually reach top_p inside it
 
 
 @dataclass(frozen=True)
 class Pool:
-    """One position's candidate pool, in descending probability.
+    """One position's candidate pool: its sorted head, size and mass (numpy, on the CPU).
 
     `probs` are full-vocabulary probabilities (not renormalised over the pool), as the SKAM
-    mask and the deviation cost use them. `suffix_mass[r]` = sum of `probs[r:]`, so the mass
-    of the pool left after `r` rejections is one lookup.
+    mask and the deviation cost use them. `ids[:len(probs)]` is the head: the pool's first
+    tokens in descending probability; it may be shorter than the pool (`size`), but it holds
+    every candidate the env can reach. `suffix_mass[r]` = mass of the pool without its first
+    `r` tokens, for `r <= len(probs)` (`suffix_mass[size] = 0` when the head is the whole pool).
     """
 
-    ids: torch.Tensor  # [K] long
-    probs: torch.Tensor  # [K] float64
-    suffix_mass: torch.Tensor  # [K + 1] float64, suffix_mass[K] = 0
+    ids: np.ndarray  # [W] int64, W <= size
+    probs: np.ndarray  # [W] float64
+    suffix_mass: np.ndarray  # [W + 1] float64
     top_logprob: float  # log p of the most probable token (for the deviation cost)
+    size: int  # |T|, the number of tokens in the pool
 
     def __len__(self) -> int:
+        return self.size
+
+    @property
+    def head_width(self) -> int:
         return int(self.ids.shape[0])
+
+    @classmethod
+    def from_sorted(cls, ids: list[int], probs: list[float]) -> Pool:
+        """A fully materialised pool from sorted ids/probs (hand-built pools, tests)."""
+        p = np.asarray(probs, dtype=np.float64)
+        suffix = np.concatenate([np.cumsum(p[::-1])[::-1], [0.0]])
+        return cls(np.asarray(ids, dtype=np.int64), p, suffix, float(np.log(p[0])), len(p))
+
+
+@dataclass(frozen=True)
+class NucleusPools:
+    """The pools of a batch of B rows; `row(i)` gives row i as a `Pool`.
+
+    Tensors are on the logits' device. Row i's head is `ids[i, :min(size[i], K)]`; entries past
+    a row's head are id -1 and probability 0.
+    """
+
+    ids: torch.Tensor  # [B, K] long
+    probs: torch.Tensor  # [B, K] float64
+    size: torch.Tensor  # [B] long, |T| of each row
+    suffix_mass: torch.Tensor  # [B, K + 1] float64, pool mass left after r rejections
+
+    def __len__(self) -> int:
+        return int(self.size.shape[0])
+
+    def rows(self) -> list[Pool]:
+        """Every row as a `Pool` (one device-to-host copy for the batch)."""
+        ids, probs, suffix = self.ids.cpu().numpy(), self.probs.cpu().numpy(), self.suffix_mass.cpu().numpy()
+        sizes = self.size.tolist()
+        top = np.log(probs[:, 0]).tolist()  # numpy's log, as the env's deviation cost uses it
+        width = ids.shape[1]
+        out = []
+        for i, size in enumerate(sizes):
+            w = min(size, width)
+            out.append(Pool(ids[i, :w], probs[i, :w], suffix[i, : w + 1], top[i], size))
+        return out
 
 
 def validate_sampling(top_p: float, top_k: int | None, temperature: float) -> None:
@@ -38,27 +100,130 @@ def validate_sampling(top_p: float, top_k: int | None, temperature: float) -> No
 
 
 def nucleus_pools(
-    logits: torch.Tensor, *, top_p: float, top_k: int | None, temperature: float
-) -> list[Pool]:
+    logits: torch.Tensor,
+    *,
+    top_p: float,
+    top_k: int | None,
+    temperature: float,
+    head: int = DEFAULT_HEAD,
+    head_min_prob: float | None = None,
+) -> NucleusPools:
     """Pools for a batch of next-token logits [B, V].
 
     The nucleus is the smallest prefix of the sorted distribution whose mass reaches `top_p`
-    (at least one token), then capped at `top_k` tokens.
+    (at least one token), then capped at `top_k` tokens. The head holds at least the first
+    `head` tokens of each pool and, with `head_min_prob`, every pool token with
+    `p >= head_min_prob` plus one more (TokenAccept passes its SKAM `p_t`: a candidate past that
+    can never be reached, because a reject needs the mean p left to exceed p_t). With `top_k`
+    the head is the whole pool.
     """
+    vocab = logits.shape[-1]
+    scaled = logits.to(torch.float64)
+    if temperature != 1.0:  # x / 1.0 == x: skipping the division changes no bit
+        scaled = scaled / temperature
     # float64 so that sums over large vocabularies do not wobble the nucleus edge.
-    probs = torch.softmax(logits.to(torch.float64) / temperature, dim=-1)
-    limit = logits.shape[-1] if top_k is None else min(top_k, logits.shape[-1])
+    probs = torch.softmax(scaled, dim=-1)
+    limit = vocab if top_k is None else min(top_k, vocab)
+    width = limit if top_k is not None else min(max(head, 1), vocab)
+    head_p, head_ids = _sorted_head(probs, width)
+    if head_min_prob is not None and width < limit:
+        # Widen until the head's last token is below head_min_prob (rare: needs many likely tokens).
+        # The margin keeps float rounding of the SKAM sum from reaching one token past the head.
+        while width < limit and bool((head_p[:, -1] >= head_min_prob * (1 - 1e-9)).any()):
+            width = min(limit, 4 * width)
+            head_p, head_ids = _sorted_head(probs, width)
+    mass_before = head_p.cumsum(-1) - head_p
+    inside = (mass_before < top_p).sum(-1)
     if top_p >= 1.0:
-        sorted_p, sorted_ids = torch.topk(probs, limit, dim=-1)
-        sizes = [limit] * logits.shape[0]
+        size = torch.full_like(inside, limit)
     else:
-        sorted_p, sorted_ids = torch.sort(probs, dim=-1, descending=True)
-        mass_before = sorted_p.cumsum(-1) - sorted_p
-        sizes = ((mass_before < top_p).sum(-1).clamp(1, limit)).tolist()
-    top_logprob = torch.log(sorted_p[:, 0]).tolist()
-    pools = []
-    for row, size in enumerate(sizes):
-        p = sorted_p[row, :size].cpu()
-        suffix = torch.cat([p.flip(0).cumsum(0).flip(0), p.new_zeros(1)])
-        pools.append(Pool(sorted_ids[row, :size].cpu(), p, suffix, top_logprob[row]))
-    return pools
+        size = inside.clamp(1, limit)
+    mass = head_p.sum(-1)  # the pool's mass where the head holds the whole pool
+    # Rows whose nucleus runs past the head (only without top_k, which puts the pool in the head).
+    longer = (size >= width) & (width < limit)
+    if top_p >= 1.0:
+        mass = torch.where(longer, probs.sum(-1), mass)
+    elif bool(longer.any()):
+        rows = longer.nonzero().squeeze(1)
+        every = rows.numel() == probs.shape[0]  # skip the copy when every row needs it (a flat LM)
+        row_size, row_mass = _nucleus_by_histogram(logits if every else logits[rows], probs if every else probs[rows],
+                                                   top_p, temperature)
+        size, mass = size.index_put((rows,), row_size), mass.index_put((rows,), row_mass)
+    keep = torch.arange(width, device=probs.device)[None, :] < size[:, None]
+    head_p, head_ids = head_p * keep, head_ids.masked_fill(~keep, -1)
+    tail = torch.where(size > width, (mass - head_p.sum(-1)).clamp_min(0.0), torch.zeros_like(mass))
+    suffix = torch.cat([head_p.flip(-1).cumsum(-1).flip(-1), head_p.new_zeros(head_p.shape[0], 1)], -1)
+    suffix = suffix + tail[:, None]
+    return NucleusPools(head_ids, head_p, size, suffix)
+
+
+def _sorted_head(probs: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The `width` most probable tokens of each row, by descending p, ties by lower id.
+
+    `topk` orders ties arbitrarily, so the head is re-sorted by (p desc, id asc); a tie that
+    straddles the head's edge (its last value also sits outside it) is settled per row.
+    """
+    vocab = probs.shape[-1]
+    p, ids = torch.topk(probs, min(width + 1, vocab), dim=-1)
+    by_id = ids.argsort(-1)
+    p, ids = p.gather(1, by_id), ids.gather(1, by_id)
+    order = torch.sort(p, dim=-1, descending=True, stable=True).indices
+    p, ids = p.gather(1, order), ids.gather(1, order)
+    if width < vocab:
+        for row in (p[:, width] == p[:, width - 1]).nonzero().squeeze(1).tolist():
+            ids[row] = _settle_edge_tie(probs[row], p[row], ids[row], width)
+    return p[:, :width], ids[:, :width]
+
+
+def _settle_edge_tie(probs: torch.Tensor, head_p: torch.Tensor, head_ids: torch.Tensor, width: int) -> torch.Tensor:
+    """Ids of a head whose last value ties with tokens outside it: the lowest ids of the tie win."""
+    edge = head_p[width - 1]
+    above = int((head_p[:width] > edge).sum())
+    tied = (probs == edge).nonzero().squeeze(1)  # ascending ids
+    out = head_ids.clone()
+    out[above:width] = tied[: width - above]
+    return out
+
+
+def _nucleus_by_histogram(
+    logits: torch.Tensor, probs: torch.Tensor, top_p: float, temperature: float, bins: int = HISTOGRAM_BINS
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Nucleus size and mass of each row [B, V] without sorting the row.
+
+    Bins split each row's logit range evenly, bin 0 holding the largest logits. A bin's tokens
+    are all more probable than the next bin's (the map logit -> bin is monotone), so the nucleus
+    is every bin before the boundary bin (the first whose cumulative mass reaches top_p) plus
+    a sorted prefix of the boundary bin, which is the only part sorted. Logits more than
+    MAX_SPREAD * temperature below the row's top (p < e^-64 of the top's; -inf included) share
+    the last bin, so a few masked tokens do not blur the bins of the others.
+    """
+    n, vocab = probs.shape
+    top = logits.max(-1, keepdim=True).values
+    spread = (top - logits.min(-1, keepdim=True).values).clamp(torch.finfo(logits.dtype).tiny, MAX_SPREAD * temperature)
+    index = ((top - logits) * ((bins - 1) / spread)).clamp_(0, bins - 1).long()
+    flat = (index + bins * torch.arange(n, device=probs.device)[:, None]).reshape(-1)
+    bin_mass = torch.bincount(flat, weights=probs.reshape(-1), minlength=n * bins).view(n, bins)
+    bin_count = torch.bincount(flat, minlength=n * bins).view(n, bins)
+    mass_through = bin_mass.cumsum(-1)
+    edge = (mass_through < top_p).sum(-1).clamp(max=bins - 1)  # the boundary bin per row
+    mass_above = (mass_through.gather(1, edge[:, None]) - bin_mass.gather(1, edge[:, None])).squeeze(1)
+    count_above = (bin_count.cumsum(-1).gather(1, edge[:, None]) - bin_count.gather(1, edge[:, None])).squeeze(1)
+    in_edge = bin_count.gather(1, edge[:, None]).squeeze(1)
+    edge_p = torch.topk(torch.where(index == edge[:, None], probs, -1.0), int(in_edge.max()), dim=-1).values
+    valid = torch.arange(edge_p.shape[1], device=probs.device)[None, :] < in_edge[:, None]
+    edge_p = edge_p * valid
+    before = mass_above[:, None] + edge_p.cumsum(-1) - edge_p
+    taken = (before < top_p) & valid
+    size = (count_above + taken.sum(-1)).clamp_min(1)
+    mass = mass_above + (edge_p * taken).sum(-1)
+    return size, mass
+
+
+def reference_pool(logits: torch.Tensor, *, top_p: float, top_k: int | None, temperature: float) -> Pool:
+    """The brute-force pool of one row [V]: a full stable sort (the definition; for tests)."""
+    probs = torch.softmax(logits.to(torch.float64) / temperature, dim=-1)
+    sorted_p, sorted_ids = torch.sort(probs, descending=True, stable=True)
+    mass_before = sorted_p.cumsum(-1) - sorted_p
+    limit = probs.shape[-1] if top_k is None else min(top_k, probs.shape[-1])
+    size = limit if top_p >= 1.0 else int((mass_before < top_p).sum().clamp(1, limit))
+    return Pool.from_sorted(sorted_ids[:size].tolist(), sorted_p[:size].tolist())

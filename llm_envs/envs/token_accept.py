@@ -37,7 +37,14 @@ def skam_allows_reject(pool: Pool, rejections: int, p_t: float, max_rejections: 
         return False
     if max_rejections is not None and rejections >= max_rejections:
         return False
-    return float(pool.suffix_mass[rejections]) > p_t * remaining
+    allowed = float(pool.suffix_mass[rejections]) > p_t * remaining
+    if allowed and rejections + 1 >= pool.head_width:
+        # `nucleus_pools(head_min_prob=p_t)` keeps every reachable candidate in the head.
+        raise RuntimeError(
+            f"SKAM allows a reject at rank {rejections}, past the pool's head of {pool.head_width} tokens; "
+            "build pools with nucleus_pools(..., head_min_prob=p_t) so the head covers every reachable rank."
+        )
+    return allowed
 
 
 @dataclass
@@ -229,7 +236,7 @@ class TokenAcceptCore:
             reward -= self.rejection_cost_per_reject
         else:
             token = state.candidate
-            nats = state.pool.top_logprob - float(torch.log(state.pool.probs[state.rejections]))
+            nats = state.pool.top_logprob - float(np.log(state.pool.probs[state.rejections]))
             cost = self.deviation_beta * nats
             state.deviation_nats += nats
             state.deviation_cost += cost
@@ -274,7 +281,9 @@ class TokenAcceptCore:
             self.rows[r].hidden, self.rows[r].next_logits = out.hidden[r], out.logits[r]
 
     def _pools(self, logits: torch.Tensor) -> list[Pool]:
-        return nucleus_pools(logits, top_p=self.top_p, top_k=self.top_k, temperature=self.temperature)
+        # head_min_prob=p_t: the head then holds every candidate SKAM can let a row reach.
+        return nucleus_pools(logits, top_p=self.top_p, top_k=self.top_k, temperature=self.temperature,
+                             head_min_prob=self.p_t).rows()
 
     # ------------------------------------------------------------------ episode end
     def _finish(self, rows: list[int]) -> dict[int, dict[str, Any]]:

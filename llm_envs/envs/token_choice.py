@@ -132,12 +132,12 @@ class TokenChoiceCore:
         """Candidates of each row's next position: torch.topk of the raw logits (as ARGS does)."""
         top_logits, top_ids = torch.topk(logits, min(self.k, logits.shape[-1]), dim=-1)
         logprobs = torch.log_softmax(logits.double() / self.temperature, dim=-1).gather(1, top_ids)
-        pools = nucleus_pools(logits, top_p=self.top_p, top_k=self.k, temperature=self.temperature)
+        sizes = nucleus_pools(logits, top_p=self.top_p, top_k=self.k, temperature=self.temperature).size.tolist()
         for i, row in enumerate(rows):
             state = self.rows[row]
             state.cand_ids, state.cand_logits = top_ids[i].cpu(), top_logits[i].cpu()
             state.cand_logprobs, state.hidden = logprobs[i].cpu(), hidden[i]
-            state.valid, state.rewards = len(pools[i]), {}
+            state.valid, state.rewards = int(sizes[i]), {}
 
     def _score_new_positions(self, rows: list[int]) -> None:
         """Candidate rewards (obs_rewards) and R(x, y) (dense_reward) in one reward call."""
