@@ -4,6 +4,10 @@
     llm-envs world info  [--size ...] [--seed ...] [--cache-dir DIR]
     llm-envs demo        [--num-prompts 8] [--json]   # build the world, score greedy answers
     llm-envs rrhf        [--config FILE] [--stages sample,score,train,eval] [key=value ...] [--json]
+    llm-envs train       [--config FILE] [key=value ...]
+    llm-envs eval        [--config FILE] [--agent greedy|random|proxy:PATH] [key=value ...]
+    llm-envs bench       [--config configs/tiny.yaml] [--quick] [--methods a,b] [--sweep p_t|temperature]
+                         [--from-records] [key=value ...]   # the leaderboard (the main job)
 """
 
 from __future__ import annotations
@@ -105,6 +109,27 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    """The benchmark suite: every method on the held-out prompts, one reward wrapper, one leaderboard."""
+    from benchmarks.bench.config import load_suite_config
+
+    cfg = load_suite_config(args.config, args.overrides, quick=args.quick)
+    if args.sweep:
+        from benchmarks.bench.sweep import run_sweep
+
+        run_sweep(cfg, {"pt": "p_t"}.get(args.sweep, args.sweep))
+        return 0
+    from benchmarks.bench.suite import finish_suite, run_suite, suite_context
+
+    if args.from_records:
+        finish_suite(cfg, suite_context(cfg))
+        return 0
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
+    summary = run_suite(cfg, methods=methods)
+    print(f"bench: done in {summary['seconds']:.0f} s")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llm-envs", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -129,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=cmd_demo)
 
     rrhf = commands.add_parser("rrhf", help="RRHF baseline: sample, score, train, evaluate (resumable)")
-    rrhf.add_argument("--config", default=None, help="YAML config (e.g. configs/rrhf_tiny.yaml); fields of RRHFConfig")
+    rrhf.add_argument("--config", default=None, help="YAML config (e.g. configs/tiny.yaml, its rrhf: section); fields of RRHFConfig")
     rrhf.add_argument("--stages", default="sample,score,train,eval",
                       help="comma-separated stages to run; complete ones are skipped")
     rrhf.add_argument("overrides", nargs="*", help="config overrides key=value (e.g. epochs=1 output_dir=runs/x)")
@@ -148,6 +173,19 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--json", action="store_true", help="print the summary as one JSON object")
     evaluate.add_argument("overrides", nargs="*", help="key=value overrides of the config")
     evaluate.set_defaults(func=cmd_eval)
+
+    bench = commands.add_parser("bench", help="run every method on the held-out prompts and write the leaderboard")
+    bench.add_argument("--config", default="configs/tiny.yaml", help="suite YAML (bench:, train:, rrhf: sections)")
+    bench.add_argument("--quick", action="store_true",
+                       help="apply the config's quick: overrides (a small, fast suite written to <suite>-quick/)")
+    bench.add_argument("--methods", default=None,
+                       help="comma-separated method names to (re)run; the others keep their records")
+    bench.add_argument("--sweep", default=None, choices=["p_t", "pt", "temperature"],
+                       help="train and evaluate one proxy per value of p_t or temperature (the paper's study)")
+    bench.add_argument("--from-records", action="store_true",
+                       help="rebuild the leaderboard, plots and wandb log from the records without running anything")
+    bench.add_argument("overrides", nargs="*", help="key=value overrides, e.g. bench.num_prompts=48 train.total_timesteps=20000")
+    bench.set_defaults(func=cmd_bench)
     return parser
 
 

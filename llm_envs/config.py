@@ -28,7 +28,8 @@ class ConfigError(ValueError):
     """A config value or key is wrong; the message names it and how to fix it."""
 
 
-def _suggest(key: str, options: Sequence[str]) -> str:
+def did_you_mean(key: str, options: Sequence[str]) -> str:
+    """' Did you mean 'x'?' for the closest option, or '' when none is close."""
     close = difflib.get_close_matches(key, list(options), n=1)
     return f" Did you mean {close[0]!r}?" if close else ""
 
@@ -96,7 +97,7 @@ def from_dict(cls: type[T], data: dict[str, Any], *, where: str = "config") -> T
     if unknown:
         key = unknown[0]
         raise ConfigError(
-            f"{where}: unknown key {key!r} for {cls.__name__}.{_suggest(key, fields)} "
+            f"{where}: unknown key {key!r} for {cls.__name__}.{did_you_mean(key, fields)} "
             f"Valid keys: {', '.join(sorted(fields))}."
         )
     hints = typing.get_type_hints(cls)
@@ -123,8 +124,11 @@ def load_config(
     overrides: Sequence[str] = (),
     *,
     section: str | None = None,
+    ignore: Sequence[str] = (),
 ) -> T:
-    """Defaults <- YAML file (optionally one section of it) <- `key=value` overrides."""
+    """Defaults <- YAML file (optionally one section of it) <- `key=value` overrides.
+
+    `ignore` names top-level keys of the file that are not fields (read by the caller itself)."""
     data: dict[str, Any] = {}
     where = cls.__name__
     if path is not None:
@@ -136,6 +140,7 @@ def load_config(
             raise ConfigError(f"{path}: expected a YAML mapping at the top level.")
         if section is not None:
             loaded = loaded.get(section, {}) or {}
+        loaded = {k: v for k, v in loaded.items() if k not in ignore}
         data, where = loaded, f"{path}" + (f" [{section}]" if section else "")
     for text in overrides:
         keys, value = parse_override(text)

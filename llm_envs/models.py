@@ -227,6 +227,15 @@ def load_reward_model(
     return model
 
 
+def load_encoder(
+    spec: ModelSpec, *, device: str | torch.device | None = "auto", dtype: str | torch.dtype | None = "auto"
+) -> PreTrainedModel:
+    """A frozen base model (`AutoModel`, no head), e.g. a sentence encoder for the coherence metric."""
+    from transformers import AutoModel
+
+    return _load_model(AutoModel, spec, "encoder", device=device, dtype=dtype, trust_remote_code=False)
+
+
 def model_source_name(spec: ModelSpec) -> str:
     """Where a model came from (for tokenizer loading and result provenance)."""
     if isinstance(spec, PreTrainedModel):

@@ -20,7 +20,7 @@ from agents.rrhf import (
 from llm_envs.config import ConfigError
 
 torch.set_num_threads(1)
-TINY = str(Path(__file__).resolve().parents[1] / "configs" / "rrhf_tiny.yaml")
+TINY = str(Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml")
 
 
 # ---------------------------------------------------------------------------- the loss

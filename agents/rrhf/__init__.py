@@ -10,7 +10,7 @@ Three stages that run separately and resume, in one output directory:
    `model/` (save_pretrained + tokenizer), loadable by every env and decoder like any other LM.
 
 `evaluate` compares greedy decoding of the base and the tuned LM (and best-of-n of the base) on
-held-out prompts. `run(cfg)` does all of it; `llm-envs rrhf --config configs/rrhf_tiny.yaml` is the CLI.
+held-out prompts. `run(cfg)` does all of it; `llm-envs rrhf --config configs/tiny.yaml` is the CLI.
 
     >>> from agents.rrhf import RRHFConfig, run
     >>> run(RRHFConfig(output_dir="runs/rrhf"))       # on the embedded world

@@ -1,0 +1,1 @@
+"""The benchmark suite behind `llm-envs bench`: config, methods, records, leaderboard, sweeps, plots."""

@@ -1,0 +1,192 @@
+"""Every leaderboard method as a `Decoder` (prompts in, responses out) on the suite's LM.
+
+`prepare_method` turns a `MethodConfig` into a ready decoder, training it first when the method
+needs training (the proxy with MaskablePPO, RRHF with its ranking loss). Trained models live in
+`<runs_dir>/bench/<kind>-<hash of their config>/` and are reused while their config is unchanged,
+so re-running the suite (or a sweep point that equals the leaderboard's proxy) does not retrain;
+an interrupted training resumes from its checkpoints.
+
+A custom method (`kind: custom`, `entry: "module:Class"`) is built with its `params`; constructor
+arguments named `lm`, `tokenizer`, `reward` or `device` that the entry does not set receive the
+suite's loaded LM, tokenizer, `RewardWrapper` and device. An object with `generate` is used as a
+`Decoder`; one with `predict` is a `PolicyAgent` played on TokenAccept-v0 (the suite's `train.env`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import inspect
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from agents.base import Decoder, PolicyDecoder
+from agents.configs import TrainConfig
+from benchmarks.bench.config import MethodConfig, SuiteConfig
+from benchmarks.bench.records import fingerprint
+from llm_envs.config import ConfigError, from_dict, to_dict
+from llm_envs.envs.context import LMContext
+from llm_envs.envs.token_accept import TokenAcceptCore
+from llm_envs.rewards import RewardWrapper
+
+DECODING_KINDS = ("greedy", "top_k", "nucleus", "best_of_n")
+TRAIN_INFO = "bench_train.json"  # written once a training run is complete: its wall time
+# Fields that do not change what a training run learns (left out of the run directory's hash).
+_RUN_ONLY_FIELDS = ("output_dir", "progress_bar", "progress", "wandb_mode", "wandb_project", "torch_threads",
+                    "num_threads", "resume")
+
+
+@dataclass
+class PreparedMethod:
+    decoder: Decoder
+    trainable_params: int = 0
+    train_seconds: float = 0.0
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def with_overrides(cfg: Any, params: dict[str, Any]) -> Any:
+    """A copy of a frozen config with `params` applied (nested mappings or dotted keys), re-validated."""
+    data = to_dict(cfg)
+    for key, value in params.items():
+        node, parts = data, key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        if isinstance(value, dict) and isinstance(node.get(parts[-1]), dict):
+            node[parts[-1]] = {**node[parts[-1]], **value}
+        else:
+            node[parts[-1]] = value
+    return from_dict(type(cfg), data, where=type(cfg).__name__)
+
+
+def run_dir(suite: SuiteConfig, kind: str, cfg: Any) -> Path:
+    settings = {k: v for k, v in to_dict(cfg).items() if k not in _RUN_ONLY_FIELDS}
+    return Path(suite.bench.runs_dir) / "bench" / f"{kind}-{fingerprint(**settings)}"
+
+
+def without_reward(ctx: LMContext) -> LMContext:
+    """The suite's context with a free reward: env episodes end without scoring, so generation time
+    excludes the final RM call that every method's responses get afterwards, from one wrapper."""
+    free = RewardWrapper.from_callable(lambda prompts, responses: [0.0] * len(prompts), name="unscored")
+    return dataclasses.replace(ctx, reward=free, gold=None)
+
+
+def _timed_training(directory: Path, train: Any) -> float:
+    """Run `train()` unless `directory` holds a finished run; returns the run's training seconds."""
+    info = directory / TRAIN_INFO
+    if info.is_file():
+        return float(json.loads(info.read_text())["train_seconds"])
+    started = time.perf_counter()
+    train()
+    seconds = time.perf_counter() - started
+    info.write_text(json.dumps({"train_seconds": seconds}))
+    return seconds
+
+
+def train_proxy(suite: SuiteConfig, params: dict[str, Any]) -> tuple[TrainConfig, Path, float]:
+    """Train (or reuse) the MaskablePPO proxy of `suite.train` with `params` applied."""
+    from agents.proxy import train
+
+    cfg = with_overrides(suite.train, params)
+    directory = run_dir(suite, "proxy", cfg)
+    cfg = dataclasses.replace(cfg, output_dir=str(directory), progress_bar=suite.bench.progress)
+    seconds = _timed_training(directory, lambda: train(cfg))
+    return cfg, directory / "proxy.zip", seconds
+
+
+def token_accept_core(env_cfg: Any, ctx: LMContext, batch_size: int) -> TokenAcceptCore:
+    """TokenAccept-v0 rows with `env_cfg`'s MDP settings on the suite's (unscored) context."""
+    kwargs = env_cfg.env_kwargs(None)
+    for key in ("lm", "reward", "prompts", "device", "dtype", "max_prompt_tokens"):
+        kwargs.pop(key)
+    return TokenAcceptCore(min(batch_size, len(ctx.prompts)), context=without_reward(ctx), **kwargs)
+
+
+def _proxy(method: MethodConfig, suite: SuiteConfig, ctx: LMContext) -> PreparedMethod:
+    from agents.sb3_agent import load_proxy
+
+    cfg, path, seconds = train_proxy(suite, method.params)
+    core = token_accept_core(cfg.env, ctx, suite.bench.batch_size)
+    agent = load_proxy(path, core.observation_space)
+    return PreparedMethod(PolicyDecoder(agent, core, name=method.name), agent.trainable_params, seconds,
+                          {"run_dir": str(path.parent), "p_t": cfg.env.p_t, "temperature": cfg.env.temperature,
+                           "total_timesteps": cfg.total_timesteps})
+
+
+def _rrhf(method: MethodConfig, suite: SuiteConfig, ctx: LMContext) -> PreparedMethod:
+    from agents.decoding import GreedyDecoder
+    from agents.rrhf import run
+    from agents.rrhf.training import MODEL_DIR
+
+    cfg = with_overrides(suite.rrhf, method.params)
+    directory = run_dir(suite, "rrhf", cfg)
+    cfg = dataclasses.replace(cfg, output_dir=str(directory), progress=suite.bench.progress)
+    seconds = _timed_training(directory, lambda: run(cfg, ("sample", "score", "train"), verbose=suite.bench.progress))
+    decoder = GreedyDecoder(str(directory / MODEL_DIR), ctx.tokenizer, device=suite.train.env.device,
+                            batch_size=4 * suite.bench.batch_size, name=method.name)
+    params = sum(p.numel() for p in decoder.model.parameters())  # RRHF fine-tunes every weight
+    return PreparedMethod(decoder, params, seconds, {"run_dir": str(directory)})
+
+
+def _decoding(method: MethodConfig, suite: SuiteConfig, ctx: LMContext) -> PreparedMethod:
+    from agents.decoding import make_decoder
+
+    kwargs = dict(method.params)
+    if method.kind == "best_of_n":
+        kwargs.setdefault("reward", ctx.reward)
+    decoder = make_decoder(method.kind, ctx.model, tokenizer=ctx.tokenizer, device=suite.train.env.device,
+                           batch_size=4 * suite.bench.batch_size, name=method.name, **kwargs)
+    return PreparedMethod(decoder)
+
+
+def _args(method: MethodConfig, suite: SuiteConfig, ctx: LMContext) -> PreparedMethod:
+    from agents.args import ARGS
+
+    decoder = ARGS(ctx.model, ctx.reward, tokenizer=ctx.tokenizer, device=suite.train.env.device,
+                   batch_size=suite.bench.batch_size, name=method.name, **method.params)
+    return PreparedMethod(decoder)
+
+
+def import_entry(entry: str) -> Any:
+    module_name, _, attr = entry.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as error:
+        raise ConfigError(f"entry {entry!r}: cannot import module {module_name!r} ({error}); make it importable "
+                          "(installed, or on PYTHONPATH).") from error
+    if not hasattr(module, attr):
+        raise ConfigError(f"entry {entry!r}: module {module_name!r} has no attribute {attr!r}.")
+    return getattr(module, attr)
+
+
+def _custom(method: MethodConfig, suite: SuiteConfig, ctx: LMContext) -> PreparedMethod:
+    cls = import_entry(method.entry)
+    kwargs = dict(method.params)
+    suite_parts = {"lm": ctx.model, "tokenizer": ctx.tokenizer, "reward": ctx.reward, "device": suite.train.env.device}
+    accepted = inspect.signature(cls).parameters
+    for key, value in suite_parts.items():
+        if key in accepted and key not in kwargs:
+            kwargs[key] = value
+    obj = cls(**kwargs)
+    params = int(getattr(obj, "trainable_params", 0) or 0)
+    if callable(getattr(obj, "generate", None)):
+        if not getattr(obj, "name", None):
+            obj.name = method.name
+        return PreparedMethod(obj, params)
+    if callable(getattr(obj, "predict", None)):
+        core = token_accept_core(suite.train.env, ctx, suite.bench.batch_size)
+        return PreparedMethod(PolicyDecoder(obj, core, name=method.name), params)
+    raise ConfigError(f"method {method.name!r}: {method.entry} builds a {type(obj).__name__}, which has neither "
+                      "generate(prompts, max_new_tokens=, seed=) (a Decoder) nor predict(obs, action_masks, "
+                      "deterministic) (a PolicyAgent); implement one of agents.base's protocols.")
+
+
+_BUILDERS = {"args": _args, "proxy": _proxy, "rrhf": _rrhf, "custom": _custom,
+             **{kind: _decoding for kind in DECODING_KINDS}}
+
+
+def prepare_method(method: MethodConfig, suite: SuiteConfig, ctx: LMContext) -> PreparedMethod:
+    """Build (and, for the proxy and RRHF, train or reuse) one method's decoder."""
+    return _BUILDERS[method.kind](method, suite, ctx)

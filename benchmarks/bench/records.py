@@ -1,0 +1,57 @@
+"""Per-episode records of a suite, written atomically, one pair of files per method:
+
+- `records/<method>.jsonl`: one line per held-out prompt (prompt, response, RM reward, gold, diversity,
+  coherence, costs, and the method's own extras such as the proxy's rejections);
+- `records/<method>.json`: what the method as a whole cost (wall time, training time, trainable
+  parameters, peak memory), its settings, and the suite fingerprint it was run under.
+
+The leaderboard is computed from these files alone (`benchmarks.bench.leaderboard`), so it can be
+rebuilt, and a new method's row added, without rerunning the others.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+RECORDS_DIR = "records"
+
+
+def fingerprint(**settings: Any) -> str:
+    """A short hash of what makes two methods' records comparable (prompts, LM, RM, budget, seed)."""
+    text = json.dumps(settings, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_method_records(suite_dir: Path, name: str, episodes: Sequence[dict[str, Any]], meta: dict[str, Any]) -> None:
+    """Replace a method's records (episodes first, then the meta that vouches for them)."""
+    folder = suite_dir / RECORDS_DIR
+    _write_atomic(folder / f"{name}.jsonl", "".join(json.dumps(e) + "\n" for e in episodes))
+    _write_atomic(folder / f"{name}.json", json.dumps({**meta, "episodes": len(episodes)}, indent=2))
+
+
+def read_method_records(suite_dir: Path, name: str) -> tuple[list[dict[str, Any]], dict[str, Any]] | None:
+    """(episodes, meta) of a method, or None when it has not been run (or its run did not finish)."""
+    folder = suite_dir / RECORDS_DIR
+    meta_path, episodes_path = folder / f"{name}.json", folder / f"{name}.jsonl"
+    if not meta_path.is_file() or not episodes_path.is_file():
+        return None
+    meta = json.loads(meta_path.read_text())
+    episodes = [json.loads(line) for line in episodes_path.read_text().splitlines() if line.strip()]
+    if len(episodes) != meta.get("episodes"):
+        raise ValueError(f"{episodes_path} holds {len(episodes)} episodes but {meta_path} says {meta.get('episodes')}: "
+                         f"the records are damaged; rerun the method (llm-envs bench --methods {name}).")
+    return episodes, meta

@@ -1,0 +1,102 @@
+"""The proxy's hyper-parameter study (Proxy-RLHF §4.3, Fig. 3, Table 2, appendix C):
+`llm-envs bench --sweep p_t` / `--sweep temperature`.
+
+One proxy is trained per value (everything else from the suite's `train:` section, steps from
+`bench.sweep.total_timesteps`) and evaluated on the suite's held-out prompts with the suite's reward
+wrapper. Each point's per-episode records go to `<suite>/sweep_<param>/records/`; the table
+(`sweep_<param>.json`, `.md`) and the plot (`sweep_<param>.png`) are computed from them. The paper
+finds reward rising as p_t falls and as temperature rises, with irregular (repetitive) outputs at
+p_t <= 0.001; `irregular_rate` checks the latter.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from typing import Any
+
+import numpy as np
+
+from benchmarks.bench.config import SWEEPS, MethodConfig, SuiteConfig
+from benchmarks.bench.leaderboard import method_row
+from benchmarks.bench.plots import plot_sweep
+from benchmarks.bench.records import read_method_records
+from benchmarks.bench.suite import SuiteContext, run_method, suite_context
+from benchmarks.provenance import provenance
+from llm_envs.config import ConfigError, did_you_mean
+
+
+def _point_method(cfg: SuiteConfig, param: str, value: float) -> MethodConfig:
+    params: dict[str, Any] = {"env": {param: value}}
+    if cfg.bench.sweep.total_timesteps is not None:
+        params["total_timesteps"] = cfg.bench.sweep.total_timesteps
+    return MethodConfig(name=f"proxy-{param}-{value:g}", kind="proxy", params=params)
+
+
+def _greedy_reference(sc: SuiteContext, sweep_cfg: SuiteConfig) -> list[dict[str, Any]]:
+    """Greedy's episodes on the suite's prompts (run into the sweep folder unless already there)."""
+    records = read_method_records(sweep_cfg.results_path, "greedy")
+    if records is None or records[1]["fingerprint"] != sc.fingerprint:
+        run_method(sweep_cfg, sc, MethodConfig(name="greedy", kind="greedy"))
+        records = read_method_records(sweep_cfg.results_path, "greedy")
+    return records[0]
+
+
+def sweep_markdown(param: str, points: list[dict[str, Any]], header: dict[str, Any]) -> str:
+    lines = [f"# Proxy sweep over {param}: suite `{header['suite']}`", "",
+             f"{header['num_prompts']} held-out prompts, one proxy trained per value ({header['total_timesteps']} "
+             f"steps each, other settings from the suite's train: section); greedy (the SFT model): RM "
+             f"{points[0]['greedy_reward']:+.2f}" + (f", gold {points[0]['greedy_gold']:+.3f}" if points[0].get("greedy_gold")
+                                                      is not None else "") + ". Generated from records; do not edit.", "",
+             f"| {param} | RM reward | gold | win vs greedy | rejection rate | irregular | diversity | length |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for p in points:
+        gold = f"{p['gold_mean']:+.3f} ± {p['gold_ci95']:.2f}" if p.get("gold_mean") is not None else "—"
+        win = f"{p['gold_win_rate_vs_greedy']:.0%}" if p.get("gold_win_rate_vs_greedy") is not None else "—"
+        lines.append(f"| {p['value']:g} | {p['reward_mean']:+.2f} ± {p['reward_ci95']:.2f} | {gold} | {win} | "
+                     f"{p['rejection_rate']:.1%} | {p['irregular_rate']:.1%} | {p['diversity']:.3f} | {p['response_len']:.1f} |")
+    trend = np.corrcoef(np.log([p["value"] for p in points]), [p["reward_mean"] for p in points])[0, 1] \
+        if len(points) > 2 else float("nan")
+    lines += ["", f"Correlation of RM reward with log({param}): {trend:+.2f} (the paper: negative for p_t, positive "
+              "for temperature).", "", f"git {header['provenance']['git_commit']}, `{header['provenance']['command']}`."]
+    return "\n".join(lines) + "\n"
+
+
+def run_sweep(cfg: SuiteConfig, param: str, *, verbose: bool = True) -> dict[str, Any]:
+    if param not in SWEEPS:
+        raise ConfigError(f"--sweep {param!r} is unknown.{did_you_mean(param, SWEEPS)} Expected one of {list(SWEEPS)}.")
+    import dataclasses
+
+    import torch
+
+    if cfg.bench.torch_threads:
+        torch.set_num_threads(cfg.bench.torch_threads)
+    started = time.perf_counter()
+    sc = suite_context(cfg)
+    # The sweep's records live in <suite>/sweep_<param>/, as a suite of their own.
+    sweep_cfg = dataclasses.replace(cfg, bench=dataclasses.replace(
+        cfg.bench, results_dir=str(cfg.results_path), suite=f"sweep_{param}"))
+    reference = _greedy_reference(sc, sweep_cfg)
+    greedy = method_row(reference, {"name": "greedy", "kind": "greedy", "generate_seconds": 0.0}, None)
+    points = []
+    for value in getattr(cfg.bench.sweep, param):
+        method = _point_method(cfg, param, value)
+        if verbose:
+            print(f"sweep {param}={value:g}: train + evaluate the proxy", file=sys.stderr)
+        run_method(sweep_cfg, sc, method)
+        episodes, meta = read_method_records(sweep_cfg.results_path, method.name)
+        row = method_row(episodes, meta, reference)
+        row.update(value=value, greedy_reward=greedy["reward_mean"], greedy_gold=greedy["gold_mean"],
+                   rejection_rate=float(np.mean([e["extra"]["rejections"] / max(e["extra"]["steps"], 1) for e in episodes])),
+                   total_timesteps=meta["info"]["total_timesteps"])
+        points.append(row)
+    header = {**sc.header, "param": param, "total_timesteps": points[0]["total_timesteps"],
+              "provenance": provenance(seed=cfg.bench.seed, train_seed=cfg.train.seed)}
+    suite_dir = cfg.results_path
+    (suite_dir / f"sweep_{param}.json").write_text(json.dumps({**header, "points": points}, indent=2))
+    (suite_dir / f"sweep_{param}.md").write_text(sweep_markdown(param, points, header))
+    plot = plot_sweep(suite_dir / f"sweep_{param}.png", param, points)
+    if verbose:
+        print((suite_dir / f"sweep_{param}.md").read_text())
+    return {"points": points, "plot": str(plot), "seconds": time.perf_counter() - started}

@@ -1,0 +1,266 @@
+"""The benchmark suite: metrics against their formulas, the leaderboard against its records, and
+`llm-envs bench` end to end on the test world (every method kind, a custom agent, a sweep)."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from benchmarks.bench.config import load_suite_config
+from benchmarks.bench.metrics import diversity, is_irregular, mean_ci95, rep_n, win_rate, words
+from llm_envs.config import ConfigError
+from llm_envs.world import gold_reward
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
+
+
+# ---------------------------------------------------------------------------- metrics
+
+
+def test_diversity_is_the_args_formula():
+    text = "sure , here is how : here is how ."
+    tokens = words(text)
+    assert tokens == ["sure", ",", "here", "is", "how", ":", "here", "is", "how", "."]
+    # 2-grams: 9 in all, "here is" and "is how" repeat -> 7 unique; rep_2 = 1 - 7/10
+    assert rep_n(tokens, 2) == pytest.approx(1 - 7 / 10)
+    expected = (7 / 10) * (7 / 9) * (7 / 8)  # 3-grams: 8 total, 7 unique; 4-grams: 7 total, 7 unique
+    assert diversity(text) == pytest.approx(expected)
+    assert diversity("") == 0.0  # no n-grams at all, as in the reference code
+
+
+def test_win_rate_counts_ties_half_and_ci_is_normal():
+    out = win_rate([1.0, 0.5, 0.0, 0.2], [0.0, 0.5, 1.0, 0.1])
+    assert (out["wins"], out["ties"], out["losses"]) == (2, 1, 1) and out["win_rate"] == pytest.approx(2.5 / 4)
+    values = [1.0, 2.0, 3.0, 4.0]
+    mean, half = mean_ci95(values)
+    assert mean == 2.5 and half == pytest.approx(1.96 * np.std(values, ddof=1) / 2)
+    with pytest.raises(ValueError, match="one reference score per prompt"):
+        win_rate([1.0], [1.0, 2.0])
+
+
+def test_irregular_outputs_are_repeats():
+    assert is_irregular("the the steps are easy")
+    assert is_irregular("first mix it . then mix it . then mix it .")
+    assert not is_irregular("sure , first gather flour , water and yeast .")
+
+
+# ---------------------------------------------------------------------------- config
+
+
+def test_the_shipped_suite_config_and_its_quick_variant():
+    cfg = load_suite_config(TINY)
+    kinds = {m.kind for m in cfg.bench.methods}
+    assert {"greedy", "top_k", "nucleus", "best_of_n", "args", "proxy", "rrhf"} <= kinds
+    names = [m.name for m in cfg.bench.methods]
+    assert {"best_of_16", "best_of_32", "args_greedy", "args_stochastic"} <= set(names)
+    assert cfg.bench.sweep.p_t == (0.1, 0.01, 0.001, 0.0001) and cfg.bench.sweep.temperature == (0.25, 0.5, 0.75, 1.0)
+    quick = load_suite_config(TINY, ["bench.num_prompts=8"], quick=True)
+    assert quick.bench.suite == "tiny-quick" and quick.bench.num_prompts == 8  # the command line wins
+    assert quick.train.total_timesteps < cfg.train.total_timesteps
+
+
+@pytest.mark.parametrize("override, message", [
+    ("bench.num_prompt=3", "Did you mean 'num_prompts'"),
+    ("bench.methods=[{name: a, kind: gredy}]", "Did you mean 'greedy'"),
+    ("bench.methods=[{name: a, kind: greedy}, {name: a, kind: nucleus}]", "repeats the name"),
+    ("bench.methods=[{name: a, kind: custom}]", "entry='module:Class' is required"),
+    ("rrhf.lm=/somewhere/else", "every method of a suite must use one LM"),
+])
+def test_bad_suite_configs_fail_clearly(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_suite_config(TINY, [override])
+
+
+# ---------------------------------------------------------------------------- end to end on the test world
+
+AGENT_MODULE = '''
+import numpy as np
+
+class RejectOnce:
+    """A PolicyAgent: rejects the first proposal of every position where SKAM allows it."""
+    name = "reject-once"
+    trainable_params = 0
+
+    def predict(self, obs, action_masks=None, deterministic=True):
+        rejected_here = obs[:, -3]          # the env card's `rejections_here` feature
+        return ((rejected_here == 0) & action_masks[:, 1]).astype(np.int64)
+'''
+
+
+def _suite_file(tmp: Path, test_world, world_cache: Path, methods: list[dict], **bench) -> Path:
+    lm, rm = str(test_world.lm_dir), str(test_world.rm_dir)
+    data = {
+        "bench": {"suite": "t", "results_dir": str(tmp / "results"), "runs_dir": str(tmp / "runs"), "num_prompts": 10,
+                  "batch_size": 4, "gold": "world", "torch_threads": 1, "wandb_mode": "disabled", "progress": False,
+                  "methods": methods, "sweep": {"p_t": [0.1, 0.001], "temperature": [0.5, 1.0], "total_timesteps": 64},
+                  **bench},
+        "train": {"env": {"lm": lm, "reward": rm, "train_prompts": test_world.train_prompts[:200],
+                          "eval_prompts": test_world.test_prompts[:24], "max_new_tokens": 10, "device": "cpu"},
+                  "proxy": {"hidden_sizes": [32, 32], "n_steps": 16, "batch_size": 32, "n_epochs": 1},
+                  "num_envs": 4, "total_timesteps": 128, "eval_episodes": 4, "wandb_mode": "disabled",
+                  "progress_bar": False},
+        "rrhf": {"lm": lm, "reward": rm, "world": "test", "world_cache_dir": str(world_cache), "num_prompts": 8,
+                 "num_samples": 2, "max_new_tokens": 10, "epochs": 1, "queries_per_batch": 4, "eval_prompts": None,
+                 "progress": False, "device": "cpu", "num_threads": 1},
+    }
+    path = tmp / "suite.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+METHODS = [
+    {"name": "greedy", "kind": "greedy"},
+    {"name": "nucleus", "kind": "nucleus", "params": {"top_p": 0.95}},
+    {"name": "best_of_4", "kind": "best_of_n", "params": {"n": 4}},
+    {"name": "args_greedy", "kind": "args", "params": {"k": 4, "w": 1.5}},
+    {"name": "proxy", "kind": "proxy"},
+    {"name": "rrhf", "kind": "rrhf"},
+]
+
+
+@pytest.fixture(scope="module")
+def suite(test_world, world_cache, tmp_path_factory):
+    from llm_envs.cli import main
+
+    tmp = tmp_path_factory.mktemp("bench")
+    config = _suite_file(tmp, test_world, world_cache, METHODS)
+    assert main(["bench", "--config", str(config)]) == 0
+    return config, tmp / "results" / "t"
+
+
+def test_bench_writes_records_leaderboard_plots_and_provenance(suite, test_world):
+    from llm_envs.models import load_causal_lm
+
+    _, out = suite
+    board = json.loads((out / "leaderboard.json").read_text())
+    rows = {r["method"]: r for r in board["rows"]}
+    assert set(rows) == {m["name"] for m in METHODS}
+    required = ("reward_mean", "reward_ci95", "gold_mean", "gold_win_rate_vs_greedy", "diversity", "coherence",
+                "response_len", "lm_forwards_per_response", "rm_calls_per_response", "seconds_per_response",
+                "trainable_params")
+    for row in rows.values():
+        assert all(k in row for k in required) and row["episodes"] == 10
+        assert all(math.isfinite(row[k]) for k in required)
+    prov = board["provenance"]
+    assert prov["git_commit"] and prov["libraries"]["torch"] and prov["hardware"]["cpu_count"]
+    assert (out / "config.yaml").is_file() and (out / "reward_distribution.png").stat().st_size > 10_000
+    assert (out / "reward_vs_compute.png").is_file()
+    # Costs each method is known to have.
+    assert rows["greedy"]["gold_win_rate_vs_greedy"] == 0.5  # ties with itself on every prompt
+    assert rows["greedy"]["lm_forwards_per_response"] == rows["greedy"]["response_len"]
+    assert rows["best_of_4"]["rm_calls_per_response"] == 4 and rows["greedy"]["rm_calls_per_response"] == 0
+    assert rows["args_greedy"]["rm_calls_per_response"] > 0
+    assert rows["proxy"]["trainable_params"] > 0 and rows["proxy"]["train_seconds"] > 0
+    lm_params = sum(p.numel() for p in load_causal_lm(test_world.lm_dir, device="cpu").parameters())
+    assert rows["rrhf"]["trainable_params"] == lm_params  # RRHF tunes every weight of the LM
+    assert rows["greedy"]["trainable_params"] == 0
+
+
+def _records(out: Path, name: str) -> list[dict]:
+    return [json.loads(line) for line in (out / "records" / f"{name}.jsonl").read_text().splitlines()]
+
+
+def test_the_leaderboard_is_computed_from_the_records(suite, test_world):
+    from llm_envs.rewards import RewardWrapper
+
+    _, out = suite
+    rows = {r["method"]: r for r in json.loads((out / "leaderboard.json").read_text())["rows"]}
+    greedy = {e["index"]: e["gold"] for e in _records(out, "greedy")}
+    reward = RewardWrapper.build(str(test_world.rm_dir), lm_tokenizer=None, device="cpu")
+    for name, row in rows.items():
+        episodes = _records(out, name)
+        assert [e["index"] for e in episodes] == list(range(10))
+        assert row["reward_mean"] == pytest.approx(np.mean([e["reward"] for e in episodes]))
+        assert row["gold_mean"] == pytest.approx(np.mean([e["gold"] for e in episodes]))
+        wins = sum((e["gold"] > greedy[e["index"]]) + 0.5 * (e["gold"] == greedy[e["index"]]) for e in episodes)
+        assert row["gold_win_rate_vs_greedy"] == pytest.approx(wins / 10)
+        assert row["diversity"] == pytest.approx(np.mean([diversity(e["response"]) for e in episodes]))
+        # Every response was scored by the same reward wrapper and gold judge, from its text.
+        first = episodes[:3]
+        prompts, texts = [e["prompt"] for e in first], [e["response"] for e in first]
+        assert [e["reward"] for e in first] == pytest.approx(reward.score(prompts, texts), abs=1e-4)
+        assert [e["gold"] for e in first] == pytest.approx(gold_reward(prompts, texts))
+    # The markdown table shows the same numbers, best gold first.
+    table = (out / "leaderboard.md").read_text()
+    ordered = sorted(rows.values(), key=lambda r: -r["gold_mean"])
+    positions = [table.index(f"| {r['method']} | {r['gold_mean']:+.3f}") for r in ordered]
+    assert positions == sorted(positions)
+
+
+def test_a_custom_agent_gets_its_row_and_the_others_keep_their_records(suite, test_world, world_cache, tmp_path,
+                                                                        monkeypatch):
+    from llm_envs.cli import main
+
+    config, out = suite
+    (tmp_path / "my_agents.py").write_text(AGENT_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    data = yaml.safe_load(config.read_text())
+    data["bench"]["methods"].append({"name": "reject_once", "kind": "custom", "entry": "my_agents:RejectOnce"})
+    config.write_text(yaml.safe_dump(data))
+    before = {p.name: p.stat().st_mtime_ns for p in (out / "records").iterdir()}
+    assert main(["bench", "--config", str(config), "--methods", "reject_once"]) == 0
+    after = {p.name: p.stat().st_mtime_ns for p in (out / "records").iterdir()}
+    assert all(after[name] == stamp for name, stamp in before.items())  # untouched
+    rows = {r["method"]: r for r in json.loads((out / "leaderboard.json").read_text())["rows"]}
+    assert len(rows) == len(METHODS) + 1
+    episodes = _records(out, "reject_once")
+    assert sum(e["extra"]["rejections"] for e in episodes) > 0  # it really played TokenAccept
+    assert rows["reject_once"]["lm_forwards_per_response"] > rows["greedy"]["lm_forwards_per_response"]
+
+    # Rebuilding from the records alone gives the same leaderboard.
+    board = json.loads((out / "leaderboard.json").read_text())["rows"]
+    assert main(["bench", "--config", str(config), "--from-records"]) == 0
+    assert json.loads((out / "leaderboard.json").read_text())["rows"] == board
+
+
+def test_a_partial_run_under_other_settings_is_refused_before_writing(suite, capsys):
+    from llm_envs.cli import main
+
+    config, out = suite
+    before = {p.name: p.read_bytes() for p in (out / "records").iterdir()}
+    assert main(["bench", "--config", str(config), "--methods", "greedy", "bench.num_prompts=6"]) == 2
+    err = capsys.readouterr().err
+    assert "made under other suite settings" in err and "nucleus" in err and "nothing was run" in err
+    assert {p.name: p.read_bytes() for p in (out / "records").iterdir()} == before
+
+
+def test_bad_method_entries_fail_clearly(suite, tmp_path, monkeypatch, capsys):
+    from llm_envs.cli import main
+
+    config, _ = suite
+    data = yaml.safe_load(config.read_text())
+    data["bench"]["methods"] = [{"name": "x", "kind": "custom", "entry": "no_such_module_here:X"}]
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(data))
+    assert main(["bench", "--config", str(bad)]) == 2
+    assert "cannot import module 'no_such_module_here'" in capsys.readouterr().err
+    assert main(["bench", "--config", str(config), "--methods", "gredy"]) == 2
+    assert "Did you mean 'greedy'" in capsys.readouterr().err
+    (tmp_path / "not_an_agent.py").write_text("class Thing:\n    pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    data["bench"]["methods"] = [{"name": "x", "kind": "custom", "entry": "not_an_agent:Thing"}]
+    bad.write_text(yaml.safe_dump(data))
+    assert main(["bench", "--config", str(bad)]) == 2
+    assert "has neither generate" in capsys.readouterr().err
+
+
+def test_the_p_t_sweep_trains_one_proxy_per_value(suite, capsys):
+    from llm_envs.cli import main
+
+    config, out = suite
+    assert main(["bench", "--config", str(config), "--sweep", "pt"]) == 0
+    sweep = json.loads((out / "sweep_p_t.json").read_text())
+    assert [p["value"] for p in sweep["points"]] == [0.1, 0.001]
+    assert all(0 <= p["rejection_rate"] <= 1 and 0 <= p["irregular_rate"] <= 1 for p in sweep["points"])
+    assert all(p["total_timesteps"] == 64 for p in sweep["points"])
+    assert (out / "sweep_p_t.png").is_file() and "| 0.001 |" in (out / "sweep_p_t.md").read_text()
+    runs = {p["info"]["run_dir"] for p in
+            (json.loads(f.read_text()) for f in (out / "sweep_p_t" / "records").glob("proxy-*.json"))}
+    assert len(runs) == 2  # a proxy of its own per value
