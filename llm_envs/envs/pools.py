@@ -118,11 +118,12 @@ def nucleus_pools(
     the head is the whole pool.
     """
     vocab = logits.shape[-1]
-    scaled = logits.to(torch.float64)
-    if temperature != 1.0:  # x / 1.0 == x: skipping the division changes no bit
-        scaled = scaled / temperature
-    # float64 so that sums over large vocabularies do not wobble the nucleus edge.
-    probs = torch.softmax(scaled, dim=-1)
+    # float64 so that sums over large vocabularies do not wobble the nucleus edge. At temperature
+    # 1 the softmax casts as it goes (same bits as casting first, one [B, V] buffer fewer).
+    if temperature == 1.0:
+        probs = torch.softmax(logits, dim=-1, dtype=torch.float64)
+    else:
+        probs = torch.softmax(logits.to(torch.float64) / temperature, dim=-1)
     limit = vocab if top_k is None else min(top_k, vocab)
     width = limit if top_k is not None else min(max(head, 1), vocab)
     head_p, head_ids = _sorted_head(probs, width)
@@ -146,8 +147,9 @@ def nucleus_pools(
     elif bool(longer.any()):
         rows = longer.nonzero().squeeze(1)
         every = rows.numel() == probs.shape[0]  # skip the copy when every row needs it (a flat LM)
+        top_logit = logits.gather(1, head_ids[:, :1]).squeeze(1)  # the head's first token has the top logit
         row_size, row_mass = _nucleus_by_histogram(logits if every else logits[rows], probs if every else probs[rows],
-                                                   top_p, temperature)
+                                                   top_logit if every else top_logit[rows], top_p, temperature)
         size, mass = size.index_put((rows,), row_size), mass.index_put((rows,), row_mass)
     keep = torch.arange(width, device=probs.device)[None, :] < size[:, None]
     head_p, head_ids = head_p * keep, head_ids.masked_fill(~keep, -1)
@@ -186,37 +188,49 @@ def _settle_edge_tie(probs: torch.Tensor, head_p: torch.Tensor, head_ids: torch.
 
 
 def _nucleus_by_histogram(
-    logits: torch.Tensor, probs: torch.Tensor, top_p: float, temperature: float, bins: int = HISTOGRAM_BINS
+    logits: torch.Tensor, probs: torch.Tensor, top_logit: torch.Tensor, top_p: float, temperature: float,
+    bins: int = HISTOGRAM_BINS,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Nucleus size and mass of each row [B, V] without sorting the row.
 
-    Bins split each row's logit range evenly, bin 0 holding the largest logits. A bin's tokens
-    are all more probable than the next bin's (the map logit -> bin is monotone), so the nucleus
-    is every bin before the boundary bin (the first whose cumulative mass reaches top_p) plus
-    a sorted prefix of the boundary bin, which is the only part sorted. Logits more than
-    MAX_SPREAD * temperature below the row's top (p < e^-64 of the top's; -inf included) share
-    the last bin, so a few masked tokens do not blur the bins of the others.
+    Bins split the logit range [top - MAX_SPREAD * temperature, top] evenly, bin 0 holding the
+    largest logits; lower logits (p below e^-64 of the top's, -inf included) share the last bin.
+    The map logit -> bin is monotone, so a bin's tokens are all at least as probable as the next
+    bin's: the nucleus is every bin before the boundary bin (the first whose cumulative mass
+    reaches top_p) plus a sorted prefix of the boundary bin, the only tokens that get sorted.
     """
-    n, vocab = probs.shape
-    top = logits.max(-1, keepdim=True).values
-    spread = (top - logits.min(-1, keepdim=True).values).clamp(torch.finfo(logits.dtype).tiny, MAX_SPREAD * temperature)
-    index = ((top - logits) * ((bins - 1) / spread)).clamp_(0, bins - 1).long()
-    flat = (index + bins * torch.arange(n, device=probs.device)[:, None]).reshape(-1)
-    bin_mass = torch.bincount(flat, weights=probs.reshape(-1), minlength=n * bins).view(n, bins)
-    bin_count = torch.bincount(flat, minlength=n * bins).view(n, bins)
+    n = probs.shape[0]
+    scale = (bins - 1) / (MAX_SPREAD * temperature)
+    # top * scale - logit * scale: monotone in the logit whatever the rounding, so bins keep the order.
+    index = torch.addcmul(top_logit[:, None] * scale, logits, logits.new_tensor(-scale))
+    index = index.clamp_(0, bins - 1).to(torch.int32)
+    offsets = bins * torch.arange(n, device=probs.device, dtype=torch.int32)[:, None]
+    bin_mass = torch.bincount((index + offsets).view(-1), weights=probs.reshape(-1), minlength=n * bins)
+    bin_mass = bin_mass.view(n, bins)
     mass_through = bin_mass.cumsum(-1)
-    edge = (mass_through < top_p).sum(-1).clamp(max=bins - 1)  # the boundary bin per row
+    edge = (mass_through < top_p).sum(-1).clamp(max=bins - 1)  # the boundary bin of each row
     mass_above = (mass_through.gather(1, edge[:, None]) - bin_mass.gather(1, edge[:, None])).squeeze(1)
-    count_above = (bin_count.cumsum(-1).gather(1, edge[:, None]) - bin_count.gather(1, edge[:, None])).squeeze(1)
-    in_edge = bin_count.gather(1, edge[:, None]).squeeze(1)
-    edge_p = torch.topk(torch.where(index == edge[:, None], probs, -1.0), int(in_edge.max()), dim=-1).values
+    edge_i32 = edge.to(torch.int32)[:, None]
+    count_above = (index < edge_i32).sum(-1, dtype=torch.int32).long()  # int32 sum: no int64 copy
+    edge_p, in_edge = _sorted_bin(probs, index == edge_i32)
     valid = torch.arange(edge_p.shape[1], device=probs.device)[None, :] < in_edge[:, None]
-    edge_p = edge_p * valid
     before = mass_above[:, None] + edge_p.cumsum(-1) - edge_p
     taken = (before < top_p) & valid
     size = (count_above + taken.sum(-1)).clamp_min(1)
     mass = mass_above + (edge_p * taken).sum(-1)
     return size, mass
+
+
+def _sorted_bin(probs: torch.Tensor, members: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row, the probabilities where `members` [B, V] is True, descending, zero-padded [B, m];
+    and how many each row has. Only the members are touched (a few dozen per row)."""
+    n = probs.shape[0]
+    rows, cols = members.nonzero(as_tuple=True)  # by row, then column
+    count = torch.bincount(rows, minlength=n)
+    slot = torch.arange(rows.numel(), device=probs.device) - (count.cumsum(0) - count)[rows]
+    packed = probs.new_zeros(n, max(int(count.max()), 1))
+    packed[rows, slot] = probs[rows, cols]
+    return packed.sort(-1, descending=True).values, count
 
 
 def reference_pool(logits: torch.Tensor, *, top_p: float, top_k: int | None, temperature: float) -> Pool:
