@@ -54,6 +54,7 @@ def hardware() -> dict[str, Any]:
 
 def provenance(**extra: Any) -> dict[str, Any]:
     """Everything a reader needs to reproduce a result file; `extra` adds seeds and the like."""
-    return {"git_commit": git_commit(), "command": " ".join(sys.argv),
+    command = " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])  # the program's name, not this machine's path
+    return {"git_commit": git_commit(), "command": command,
             "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "libraries": library_versions(),
             "hardware": hardware(), **extra}

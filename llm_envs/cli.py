@@ -113,7 +113,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     """The benchmark suite: every method on the held-out prompts, one reward wrapper, one leaderboard."""
     from benchmarks.bench.config import load_suite_config
 
-    cfg = load_suite_config(args.config, args.overrides, quick=args.quick)
+    overrides = [*args.overrides, *(["bench.progress=false"] if args.no_progress else [])]
+    cfg = load_suite_config(args.config, overrides, quick=args.quick)
     if args.sweep:
         from benchmarks.bench.sweep import run_sweep
 
@@ -184,6 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="train and evaluate one proxy per value of p_t or temperature (the paper's study)")
     bench.add_argument("--from-records", action="store_true",
                        help="rebuild the leaderboard, plots and wandb log from the records without running anything")
+    bench.add_argument("--no-progress", action="store_true", help="no progress bars (logs, CI)")
     bench.add_argument("overrides", nargs="*", help="key=value overrides, e.g. bench.num_prompts=48 train.total_timesteps=20000")
     bench.set_defaults(func=cmd_bench)
     return parser

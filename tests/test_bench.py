@@ -66,6 +66,20 @@ def test_the_shipped_suite_config_and_its_quick_variant():
     assert quick.train.total_timesteps < cfg.train.total_timesteps
 
 
+def test_the_real_model_config_is_valid():
+    cfg = load_suite_config(TINY.parent / "hh_gpu.yaml")
+    assert cfg.train.env.device == "cuda" and cfg.bench.gold == "none"
+    assert cfg.rrhf.lm == cfg.train.env.lm and cfg.rrhf.reward == cfg.train.env.reward
+
+
+def test_the_readme_leaderboard_is_the_generated_one():
+    """The README shows the committed tiny leaderboard verbatim (regenerate, then copy the table)."""
+    root = TINY.parents[1]
+    generated = (root / "benchmarks" / "results" / "tiny" / "leaderboard.md").read_text()
+    table = generated[generated.index("| method |"):].split("\n\n")[0]
+    assert table in (root / "README.md").read_text()
+
+
 @pytest.mark.parametrize("override, message", [
     ("bench.num_prompt=3", "Did you mean 'num_prompts'"),
     ("bench.methods=[{name: a, kind: gredy}]", "Did you mean 'greedy'"),
@@ -218,6 +232,20 @@ def test_a_custom_agent_gets_its_row_and_the_others_keep_their_records(suite, te
     board = json.loads((out / "leaderboard.json").read_text())["rows"]
     assert main(["bench", "--config", str(config), "--from-records"]) == 0
     assert json.loads((out / "leaderboard.json").read_text())["rows"] == board
+
+
+def test_wandb_gets_the_table_and_plots_offline(suite, tmp_path):
+    from llm_envs.cli import main
+
+    config, _ = suite
+    runs = tmp_path / "wb"
+    assert main(["bench", "--config", str(config), "--from-records", "bench.wandb_mode=offline",
+                 f"bench.runs_dir={runs}"]) == 0
+    (run,) = (runs / "wandb").glob("offline-run-*")
+    media = run / "files" / "media"
+    assert list(media.glob("table/leaderboard_*.table.json"))
+    assert {p.name.split("_0_")[0] for p in media.glob("images/plots/*.png")} == {"reward_distribution",
+                                                                                 "reward_vs_compute"}
 
 
 def test_a_partial_run_under_other_settings_is_refused_before_writing(suite, capsys):

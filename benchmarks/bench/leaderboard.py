@@ -14,7 +14,7 @@ Row keys (leaderboard.json `rows`, also the columns of leaderboard.md):
 | `irregular_rate` | share of responses with a word repeated back to back or a repeated 4-gram |
 | `response_len` | mean response length in LM tokens |
 | `lm_forwards_per_response` | LM forward rows spent per response (prefill = 1; best-of-n counts all n samples) |
-| `rm_calls_per_response` | reward-model scorings spent while generating (ARGS: k per token; best-of-n: n) |
+| `rm_calls_per_response` | reward-model calls while generating: best-of-n scores n whole responses; ARGS one batched forward per token over its k candidates (prefix KV-cached) |
 | `seconds_per_response` | generation wall time / prompts (training excluded; scoring excluded) |
 | `train_seconds` | training wall time (proxy, RRHF; 0 for decoding-time methods) |
 | `trainable_params` | parameters the method trains (proxy: the policy + value MLP; RRHF: the whole LM) |

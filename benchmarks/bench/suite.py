@@ -173,7 +173,7 @@ def log_to_wandb(cfg: SuiteConfig, rows: Sequence[dict[str, Any]], plots: Sequen
     keys = ["method", "kind", *[k for k, _, _ in COLUMNS[1:]], "reward_ci95", "gold_ci95", "irregular_rate"]
     table = wandb.Table(columns=keys, data=[[row.get(k) for k in keys] for row in rows])
     run.log({"leaderboard": table, **{f"plots/{p.stem}": wandb.Image(str(p)) for p in plots}})
-    location = run.dir
+    location = str(Path(run.dir).parent)  # the run's folder (wandb sync takes it)
     run.finish()
     return location
 
