@@ -16,8 +16,9 @@ advanced for one row; a batched forward over N rows counts as N env-steps):
   autoreset (NEXT_STEP). The reward is a callable returning zeros, so reward-model time does not
   pollute the LM measurement. Timed: the whole loop (action masks, action sampling, ``venv.step``,
   autoresets included). Counted: real transitions only (rows that were not being autoreset in that
-  step). ``env_decode_steps_per_s`` also subtracts the time spent in ``core.reset_rows`` (prefill of
-  new prompts + their first candidate forward), for a decode-vs-decode comparison with ``limit``.
+  step). ``env_decode_steps_per_s`` also subtracts the time spent in ``engine.reset_rows`` (the batched
+  prefill of new prompts; their first candidates share the step's batched forward), for a
+  decode-vs-decode comparison with ``limit``.
 - ``naive``: the design of peer implementations: one env per row, no KV cache, every step a full
   forward of the whole sequence (prompt + accepted tokens + candidate), rows one after another,
   plus the same per-step env work (float64 nucleus pool via the same `nucleus_pools`, SKAM mask, observation vector). The naive
@@ -214,7 +215,8 @@ def make_env(lm_dir: str | os.PathLike, prompts: Sequence[str], num_envs: int, s
 class EnvRunner:
     """Steps a vector env with random valid actions (reject w.p. 1/2 where allowed); `segment(steps)`
     times one stretch. Env-steps are real transitions: a row's autoreset step (NEXT_STEP) is not
-    counted as its transition, but its time is; time inside `core.reset_rows` is also reported."""
+    counted as its transition, but its time is; time inside `engine.reset_rows` (prefill of new prompts)
+    is also reported."""
 
     def __init__(self, venv: Any, settings: Settings) -> None:
         self.venv = venv
@@ -222,7 +224,8 @@ class EnvRunner:
         self.n = venv.num_envs
         self.rng = np.random.default_rng(settings.seed)
         self.reset_seconds = 0.0
-        original = self.core.reset_rows
+        engine = self.core.engine
+        original = engine.reset_rows
 
         def timed_reset(*args: Any, **kwargs: Any) -> Any:
             start = time.perf_counter()
@@ -231,7 +234,7 @@ class EnvRunner:
             finally:
                 self.reset_seconds += time.perf_counter() - start
 
-        self.core.reset_rows = timed_reset  # instance attribute: only this env's core is instrumented
+        engine.reset_rows = timed_reset  # instance attribute: only this env's engine is instrumented
         venv.reset(seed=settings.seed)
         self.resetting = np.zeros(self.n, dtype=bool)
         for _ in range(settings.env_warmup):
@@ -384,7 +387,7 @@ def build_report(rows: list[dict[str, Any]], settings: Settings, command: str,
             "env": "gym.make_vec('llm_envs/TokenAccept-v0', N) with random valid actions (reject w.p. 1/2 where "
                    "SKAM allows it), NEXT_STEP autoreset; time of the whole loop incl. action_masks and "
                    "autoresets; counts real transitions only; env_decode_steps_per_s subtracts time in "
-                   "core.reset_rows (prefill + first candidate forward); env_lm_forwards_per_vector_step counts "
+                   "engine.reset_rows (prefill of new prompts); env_lm_forwards_per_vector_step counts "
                    "batched forwards, prefills included",
             "naive": "one env per row, no KV cache, full forward of prompt + accepted + candidate every step "
                      "(logits_to_keep=1: a conservative, fast naive), rows one after another, same per-step env "

@@ -16,6 +16,8 @@ from gymnasium.utils.seeding import np_random
 from gymnasium.vector import AutoresetMode, VectorEnv
 from stable_baselines3.common.vec_env.base_vec_env import VecEnv
 
+from llm_envs.envs.restart import Restart
+
 # env id -> "module:CoreClass" (the batched implementation behind the id)
 CORES: dict[str, str] = {
     "llm_envs/TokenAccept-v0": "llm_envs.envs.token_accept:TokenAcceptCore",
@@ -82,6 +84,8 @@ class LMVectorEnv(VectorEnv):
     def step(self, actions: Any):
         if not self._started:
             raise RuntimeError("step() called before reset(); call reset() first.")
+        if getattr(self.core, "supports_restart", False):
+            return self._step_with_restarts(actions)
         resetting = np.flatnonzero(self._needs_reset).tolist()
         obs, rewards, terminated, truncated, infos = self.core.step(actions, ~self._needs_reset)
         if resetting:  # NEXT_STEP: the rows that ended last step start over; their action is ignored
@@ -100,6 +104,23 @@ class LMVectorEnv(VectorEnv):
                 infos[row] = {**reset_infos[i], "final_obs": obs[row].copy(), "final_info": infos[row]}
             obs[done] = reset_obs
         return obs, rewards, terminated, truncated, self._merge(infos, range(self.num_envs))
+
+    def _step_with_restarts(self, actions: Any):
+        """The same step, with autoresets done inside the core's step so the new rows share its
+        batched forward (cores with `supports_restart`)."""
+        resetting = np.flatnonzero(self._needs_reset).tolist()
+        restart = Restart(resetting, [self._rngs[r] for r in resetting], [self._options] * len(resetting))
+        same_step = self.autoreset_mode == AutoresetMode.SAME_STEP
+        obs, rewards, terminated, truncated, infos = self.core.step(
+            actions, ~self._needs_reset, restart=restart, restart_done=self._restart if same_step else None)
+        done = np.flatnonzero(terminated | truncated).tolist()
+        self._needs_reset[:] = False
+        if not same_step:
+            self._needs_reset[done] = True
+        return obs, rewards, terminated, truncated, self._merge(infos, range(self.num_envs))
+
+    def _restart(self, rows: list[int]) -> Restart:
+        return Restart(rows, [self._rngs[r] for r in rows], [self._options] * len(rows))
 
     def action_masks(self) -> np.ndarray:
         """[num_envs, n_actions] bool (for rows about to reset: all actions legal)."""
@@ -145,6 +166,8 @@ class LMSb3VecEnv(VecEnv):
         self._actions = np.asarray(actions)
 
     def step_wait(self):
+        if getattr(self.core, "supports_restart", False):
+            return self._step_with_restarts()
         obs, rewards, terminated, truncated, infos = self.core.step(self._actions)
         dones = terminated | truncated
         done_rows = np.flatnonzero(dones).tolist()
@@ -157,6 +180,18 @@ class LMSb3VecEnv(VecEnv):
             obs[done_rows] = reset_obs
             for row, info in zip(done_rows, reset_infos):
                 self.reset_infos[row] = info
+        return obs, rewards.astype(np.float32), dones, infos
+
+    def _step_with_restarts(self):
+        """Same-step autoreset inside the core's step: the new rows share its batched forward."""
+        obs, rewards, terminated, truncated, infos = self.core.step(
+            self._actions, restart_done=lambda rows: Restart(rows, [self._rngs[r] for r in rows], [None] * len(rows)))
+        dones = terminated | truncated
+        for row in np.flatnonzero(dones).tolist():
+            new_info = infos[row]
+            infos[row] = {**new_info.pop("final_info"), "terminal_observation": new_info.pop("final_obs"),
+                          "TimeLimit.truncated": bool(truncated[row] and not terminated[row])}
+            self.reset_infos[row] = new_info
         return obs, rewards.astype(np.float32), dones, infos
 
     def action_masks(self) -> np.ndarray:

@@ -13,6 +13,7 @@ import llm_envs
 from llm_envs.envs.pools import Pool, nucleus_pools, reference_pool
 from llm_envs.envs.token_accept import ACCEPT, NUM_FEATURES, REJECT, skam_allows_reject
 from llm_envs.models import load_causal_lm, load_tokenizer
+from llm_envs.vector import make_vector_env
 
 ENV_ID = "llm_envs/TokenAccept-v0"
 
@@ -280,6 +281,36 @@ def test_vector_rows_equal_single_envs_with_the_same_seeds_and_actions(world_kwa
                 pending_reset[i] = True
                 assert list(infos["response_ids"][i]) == info["response_ids"]
     assert episodes >= 3
+
+
+def test_same_step_autoreset_rows_equal_single_envs_and_share_the_forward(world_kwargs):
+    """SAME_STEP: a finished row starts over inside the step; the new rows' first candidates go in
+    the step's batched forward (a step costs at most a prefill plus one forward)."""
+    n, seed = 3, 4
+    kwargs = {**world_kwargs, "max_new_tokens": 5}
+    venv = make_vector_env(ENV_ID, n, autoreset_mode="SameStep", **kwargs)
+    singles = [gym.make(ENV_ID, **kwargs) for _ in range(n)]
+    obs, _ = venv.reset(seed=seed)
+    single_obs = [env.reset(seed=seed + i)[0] for i, env in enumerate(singles)]
+    rng = np.random.default_rng(6)
+    ended = 0
+    for _ in range(30):
+        masks = venv.action_masks()
+        actions = np.where(masks[:, REJECT] & (rng.random(n) < 0.3), REJECT, ACCEPT)
+        calls = venv.core.engine.forward_calls
+        obs, rewards, terminated, truncated, infos = venv.step(actions)
+        done = terminated | truncated
+        assert venv.core.engine.forward_calls <= calls + (2 if done.any() else 1)
+        for i, env in enumerate(singles):
+            last, reward, te, tr, info = env.step(int(actions[i]))
+            assert (terminated[i], truncated[i]) == (te, tr) and rewards[i] == pytest.approx(reward, abs=1e-5)
+            if te or tr:
+                ended += 1
+                np.testing.assert_allclose(infos["final_obs"][i], last, atol=1e-5)
+                assert list(infos["final_info"]["response_ids"][i]) == info["response_ids"]
+                last, _ = env.reset()
+            np.testing.assert_allclose(obs[i], last, atol=1e-5)
+    assert ended >= 3
 
 
 def test_sb3_vec_env_autoresets_in_the_same_step_with_masks(world_kwargs):

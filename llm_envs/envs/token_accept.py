@@ -8,7 +8,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal, Sequence
+from typing import Any, Callable, Literal, Sequence
 
 import gymnasium as gym
 import numpy as np
@@ -17,6 +17,7 @@ import torch
 from llm_envs.engine import DecodeEngine
 from llm_envs.envs.context import LMContext, context_for_env
 from llm_envs.envs.pools import Pool, nucleus_pools, validate_sampling
+from llm_envs.envs.restart import Restart
 from llm_envs.envs.single import SingleRowEnv
 
 ObsMode = Literal["candidate", "prefix"]
@@ -74,6 +75,8 @@ class _Row:
 
 class TokenAcceptCore:
     """The batched accept/reject MDP. See `TokenAcceptEnv` for the env card."""
+
+    supports_restart = True  # step(restart=..., restart_done=...): autoresets share the step's forward
 
     def __init__(
         self,
@@ -142,16 +145,19 @@ class TokenAcceptCore:
         options: Sequence[dict[str, Any] | None],
     ) -> tuple[np.ndarray, list[dict[str, Any]]]:
         """Start new episodes on `rows`; returns their observations [len(rows), D] and infos."""
-        for row, rng, opts in zip(rows, rngs, options):
-            self._start_episode(self.rows[row], rng, opts or {})
-        out = self.engine.reset_rows(list(rows), [self.rows[r].prompt_ids for r in rows])
-        pools = self._pools(out.logits)
-        for i, row in enumerate(rows):
-            state = self.rows[row]
-            state.pool, state.hidden = pools[i], out.hidden[i]
+        rows = list(rows)
+        self._start(Restart(rows, list(rngs), list(options)))
         if self.obs_mode == "candidate":
-            self._forward_candidates(list(rows))
-        return np.stack([self._observation(r) for r in rows]), [self._info(r) for r in rows]
+            self._forward_candidates(rows)
+        return self._observations(rows), [self._info(r) for r in rows]
+
+    def _start(self, restart: Restart) -> None:
+        """Draw prompts, prefill them (one batched forward) and set each row's first pool."""
+        for row, rng, opts in zip(restart.rows, restart.rngs, restart.options):
+            self._start_episode(self.rows[row], rng, opts or {})
+        out = self.engine.reset_rows(restart.rows, [self.rows[r].prompt_ids for r in restart.rows])
+        for i, (row, pool) in enumerate(zip(restart.rows, self._pools(out.logits))):
+            self.rows[row].pool, self.rows[row].hidden = pool, out.hidden[i]
 
     def _start_episode(self, state: _Row, rng: np.random.Generator, options: dict[str, Any]) -> None:
         prompt, index, prompt_ids = self.ctx.pick_prompt(rng, options, self.max_new_tokens)
@@ -169,10 +175,25 @@ class TokenAcceptCore:
         return skam_allows_reject(state.pool, state.rejections, self.p_t, self.max_rejections)
 
     def step(
-        self, actions: Sequence[int] | np.ndarray, active: Sequence[bool] | None = None
+        self,
+        actions: Sequence[int] | np.ndarray,
+        active: Sequence[bool] | np.ndarray | None = None,
+        *,
+        restart: Restart | None = None,
+        restart_done: Callable[[list[int]], Restart] | None = None,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, list[dict[str, Any]]]:
-        """Step the active rows (all by default). Rows not active keep their state."""
-        active = [True] * self.num_rows if active is None else list(active)
+        """Step the active rows (all by default). Rows not active keep their state.
+
+        Autoresets share the step's batched forward (the new rows' first candidates go in with
+        the others'), so a step that starts episodes costs a prefill plus one forward, not three:
+        - `restart`: inactive rows that start a new episode now (NEXT_STEP autoreset); their obs
+          and info are the new episode's, reward 0, not done.
+        - `restart_done(rows)` -> `Restart`: rows that end in this step start over in it
+          (SAME_STEP autoreset); their obs and info are the new episode's, the ended episode's
+          last ones go to `infos[row]["final_obs"]` / `["final_info"]`; terminated/truncated
+          stay True.
+        """
+        active = np.ones(self.num_rows, dtype=bool) if active is None else np.asarray(active, dtype=bool)
         actions = np.asarray(actions).reshape(-1)
         if actions.shape[0] != self.num_rows:
             raise ValueError(f"got {actions.shape[0]} actions for {self.num_rows} envs; pass one per env.")
@@ -182,7 +203,8 @@ class TokenAcceptCore:
         forced = np.zeros(self.num_rows, dtype=bool)
         accepted: list[int] = []  # rows that continue after an accept
         rejected: list[int] = []  # rows that continue after a reject
-        for row in (r for r in range(self.num_rows) if active[r]):
+        stepped = np.flatnonzero(active).tolist()
+        for row in stepped:
             state = self.rows[row]
             if not state.live:
                 raise RuntimeError(
@@ -193,17 +215,29 @@ class TokenAcceptCore:
             rewards[row], terminated[row], truncated[row] = self._apply(state, action, forced[row])
             if not (terminated[row] or truncated[row]):
                 (rejected if action == REJECT else accepted).append(row)
-        self._advance(accepted, rejected)
-        done = [r for r in range(self.num_rows) if terminated[r] or truncated[r]]
+        done = np.flatnonzero(terminated | truncated).tolist()
         finals = self._finish(done)
+        for row, final in finals.items():
+            rewards[row] += final["reward_model"]
+        # Ended rows' last obs/info, taken before a same-step restart overwrites the rows.
+        done_infos = {row: {**self._info(row, forced_accept=bool(forced[row])), **finals[row]["info"]} for row in done}
+        final_obs = self._observations(done) if done and restart_done is not None else None
+        restarts = [restart] if restart is not None and restart.rows else []
+        if final_obs is not None:
+            restarts.append(restart_done(done))
+        for batch in restarts:
+            self._start(batch)
+        started = [row for batch in restarts for row in batch.rows]
+        self._advance(accepted, rejected, started)
         infos: list[dict[str, Any]] = [{} for _ in range(self.num_rows)]
-        for row in (r for r in range(self.num_rows) if active[r]):
-            infos[row] = self._info(row, forced_accept=bool(forced[row]))
-            if row in finals:
-                rewards[row] += finals[row]["reward_model"]
-                infos[row].update(finals[row]["info"])
-        obs = np.stack([self._observation(r) for r in range(self.num_rows)])
-        return obs, rewards, terminated, truncated, infos
+        for row in stepped:
+            infos[row] = done_infos.get(row) or self._info(row, forced_accept=bool(forced[row]))
+        for row in started:
+            infos[row] = self._info(row)
+        if final_obs is not None:
+            for i, row in enumerate(done):
+                infos[row] = {**infos[row], "final_obs": final_obs[i], "final_info": done_infos[row]}
+        return self._observations(range(self.num_rows)), rewards, terminated, truncated, infos
 
     def _checked_action(self, raw: Any, state: _Row, row: int) -> int:
         try:
@@ -248,8 +282,12 @@ class TokenAcceptCore:
         truncated = len(state.response) >= self.max_new_tokens or state.steps >= self.max_steps
         return reward, False, truncated
 
-    def _advance(self, accepted: list[int], rejected: list[int]) -> None:
-        """Propose the next candidate on each continuing row, with at most one batched forward."""
+    def _advance(self, accepted: list[int], rejected: list[int], started: list[int]) -> None:
+        """Propose the next candidate on each continuing row, with at most one batched forward.
+
+        `started` rows have their first pool already (from their prefill); in candidate mode
+        their first candidate rides along in the same forward.
+        """
         if self.obs_mode == "candidate":
             # The proposed candidate sits in the cache: a reject hides it; an accept keeps it,
             # and its forward already gave the next position's distribution.
@@ -258,7 +296,7 @@ class TokenAcceptCore:
                 pools = self._pools(torch.stack([self.rows[r].next_logits for r in accepted]))
                 for row, pool in zip(accepted, pools):
                     self.rows[row].pool, self.rows[row].rejections = pool, 0
-            self._forward_candidates(sorted(accepted + rejected))
+            self._forward_candidates(sorted(accepted + rejected + started))
         elif accepted:
             # Prefix mode: only an accept changes the prefix; a reject needs no forward.
             tokens = [0] * self.num_rows
@@ -274,9 +312,10 @@ class TokenAcceptCore:
         if not rows:
             return
         tokens = [0] * self.num_rows
+        active = [False] * self.num_rows
         for r in rows:
-            tokens[r] = self.rows[r].candidate
-        out = self.engine.append(tokens, [r in rows for r in range(self.num_rows)])
+            tokens[r], active[r] = self.rows[r].candidate, True
+        out = self.engine.append(tokens, active)
         for r in rows:
             self.rows[r].hidden, self.rows[r].next_logits = out.hidden[r], out.logits[r]
 
@@ -322,26 +361,35 @@ class TokenAcceptCore:
         return finals
 
     # ------------------------------------------------------------------ observation
-    def _observation(self, row: int) -> np.ndarray:
-        state = self.rows[row]
-        if state.pool is None:
-            return np.zeros(self.obs_dim, dtype=np.float32)
+    def _observations(self, rows: Sequence[int]) -> np.ndarray:
+        """Observations of `rows` [len(rows), D] float32, a fresh array (hidden states batched)."""
+        rows = list(rows)
+        out = np.zeros((len(rows), self.obs_dim), dtype=np.float32)
+        have = [i for i, r in enumerate(rows) if self.rows[r].pool is not None]
+        if not have:
+            return out
+        states = [self.rows[rows[i]] for i in have]
+        hidden = torch.stack([s.hidden for s in states]).float()
+        parts = [hidden]
+        if self.obs_mode == "prefix":
+            with torch.inference_mode():
+                tokens = torch.tensor([s.candidate for s in states], device=self._embeddings.weight.device)
+                parts.append(self._embeddings(tokens).float())
+        out[have, : self.obs_dim - NUM_FEATURES] = torch.cat(parts, 1).cpu().numpy()
+        out[have, self.obs_dim - NUM_FEATURES:] = [self._features(s) for s in states]
+        return out
+
+    def _features(self, state: _Row) -> tuple[float, ...]:
+        """The 5 scalar features (FEATURE_NAMES) of a row's current candidate."""
         r = state.rejections
         remaining = len(state.pool) - r
-        features = torch.tensor([
+        return (
             float(state.pool.probs[r]),
             float(state.pool.suffix_mass[r]) / max(remaining, 1),
             float(r),
             len(state.response) / self.max_new_tokens,
             float(state.live and self._reject_allowed(state)),
-        ], dtype=torch.float32)
-        parts = [state.hidden.float().cpu()]
-        if self.obs_mode == "prefix":
-            with torch.inference_mode():
-                token = torch.tensor([state.candidate], device=self._embeddings.weight.device)
-                parts.append(self._embeddings(token)[0].float().cpu())
-        parts.append(features)
-        return torch.cat(parts).numpy().astype(np.float32, copy=True)
+        )
 
     def _info(self, row: int, forced_accept: bool = False) -> dict[str, Any]:
         state = self.rows[row]
