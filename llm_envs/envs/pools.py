@@ -90,6 +90,28 @@ class NucleusPools:
         return out
 
 
+class PoolWorkspace:
+    """Reusable [B, V] scratch buffers for `nucleus_pools` (an env keeps one; not thread-safe).
+
+    Why: at a 50k vocabulary a [64, V] float64 buffer is 25 MB, and a fresh one per call is a
+    fresh mapping whose pages fault in on first touch -- as costly as the arithmetic itself.
+    """
+
+    def __init__(self) -> None:
+        self._buffers: dict[str, torch.Tensor] = {}
+
+    def buffer(self, name: str, like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """An uninitialised buffer of `like`'s shape [B, V] and device, in `dtype`, reused across calls."""
+        rows, cols = like.shape
+        buf = self._buffers.get(name)
+        if buf is None or buf.dtype != dtype or buf.device != like.device or buf.shape[1] != cols \
+                or buf.shape[0] < rows:
+            grown = rows if buf is None or buf.shape[1] != cols else max(rows, buf.shape[0])
+            buf = torch.empty((grown, cols), dtype=dtype, device=like.device)
+            self._buffers[name] = buf
+        return buf[:rows]
+
+
 def validate_sampling(top_p: float, top_k: int | None, temperature: float) -> None:
     if not 0.0 < top_p <= 1.0:
         raise ValueError(f"top_p={top_p!r}; expected 0 < top_p <= 1 (1.0 keeps every token).")
@@ -107,6 +129,7 @@ def nucleus_pools(
     temperature: float,
     head: int = DEFAULT_HEAD,
     head_min_prob: float | None = None,
+    workspace: PoolWorkspace | None = None,
 ) -> NucleusPools:
     """Pools for a batch of next-token logits [B, V].
 
@@ -115,15 +138,11 @@ def nucleus_pools(
     `head` tokens of each pool and, with `head_min_prob`, every pool token with
     `p >= head_min_prob` plus one more (TokenAccept passes its SKAM `p_t`: a candidate past that
     can never be reached, because a reject needs the mean p left to exceed p_t). With `top_k`
-    the head is the whole pool.
+    the head is the whole pool. Pass a `workspace` when calling every step (see `PoolWorkspace`).
     """
     vocab = logits.shape[-1]
-    # float64 so that sums over large vocabularies do not wobble the nucleus edge. At temperature
-    # 1 the softmax casts as it goes (same bits as casting first, one [B, V] buffer fewer).
-    if temperature == 1.0:
-        probs = torch.softmax(logits, dim=-1, dtype=torch.float64)
-    else:
-        probs = torch.softmax(logits.to(torch.float64) / temperature, dim=-1)
+    ws = workspace if workspace is not None else PoolWorkspace()
+    probs = _softmax64(logits, temperature, ws)
     limit = vocab if top_k is None else min(top_k, vocab)
     width = limit if top_k is not None else min(max(head, 1), vocab)
     head_p, head_ids = _sorted_head(probs, width)
@@ -149,7 +168,7 @@ def nucleus_pools(
         every = rows.numel() == probs.shape[0]  # skip the copy when every row needs it (a flat LM)
         top_logit = logits.gather(1, head_ids[:, :1]).squeeze(1)  # the head's first token has the top logit
         row_size, row_mass = _nucleus_by_histogram(logits if every else logits[rows], probs if every else probs[rows],
-                                                   top_logit if every else top_logit[rows], top_p, temperature)
+                                                   top_logit if every else top_logit[rows], top_p, temperature, ws)
         size, mass = size.index_put((rows,), row_size), mass.index_put((rows,), row_mass)
     keep = torch.arange(width, device=probs.device)[None, :] < size[:, None]
     head_p, head_ids = head_p * keep, head_ids.masked_fill(~keep, -1)
@@ -157,6 +176,15 @@ def nucleus_pools(
     suffix = torch.cat([head_p.flip(-1).cumsum(-1).flip(-1), head_p.new_zeros(head_p.shape[0], 1)], -1)
     suffix = suffix + tail[:, None]
     return NucleusPools(head_ids, head_p, size, suffix)
+
+
+def _softmax64(logits: torch.Tensor, temperature: float, ws: PoolWorkspace) -> torch.Tensor:
+    """softmax(logits / temperature) in float64 (so sums over large vocabularies do not wobble the
+    nucleus edge), bit for bit `torch.softmax(logits.double() / temperature, -1)`, in reused buffers."""
+    scaled = ws.buffer("scaled", logits, torch.float64).copy_(logits)
+    if temperature != 1.0:
+        scaled.div_(temperature)
+    return torch.ops.aten._softmax.out(scaled, -1, False, out=ws.buffer("probs", logits, torch.float64))
 
 
 def _sorted_head(probs: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -189,7 +217,7 @@ def _settle_edge_tie(probs: torch.Tensor, head_p: torch.Tensor, head_ids: torch.
 
 def _nucleus_by_histogram(
     logits: torch.Tensor, probs: torch.Tensor, top_logit: torch.Tensor, top_p: float, temperature: float,
-    bins: int = HISTOGRAM_BINS,
+    ws: PoolWorkspace, bins: int = HISTOGRAM_BINS,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Nucleus size and mass of each row [B, V] without sorting the row.
 
@@ -202,17 +230,20 @@ def _nucleus_by_histogram(
     n = probs.shape[0]
     scale = (bins - 1) / (MAX_SPREAD * temperature)
     # top * scale - logit * scale: monotone in the logit whatever the rounding, so bins keep the order.
-    index = torch.addcmul(top_logit[:, None] * scale, logits, logits.new_tensor(-scale))
-    index = index.clamp_(0, bins - 1).to(torch.int32)
+    real = torch.addcmul(top_logit[:, None] * scale, logits, logits.new_tensor(-scale),
+                         out=ws.buffer("bin_real", logits, logits.dtype)).clamp_(0, bins - 1)
+    index = ws.buffer("bin", logits, torch.int32).copy_(real)  # truncates: floor of values >= 0
     offsets = bins * torch.arange(n, device=probs.device, dtype=torch.int32)[:, None]
-    bin_mass = torch.bincount((index + offsets).view(-1), weights=probs.reshape(-1), minlength=n * bins)
+    flat = torch.add(index, offsets, out=ws.buffer("bin_flat", logits, torch.int32))
+    bin_mass = torch.bincount(flat.view(-1), weights=probs.reshape(-1), minlength=n * bins)
     bin_mass = bin_mass.view(n, bins)
     mass_through = bin_mass.cumsum(-1)
     edge = (mass_through < top_p).sum(-1).clamp(max=bins - 1)  # the boundary bin of each row
     mass_above = (mass_through.gather(1, edge[:, None]) - bin_mass.gather(1, edge[:, None])).squeeze(1)
     edge_i32 = edge.to(torch.int32)[:, None]
-    count_above = (index < edge_i32).sum(-1, dtype=torch.int32).long()  # int32 sum: no int64 copy
-    edge_p, in_edge = _sorted_bin(probs, index == edge_i32)
+    mask = ws.buffer("bin_mask", logits, torch.bool)
+    count_above = torch.lt(index, edge_i32, out=mask).sum(-1, dtype=torch.int32).long()  # int32: no int64 copy
+    edge_p, in_edge = _sorted_bin(probs, torch.eq(index, edge_i32, out=mask))
     valid = torch.arange(edge_p.shape[1], device=probs.device)[None, :] < in_edge[:, None]
     before = mass_above[:, None] + edge_p.cumsum(-1) - edge_p
     taken = (before < top_p) & valid

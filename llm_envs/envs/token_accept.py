@@ -16,7 +16,7 @@ import torch
 
 from llm_envs.engine import DecodeEngine
 from llm_envs.envs.context import LMContext, context_for_env
-from llm_envs.envs.pools import Pool, nucleus_pools, validate_sampling
+from llm_envs.envs.pools import Pool, PoolWorkspace, nucleus_pools, validate_sampling
 from llm_envs.envs.restart import Restart
 from llm_envs.envs.single import SingleRowEnv
 
@@ -136,6 +136,7 @@ class TokenAcceptCore:
         self.observation_space = gym.spaces.Box(-np.inf, np.inf, (self.obs_dim,), np.float32)
         self.action_space = gym.spaces.Discrete(2)
         self.rows = [_Row() for _ in range(num_rows)]
+        self._pool_workspace = PoolWorkspace()
 
     # ------------------------------------------------------------------ reset
     def reset_rows(
@@ -322,7 +323,7 @@ class TokenAcceptCore:
     def _pools(self, logits: torch.Tensor) -> list[Pool]:
         # head_min_prob=p_t: the head then holds every candidate SKAM can let a row reach.
         return nucleus_pools(logits, top_p=self.top_p, top_k=self.top_k, temperature=self.temperature,
-                             head_min_prob=self.p_t).rows()
+                             head_min_prob=self.p_t, workspace=self._pool_workspace).rows()
 
     # ------------------------------------------------------------------ episode end
     def _finish(self, rows: list[int]) -> dict[int, dict[str, Any]]:
