@@ -55,6 +55,24 @@ def _as_int_list(values: Sequence[int] | torch.Tensor) -> list[int]:
     return [int(v) for v in values]
 
 
+def _length_groups(lengths: list[int], overhead_tokens: float) -> list[list[int]]:
+    """Split prompts (indices into `lengths`) into at most two left-padded prefill batches.
+
+    Padding is computed like real tokens, so a batch of mixed lengths wastes work; a second
+    forward pays off when the padding it saves outweighs a forward's fixed cost, expressed as
+    `overhead_tokens` (large for a tiny model, where dispatch dominates; < 1 for a 100M one).
+    """
+    by_length = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    ordered = [lengths[i] for i in by_length]
+    padded = len(ordered) * ordered[-1]
+    best, cut = padded, 0
+    for k in range(1, len(ordered)):  # first k (shortest) prompts in their own batch
+        cost = k * ordered[k - 1] + (len(ordered) - k) * ordered[-1] + overhead_tokens
+        if cost < best:
+            best, cut = cost, k
+    return [by_length[:cut], by_length[cut:]] if cut else [list(range(len(lengths)))]
+
+
 def _grow(kv: torch.Tensor, length: int) -> torch.Tensor:
     """Pad a [N, H, L, Dh] cache tensor with zero slots up to ``length``."""
     n, h, cur, d = kv.shape
@@ -130,6 +148,10 @@ class DecodeEngine:
         self.forward_calls = 0  # batched forwards, prefill included
         self.tokens_forwarded = 0  # token positions computed (padding and inactive rows included)
         self.compactions = 0
+        # A forward's fixed cost (Python, dispatch: ~1 ms on CPU) in token positions of this model
+        # (~2 FLOPs per parameter per token at ~20 GFLOP/s): whether splitting a prefill pays off.
+        params = sum(p.numel() for p in model.parameters())
+        self._prefill_overhead_tokens = 1e-3 * 20e9 / (2.0 * params)
 
     # ------------------------------------------------------------------ per-row state
     def tokens(self, row: int) -> list[int]:
@@ -183,6 +205,26 @@ class DecodeEngine:
                     "or use a model with a longer context."
                 )
             self._check_ids(row, prompt)
+        if len(rows) == self.num_rows:
+            # Every row starts over: drop the old cache, so the layout (and with it the float
+            # rounding of attention sums) depends only on the new prompts. This makes a single
+            # env bit-for-bit reproducible across resets with the same seed.
+            self._cache = DynamicCache(config=self.model.config)
+            self._mask = self._mask.new_zeros(self.num_rows, 0)
+        order, outputs = [], []
+        for group in _length_groups([len(p) for p in prompts], self._prefill_overhead_tokens):
+            outputs.append(self._prefill([rows[i] for i in group], [prompts[i] for i in group]))
+            order += group
+        logits, hidden = (torch.cat(parts) for parts in zip(*outputs))
+        if len(outputs) > 1:  # back to the caller's row order
+            back = torch.empty(len(order), dtype=torch.long)
+            back[torch.tensor(order)] = torch.arange(len(order))
+            logits, hidden = logits[back.to(logits.device)], hidden[back.to(hidden.device)]
+        self._maybe_compact()
+        return StepOutput(logits, hidden)
+
+    def _prefill(self, rows: list[int], prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """One left-padded batched forward of `prompts` in a fresh cache, spliced into `rows`."""
         batch, width = len(rows), max(len(p) for p in prompts)
         ids = torch.zeros(batch, width, dtype=torch.long)
         attn = torch.zeros(batch, width, dtype=torch.bool)
@@ -195,13 +237,6 @@ class DecodeEngine:
         ids, attn, pos = (t.to(self.device) for t in (ids, attn, pos))
         fresh = DynamicCache(config=self.model.config)
         logits, hidden = self._forward(ids, attn, pos, fresh)
-        if len(rows) == self.num_rows:
-            # Every row starts over: drop the old cache, so the layout (and with it the float
-            # rounding of attention sums) depends only on the new prompts. This makes a single
-            # env bit-for-bit reproducible across resets with the same seed.
-            self._cache = DynamicCache(config=self.model.config)
-            self._mask = self._mask.new_zeros(self.num_rows, 0)
-
         index = torch.tensor(rows, device=self.device)
         if width > self.cache_length:  # grow every layer (and the mask) to hold the prompt
             extra = width - self.cache_length
@@ -228,8 +263,7 @@ class DecodeEngine:
             self._row_forwards[row] = 1
         self.forward_calls += 1
         self.tokens_forwarded += batch * width
-        self._maybe_compact()
-        return StepOutput(logits, hidden)
+        return logits, hidden
 
     @torch.inference_mode()
     def append(

@@ -219,3 +219,26 @@ def test_intermediate_hidden_layer_and_bfloat16(arch: str) -> None:
     assert out.logits.dtype == torch.float32 and torch.isfinite(out.logits).all()
     logits, _ = reference(half, engine.tokens(0))
     assert (out.logits[0] - logits).abs().max().item() < 0.1
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_prefill_split_by_length_matches_fresh_forward(arch: str) -> None:
+    """With a forward's fixed cost set to zero, mixed prompt lengths prefill in two batches (less
+    padding); outputs come back in the caller's row order and decoding continues correctly."""
+    model = make_model(arch, "sdpa")
+    engine = DecodeEngine(model, 5)
+    engine._prefill_overhead_tokens = 0.0
+    check = Checker(model, engine)
+    rng = random.Random(7)
+    prompts = [random_prompt(rng, 20, 24), random_prompt(rng, 2, 3), random_prompt(rng, 20, 24),
+               random_prompt(rng, 2, 3), random_prompt(rng, 10, 12)]
+    rows = [3, 0, 4, 1, 2]
+    out = engine.reset_rows(rows, prompts)
+    assert engine.forward_calls == 2
+    check(out, rows, {row: i for i, row in enumerate(rows)})
+    for _ in range(3):
+        check(engine.append([rng.randrange(VOCAB) for _ in range(5)]), list(range(5)), [])
+    engine._prefill_overhead_tokens = 1e9  # a tiny model's real setting: one batch
+    out = engine.reset_rows([1, 2], [random_prompt(rng, 2, 3), random_prompt(rng, 20, 24)])
+    assert engine.forward_calls == 2 + 3 + 1
+    check(out, [1, 2], {1: 0, 2: 1})
