@@ -132,11 +132,39 @@ class LMVectorEnv(VectorEnv):
         return self.core.reset_rows(rows, [self._rngs[r] for r in rows], [self._options] * len(rows))
 
     def _merge(self, row_infos: Sequence[dict[str, Any]], rows: Sequence[int]) -> dict[str, Any]:
-        merged: dict[str, Any] = {}
-        for info, row in zip(row_infos, rows):
-            if info:
-                merged = self._add_info(merged, info, row)
-        return merged
+        return merge_infos(row_infos, rows, self.num_envs)
+
+
+def merge_infos(row_infos: Sequence[dict[str, Any]], rows: Sequence[int], num_envs: int) -> dict[str, Any]:
+    """Gymnasium's vector info layout (what `VectorEnv._add_info` builds row by row: `info[key]`
+    an array over envs, `info["_" + key]` its mask; nested dicts recursively; `final_obs` an
+    object array), built key by key: one array write per key instead of several dict and array
+    operations per row and key, which cost ~1 ms per step at N=64."""
+    columns: dict[str, tuple[list[int], list[Any]]] = {}
+    for info, row in zip(row_infos, rows):
+        for key, value in info.items():
+            at, values = columns.setdefault(key, ([], []))
+            at.append(row)
+            values.append(value)
+    merged: dict[str, Any] = {}
+    for key, (at, values) in columns.items():
+        first = values[0]
+        if key != "final_obs" and isinstance(first, dict):
+            merged[key] = merge_infos(values, at, num_envs)
+        elif key != "final_obs" and (type(first) in (int, float, bool) or isinstance(first, np.number)):
+            merged[key] = np.zeros(num_envs, dtype=type(first))
+            merged[key][at] = values
+        elif key != "final_obs" and isinstance(first, np.ndarray):
+            merged[key] = np.zeros((num_envs, *first.shape), dtype=first.dtype)
+            merged[key][at] = values
+        else:  # objects (lists, str, None, final_obs): one element each, never broadcast
+            merged[key] = np.full(num_envs, fill_value=None, dtype=object)
+            for row, value in zip(at, values):
+                merged[key][row] = value
+        mask = np.zeros(num_envs, dtype=np.bool_)
+        mask[at] = True
+        merged[f"_{key}"] = mask
+    return merged
 
 
 class LMSb3VecEnv(VecEnv):

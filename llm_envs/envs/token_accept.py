@@ -137,6 +137,7 @@ class TokenAcceptCore:
         self.action_space = gym.spaces.Discrete(2)
         self.rows = [_Row() for _ in range(num_rows)]
         self._pool_workspace = PoolWorkspace()
+        self._eos_token_id = self.ctx.eos_token_id  # read once: a tokenizer attribute lookup per row per step adds up
 
     # ------------------------------------------------------------------ reset
     def reset_rows(
@@ -278,7 +279,7 @@ class TokenAcceptCore:
             reward -= cost
             state.forced_accepts += int(forced)
             state.response.append(token)
-            if token == self.ctx.eos_token_id:
+            if token == self._eos_token_id:
                 return reward, True, False
         truncated = len(state.response) >= self.max_new_tokens or state.steps >= self.max_steps
         return reward, False, truncated
