@@ -292,3 +292,8 @@ def test_the_p_t_sweep_trains_one_proxy_per_value(suite, capsys):
     runs = {p["info"]["run_dir"] for p in
             (json.loads(f.read_text()) for f in (out / "sweep_p_t" / "records").glob("proxy-*.json"))}
     assert len(runs) == 2  # a proxy of its own per value
+    # A tagged variant keeps its own files; the untagged sweep stays as it was.
+    before = (out / "sweep_p_t.json").read_text()
+    assert main(["bench", "--config", str(config), "--sweep", "temperature", "bench.sweep.tag=v2"]) == 0
+    assert [p["value"] for p in json.loads((out / "sweep_temperature-v2.json").read_text())["points"]] == [0.5, 1.0]
+    assert (out / "sweep_temperature-v2.md").is_file() and (out / "sweep_p_t.json").read_text() == before

@@ -67,6 +67,9 @@ class SweepConfig:
     temperature: tuple[float, ...] = field(default=(0.25, 0.5, 0.75, 1.0), metadata=_help("temperatures swept"))
     total_timesteps: int | None = field(default=None, metadata=_help(
         "proxy training steps per point (null = train.total_timesteps)"))
+    tag: str | None = field(default=None, metadata=_help(
+        "suffix of the sweep's output names, keeping variants apart: e.g. `--sweep p_t train.env.top_p=1.0 "
+        "bench.sweep.tag=top_p1` writes sweep_p_t-top_p1.*"))
 
     def __post_init__(self) -> None:
         if not self.p_t or any(not 0 <= v < 1 for v in self.p_t):
@@ -75,6 +78,8 @@ class SweepConfig:
             raise ValueError(f"sweep.temperature={list(self.temperature)}; expected values > 0.")
         if self.total_timesteps is not None and self.total_timesteps < 1:
             raise ValueError(f"sweep.total_timesteps={self.total_timesteps}; expected a positive int or null.")
+        if self.tag is not None and (not self.tag or any(c in self.tag for c in "/\\ ")):
+            raise ValueError(f"sweep.tag={self.tag!r}; expected a name without spaces or slashes, or null.")
 
 
 @dataclass(frozen=True)

@@ -91,7 +91,10 @@ def plot_sweep(path: Path, param: str, points: Sequence[dict[str, Any]]) -> Path
     if "greedy_reward" in points[0]:
         ax.axhline(points[0]["greedy_reward"], color="gray", ls=":", label="greedy (the SFT model)")
     ax.set_ylabel("mean reward-model score")
-    irregular.plot(xs, [p["irregular_rate"] for p in points], "o-", color="tab:red")
+    rates = [p["irregular_rate"] for p in points]
+    irregular.plot(xs, rates, "o-", color="tab:red")
+    irregular.set_ylim(0, max(0.05, 1.15 * max(rates)))
+    irregular.yaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(1.0))
     irregular.set_ylabel("share of irregular (repetitive) responses")
     for a in (ax, irregular):
         a.set_xlabel(param)

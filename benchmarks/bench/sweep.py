@@ -11,12 +11,14 @@ p_t <= 0.001; `irregular_rate` checks the latter.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import time
 from typing import Any
 
 import numpy as np
+import torch
 
 from benchmarks.bench.config import SWEEPS, MethodConfig, SuiteConfig
 from benchmarks.bench.leaderboard import method_row
@@ -44,11 +46,14 @@ def _greedy_reference(sc: SuiteContext, sweep_cfg: SuiteConfig) -> list[dict[str
 
 
 def sweep_markdown(param: str, points: list[dict[str, Any]], header: dict[str, Any]) -> str:
+    fixed = ", ".join(f"{k}={v}" for k, v in header["env"].items() if k != param)
+    greedy = f"RM {points[0]['greedy_reward']:+.2f}"
+    if points[0].get("greedy_gold") is not None:
+        greedy += f", gold {points[0]['greedy_gold']:+.3f}"
     lines = [f"# Proxy sweep over {param}: suite `{header['suite']}`", "",
-             f"{header['num_prompts']} held-out prompts, one proxy trained per value ({header['total_timesteps']} "
-             f"steps each, other settings from the suite's train: section); greedy (the SFT model): RM "
-             f"{points[0]['greedy_reward']:+.2f}" + (f", gold {points[0]['greedy_gold']:+.3f}" if points[0].get("greedy_gold")
-                                                      is not None else "") + ". Generated from records; do not edit.", "",
+             f"{header['num_prompts']} held-out prompts; one proxy trained per value ({header['total_timesteps']} steps "
+             f"each; the rest of the suite's train: section, {fixed}). Greedy (the SFT model): {greedy}. "
+             "Generated from records; do not edit.", "",
              f"| {param} | RM reward | gold | win vs greedy | rejection rate | irregular | diversity | length |",
              "|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for p in points:
@@ -58,6 +63,10 @@ def sweep_markdown(param: str, points: list[dict[str, Any]], header: dict[str, A
                      f"{p['rejection_rate']:.1%} | {p['irregular_rate']:.1%} | {p['diversity']:.3f} | {p['response_len']:.1f} |")
     trend = np.corrcoef(np.log([p["value"] for p in points]), [p["reward_mean"] for p in points])[0, 1] \
         if len(points) > 2 else float("nan")
+    examples = [(p["value"], text) for p in points for text in p["irregular_examples"][:2]]
+    if examples:
+        lines += ["", "Irregular responses (the paper's appendix C check), up to two per value:", ""]
+        lines += [f"- {param}={value:g}: `{text}`" for value, text in examples]
     lines += ["", f"Correlation of RM reward with log({param}): {trend:+.2f} (the paper: negative for p_t, positive "
               "for temperature).", "", f"git {header['provenance']['git_commit']}, `{header['provenance']['command']}`."]
     return "\n".join(lines) + "\n"
@@ -66,17 +75,14 @@ def sweep_markdown(param: str, points: list[dict[str, Any]], header: dict[str, A
 def run_sweep(cfg: SuiteConfig, param: str, *, verbose: bool = True) -> dict[str, Any]:
     if param not in SWEEPS:
         raise ConfigError(f"--sweep {param!r} is unknown.{did_you_mean(param, SWEEPS)} Expected one of {list(SWEEPS)}.")
-    import dataclasses
-
-    import torch
-
     if cfg.bench.torch_threads:
         torch.set_num_threads(cfg.bench.torch_threads)
     started = time.perf_counter()
     sc = suite_context(cfg)
-    # The sweep's records live in <suite>/sweep_<param>/, as a suite of their own.
+    # The sweep's records live in <suite>/sweep_<param>[-<tag>]/, as a suite of their own.
+    name = f"sweep_{param}" + (f"-{cfg.bench.sweep.tag}" if cfg.bench.sweep.tag else "")
     sweep_cfg = dataclasses.replace(cfg, bench=dataclasses.replace(
-        cfg.bench, results_dir=str(cfg.results_path), suite=f"sweep_{param}"))
+        cfg.bench, results_dir=str(cfg.results_path), suite=name))
     reference = _greedy_reference(sc, sweep_cfg)
     greedy = method_row(reference, {"name": "greedy", "kind": "greedy", "generate_seconds": 0.0}, None)
     points = []
@@ -89,14 +95,17 @@ def run_sweep(cfg: SuiteConfig, param: str, *, verbose: bool = True) -> dict[str
         row = method_row(episodes, meta, reference)
         row.update(value=value, greedy_reward=greedy["reward_mean"], greedy_gold=greedy["gold_mean"],
                    rejection_rate=float(np.mean([e["extra"]["rejections"] / max(e["extra"]["steps"], 1) for e in episodes])),
-                   total_timesteps=meta["info"]["total_timesteps"])
+                   total_timesteps=meta["info"]["total_timesteps"],
+                   irregular_examples=[e["response"] for e in episodes if e["irregular"]][:3])
         points.append(row)
+    env = cfg.train.env
     header = {**sc.header, "param": param, "total_timesteps": points[0]["total_timesteps"],
+              "env": {"top_p": env.top_p, "top_k": env.top_k, "temperature": env.temperature, "p_t": env.p_t},
               "provenance": provenance(seed=cfg.bench.seed, train_seed=cfg.train.seed)}
     suite_dir = cfg.results_path
-    (suite_dir / f"sweep_{param}.json").write_text(json.dumps({**header, "points": points}, indent=2))
-    (suite_dir / f"sweep_{param}.md").write_text(sweep_markdown(param, points, header))
-    plot = plot_sweep(suite_dir / f"sweep_{param}.png", param, points)
+    (suite_dir / f"{name}.json").write_text(json.dumps({**header, "points": points}, indent=2))
+    (suite_dir / f"{name}.md").write_text(sweep_markdown(param, points, header))
+    plot = plot_sweep(suite_dir / f"{name}.png", param, points)
     if verbose:
-        print((suite_dir / f"sweep_{param}.md").read_text())
+        print((suite_dir / f"{name}.md").read_text())
     return {"points": points, "plot": str(plot), "seconds": time.perf_counter() - started}
