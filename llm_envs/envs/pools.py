@@ -152,30 +152,39 @@ def nucleus_pools(
         while width < limit and bool((head_p[:, -1] >= head_min_prob * (1 - 1e-9)).any()):
             width = min(limit, 4 * width)
             head_p, head_ids = _sorted_head(probs, width)
+    size, mass = _size_and_mass(logits, probs, head_p, head_ids, top_p, limit, temperature, ws)
+    keep = torch.arange(width, device=probs.device)[None, :] < size[:, None]
+    head_p, head_ids = head_p * keep, head_ids.masked_fill(~keep, -1)
+    # suffix_mass[r] = the head's mass from rank r on + the mass of the pool past the head (0 when
+    # the head is the whole pool, so that such pools are bit for bit the full sort's).
+    tail = torch.where(size > width, (mass - head_p.sum(-1)).clamp_min(0.0), torch.zeros_like(mass))
+    suffix = torch.cat([head_p.flip(-1).cumsum(-1).flip(-1), head_p.new_zeros(head_p.shape[0], 1)], -1)
+    return NucleusPools(head_ids, head_p, size, suffix + tail[:, None])
+
+
+def _size_and_mass(
+    logits: torch.Tensor, probs: torch.Tensor, head_p: torch.Tensor, head_ids: torch.Tensor, top_p: float,
+    limit: int, temperature: float, ws: PoolWorkspace,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's pool size |T| and mass: from the head where the nucleus ends inside it (the same
+    cumsum as a full sort's prefix), else from the histogram (or the whole vocabulary at top_p=1)."""
+    width = head_p.shape[1]
     mass_before = head_p.cumsum(-1) - head_p
     inside = (mass_before < top_p).sum(-1)
-    if top_p >= 1.0:
-        size = torch.full_like(inside, limit)
-    else:
-        size = inside.clamp(1, limit)
+    size = torch.full_like(inside, limit) if top_p >= 1.0 else inside.clamp(1, limit)
     mass = head_p.sum(-1)  # the pool's mass where the head holds the whole pool
     # Rows whose nucleus runs past the head (only without top_k, which puts the pool in the head).
     longer = (size >= width) & (width < limit)
     if top_p >= 1.0:
-        mass = torch.where(longer, probs.sum(-1), mass)
-    elif bool(longer.any()):
+        return size, torch.where(longer, probs.sum(-1), mass)
+    if bool(longer.any()):
         rows = longer.nonzero().squeeze(1)
         every = rows.numel() == probs.shape[0]  # skip the copy when every row needs it (a flat LM)
         top_logit = logits.gather(1, head_ids[:, :1]).squeeze(1)  # the head's first token has the top logit
         row_size, row_mass = _nucleus_by_histogram(logits if every else logits[rows], probs if every else probs[rows],
                                                    top_logit if every else top_logit[rows], top_p, temperature, ws)
         size, mass = size.index_put((rows,), row_size), mass.index_put((rows,), row_mass)
-    keep = torch.arange(width, device=probs.device)[None, :] < size[:, None]
-    head_p, head_ids = head_p * keep, head_ids.masked_fill(~keep, -1)
-    tail = torch.where(size > width, (mass - head_p.sum(-1)).clamp_min(0.0), torch.zeros_like(mass))
-    suffix = torch.cat([head_p.flip(-1).cumsum(-1).flip(-1), head_p.new_zeros(head_p.shape[0], 1)], -1)
-    suffix = suffix + tail[:, None]
-    return NucleusPools(head_ids, head_p, size, suffix)
+    return size, mass
 
 
 def _softmax64(logits: torch.Tensor, temperature: float, ws: PoolWorkspace) -> torch.Tensor:
