@@ -80,6 +80,10 @@ def display_name(source: str) -> str:
 def suite_context(cfg: SuiteConfig) -> SuiteContext:
     """Load the LM, the reward model, the held-out prompts, the gold judge and the coherence encoder."""
     env, bench = cfg.train.env, cfg.bench
+    if env.lm is None or env.reward is None or str(env.eval_prompts).startswith("world:"):
+        from llm_envs.world import load_world
+
+        load_world(progress=bench.progress)  # build it on first use, with bars only when asked for
     source = load_prompts(env.eval_prompts, num_prompts=bench.num_prompts, seed=bench.seed)
     ctx = build_context(lm=env.lm, reward=env.reward, prompts=source.prompts, device=env.device, dtype=env.dtype,
                         max_prompt_tokens=env.max_prompt_tokens)
