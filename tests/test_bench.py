@@ -294,6 +294,10 @@ def test_the_p_t_sweep_trains_one_proxy_per_value(suite, capsys):
     assert len(runs) == 2  # a proxy of its own per value
     # A tagged variant keeps its own files; the untagged sweep stays as it was.
     before = (out / "sweep_p_t.json").read_text()
-    assert main(["bench", "--config", str(config), "--sweep", "temperature", "bench.sweep.tag=v2"]) == 0
-    assert [p["value"] for p in json.loads((out / "sweep_temperature-v2.json").read_text())["points"]] == [0.5, 1.0]
+    assert main(["bench", "--config", str(config), "--sweep", "temperature", "bench.sweep.tag=v2",
+                 "bench.sweep.seeds=[0, 1]"]) == 0
+    points = json.loads((out / "sweep_temperature-v2.json").read_text())["points"]
+    assert [p["value"] for p in points] == [0.5, 1.0] and all(p["episodes"] == 20 for p in points)  # 2 seeds pooled
+    assert all(len(p["seed_gold_means"]) == 2 and p["gold_mean"] == pytest.approx(np.mean(p["seed_gold_means"]))
+               for p in points)
     assert (out / "sweep_temperature-v2.md").is_file() and (out / "sweep_p_t.json").read_text() == before

@@ -67,6 +67,9 @@ class SweepConfig:
     temperature: tuple[float, ...] = field(default=(0.25, 0.5, 0.75, 1.0), metadata=_help("temperatures swept"))
     total_timesteps: int | None = field(default=None, metadata=_help(
         "proxy training steps per point (null = train.total_timesteps)"))
+    seeds: tuple[int, ...] = field(default=(0,), metadata=_help(
+        "training seeds per point (train.seed); a point pools the episodes of all its seeds and reports the "
+        "spread of the per-seed means (PPO runs differ by seed more than by many settings)"))
     tag: str | None = field(default=None, metadata=_help(
         "suffix of the sweep's output names, keeping variants apart: e.g. `--sweep p_t train.env.top_p=1.0 "
         "bench.sweep.tag=top_p1` writes sweep_p_t-top_p1.*"))
@@ -78,6 +81,8 @@ class SweepConfig:
             raise ValueError(f"sweep.temperature={list(self.temperature)}; expected values > 0.")
         if self.total_timesteps is not None and self.total_timesteps < 1:
             raise ValueError(f"sweep.total_timesteps={self.total_timesteps}; expected a positive int or null.")
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"sweep.seeds={list(self.seeds)}; expected distinct seeds, at least one.")
         if self.tag is not None and (not self.tag or any(c in self.tag for c in "/\\ ")):
             raise ValueError(f"sweep.tag={self.tag!r}; expected a name without spaces or slashes, or null.")
 

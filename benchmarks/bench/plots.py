@@ -88,6 +88,10 @@ def plot_sweep(path: Path, param: str, points: Sequence[dict[str, Any]]) -> Path
         gold_ax.errorbar(xs, [p["gold_mean"] for p in points], yerr=[p["gold_ci95"] for p in points], fmt="s--",
                          color="tab:orange", capsize=3, label="gold")
         gold_ax.set_ylabel("mean gold score", color="tab:orange")
+        if len(points[0].get("seed_gold_means") or []) > 1:  # each seed's own mean: the training spread
+            for p in points:
+                gold_ax.scatter([p["value"]] * len(p["seed_gold_means"]), p["seed_gold_means"], s=12,
+                                color="tab:orange", alpha=0.4)
     if "greedy_reward" in points[0]:
         ax.axhline(points[0]["greedy_reward"], color="gray", ls=":", label="greedy (the SFT model)")
     ax.set_ylabel("mean reward-model score")

@@ -1,9 +1,9 @@
 """The proxy's hyper-parameter study (Proxy-RLHF §4.3, Fig. 3, Table 2, appendix C):
 `llm-envs bench --sweep p_t` / `--sweep temperature`.
 
-One proxy is trained per value (everything else from the suite's `train:` section, steps from
-`bench.sweep.total_timesteps`) and evaluated on the suite's held-out prompts with the suite's reward
-wrapper. Each point's per-episode records go to `<suite>/sweep_<param>/records/`; the table
+One proxy is trained per value and seed (`bench.sweep.seeds`; everything else from the suite's
+`train:` section, steps from `bench.sweep.total_timesteps`) and evaluated on the suite's held-out
+prompts with the suite's reward wrapper; a value's row pools its seeds' episodes. Each proxy's per-episode records go to `<suite>/sweep_<param>/records/`; the table
 (`sweep_<param>.json`, `.md`) and the plot (`sweep_<param>.png`) are computed from them. The paper
 finds reward rising as p_t falls and as temperature rises, with irregular (repetitive) outputs at
 p_t <= 0.001; `irregular_rate` checks the latter.
@@ -29,11 +29,35 @@ from benchmarks.provenance import provenance
 from llm_envs.config import ConfigError, did_you_mean
 
 
-def _point_method(cfg: SuiteConfig, param: str, value: float) -> MethodConfig:
-    params: dict[str, Any] = {"env": {param: value}}
+def _point_method(cfg: SuiteConfig, param: str, value: float, seed: int) -> MethodConfig:
+    params: dict[str, Any] = {"env": {param: value}, "seed": seed}
     if cfg.bench.sweep.total_timesteps is not None:
         params["total_timesteps"] = cfg.bench.sweep.total_timesteps
-    return MethodConfig(name=f"proxy-{param}-{value:g}", kind="proxy", params=params)
+    return MethodConfig(name=f"proxy-{param}-{value:g}-seed{seed}", kind="proxy", params=params)
+
+
+def _point(sweep_cfg: SuiteConfig, sc: SuiteContext, param: str, value: float,
+           reference: list[dict[str, Any]], verbose: bool) -> dict[str, Any]:
+    """Train and evaluate one proxy per seed at `value`; the point pools their episodes."""
+    episodes: list[dict[str, Any]] = []
+    seed_gold, seed_reward, seconds = [], [], 0.0
+    for seed in sweep_cfg.bench.sweep.seeds:
+        method = _point_method(sweep_cfg, param, value, seed)
+        if verbose:
+            print(f"sweep {param}={value:g} seed {seed}: train + evaluate the proxy", file=sys.stderr)
+        run_method(sweep_cfg, sc, method)
+        mine, meta = read_method_records(sweep_cfg.results_path, method.name)
+        episodes += mine
+        seconds += meta["generate_seconds"]
+        seed_reward.append(float(np.mean([e["reward"] for e in mine])))
+        if mine[0]["gold"] is not None:
+            seed_gold.append(float(np.mean([e["gold"] for e in mine])))
+    row = method_row(episodes, {**meta, "name": f"proxy-{param}-{value:g}", "generate_seconds": seconds}, reference)
+    row.update(value=value, seeds=list(sweep_cfg.bench.sweep.seeds), seed_reward_means=seed_reward,
+               seed_gold_means=seed_gold or None, total_timesteps=meta["info"]["total_timesteps"],
+               rejection_rate=float(np.mean([e["extra"]["rejections"] / max(e["extra"]["steps"], 1) for e in episodes])),
+               irregular_examples=[e["response"] for e in episodes if e["irregular"]][:3])
+    return row
 
 
 def _greedy_reference(sc: SuiteContext, sweep_cfg: SuiteConfig) -> list[dict[str, Any]]:
@@ -50,16 +74,19 @@ def sweep_markdown(param: str, points: list[dict[str, Any]], header: dict[str, A
     greedy = f"RM {points[0]['greedy_reward']:+.2f}"
     if points[0].get("greedy_gold") is not None:
         greedy += f", gold {points[0]['greedy_gold']:+.3f}"
+    seeds = points[0]["seeds"]
     lines = [f"# Proxy sweep over {param}: suite `{header['suite']}`", "",
-             f"{header['num_prompts']} held-out prompts; one proxy trained per value ({header['total_timesteps']} steps "
-             f"each; the rest of the suite's train: section, {fixed}). Greedy (the SFT model): {greedy}. "
+             f"{header['num_prompts']} held-out prompts; {len(seeds)} proxy/proxies trained per value (seeds {seeds}, "
+             f"{header['total_timesteps']} steps each; the rest of the suite's train: section, {fixed}); a value's "
+             f"row pools the episodes of its seeds (± = 95% CI over them). Greedy (the SFT model): {greedy}. "
              "Generated from records; do not edit.", "",
-             f"| {param} | RM reward | gold | win vs greedy | rejection rate | irregular | diversity | length |",
-             "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             f"| {param} | RM reward | gold | gold per seed | win vs greedy | rejection rate | irregular | diversity | length |",
+             "|---:|---:|---:|---|---:|---:|---:|---:|---:|"]
     for p in points:
         gold = f"{p['gold_mean']:+.3f} ± {p['gold_ci95']:.2f}" if p.get("gold_mean") is not None else "—"
+        per_seed = " / ".join(f"{g:+.2f}" for g in p["seed_gold_means"]) if p.get("seed_gold_means") else "—"
         win = f"{p['gold_win_rate_vs_greedy']:.0%}" if p.get("gold_win_rate_vs_greedy") is not None else "—"
-        lines.append(f"| {p['value']:g} | {p['reward_mean']:+.2f} ± {p['reward_ci95']:.2f} | {gold} | {win} | "
+        lines.append(f"| {p['value']:g} | {p['reward_mean']:+.2f} ± {p['reward_ci95']:.2f} | {gold} | {per_seed} | {win} | "
                      f"{p['rejection_rate']:.1%} | {p['irregular_rate']:.1%} | {p['diversity']:.3f} | {p['response_len']:.1f} |")
     trend = np.corrcoef(np.log([p["value"] for p in points]), [p["reward_mean"] for p in points])[0, 1] \
         if len(points) > 2 else float("nan")
@@ -87,21 +114,13 @@ def run_sweep(cfg: SuiteConfig, param: str, *, verbose: bool = True) -> dict[str
     greedy = method_row(reference, {"name": "greedy", "kind": "greedy", "generate_seconds": 0.0}, None)
     points = []
     for value in getattr(cfg.bench.sweep, param):
-        method = _point_method(cfg, param, value)
-        if verbose:
-            print(f"sweep {param}={value:g}: train + evaluate the proxy", file=sys.stderr)
-        run_method(sweep_cfg, sc, method)
-        episodes, meta = read_method_records(sweep_cfg.results_path, method.name)
-        row = method_row(episodes, meta, reference)
-        row.update(value=value, greedy_reward=greedy["reward_mean"], greedy_gold=greedy["gold_mean"],
-                   rejection_rate=float(np.mean([e["extra"]["rejections"] / max(e["extra"]["steps"], 1) for e in episodes])),
-                   total_timesteps=meta["info"]["total_timesteps"],
-                   irregular_examples=[e["response"] for e in episodes if e["irregular"]][:3])
+        row = _point(sweep_cfg, sc, param, value, reference, verbose)
+        row.update(greedy_reward=greedy["reward_mean"], greedy_gold=greedy["gold_mean"])
         points.append(row)
     env = cfg.train.env
-    header = {**sc.header, "param": param, "total_timesteps": points[0]["total_timesteps"],
+    header = {**sc.header, "param": param, "total_timesteps": points[0]["total_timesteps"], "seeds": points[0]["seeds"],
               "env": {"top_p": env.top_p, "top_k": env.top_k, "temperature": env.temperature, "p_t": env.p_t},
-              "provenance": provenance(seed=cfg.bench.seed, train_seed=cfg.train.seed)}
+              "provenance": provenance(seed=cfg.bench.seed, train_seeds=list(cfg.bench.sweep.seeds))}
     suite_dir = cfg.results_path
     (suite_dir / f"{name}.json").write_text(json.dumps({**header, "points": points}, indent=2))
     (suite_dir / f"{name}.md").write_text(sweep_markdown(param, points, header))
