@@ -115,7 +115,7 @@ def build_leaderboard(suite_dir: Path, method_names: Sequence[str], fingerprint:
     return rows, notes
 
 
-def _cell(row: dict[str, Any], key: str, fmt: str) -> str:
+def format_cell(row: dict[str, Any], key: str, fmt: str) -> str:
     value = row.get(key)
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "—"
@@ -131,7 +131,7 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
     lines = ["| " + " | ".join(h for _, h, _ in COLUMNS) + " |",
              "|" + "|".join("---" if k == "method" else "---:" for k, _, _ in COLUMNS) + "|"]
     for row in rows:
-        lines.append("| " + " | ".join(_cell(row, k, f) for k, _, f in COLUMNS) + " |")
+        lines.append("| " + " | ".join(format_cell(row, k, f) for k, _, f in COLUMNS) + " |")
     return "\n".join(lines)
 
 

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from agents.base import Decoder, Generation
 from benchmarks.bench.config import MethodConfig, SuiteConfig
-from benchmarks.bench.leaderboard import COLUMNS, build_leaderboard, write_leaderboard
+from benchmarks.bench.leaderboard import COLUMNS, build_leaderboard, format_cell, write_leaderboard
 from benchmarks.bench.methods import prepare_method
 from benchmarks.bench.metrics import SentenceEncoder, diversity, is_irregular
 from benchmarks.bench.plots import write_suite_plots
@@ -186,13 +186,11 @@ def print_leaderboard(rows: Sequence[dict[str, Any]], title: str) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from benchmarks.bench.leaderboard import _cell
-
     table = Table(title=title)
     for key, header, _ in COLUMNS:
         table.add_column(header, justify="left" if key == "method" else "right")
     for row in rows:
-        table.add_row(*[_cell(row, key, fmt) for key, _, fmt in COLUMNS])
+        table.add_row(*[format_cell(row, key, fmt) for key, _, fmt in COLUMNS])
     Console(width=200).print(table)
 
 
