@@ -76,7 +76,8 @@ def sweep_markdown(param: str, points: list[dict[str, Any]], header: dict[str, A
         greedy += f", gold {points[0]['greedy_gold']:+.3f}"
     seeds = points[0]["seeds"]
     lines = [f"# Proxy sweep over {param}: suite `{header['suite']}`", "",
-             f"{header['num_prompts']} held-out prompts; {len(seeds)} proxy/proxies trained per value (seeds {seeds}, "
+             f"{header['num_prompts']} held-out prompts; {len(seeds)} {'proxy' if len(seeds) == 1 else 'proxies'} "
+             f"trained per value (seeds {seeds}, "
              f"{header['total_timesteps']} steps each; the rest of the suite's train: section, {fixed}); a value's "
              f"row pools the episodes of its seeds (± = 95% CI over them). Greedy (the SFT model): {greedy}. "
              "Generated from records; do not edit.", "",
