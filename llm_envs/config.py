@@ -118,6 +118,20 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else ""
 
 
+def set_key(data: dict[str, Any], keys: Sequence[str], value: Any, where: str) -> None:
+    """Set `data[k0][k1]...[kn] = value`, creating sections; a mapping value is merged into a section."""
+    node = data
+    for key in keys[:-1]:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{where}: {key!r} is not a section.")
+    last = keys[-1]
+    if isinstance(value, dict) and isinstance(node.get(last), dict):
+        node[last] = {**node[last], **value}
+    else:
+        node[last] = value
+
+
 def load_config(
     cls: type[T],
     path: str | os.PathLike | None = None,
@@ -144,12 +158,7 @@ def load_config(
         data, where = loaded, f"{path}" + (f" [{section}]" if section else "")
     for text in overrides:
         keys, value = parse_override(text)
-        node = data
-        for key in keys[:-1]:
-            node = node.setdefault(key, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"override {text!r}: {key!r} is not a section.")
-        node[keys[-1]] = value
+        set_key(data, keys, value, f"override {text!r}")
     return from_dict(cls, data, where=where)
 
 

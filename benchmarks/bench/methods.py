@@ -27,7 +27,7 @@ from agents.base import Decoder, PolicyDecoder
 from agents.configs import TrainConfig
 from benchmarks.bench.config import MethodConfig, SuiteConfig
 from benchmarks.bench.records import fingerprint
-from llm_envs.config import ConfigError, from_dict, to_dict
+from llm_envs.config import ConfigError, from_dict, set_key, to_dict
 from llm_envs.envs.context import LMContext
 from llm_envs.envs.token_accept import TokenAcceptCore
 from llm_envs.rewards import RewardWrapper
@@ -51,13 +51,7 @@ def with_overrides(cfg: Any, params: dict[str, Any]) -> Any:
     """A copy of a frozen config with `params` applied (nested mappings or dotted keys), re-validated."""
     data = to_dict(cfg)
     for key, value in params.items():
-        node, parts = data, key.split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-        if isinstance(value, dict) and isinstance(node.get(parts[-1]), dict):
-            node[parts[-1]] = {**node[parts[-1]], **value}
-        else:
-            node[parts[-1]] = value
+        set_key(data, key.split("."), value, f"{type(cfg).__name__} params {key!r}")
     return from_dict(type(cfg), data, where=type(cfg).__name__)
 
 
