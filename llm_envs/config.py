@@ -21,6 +21,8 @@ from typing import Any, Sequence, TypeVar
 
 import yaml
 
+from llm_envs.io import atomic_write_text
+
 T = TypeVar("T")
 
 
@@ -176,5 +178,4 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 
 def save_config(cfg: Any, path: str | os.PathLike) -> None:
     """Write the resolved config (YAML) beside a run's outputs."""
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))

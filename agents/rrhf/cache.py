@@ -13,9 +13,10 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Iterable
+
+from llm_envs.io import append_lines, atomic_write_text
 
 
 def _dumps(record: dict[str, Any]) -> str:
@@ -24,30 +25,12 @@ def _dumps(record: dict[str, Any]) -> str:
 
 def append_jsonl(path: str | os.PathLike, records: Iterable[dict[str, Any]]) -> None:
     """Append records as lines (one write, flushed and fsynced)."""
-    text = "".join(_dumps(r) + "\n" for r in records)
-    if not text:
-        return
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
+    append_lines(path, (_dumps(r) for r in records))
 
 
 def write_jsonl_atomic(path: str | os.PathLike, records: Iterable[dict[str, Any]]) -> None:
     """Write `path` so that readers see either the old file or the complete new one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for record in records:
-                f.write(_dumps(record) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_text(path, "".join(_dumps(record) + "\n" for record in records))
 
 
 def read_jsonl(path: str | os.PathLike) -> tuple[list[dict[str, Any]], bool]:

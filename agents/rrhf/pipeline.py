@@ -24,6 +24,7 @@ from agents.rrhf.config import EVAL_FIELDS, SAMPLE_FIELDS, SCORE_FIELDS, TRAIN_F
 from agents.rrhf.stages import SAMPLES_FILE, SCORED_FILE, Sources, resolve_sources, sample, score
 from agents.rrhf.training import CHECKPOINT_DIR, DONE_FILE, MODEL_DIR, model_is_complete, train
 from llm_envs.config import ConfigError, load_config, save_config, to_dict
+from llm_envs.io import atomic_write_json
 
 STAGES = ("sample", "score", "train", "eval")
 CONFIG_FILE, EVAL_FILE = "config.yaml", "eval.json"
@@ -136,9 +137,7 @@ def _eval_stage(cfg: RRHFConfig, sources: Sources, verbose: bool) -> dict[str, A
     result = previous
     if previous.get("config") != settings:
         result = {**evaluate(cfg, sources), "config": settings}
-        tmp = out / f".{EVAL_FILE}.tmp"
-        tmp.write_text(json.dumps(result, indent=2))
-        os.replace(tmp, out / EVAL_FILE)
+        atomic_write_json(out / EVAL_FILE, result)
     if verbose:
         _print_eval(result)
     return result

@@ -20,7 +20,6 @@ import math
 import os
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -32,6 +31,7 @@ from agents.rrhf.cache import append_jsonl, check_scored, read_jsonl, write_json
 from agents.rrhf.config import RRHFConfig
 from agents.rrhf.loss import IGNORE_INDEX, rrhf_loss
 from agents.rrhf.stages import SCORED_FILE
+from llm_envs.io import atomic_replace_dir
 from llm_envs.models import load_causal_lm, load_tokenizer
 
 MODEL_DIR, DONE_FILE, CHECKPOINT_DIR = "model", "rrhf_train.json", "checkpoint"
@@ -89,20 +89,6 @@ def _lr_at(update: int, total: int, peak: float, warmup: int) -> float:
     if update < warmup:
         return peak * (update + 1) / warmup
     return peak * max(0.0, (total - update) / max(1, total - warmup))
-
-
-def _save_atomically(target: Path, save: Any) -> None:
-    """Call save(tmp_dir), then swap tmp_dir in for `target`."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
-        save(staging)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(staging, target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
 
 
 def train(cfg: RRHFConfig, lm: str) -> Path:
@@ -209,7 +195,7 @@ def train(cfg: RRHFConfig, lm: str) -> Path:
             tokenizer.save_pretrained(directory)
             (directory / DONE_FILE).write_text(json.dumps(summary, indent=2))
 
-        _save_atomically(target, save)
+        atomic_replace_dir(target, save)
         shutil.rmtree(checkpoint, ignore_errors=True)
     accelerator.wait_for_everyone()
     return target

@@ -23,7 +23,6 @@ Row keys (leaderboard.json `rows`, also the columns of leaderboard.md):
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any, Sequence
@@ -32,6 +31,8 @@ import numpy as np
 
 from benchmarks.bench.metrics import mean_ci95, win_rate
 from benchmarks.bench.records import read_method_records
+
+from llm_envs.io import atomic_write_json, atomic_write_text
 
 REFERENCE_KIND = "greedy"
 COLUMNS: tuple[tuple[str, str, str], ...] = (  # key, markdown header, format
@@ -137,7 +138,7 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
 
 def write_leaderboard(suite_dir: Path, rows: Sequence[dict[str, Any]], header: dict[str, Any]) -> None:
     """leaderboard.json ({..header, rows}) and leaderboard.md (the table, then how it was made)."""
-    (suite_dir / "leaderboard.json").write_text(json.dumps({**header, "rows": list(rows)}, indent=2))
+    atomic_write_json(suite_dir / "leaderboard.json", {**header, "rows": list(rows)})
     prov = header.get("provenance", {})
     lib = prov.get("libraries", {})
     md = [f"# Leaderboard: suite `{header['suite']}`", "",
@@ -150,4 +151,4 @@ def write_leaderboard(suite_dir: Path, rows: Sequence[dict[str, Any]], header: d
           f"sb3-contrib {lib.get('sb3-contrib')}, {prov.get('hardware', {}).get('cpu_count')} CPUs"
           f"{', GPU ' + prov['hardware']['gpu'] if prov.get('hardware', {}).get('gpu') else ''}, "
           f"{prov.get('time')}, `{prov.get('command')}`."]
-    (suite_dir / "leaderboard.md").write_text("\n".join(md) + "\n")
+    atomic_write_text(suite_dir / "leaderboard.md", "\n".join(md) + "\n")

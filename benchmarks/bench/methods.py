@@ -30,6 +30,7 @@ from benchmarks.bench.records import fingerprint
 from llm_envs.config import ConfigError, from_dict, set_key, to_dict
 from llm_envs.envs.context import LMContext
 from llm_envs.envs.token_accept import TokenAcceptCore
+from llm_envs.io import atomic_write_json
 from llm_envs.rewards import RewardWrapper
 
 DECODING_KINDS = ("greedy", "top_k", "nucleus", "best_of_n")
@@ -75,7 +76,7 @@ def _timed_training(directory: Path, train: Any) -> float:
     started = time.perf_counter()
     train()
     seconds = time.perf_counter() - started
-    info.write_text(json.dumps({"train_seconds": seconds}))
+    atomic_write_json(info, {"train_seconds": seconds})
     return seconds
 
 

@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Any, Sequence
+
+from llm_envs.io import atomic_write_text
 
 RECORDS_DIR = "records"
 
@@ -26,21 +27,11 @@ def fingerprint(**settings: Any) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def write_method_records(suite_dir: Path, name: str, episodes: Sequence[dict[str, Any]], meta: dict[str, Any]) -> None:
     """Replace a method's records (episodes first, then the meta that vouches for them)."""
     folder = suite_dir / RECORDS_DIR
-    _write_atomic(folder / f"{name}.jsonl", "".join(json.dumps(e) + "\n" for e in episodes))
-    _write_atomic(folder / f"{name}.json", json.dumps({**meta, "episodes": len(episodes)}, indent=2))
+    atomic_write_text(folder / f"{name}.jsonl", "".join(json.dumps(e) + "\n" for e in episodes))
+    atomic_write_text(folder / f"{name}.json", json.dumps({**meta, "episodes": len(episodes)}, indent=2))
 
 
 def read_method_records(suite_dir: Path, name: str) -> tuple[list[dict[str, Any]], dict[str, Any]] | None:

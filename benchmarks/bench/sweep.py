@@ -12,7 +12,6 @@ p_t <= 0.001; `irregular_rate` checks the latter.
 from __future__ import annotations
 
 import dataclasses
-import json
 import sys
 import time
 from typing import Any
@@ -27,6 +26,7 @@ from benchmarks.bench.records import read_method_records
 from benchmarks.bench.suite import SuiteContext, run_method, suite_context
 from benchmarks.provenance import provenance
 from llm_envs.config import ConfigError, did_you_mean
+from llm_envs.io import atomic_write_json, atomic_write_text
 
 
 def _point_method(cfg: SuiteConfig, param: str, value: float, seed: int) -> MethodConfig:
@@ -123,8 +123,8 @@ def run_sweep(cfg: SuiteConfig, param: str, *, verbose: bool = True) -> dict[str
               "env": {"top_p": env.top_p, "top_k": env.top_k, "temperature": env.temperature, "p_t": env.p_t},
               "provenance": provenance(seed=cfg.bench.seed, train_seeds=list(cfg.bench.sweep.seeds))}
     suite_dir = cfg.results_path
-    (suite_dir / f"{name}.json").write_text(json.dumps({**header, "points": points}, indent=2))
-    (suite_dir / f"{name}.md").write_text(sweep_markdown(param, points, header))
+    atomic_write_json(suite_dir / f"{name}.json", {**header, "points": points})
+    atomic_write_text(suite_dir / f"{name}.md", sweep_markdown(param, points, header))
     plot = plot_sweep(suite_dir / f"{name}.png", param, points)
     if verbose:
         print((suite_dir / f"{name}.md").read_text())

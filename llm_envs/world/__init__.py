@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -28,6 +26,7 @@ import numpy as np
 import torch
 from transformers.utils import logging as hf_logging
 
+from llm_envs.io import atomic_replace_dir
 from llm_envs.world import grammar
 from llm_envs.world.build import (
     WorldSpec,
@@ -220,12 +219,10 @@ def _build_locked(target: Path, size: str, seed: int, progress: bool) -> World:
         torch_threads=torch.get_num_threads(),
     )
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    staging.chmod(0o755)  # mkdtemp makes it private; a cache is shared like any other
     bars_were_on = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # our own progress display is enough
-    try:
+
+    def fill(staging: Path) -> None:
         lm.save_pretrained(staging / "lm")
         tokenizer.save_pretrained(staging / "lm")
         rm.save_pretrained(staging / "rm")
@@ -239,12 +236,9 @@ def _build_locked(target: Path, size: str, seed: int, progress: bool) -> World:
         (staging / "spec.json").write_text(json.dumps(asdict(spec), indent=2, default=str))
         report["path"] = str(target)
         (staging / "report.json").write_text(json.dumps(report, indent=2))
-        if target.exists():  # force=True: replace only once the new build is complete
-            shutil.rmtree(target)
-        os.replace(staging, target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+
+    try:  # force=True replaces an existing build only once the new one is complete
+        atomic_replace_dir(target, fill)
     finally:
         if bars_were_on:
             hf_logging.enable_progress_bar()
