@@ -1,51 +1,22 @@
-"""Frozen, validated configs of the proxy (MaskablePPO) runs. Loaded from `configs/*.yaml` with
-`llm_envs.config.load_config(TrainConfig, path, overrides)`; every field says what it is for."""
+"""Frozen, validated configs of the proxy (MaskablePPO) runs: a suite file's `train:` section.
+
+What the proxy is trained and evaluated on (LM, reward model, prompts, budget, device) is the suite's
+`task:` (`llm_envs.task.Task`); `train.env` holds only the TokenAccept MDP's settings
+(`TokenAcceptParams`, the env's own dataclass: one source of defaults and help). Every field says
+what it is for: `llm-envs config show tiny train`.
+"""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from dataclasses import dataclass, field
+from typing import Literal
+
+from llm_envs.envs.params import TokenAcceptParams
+from llm_envs.task import Task
 
 
 def _help(text: str) -> dict[str, str]:
     return {"help": text}
-
-
-@dataclass(frozen=True)
-class EnvConfig:
-    """The TokenAccept env the proxy trains and is evaluated on (kwargs of TokenAccept-v0)."""
-
-    lm: str | None = field(default=None, metadata=_help("causal LM: hub name or dir; null = the embedded world's SFT LM"))
-    reward: str | None = field(default=None, metadata=_help("reward model: hub name or dir; null = the world's RM"))
-    train_prompts: Any = field(default="world:train", metadata=_help("prompt source for training (see llm_envs.data.load_prompts)"))
-    eval_prompts: Any = field(default="world:test", metadata=_help("held-out prompt source for evaluation"))
-    max_prompt_tokens: int | None = field(default=None, metadata=_help("drop longer prompts (the paper: 256)"))
-    top_p: float = field(default=0.9, metadata=_help("candidate pool = top-p nucleus of softmax(logits / temperature)"))
-    top_k: int | None = field(default=None, metadata=_help("optional cap on the pool size"))
-    temperature: float = field(default=1.0, metadata=_help("the paper sweeps 0.25, 0.5, 0.75, 1.0"))
-    p_t: float = field(default=0.01, metadata=_help("SKAM threshold: reject allowed iff mean p over the remaining pool > p_t"))
-    max_new_tokens: int = field(default=32, metadata=_help("response budget (accepted tokens)"))
-    obs_mode: Literal["candidate", "prefix"] = field(default="candidate", metadata=_help("observation layout, see the env card"))
-    rejection_cost: float = field(default=0.0, metadata=_help("reward cost per reject"))
-    deviation_beta: float = field(default=0.0, metadata=_help("beta of the cost beta * (log p(top1) - log p(accepted))"))
-    device: str = field(default="auto", metadata=_help("'auto' = cuda when present, else cpu"))
-    dtype: str = field(default="auto", metadata=_help("LM dtype: auto (float32), bfloat16, float16"))
-
-    def __post_init__(self) -> None:
-        if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"env.top_p={self.top_p}; expected 0 < top_p <= 1.")
-        if not 0.0 <= self.p_t < 1.0:
-            raise ValueError(f"env.p_t={self.p_t}; expected 0 <= p_t < 1.")
-        if self.temperature <= 0:
-            raise ValueError(f"env.temperature={self.temperature}; expected > 0.")
-        if self.max_new_tokens < 1:
-            raise ValueError(f"env.max_new_tokens={self.max_new_tokens}; expected >= 1.")
-
-    def env_kwargs(self, prompts: Any) -> dict[str, Any]:
-        """Keyword arguments of TokenAccept-v0 for a prompt source."""
-        kwargs = asdict(self)
-        kwargs.pop("train_prompts"), kwargs.pop("eval_prompts")
-        return {**kwargs, "prompts": prompts}
 
 
 @dataclass(frozen=True)
@@ -77,7 +48,8 @@ class ProxyConfig:
 class TrainConfig:
     """One proxy run: `llm-envs train --config configs/tiny.yaml [key=value ...]`."""
 
-    env: EnvConfig = field(default_factory=EnvConfig, metadata=_help("the TokenAccept env"))
+    env: TokenAcceptParams = field(default_factory=TokenAcceptParams, metadata=_help(
+        "the TokenAccept MDP (p_t, top_p, temperature, obs_mode, costs ...); its max_new_tokens is the task's"))
     proxy: ProxyConfig = field(default_factory=ProxyConfig, metadata=_help("the policy and PPO"))
     num_envs: int = field(default=16, metadata=_help("envs stepped together (one batched LM forward per step)"))
     total_timesteps: int = field(default=50_000, metadata=_help("env steps of training"))
@@ -97,3 +69,14 @@ class TrainConfig:
             raise ValueError(f"num_envs={self.num_envs}, total_timesteps={self.total_timesteps}; expected >= 1.")
         if self.eval_freq < 0 or self.checkpoint_freq < 0 or self.eval_episodes < 1:
             raise ValueError("eval_freq and checkpoint_freq must be >= 0 and eval_episodes >= 1.")
+
+
+
+def check_budget(env: TokenAcceptParams, task: Task) -> None:
+    """The response budget is the task's: an env section that says otherwise is a mistake."""
+    if env.max_new_tokens != task.max_new_tokens:
+        raise ValueError(
+            f"train.env.max_new_tokens={env.max_new_tokens} differs from task.max_new_tokens={task.max_new_tokens}; "
+            "every method of a task decodes with the task's budget. Set task.max_new_tokens and leave "
+            "train.env.max_new_tokens unset (a suite file fills it in from the task)."
+        )

@@ -1,24 +1,26 @@
-"""Evaluate an agent on TokenAccept's held-out prompts: `llm-envs eval --config ... --agent ...`.
+"""`llm-envs eval`: one agent on the task's held-out prompts, through the one harness.
 
 Agents: `greedy` (always accept: the LM's own greedy decoding), `random` (uniform over legal
 actions), a proxy checkpoint (`proxy:PATH` or a path to a `.zip`), or a decoding baseline of
-`agents.decoding` (`top_k`, `nucleus`, `best_of_16`, `best_of_32`, ...). Every agent's responses
-are scored by the same reward wrapper (and gold judge) as the env's episodes.
+`agents.decoding` (`top_k`, `nucleus`, `best_of_16`, `best_of_32`, ...). Policies play
+TokenAccept-v0 with the suite's `train.env` settings; every response is scored by the task's
+reward wrapper (and gold judge) in `agents.harness.evaluate_decoder`, as on the leaderboard.
 """
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import numpy as np
 
-from agents.base import Generation, PolicyDecoder
-from agents.configs import EnvConfig
+from agents.base import Decoder, PolicyDecoder
+from agents.harness import Scorer, evaluate_decoder, summarize, unscored
 from agents.sb3_agent import load_proxy
 from llm_envs.data import load_prompts
-from llm_envs.envs.context import LMContext, build_context
+from llm_envs.envs.context import LMContext
+from llm_envs.envs.params import TokenAcceptParams
 from llm_envs.envs.token_accept import TokenAcceptCore
+from llm_envs.task import Task
 
 DECODER_AGENTS = ("top_k", "nucleus", "best_of_n")
 
@@ -53,68 +55,44 @@ def resolve_agent(spec: str, core: TokenAcceptCore, seed: int = 0) -> Any:
     path = spec.split(":", 1)[1] if spec.startswith("proxy:") else spec
     if path.endswith(".zip") or spec.startswith("proxy:"):
         return load_proxy(path, core.observation_space)
-    raise ValueError(f"agent {spec!r} is unknown; expected 'greedy', 'random', or 'proxy:PATH' (a .zip).")
+    raise ValueError(f"agent {spec!r} is unknown; expected 'greedy', 'random', 'proxy:PATH' (a .zip), or a "
+                     f"decoding baseline: {', '.join(DECODER_AGENTS[:2])}, best_of_N.")
 
 
-def _is_decoder(agent: str) -> bool:
+def is_decoder(agent: str) -> bool:
     return agent in DECODER_AGENTS or (agent.startswith("best_of_") and agent[8:].isdigit())
 
 
-def _decode(env: EnvConfig, agent: str, ctx: LMContext, prompts: list[str], seed: int) -> list[Generation]:
-    """A decoding baseline on the env's LM; responses scored by the env's reward wrapper."""
-    from agents.decoding import make_decoder
+def agent_decoder(agent: str, ctx: LMContext, env: TokenAcceptParams, *, num_envs: int, device: str,
+                  seed: int) -> tuple[Decoder, Any]:
+    """The agent as a `Decoder` on the task's context (and the policy, for policies)."""
+    if is_decoder(agent):
+        from agents.decoding import make_decoder
 
-    kwargs = {"reward": ctx.reward} if agent.startswith("best_of_") else {}
-    decoder = make_decoder(agent, ctx.model, tokenizer=ctx.tokenizer, device=env.device, **kwargs)
-    generations = decoder.generate(prompts, max_new_tokens=env.max_new_tokens, seed=seed)
-    texts = [g.response_text for g in generations]
-    rewards = ctx.reward.score(prompts, texts)
-    golds = ctx.gold.score(prompts, texts) if ctx.gold is not None else [None] * len(texts)
-    scored = []
-    for g, r, gold in zip(generations, rewards, golds):
-        parts = {"reward_model": r, **({"gold": gold} if gold is not None else {})}
-        stats = {"rejections": 0, "steps": len(g.response_ids), "forced_accepts": 0,
-                 "response_len": len(g.response_ids)}
-        scored.append(Generation(g.prompt, g.response_ids, g.response_text, g.lm_forwards, g.rm_calls,
-                                 {"reward_parts": parts, **stats}))
-    return scored
+        kwargs = {"reward": ctx.reward} if agent.startswith("best_of_") else {}
+        return make_decoder(agent, ctx.model, tokenizer=ctx.tokenizer, device=device, **kwargs), None
+    core = TokenAcceptCore(min(num_envs, len(ctx.prompts)), context=unscored(ctx), params=env)
+    policy = resolve_agent(agent, core, seed)
+    return PolicyDecoder(policy, core, name=agent), policy
 
 
-def evaluate(
-    env: EnvConfig, agent: str, *, num_prompts: int | None = None, num_envs: int = 16, seed: int = 0
-) -> dict[str, Any]:
-    """Decode the held-out prompts with the agent; summarise rewards, gold and costs."""
-    prompts = load_prompts(env.eval_prompts, num_prompts=num_prompts, seed=seed).prompts
-    kwargs = env.env_kwargs(prompts)
-    ctx = build_context(lm=kwargs.pop("lm"), reward=kwargs.pop("reward"), prompts=kwargs.pop("prompts"),
-                        device=kwargs.pop("device"), dtype=kwargs.pop("dtype"),
-                        max_prompt_tokens=kwargs.pop("max_prompt_tokens"))
-    started = time.perf_counter()
-    policy = None
-    if _is_decoder(agent):
-        generations = _decode(env, agent, ctx, prompts, seed)
+def evaluate_agent(task: Task, env: TokenAcceptParams, agent: str, *, num_prompts: int | None = None,
+                   num_envs: int = 16, seed: int = 0) -> dict[str, Any]:
+    """Decode the task's held-out prompts with the agent; the harness's summary plus the env's stats."""
+    sources = task.resolve()
+    prompts = load_prompts(sources.eval_prompts, num_prompts=num_prompts, seed=seed).prompts
+    ctx = sources.context(prompts)
+    decoder, policy = agent_decoder(agent, ctx, env, num_envs=num_envs, device=task.device, seed=seed)
+    scorer = Scorer(ctx.reward, ctx.gold)
+    evaluation = evaluate_decoder(decoder, list(ctx.prompts), scorer, max_new_tokens=task.max_new_tokens,
+                                  seed=seed, chunk=max(len(prompts), 1), warmup=False)
+    summary: dict[str, Any] = {"agent": agent, **summarize(evaluation)}
+    extras = [e["extra"] for e in evaluation.episodes]
+    if all("rejections" in x for x in extras):  # played on TokenAccept: the env's own counts
+        summary["rejection_rate"] = float(np.mean([x["rejections"] / max(x["steps"], 1) for x in extras]))
+        summary["forced_accepts"] = float(np.mean([x["forced_accepts"] for x in extras]))
     else:
-        core = TokenAcceptCore(min(num_envs, len(prompts)), context=ctx, **kwargs)
-        policy = resolve_agent(agent, core, seed)
-        generations = PolicyDecoder(policy, core).generate(prompts, seed=seed)
-    seconds = time.perf_counter() - started
-    parts = [g.extra["reward_parts"] for g in generations]
-    summary: dict[str, Any] = {
-        "agent": agent,
-        "episodes": len(generations),
-        "reward_mean": float(np.mean([p["reward_model"] for p in parts])),
-        "rejection_rate": float(np.mean([g.extra["rejections"] / max(g.extra["steps"], 1) for g in generations])),
-        "forced_accepts": float(np.mean([g.extra["forced_accepts"] for g in generations])),
-        "response_len": float(np.mean([g.extra["response_len"] for g in generations])),
-        "lm_forwards_per_response": float(np.mean([g.lm_forwards for g in generations])),
-        "rm_calls_per_response": float(np.mean([g.rm_calls for g in generations])),
-        "seconds": round(seconds, 3),
-        "seconds_per_response": seconds / max(len(generations), 1),
-    }
-    if all("gold" in p for p in parts):
-        summary["gold_mean"] = float(np.mean([p["gold"] for p in parts]))
+        summary["rejection_rate"], summary["forced_accepts"] = 0.0, 0.0
     if policy is not None and hasattr(policy, "trainable_params"):
         summary["trainable_params"] = policy.trainable_params
-    summary["examples"] = [{"prompt": g.prompt, "response": g.response_text, **g.extra["reward_parts"]}
-                           for g in generations[:3]]
     return summary

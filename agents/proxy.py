@@ -1,7 +1,9 @@
 """Train the Proxy-RLHF proxy: MaskablePPO on the SB3 view of TokenAccept-v0.
 
 Read top to bottom: config -> envs -> policy -> callbacks (metrics, eval, checkpoints) ->
-learn -> save. `llm-envs train --config configs/tiny.yaml` runs `train`.
+learn -> save. `llm-envs train --config tiny` runs `train(suite.train, suite.task)`: the proxy trains
+on the task's train prompts and is evaluated on its held-out prompts, with the task's LM, reward
+model and response budget.
 
 Logged metrics (stdout, CSV in the run dir, and wandb; each is a mean over the episodes that
 ended during the rollout):
@@ -32,8 +34,10 @@ from stable_baselines3.common.callbacks import BaseCallback, CallbackList, Check
 from stable_baselines3.common.logger import KVWriter, configure
 
 import llm_envs
-from agents.configs import TrainConfig
-from llm_envs.config import save_config, to_dict
+from agents.configs import TrainConfig, check_budget
+from llm_envs.config import to_dict
+from llm_envs.io import atomic_write_text
+from llm_envs.task import Task
 
 ENV_ID = "llm_envs/TokenAccept-v0"
 ACTIVATIONS = {"relu": torch.nn.ReLU, "tanh": torch.nn.Tanh, "gelu": torch.nn.GELU}
@@ -87,19 +91,30 @@ def _latest_checkpoint(run_dir: Path) -> Path | None:
     return checkpoints[-1] if checkpoints else None
 
 
-def train(cfg: TrainConfig) -> Path:
-    """Train a proxy; returns the path of the final model (`<output_dir>/proxy.zip`)."""
+def run_config(cfg: TrainConfig, task: Task) -> dict[str, Any]:
+    """What a run directory's `config.yaml` holds: the task and the training config that made it."""
+    return {"task": to_dict(task), "train": to_dict(cfg)}
+
+
+def train(cfg: TrainConfig, task: Task | None = None) -> Path:
+    """Train a proxy on `task` (default: the embedded world); returns `<output_dir>/proxy.zip`."""
+    import yaml
+
+    task = task or Task()
+    check_budget(cfg.env, task)
     if cfg.torch_threads:
         torch.set_num_threads(cfg.torch_threads)
     run_dir = Path(cfg.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run_dir / "config.yaml")
+    atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(run_config(cfg, task), sort_keys=False))
 
-    # Envs: one engine steps all training envs; evaluation runs on held-out prompts.
-    train_env = llm_envs.make_sb3_vec_env(ENV_ID, cfg.num_envs, **cfg.env.env_kwargs(cfg.env.train_prompts))
+    # Envs: one engine steps all training envs; evaluation runs on the task's held-out prompts.
+    sources = task.resolve()
+    train_env = llm_envs.make_sb3_vec_env(ENV_ID, cfg.num_envs, params=cfg.env,
+                                          **sources.env_kwargs(sources.train_prompts))
     train_env.seed(cfg.seed)
-    eval_env = llm_envs.make_sb3_vec_env(ENV_ID, min(cfg.num_envs, cfg.eval_episodes),
-                                         **cfg.env.env_kwargs(cfg.env.eval_prompts))
+    eval_env = llm_envs.make_sb3_vec_env(ENV_ID, min(cfg.num_envs, cfg.eval_episodes), params=cfg.env,
+                                         **sources.env_kwargs(sources.eval_prompts))
     eval_env.seed(cfg.seed + 10_000)
 
     # Policy: the paper's proxy is a 2-layer MLP (hidden 2048) for both policy and value.
@@ -123,7 +138,7 @@ def train(cfg: TrainConfig) -> Path:
         import wandb
 
         run = wandb.init(project=cfg.wandb_project, dir=str(run_dir), mode=cfg.wandb_mode,
-                         config=to_dict(cfg), name=run_dir.name, reinit="finish_previous")
+                         config=run_config(cfg, task), name=run_dir.name, reinit="finish_previous")
         logger.output_formats.append(WandbWriter(run))
     model.set_logger(logger)
 

@@ -144,6 +144,8 @@ def _from_dict(
 def _read(
     source: Any, *, split: str | None, column: str | None, extra: dict[str, Any]
 ) -> tuple[list[Any], str]:
+    if isinstance(source, PromptSet) and split is None and column is None:
+        return list(source.prompts), source.source or f"a list of {len(source)} prompts"  # keeps its name
     if isinstance(source, PromptSet):
         source = source.prompts
     if isinstance(source, (list, tuple)):

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from benchmarks.bench.config import load_suite_config
-from benchmarks.bench.metrics import diversity, is_irregular, mean_ci95, rep_n, win_rate, words
+from agents.metrics import diversity, is_irregular, mean_ci95, rep_n, win_rate, words
 from llm_envs.config import ConfigError
 from llm_envs.world import gold_reward
 

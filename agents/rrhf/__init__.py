@@ -10,16 +10,17 @@ Three stages that run separately and resume, in one output directory:
    `model/` (save_pretrained + tokenizer), loadable by every env and decoder like any other LM.
 
 `evaluate` compares greedy decoding of the base and the tuned LM (and best-of-n of the base) on
-held-out prompts. `run(cfg)` does all of it; `llm-envs rrhf --config configs/tiny.yaml` is the CLI.
+held-out prompts. `run(cfg, task)` does all of it on the suite's task; `llm-envs rrhf --config tiny`
+is the CLI.
 
     >>> from agents.rrhf import RRHFConfig, run
-    >>> run(RRHFConfig(output_dir="runs/rrhf"))       # on the embedded world
+    >>> run(RRHFConfig(output_dir="runs/rrhf"))       # on the default task: the embedded world
 """
 
 from agents.rrhf.cache import append_jsonl, read_jsonl, resume_jsonl, write_jsonl_atomic
 from agents.rrhf.config import RRHFConfig
 from agents.rrhf.loss import RRHFLossOutput, response_logprobs, rrhf_loss
-from agents.rrhf.pipeline import STAGES, check_output_dir, evaluate, load_rrhf_config, run
+from agents.rrhf.pipeline import STAGES, check_output_dir, evaluate, run
 from agents.rrhf.stages import Sources, load_dataset_responses, resolve_sources, sample, score
 from agents.rrhf.training import collate, tokenize_scored, train
 
@@ -33,7 +34,6 @@ __all__ = [
     "collate",
     "evaluate",
     "load_dataset_responses",
-    "load_rrhf_config",
     "read_jsonl",
     "resolve_sources",
     "response_logprobs",

@@ -1,8 +1,9 @@
 """`RRHFConfig`: every knob of the three RRHF stages (sample, score, train) and the evaluation.
 
-Load it with `llm_envs.config.load_config(RRHFConfig, path, overrides, section=...)`. Defaults run on
-the embedded offline world (base LM, reward model, train/test prompts and the dataset's own
-responses all come from it); the paper's values for a 7B model are given in the help texts.
+A suite file's `rrhf:` section. What RRHF trains on and is scored by (base LM, reward model, train and
+held-out prompts, response budget, device) is the suite's `task:` (`llm_envs.task.Task`); with the
+default task everything comes from the embedded offline world (the dataset's own responses too).
+The paper's values for a 7B model are given in the help texts.
 """
 
 from __future__ import annotations
@@ -14,17 +15,19 @@ Sampling = Literal["beam", "diverse_beam", "top_p"]
 
 # Fields that define each stage's output: changing one after that output exists is refused, so a
 # resumed run never mixes results of two configs (see `agents.rrhf.pipeline.check_output_dir`).
+# `task.*` keys are the task's fields (see `agents.rrhf.pipeline.run_settings`).
 SAMPLE_FIELDS = (
-    "lm", "prompts", "prompt_column", "prompt_split", "num_prompts", "max_prompt_tokens",
-    "dataset_responses", "responses_per_prompt", "world", "world_seed", "sampling", "num_samples",
+    "task.lm", "task.train_prompts", "task.max_prompt_tokens", "task.world", "task.world_seed", "num_prompts",
+    "dataset_responses", "responses_per_prompt", "sampling", "num_samples",
     "max_new_tokens", "temperature", "top_p", "diversity_penalty", "sample_batch_size", "cut_at_turn", "seed",
 )
-SCORE_FIELDS = SAMPLE_FIELDS + ("reward",)
+SCORE_FIELDS = SAMPLE_FIELDS + ("task.reward",)
 TRAIN_FIELDS = SCORE_FIELDS + (
     "epochs", "max_steps", "queries_per_batch", "grad_accum", "lr", "warmup_ratio", "weight_decay",
     "max_grad_norm", "rank_weight", "sft_weight", "sft_normalization", "max_length", "mixed_precision",
 )
-EVAL_FIELDS = TRAIN_FIELDS + ("eval_prompts", "eval_num_prompts", "eval_best_of", "eval_max_new_tokens")
+EVAL_FIELDS = TRAIN_FIELDS + ("task.eval_prompts", "task.max_new_tokens", "task.gold", "eval_num_prompts",
+                               "eval_best_of")
 
 
 def _help(text: str) -> dict[str, str]:
@@ -37,29 +40,15 @@ class RRHFConfig:
 
     output_dir: str = field(default="runs/rrhf", metadata=_help(
         "Run directory: samples.jsonl, scored.jsonl, config.yaml, train_log.jsonl, model/, eval.json."))
-    # ------------------------------------------------------------------ what to train on
-    lm: str | None = field(default=None, metadata=_help(
-        "Base causal LM (hub name or save_pretrained directory); null = the embedded world's SFT LM."))
-    reward: str | None = field(default=None, metadata=_help(
-        "Reward model (hub name or directory) used for scoring; null = the world's reward model."))
-    prompts: str | None = field(default=None, metadata=_help(
-        "Training prompts: anything llm_envs.data.load_prompts takes as a string (.jsonl, dataset "
-        "name or directory, 'world:train'); null = 'world:train'."))
-    prompt_column: str | None = field(default=None, metadata=_help("Prompt column of a dataset (load_prompts)."))
-    prompt_split: str | None = field(default=None, metadata=_help("Dataset split of the prompts (load_prompts)."))
+    # ------------------------------------------------------------------ what to train on (besides the task)
     num_prompts: int | None = field(default=None, metadata=_help(
-        "Use a seeded sample of this many training prompts; null = all."))
-    max_prompt_tokens: int | None = field(default=None, metadata=_help("Drop prompts longer than this."))
+        "Use a seeded sample of this many of the task's train prompts; null = all."))
     dataset_responses: str | None = field(default="auto", metadata=_help(
         "The dataset's own responses (the paper's 'P'): a .jsonl of {prompt, response} (or {prompt, "
-        "chosen, rejected}) rows; 'auto' = the world's sft_corpus.jsonl when the prompts are the "
-        "world's; null = none."))
+        "chosen, rejected}) rows; 'auto' = the world's sft_corpus.jsonl when the task's train prompts "
+        "are the world's; null = none."))
     responses_per_prompt: int = field(default=2, metadata=_help(
         "Dataset responses added per prompt (first ones found; HH gives 2: chosen and rejected)."))
-    world: str = field(default="default", metadata=_help("Embedded world preset used for unset parts."))
-    world_seed: int = field(default=0, metadata=_help("Seed of the embedded world."))
-    world_cache_dir: str | None = field(default=None, metadata=_help(
-        "Cache root of the world (null = $LLM_ENVS_CACHE or ~/.cache/llm_envs)."))
     # ------------------------------------------------------------------ stage 1: sampling
     sampling: Sampling = field(default="diverse_beam", metadata=_help(
         "How the base LM samples: 'beam' (BP: beam search, num_beams=num_samples), 'diverse_beam' (DP: "
@@ -103,17 +92,11 @@ class RRHFConfig:
         "Save a resumable training checkpoint every this many updates (0 = never)."))
     log_every: int = field(default=10, metadata=_help("Updates between train_log.jsonl lines."))
     # ------------------------------------------------------------------ evaluation
-    eval_prompts: str | None = field(default="auto", metadata=_help(
-        "Held-out prompts for the comparison in eval.json; 'auto' = 'world:test' when training on the "
-        "world's prompts (else no eval); null = no eval."))
-    eval_num_prompts: int | None = field(default=None, metadata=_help("Evaluate on this many prompts (null = all)."))
+    eval_num_prompts: int | None = field(default=None, metadata=_help(
+        "Evaluate on a seeded sample of this many of the task's held-out prompts (null = all)."))
     eval_best_of: int = field(default=16, metadata=_help("n of the best-of-n reference (0 = skip it)."))
-    eval_max_new_tokens: int | None = field(default=None, metadata=_help(
-        "Response budget at evaluation; null = max_new_tokens."))
     # ------------------------------------------------------------------ general
     seed: int = field(default=0, metadata=_help("Seed of prompt sampling, response sampling and training."))
-    device: str = field(default="auto", metadata=_help(
-        "Device of sampling, scoring and evaluation ('auto', 'cpu', 'cuda'); training uses accelerate's."))
     progress: bool = field(default=True, metadata=_help("Progress bars on stderr."))
     num_threads: int | None = field(default=None, metadata=_help(
         "torch CPU threads (torch.set_num_threads); null = torch's default. 1 is much faster for "
@@ -126,8 +109,7 @@ class RRHFConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}={value!r}; expected a positive integer.")
-        for name in ("num_prompts", "max_steps", "max_length", "max_prompt_tokens", "eval_num_prompts",
-                     "eval_max_new_tokens", "num_threads"):
+        for name in ("num_prompts", "max_steps", "max_length", "eval_num_prompts", "num_threads"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name}={value!r}; expected a positive integer or null.")

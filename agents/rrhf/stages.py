@@ -13,7 +13,7 @@ import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from agents.decoding import diverse_beam_search, encode_prompts, generate_responses
 from agents.rrhf.cache import append_jsonl, check_scored, read_jsonl, resume_jsonl
@@ -21,63 +21,41 @@ from agents.rrhf.config import RRHFConfig
 from llm_envs.data import load_prompts
 from llm_envs.models import load_causal_lm, load_tokenizer
 from llm_envs.rewards import RewardWrapper, cut_at_turn
+from llm_envs.task import Task
 
 SAMPLES_FILE, SCORED_FILE = "samples.jsonl", "scored.jsonl"
 
 
 @dataclass
 class Sources:
-    """What a config points at, with the embedded world filling every unset part."""
+    """The task resolved for RRHF: models, the sampled train prompts, the dataset's own responses."""
 
     lm: str
     reward: str
     train_prompts: list[str]
     dataset_responses: str | None  # path of a {prompt, response} JSONL, or None
     eval_prompts: list[str] | None
-    gold: Callable[[list[str], list[str]], list[float]] | None = None
+    device: str = "auto"
+    gold: Callable[[list[str], list[str]], Sequence[float]] | None = None
     world_path: str | None = None
     notes: dict[str, Any] = field(default_factory=dict)
 
 
-def _world_split(world: Any, source: str) -> list[str]:
-    splits = {"world:train": "train_prompts", "world:test": "test_prompts"}
-    if source not in splits:
-        raise ValueError(f"prompt source {source!r} is not a world split; expected one of {sorted(splits)}.")
-    return list(getattr(world, splits[source]))
-
-
-def resolve_sources(cfg: RRHFConfig, *, with_eval: bool = True) -> Sources:
-    """Resolve lm / reward / prompts / dataset responses / eval prompts (loading the world if needed)."""
-    world = None
-    source = cfg.prompts or "world:train"
-    on_world = source.startswith("world:")
-    eval_source = cfg.eval_prompts if with_eval else None
-    if eval_source == "auto":  # the world's test split when training on the world's prompts, else no eval
-        eval_source = "world:test" if on_world else None
-    needs_world = (cfg.lm is None or cfg.reward is None or on_world
-                   or (eval_source is not None and eval_source.startswith("world:")))
-    if needs_world:
-        from llm_envs.world import load_world
-
-        world = load_world(cfg.world, cfg.world_seed, cfg.world_cache_dir, progress=cfg.progress)
-    lm = cfg.lm if cfg.lm is not None else str(world.lm_dir)
-    reward = cfg.reward if cfg.reward is not None else str(world.rm_dir)
-    tokenizer = load_tokenizer(lm) if cfg.max_prompt_tokens else None
-    raw: Any = _world_split(world, source) if on_world else source
-    prompt_set = load_prompts(raw, split=cfg.prompt_split, column=cfg.prompt_column, tokenizer=tokenizer,
-                              max_prompt_tokens=cfg.max_prompt_tokens, num_prompts=cfg.num_prompts, seed=cfg.seed)
+def resolve_sources(cfg: RRHFConfig, task: Task, *, with_eval: bool = True) -> Sources:
+    """The task's models and prompts (the world fills unset parts), sampled as `cfg` says."""
+    resolved = task.resolve(progress=cfg.progress)
+    tokenizer = load_tokenizer(resolved.lm) if task.max_prompt_tokens else None
+    prompt_set = load_prompts(resolved.train_prompts, tokenizer=tokenizer, max_prompt_tokens=task.max_prompt_tokens,
+                              num_prompts=cfg.num_prompts, seed=cfg.seed)
     responses = cfg.dataset_responses
-    if responses == "auto":
-        responses = str(world.path / "sft_corpus.jsonl") if on_world and world is not None else None
+    if responses == "auto":  # the world's SFT corpus holds the world prompts' own responses
+        responses = str(resolved.sft_corpus) if resolved.on_world_prompts else None
     eval_prompts = None
-    if eval_source is not None:
-        raw = _world_split(world, eval_source) if eval_source.startswith("world:") else eval_source
-        eval_prompts = load_prompts(raw, num_prompts=cfg.eval_num_prompts, seed=cfg.seed).prompts
-    return Sources(lm=lm, reward=reward, train_prompts=prompt_set.prompts, dataset_responses=responses,
-                   eval_prompts=eval_prompts,
-                   gold=world.gold if world is not None and eval_source and eval_source.startswith("world:") else None,
-                   world_path=str(world.path) if world is not None else None,
-                   notes={"dropped_too_long": prompt_set.dropped_too_long})
+    if with_eval:
+        eval_prompts = load_prompts(resolved.eval_prompts, num_prompts=cfg.eval_num_prompts, seed=cfg.seed).prompts
+    return Sources(lm=resolved.lm, reward=resolved.reward, train_prompts=prompt_set.prompts,
+                   dataset_responses=responses, eval_prompts=eval_prompts, device=task.device, gold=resolved.gold,
+                   world_path=resolved.world_path, notes={"dropped_too_long": prompt_set.dropped_too_long})
 
 
 def load_dataset_responses(path: str, prompts: list[str], per_prompt: int) -> dict[str, list[str]]:
@@ -117,16 +95,15 @@ def _progress(total: int, done: int, desc: str, enabled: bool) -> Any:
     return tqdm(total=total, initial=done, desc=desc, file=sys.stderr, disable=not enabled, leave=False)
 
 
-def sample(cfg: RRHFConfig, sources: Sources | None = None) -> Path:
+def sample(cfg: RRHFConfig, sources: Sources) -> Path:
     """Stage 1: k responses per training prompt from the base LM (+ the dataset's own) -> samples.jsonl."""
-    sources = sources or resolve_sources(cfg, with_eval=False)
     out = Path(cfg.output_dir) / SAMPLES_FILE
     out.parent.mkdir(parents=True, exist_ok=True)
     prompts = sources.train_prompts
     done = resume_jsonl(out, prompts, align=cfg.sample_batch_size)
     if len(done) == len(prompts):
         return out
-    model = load_causal_lm(sources.lm, device=cfg.device)
+    model = load_causal_lm(sources.lm, device=sources.device)
     tokenizer = load_tokenizer(sources.lm)
     provided = (load_dataset_responses(sources.dataset_responses, prompts, cfg.responses_per_prompt)
                 if sources.dataset_responses else {})
@@ -160,9 +137,8 @@ def sample(cfg: RRHFConfig, sources: Sources | None = None) -> Path:
     return out
 
 
-def score(cfg: RRHFConfig, sources: Sources | None = None) -> Path:
+def score(cfg: RRHFConfig, sources: Sources) -> Path:
     """Stage 2: score every sampled response with the reward wrapper -> scored.jsonl."""
-    sources = sources or resolve_sources(cfg, with_eval=False)
     samples_path = Path(cfg.output_dir) / SAMPLES_FILE
     samples, clean = read_jsonl(samples_path)
     if not clean or len(samples) != len(sources.train_prompts):
@@ -175,7 +151,7 @@ def score(cfg: RRHFConfig, sources: Sources | None = None) -> Path:
     if len(done) == len(samples):
         return out
     tokenizer = load_tokenizer(sources.lm)
-    reward = RewardWrapper.build(sources.reward, lm_tokenizer=tokenizer, device=cfg.device,
+    reward = RewardWrapper.build(sources.reward, lm_tokenizer=tokenizer, device=sources.device,
                                  batch_size=cfg.score_batch_size)
     chunk = max(1, 4 * cfg.score_batch_size // max(1, len(samples[0]["responses"])))
     bar = _progress(len(samples), len(done), "rrhf score", cfg.progress)

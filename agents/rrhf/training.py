@@ -91,7 +91,7 @@ def _lr_at(update: int, total: int, peak: float, warmup: int) -> float:
     return peak * max(0.0, (total - update) / max(1, total - warmup))
 
 
-def train(cfg: RRHFConfig, lm: str) -> Path:
+def train(cfg: RRHFConfig, lm: str, device: str = "auto") -> Path:
     """Stage 3: RRHF fine-tuning of `lm` on `output_dir/scored.jsonl`; returns `output_dir/model`."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
@@ -107,7 +107,7 @@ def train(cfg: RRHFConfig, lm: str) -> Path:
             "(llm-envs rrhf --stages sample,score)."
         )
     accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum, mixed_precision=cfg.mixed_precision,
-                              cpu=cfg.device == "cpu")
+                              cpu=device == "cpu")
     set_seed(cfg.seed)
     tokenizer = load_tokenizer(lm, padding_side="right")
     model = load_causal_lm(lm, device="cpu")

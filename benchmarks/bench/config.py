@@ -1,8 +1,9 @@
-"""The benchmark suite's config: one YAML file holds the suite (`bench:`), the proxy's training run
-(`train:`, an `agents.configs.TrainConfig`) and RRHF's run (`rrhf:`, an `agents.rrhf.config.RRHFConfig`),
-so every method of a suite reads its LM, reward model and prompts from one place.
+"""A suite file: the task (`task:`, an `llm_envs.task.Task`: LM, reward model, prompts, gold judge,
+budget, device), the leaderboard (`bench:`), the proxy's training run (`train:`, an
+`agents.configs.TrainConfig`) and RRHF's run (`rrhf:`, an `agents.rrhf.config.RRHFConfig`). Every
+method reads its LM, reward model, prompts and budget from the one `task:`.
 
-    cfg = load_suite_config("configs/tiny.yaml", ["bench.num_prompts=48"], quick=False)
+    cfg = load_suite_config("tiny", ["bench.num_prompts=48"], quick=False)   # a shipped suite or a path
 
 `quick: [key=value, ...]` in the file lists the overrides of the `--quick` variant (applied before
 the command line's); the quick suite writes to `<suite>-quick` so it never overwrites full results.
@@ -10,7 +11,10 @@ the command line's); the quick suite writes to `<suite>-quick` so it never overw
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import textwrap
+import typing
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal, Sequence
@@ -19,7 +23,9 @@ import yaml
 
 from agents.configs import TrainConfig
 from agents.rrhf.config import RRHFConfig
-from llm_envs.config import ConfigError, did_you_mean, load_config
+from benchmarks.suites import suite_path
+from llm_envs.config import ConfigError, did_you_mean, from_dict, parse_override, set_key, to_dict
+from llm_envs.task import Task
 
 METHOD_KINDS = ("greedy", "top_k", "nucleus", "best_of_n", "args", "proxy", "rrhf", "custom")
 SWEEPS = ("p_t", "temperature")
@@ -89,21 +95,20 @@ class SweepConfig:
 
 @dataclass(frozen=True)
 class BenchConfig:
-    """What the suite runs and where it writes. The LM, reward model, held-out prompts and response
-    budget come from `train.env` (one source for every method)."""
+    """What the suite runs and where it writes. The LM, reward model, held-out prompts, gold judge and
+    response budget come from the suite's `task:` (one source for every method)."""
 
     suite: str = field(default="tiny", metadata=_help("results go to <results_dir>/<suite>/"))
     methods: tuple[MethodConfig, ...] = field(default=(), metadata=_help("the leaderboard's rows, in order"))
     num_prompts: int | None = field(default=None, metadata=_help(
-        "a seeded sample of this many held-out prompts (null = all of train.env.eval_prompts)"))
+        "a seeded sample of this many held-out prompts (null = all of task.eval_prompts)"))
     seed: int = field(default=0, metadata=_help("seed of prompt sampling and of every sampling method"))
     batch_size: int = field(default=16, metadata=_help("prompts decoded side by side (env rows for RL agents)"))
-    gold: Literal["auto", "world", "none"] = field(default="auto", metadata=_help(
-        "gold judge: 'auto' = the embedded world's when the LM is the world's; 'world' = always; 'none'"))
     coherence_encoder: str | None = field(default=None, metadata=_help(
         "sentence encoder for coherence (hub name or dir, mean-pooled); null = the suite's LM, mean-pooled"))
     sweep: SweepConfig = field(default_factory=SweepConfig, metadata=_help("the proxy's p_t / temperature sweeps"))
-    results_dir: str = field(default="benchmarks/results", metadata=_help("root of the result folders"))
+    results_dir: str = field(default="results", metadata=_help(
+        "root of the result folders, relative to the current directory (`--out DIR` sets it)"))
     runs_dir: str = field(default="runs", metadata=_help(
         "where trained proxies / RRHF models go (<runs_dir>/bench-<suite>/<name>-<config hash>); reused when "
         "the config is unchanged"))
@@ -117,8 +122,6 @@ class BenchConfig:
     def __post_init__(self) -> None:
         if not self.suite or any(c in self.suite for c in "/\\ "):
             raise ValueError(f"suite={self.suite!r}; expected a name without spaces or slashes.")
-        if not self.methods:
-            raise ValueError("bench.methods is empty; list at least one method (see configs/tiny.yaml).")
         names = [m.name for m in self.methods]
         repeated = sorted({n for n in names if names.count(n) > 1})
         if repeated:
@@ -140,20 +143,20 @@ class BenchConfig:
 
 @dataclass(frozen=True)
 class SuiteConfig:
-    """A whole suite file: `bench:`, `train:` (the proxy) and `rrhf:` sections."""
+    """A whole suite file: `task:`, `bench:`, `train:` (the proxy) and `rrhf:` sections."""
 
+    task: Task = field(default_factory=Task, metadata=_help("what every method is run and scored on"))
     bench: BenchConfig = field(default_factory=BenchConfig, metadata=_help("the suite"))
     train: TrainConfig = field(default_factory=TrainConfig, metadata=_help("the proxy's training run"))
     rrhf: RRHFConfig = field(default_factory=RRHFConfig, metadata=_help("RRHF's run"))
 
     def __post_init__(self) -> None:
-        # Every method must face the same LM and reward model, or the leaderboard compares nothing.
-        env, rrhf = self.train.env, self.rrhf
-        if any(m.kind == "rrhf" for m in self.bench.methods) and (rrhf.lm, rrhf.reward) != (env.lm, env.reward):
+        # The response budget is the task's; the proxy's env must not say otherwise.
+        if self.train.env.max_new_tokens != self.task.max_new_tokens:
             raise ValueError(
-                f"rrhf.lm / rrhf.reward ({rrhf.lm!r}, {rrhf.reward!r}) differ from train.env.lm / train.env.reward "
-                f"({env.lm!r}, {env.reward!r}); every method of a suite must use one LM and one reward model. "
-                "Set them equal (null = the embedded world's)."
+                f"train.env.max_new_tokens={self.train.env.max_new_tokens} differs from task.max_new_tokens="
+                f"{self.task.max_new_tokens}; every method decodes with the task's budget. Set task.max_new_tokens "
+                "and leave train.env.max_new_tokens out (it is filled in from the task)."
             )
 
     @property
@@ -162,22 +165,63 @@ class SuiteConfig:
 
 
 def load_suite_config(
-    path: str | os.PathLike, overrides: Sequence[str] = (), *, quick: bool = False
+    config: str | os.PathLike = "tiny", overrides: Sequence[str] = (), *, quick: bool = False
 ) -> SuiteConfig:
-    """Defaults <- the YAML file <- its `quick:` overrides (with `quick=True`) <- `overrides`."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {str(path)!r} does not exist; pass an existing YAML file "
-                          "(e.g. configs/tiny.yaml).")
+    """Defaults <- the suite file (a shipped suite's name or a path) <- its `quick:` overrides (with
+    `quick=True`) <- `overrides` (`section.key=value`)."""
+    path = suite_path(config)
     data: Any = yaml.safe_load(path.read_text()) or {}
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a YAML mapping with bench:, train: and rrhf: sections.")
-    quick_overrides = data.get("quick") or []
+        raise ConfigError(f"{path}: expected a YAML mapping with task:, bench:, train: and rrhf: sections.")
+    quick_overrides = data.pop("quick", None) or []
     if quick and not quick_overrides:
         raise ConfigError(f"{path} has no 'quick:' list of overrides, so --quick has nothing to apply; add one "
-                          "(see configs/tiny.yaml).")
-    applied = [*(quick_overrides if quick else []), *overrides]
-    cfg = load_config(SuiteConfig, path, applied, section=None, ignore=("quick",))
+                          "(see `llm-envs config path tiny`).")
+    for text in [*(quick_overrides if quick else []), *overrides]:
+        keys, value = parse_override(text)
+        set_key(data, keys, value, f"override {text!r}")
+    # The proxy's env decodes with the task's budget unless the file says otherwise (then it must agree).
+    task, train = data.get("task") or {}, data.get("train") or {}
+    if isinstance(task, dict) and isinstance(train, dict) and isinstance(train.get("env") or {}, dict):
+        env = train["env"] = train.get("env") or {}
+        env.setdefault("max_new_tokens", task.get("max_new_tokens", Task.max_new_tokens))
+        data["train"] = train
+    cfg = from_dict(SuiteConfig, data, where=str(path))
     if quick:
         cfg = replace(cfg, bench=replace(cfg.bench, suite=f"{cfg.bench.suite}-quick"))
     return cfg
+
+
+def describe_config(cfg: Any, prefix: str) -> list[str]:
+    """One line per field: `prefix.name = value` (and the default when it differs), then its help."""
+    lines: list[str] = []
+    hints = typing.get_type_hints(type(cfg))
+    for f in dataclasses.fields(cfg):
+        value, name = getattr(cfg, f.name), f"{prefix}.{f.name}"
+        if dataclasses.is_dataclass(value):
+            lines.append(f"{name}:  # {f.metadata.get('help', '')}")
+            lines.extend(describe_config(value, name))
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else None)  # type: ignore[misc]
+        shown = to_dict(cfg)[f.name]
+        changed = "" if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING else (
+            f"  (default: {default!r})" if value != default else "")
+        kind = getattr(hints[f.name], "__name__", None) or str(hints[f.name]).replace("typing.", "")
+        lines.append(f"{name} = {shown!r}{changed}   [{kind}]")
+        if f.metadata.get("help"):
+            lines.extend(textwrap.wrap(f.metadata["help"], 100, initial_indent="    ", subsequent_indent="    "))
+    return lines
+
+
+def describe_suite_config(cfg: SuiteConfig, sections: Sequence[str] = ()) -> str:
+    """`llm-envs config show`: every field of the suite (or of `sections`) with its value and help."""
+    names = [f.name for f in dataclasses.fields(cfg)]
+    for section in sections:
+        if section not in names:
+            raise ConfigError(f"section {section!r} is unknown.{did_you_mean(section, names)} Sections: {names}.")
+    lines = []
+    for name in sections or names:
+        section = getattr(cfg, name)
+        lines += [f"# {name}: {type(section).__doc__.strip().splitlines()[0]}", *describe_config(section, name), ""]
+    return "\n".join(lines)

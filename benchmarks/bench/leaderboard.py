@@ -29,7 +29,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from benchmarks.bench.metrics import mean_ci95, win_rate
+from agents.metrics import mean_ci95, win_rate
 from benchmarks.bench.records import read_method_records
 
 from llm_envs.io import atomic_write_json, atomic_write_text

@@ -9,7 +9,8 @@ an interrupted training resumes from its checkpoints.
 A custom method (`kind: custom`, `entry: "module:Class"`) is built with its `params`; constructor
 arguments named `lm`, `tokenizer`, `reward` or `device` that the entry does not set receive the
 suite's loaded LM, tokenizer, `RewardWrapper` and device. An object with `generate` is used as a
-`Decoder`; one with `predict` is a `PolicyAgent` played on TokenAccept-v0 (the suite's `train.env`).
+`Decoder`; one with `predict` is a `PolicyAgent` played on TokenAccept-v0 (the suite's `train.env`
+settings on its task).
 """
 
 from __future__ import annotations
@@ -25,13 +26,14 @@ from typing import Any
 
 from agents.base import Decoder, PolicyDecoder
 from agents.configs import TrainConfig
+from agents.harness import unscored
 from benchmarks.bench.config import MethodConfig, SuiteConfig
 from benchmarks.bench.records import fingerprint
 from llm_envs.config import ConfigError, from_dict, set_key, to_dict
 from llm_envs.envs.context import LMContext
+from llm_envs.envs.params import TokenAcceptParams
 from llm_envs.envs.token_accept import TokenAcceptCore
 from llm_envs.io import atomic_write_json
-from llm_envs.rewards import RewardWrapper
 
 DECODING_KINDS = ("greedy", "top_k", "nucleus", "best_of_n")
 TRAIN_INFO = "bench_train.json"  # written once a training run is complete: its wall time
@@ -57,15 +59,10 @@ def with_overrides(cfg: Any, params: dict[str, Any]) -> Any:
 
 
 def run_dir(suite: SuiteConfig, kind: str, cfg: Any) -> Path:
+    """Where a trained method lives: a hash of its config and the task it learns (not run-only fields)."""
     settings = {k: v for k, v in to_dict(cfg).items() if k not in _RUN_ONLY_FIELDS}
+    settings["task"] = to_dict(suite.task)
     return Path(suite.bench.runs_dir) / "bench" / f"{kind}-{fingerprint(**settings)}"
-
-
-def without_reward(ctx: LMContext) -> LMContext:
-    """The suite's context with a free reward: env episodes end without scoring, so generation time
-    excludes the final RM call that every method's responses get afterwards, from one wrapper."""
-    free = RewardWrapper.from_callable(lambda prompts, responses: [0.0] * len(prompts), name="unscored")
-    return dataclasses.replace(ctx, reward=free, gold=None)
 
 
 def _timed_training(directory: Path, train: Any) -> float:
@@ -87,16 +84,13 @@ def train_proxy(suite: SuiteConfig, params: dict[str, Any]) -> tuple[TrainConfig
     cfg = with_overrides(suite.train, params)
     directory = run_dir(suite, "proxy", cfg)
     cfg = dataclasses.replace(cfg, output_dir=str(directory), progress_bar=suite.bench.progress)
-    seconds = _timed_training(directory, lambda: train(cfg))
+    seconds = _timed_training(directory, lambda: train(cfg, suite.task))
     return cfg, directory / "proxy.zip", seconds
 
 
-def token_accept_core(env_cfg: Any, ctx: LMContext, batch_size: int) -> TokenAcceptCore:
-    """TokenAccept-v0 rows with `env_cfg`'s MDP settings on the suite's (unscored) context."""
-    kwargs = env_cfg.env_kwargs(None)
-    for key in ("lm", "reward", "prompts", "device", "dtype", "max_prompt_tokens"):
-        kwargs.pop(key)
-    return TokenAcceptCore(min(batch_size, len(ctx.prompts)), context=without_reward(ctx), **kwargs)
+def token_accept_core(params: TokenAcceptParams, ctx: LMContext, batch_size: int) -> TokenAcceptCore:
+    """TokenAccept-v0 rows with `params` on the suite's (unscored) context: the harness scores."""
+    return TokenAcceptCore(min(batch_size, len(ctx.prompts)), context=unscored(ctx), params=params)
 
 
 def _proxy(method: MethodConfig, suite: SuiteConfig, ctx: LMContext) -> PreparedMethod:
@@ -118,8 +112,9 @@ def _rrhf(method: MethodConfig, suite: SuiteConfig, ctx: LMContext) -> PreparedM
     cfg = with_overrides(suite.rrhf, method.params)
     directory = run_dir(suite, "rrhf", cfg)
     cfg = dataclasses.replace(cfg, output_dir=str(directory), progress=suite.bench.progress)
-    seconds = _timed_training(directory, lambda: run(cfg, ("sample", "score", "train"), verbose=suite.bench.progress))
-    decoder = GreedyDecoder(str(directory / MODEL_DIR), ctx.tokenizer, device=suite.train.env.device,
+    seconds = _timed_training(directory, lambda: run(cfg, suite.task, ("sample", "score", "train"),
+                                                     verbose=suite.bench.progress))
+    decoder = GreedyDecoder(str(directory / MODEL_DIR), ctx.tokenizer, device=suite.task.device,
                             batch_size=4 * suite.bench.batch_size, name=method.name)
     params = sum(p.numel() for p in decoder.model.parameters())  # RRHF fine-tunes every weight
     return PreparedMethod(decoder, params, seconds, {"run_dir": str(directory)})
@@ -131,7 +126,7 @@ def _decoding(method: MethodConfig, suite: SuiteConfig, ctx: LMContext) -> Prepa
     kwargs = dict(method.params)
     if method.kind == "best_of_n":
         kwargs.setdefault("reward", ctx.reward)
-    decoder = make_decoder(method.kind, ctx.model, tokenizer=ctx.tokenizer, device=suite.train.env.device,
+    decoder = make_decoder(method.kind, ctx.model, tokenizer=ctx.tokenizer, device=suite.task.device,
                            batch_size=4 * suite.bench.batch_size, name=method.name, **kwargs)
     return PreparedMethod(decoder)
 
@@ -139,7 +134,7 @@ def _decoding(method: MethodConfig, suite: SuiteConfig, ctx: LMContext) -> Prepa
 def _args(method: MethodConfig, suite: SuiteConfig, ctx: LMContext) -> PreparedMethod:
     from agents.args import ARGS
 
-    decoder = ARGS(ctx.model, ctx.reward, tokenizer=ctx.tokenizer, device=suite.train.env.device,
+    decoder = ARGS(ctx.model, ctx.reward, tokenizer=ctx.tokenizer, device=suite.task.device,
                    batch_size=suite.bench.batch_size, name=method.name, **method.params)
     return PreparedMethod(decoder)
 
@@ -159,7 +154,7 @@ def import_entry(entry: str) -> Any:
 def _custom(method: MethodConfig, suite: SuiteConfig, ctx: LMContext) -> PreparedMethod:
     cls = import_entry(method.entry)
     kwargs = dict(method.params)
-    suite_parts = {"lm": ctx.model, "tokenizer": ctx.tokenizer, "reward": ctx.reward, "device": suite.train.env.device}
+    suite_parts = {"lm": ctx.model, "tokenizer": ctx.tokenizer, "reward": ctx.reward, "device": suite.task.device}
     accepted = inspect.signature(cls).parameters
     for key, value in suite_parts.items():
         if key in accepted and key not in kwargs:

@@ -1,4 +1,4 @@
-"""The leaderboard's metrics (SPEC §8), each a pure function of the per-episode records.
+"""The evaluation metrics (SPEC §8): what the harness records per episode and the leaderboard aggregates.
 
 - `mean_ci95`: mean and the half-width of its 95% confidence interval (normal approximation,
   1.96 standard errors; with the suite's 192 prompts Student's t would widen it by < 1%).

@@ -1,0 +1,243 @@
+"""The `llm-envs` command line (the top layer: it drives the world, the agents and the benchmarks).
+
+    llm-envs bench       [--config tiny] [--quick] [--methods a,b] [--sweep p_t|temperature]
+                         [--from-records] [--out DIR] [key=value ...]   # the leaderboard (the main job)
+    llm-envs train       [--config tiny] [key=value ...]                # the MaskablePPO proxy
+    llm-envs eval        [--config tiny] [--agent greedy|random|proxy:PATH|top_k|nucleus|best_of_N]
+    llm-envs rrhf        [--config tiny] [--stages sample,score,train,eval] [key=value ...]
+    llm-envs world build [--preset default|test] [--seed 0] [--cache-dir DIR] [--json]
+    llm-envs world info  [--preset ...] [--seed ...] [--cache-dir DIR]
+    llm-envs config show [--config tiny] [SECTION ...]   # every field: value, default and help
+    llm-envs config path [NAME]                          # where a shipped suite's YAML lives
+    llm-envs config list                                 # the shipped suites
+
+`--config` takes a shipped suite's name (`tiny`, `hh_gpu`) or a YAML file of your own; every key can
+be overridden with key=value (`task.max_new_tokens=16 train.env.p_t=0.001`). Imports are lazy so
+that `--help` answers at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Sequence
+
+HEADROOM_KEYS = ("greedy_low_gold_frac", "nucleus_best_gold_frac", "rm_gold_agreement")
+WORLD_PRESET_NAMES = ("default", "test")  # llm_envs.world.WORLD_PRESETS, named here to keep --help light
+CONFIG_HELP = "suite: a shipped suite's name (tiny, hh_gpu) or a YAML file; `llm-envs config show` lists its fields"
+
+
+def _add_world_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--preset", "--size", dest="preset", default="default", choices=WORLD_PRESET_NAMES,
+                        help="world preset: 'default' (used by everything) or 'test' (small, for tests)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the world (corpus, splits, training)")
+    parser.add_argument("--cache-dir", default=None,
+                        help="cache root (default: $LLM_ENVS_CACHE or ~/.cache/llm_envs)")
+
+
+def _print_world_summary(report: dict) -> None:
+    print(f"world: {report['path']}")
+    print(f"  built in {report['seconds']} s; sizes: {json.dumps(report['sizes'])}")
+    for key in HEADROOM_KEYS:
+        print(f"  {key:24s} {report[key]}")
+    decisions = report["decision_positions"]
+    print(f"  decision_positions       {decisions['positions']} "
+          f"(prompt-dependent: {decisions['right_token_depends_on_prompt']})")
+
+
+def cmd_world_build(args: argparse.Namespace) -> int:
+    from llm_envs.world import build_world
+
+    world = build_world(args.preset, args.seed, args.cache_dir, force=args.force,
+                        progress=not args.json and not args.no_progress)
+    if args.json:
+        print(json.dumps(world.report))
+    else:
+        _print_world_summary(world.report)
+    return 0
+
+
+def cmd_world_info(args: argparse.Namespace) -> int:
+    from llm_envs.world import load_world
+
+    world = load_world(args.preset, args.seed, args.cache_dir, build=False)
+    _print_world_summary(world.report)
+    return 0
+
+
+def cmd_rrhf(args: argparse.Namespace) -> int:
+    """RRHF's stages (sample, score, train, eval) on the suite's task, with its rrhf: section."""
+    from agents.rrhf import run
+    from benchmarks.bench.config import load_suite_config
+
+    cfg = load_suite_config(args.config, args.overrides)
+    summary = run(cfg.rrhf, cfg.task, [s.strip() for s in args.stages.split(",") if s.strip()], verbose=not args.json)
+    if args.json:
+        print(json.dumps(summary))
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """The MaskablePPO proxy on the suite's task, with its train: section."""
+    from agents.proxy import train
+    from benchmarks.bench.config import load_suite_config
+
+    cfg = load_suite_config(args.config, args.overrides)
+    model = train(cfg.train, cfg.task)
+    print(f"proxy saved to {model} (resolved config: {model.parent / 'config.yaml'})")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    """One agent on the suite's held-out prompts, scored as on the leaderboard."""
+    from agents.evaluate import evaluate_agent
+    from benchmarks.bench.config import load_suite_config
+
+    cfg = load_suite_config(args.config, args.overrides)
+    summary = evaluate_agent(cfg.task, cfg.train.env, args.agent, num_prompts=args.num_prompts,
+                             num_envs=cfg.train.num_envs, seed=cfg.train.seed)
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        for key, value in summary.items():
+            if key != "examples":
+                print(f"{key:26s} {value}")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    """The benchmark suite: every method on the held-out prompts, one reward wrapper, one leaderboard."""
+    from benchmarks.bench.config import load_suite_config
+
+    overrides = [*args.overrides, *(["bench.progress=false"] if args.no_progress else []),
+                 *([f"bench.results_dir={args.out}"] if args.out else [])]
+    cfg = load_suite_config(args.config, overrides, quick=args.quick)
+    if args.sweep:
+        from benchmarks.bench.sweep import run_sweep
+
+        run_sweep(cfg, {"pt": "p_t"}.get(args.sweep, args.sweep))
+        return 0
+    from benchmarks.bench.suite import finish_suite, run_suite, suite_context
+
+    if args.from_records:
+        finish_suite(cfg, suite_context(cfg))
+        return 0
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
+    summary = run_suite(cfg, methods=methods)
+    print(f"bench: done in {summary['seconds']:.0f} s")
+    return 0
+
+
+def cmd_config_show(args: argparse.Namespace) -> int:
+    from benchmarks.bench.config import describe_suite_config, load_suite_config
+
+    cfg = load_suite_config(args.config, args.overrides)
+    print(describe_suite_config(cfg, args.sections))
+    return 0
+
+
+def cmd_config_path(args: argparse.Namespace) -> int:
+    from benchmarks.suites import suite_path
+
+    print(suite_path(args.name))
+    return 0
+
+
+def cmd_config_list(args: argparse.Namespace) -> int:
+    from benchmarks.suites import shipped_suites, suite_path
+
+    for name in shipped_suites():
+        print(f"{name:10s} {suite_path(name)}")
+    return 0
+
+
+def _add_config(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", default="tiny", help=CONFIG_HELP)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="llm-envs", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    bench = commands.add_parser("bench", help="run every method on the held-out prompts and write the leaderboard")
+    _add_config(bench)
+    bench.add_argument("--quick", action="store_true",
+                       help="apply the config's quick: overrides (a small, fast suite written to <suite>-quick/)")
+    bench.add_argument("--methods", default=None,
+                       help="comma-separated method names to (re)run; the others keep their records")
+    bench.add_argument("--sweep", default=None, choices=["p_t", "pt", "temperature"],
+                       help="train and evaluate one proxy per value of p_t or temperature (the paper's study)")
+    bench.add_argument("--from-records", action="store_true",
+                       help="rebuild the leaderboard, plots and wandb log from the records without running anything")
+    bench.add_argument("--out", default=None,
+                       help="results root (default: ./results; results go to <out>/<suite>/)")
+    bench.add_argument("--no-progress", action="store_true", help="no progress bars (logs, CI)")
+    bench.add_argument("overrides", nargs="*", help="key=value overrides, e.g. bench.num_prompts=48 train.total_timesteps=20000")
+    bench.set_defaults(func=cmd_bench)
+
+    train = commands.add_parser("train", help="train the MaskablePPO proxy on TokenAccept (the suite's train: section)")
+    _add_config(train)
+    train.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.total_timesteps=2000 train.env.p_t=0.001")
+    train.set_defaults(func=cmd_train)
+
+    evaluate = commands.add_parser("eval", help="evaluate an agent on the task's held-out prompts")
+    _add_config(evaluate)
+    evaluate.add_argument("--agent", default="greedy",
+                          help="greedy, random, proxy:PATH (a .zip), or a decoding baseline: top_k, nucleus, best_of_N")
+    evaluate.add_argument("--num-prompts", type=int, default=None, help="evaluate on a seeded sample of prompts")
+    evaluate.add_argument("--json", action="store_true", help="print the summary as one JSON object")
+    evaluate.add_argument("overrides", nargs="*", help="key=value overrides of the config")
+    evaluate.set_defaults(func=cmd_eval)
+
+    rrhf = commands.add_parser("rrhf", help="RRHF baseline: sample, score, train, evaluate (resumable)")
+    _add_config(rrhf)
+    rrhf.add_argument("--stages", default="sample,score,train,eval",
+                      help="comma-separated stages to run; complete ones are skipped")
+    rrhf.add_argument("overrides", nargs="*", help="key=value overrides (e.g. rrhf.epochs=1 rrhf.output_dir=runs/x)")
+    rrhf.add_argument("--json", action="store_true", help="print the summary as one JSON object")
+    rrhf.set_defaults(func=cmd_rrhf)
+
+    world = commands.add_parser("world", help="build or inspect the embedded offline world")
+    world_commands = world.add_subparsers(dest="world_command", required=True)
+    build = world_commands.add_parser("build", help="build the world into the cache (a no-op if built)")
+    _add_world_args(build)
+    build.add_argument("--force", action="store_true", help="rebuild even if the cache holds it")
+    build.add_argument("--json", action="store_true", help="print the build report as one JSON object")
+    build.add_argument("--no-progress", action="store_true", help="no progress bars")
+    build.set_defaults(func=cmd_world_build)
+    info = world_commands.add_parser("info", help="print the report of a built world")
+    _add_world_args(info)
+    info.set_defaults(func=cmd_world_info)
+
+    config = commands.add_parser("config", help="the suites' config fields: values, defaults and help")
+    config_commands = config.add_subparsers(dest="config_command", required=True)
+    show = config_commands.add_parser("show", help="every field of a suite (or of the named sections) with its help")
+    _add_config(show)
+    show.add_argument("sections", nargs="*", help="sections to show: task, bench, train, rrhf (default: all)")
+    show.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                      help="show the config with this override applied (repeatable)")
+    show.set_defaults(func=cmd_config_show)
+    path = config_commands.add_parser("path", help="print where a shipped suite's YAML file is (copy it to start your own)")
+    path.add_argument("name", nargs="?", default="tiny", help="a shipped suite (default: tiny)")
+    path.set_defaults(func=cmd_config_path)
+    listing = config_commands.add_parser("list", help="list the shipped suites")
+    listing.set_defaults(func=cmd_config_list)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, OSError) as error:
+        if args.debug:
+            raise
+        print(f"llm-envs: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
