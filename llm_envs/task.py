@@ -9,7 +9,8 @@ one task by construction.
     sources.lm, sources.reward, sources.eval_prompts, sources.gold
 
 `resolve()` loads (or builds) the embedded world only when some part needs it: an unset `lm` or
-`reward`, a `"world:train"` / `"world:test"` prompt source, or `gold: world`.
+`reward`, or a `"world:train"` / `"world:test"` prompt source (the world's gold judge is a function
+of the text alone). Worlds live in `$LLM_ENVS_CACHE` (default `~/.cache/llm_envs`).
 """
 
 from __future__ import annotations
@@ -72,17 +73,16 @@ class Task:
         return self.gold == "world" or (self.gold == "auto" and self.lm is None)
 
     def needs_world(self) -> bool:
-        """Whether some part of the task comes from the embedded world."""
+        """Whether some part of the task comes from the built embedded world (its gold judge is a plain
+        function of the text and needs no build)."""
         world_prompts = any(isinstance(s, str) and s in WORLD_SPLITS for s in (self.train_prompts, self.eval_prompts))
-        return self.lm is None or self.reward is None or world_prompts or self.uses_world_gold
+        return self.lm is None or self.reward is None or world_prompts
 
     def resolve(self, *, progress: bool = True) -> TaskSources:
         """Concrete sources: the world (loaded or built on first use) fills every unset part."""
-        world = None
-        if self.needs_world():
-            from llm_envs.world import load_world  # lazy: loading or building the world is expensive
+        from llm_envs.world import gold_reward, load_world  # lazy: the world imports torch
 
-            world = load_world(self.world, self.world_seed, progress=progress)
+        world = load_world(self.world, self.world_seed, progress=progress) if self.needs_world() else None
 
         def prompts(source: Any) -> Any:
             if isinstance(source, str) and source in WORLD_SPLITS:
@@ -95,7 +95,7 @@ class Task:
             reward=self.reward if self.reward is not None else str(world.rm_dir),
             train_prompts=prompts(self.train_prompts),
             eval_prompts=prompts(self.eval_prompts),
-            gold=world.gold if self.uses_world_gold else None,
+            gold=gold_reward if self.uses_world_gold else None,
             world_path=str(world.path) if world is not None else None,
         )
 

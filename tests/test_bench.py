@@ -17,7 +17,7 @@ from llm_envs.config import ConfigError
 from llm_envs.world import gold_reward
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
+TINY = "tiny"  # the shipped suite, by name
 
 
 # ---------------------------------------------------------------------------- metrics
@@ -66,14 +66,15 @@ def test_the_shipped_suite_config_and_its_quick_variant():
 
 
 def test_the_real_model_config_is_valid():
-    cfg = load_suite_config(TINY.parent / "hh_gpu.yaml")
-    assert cfg.train.env.device == "cuda" and cfg.bench.gold == "none"
-    assert cfg.rrhf.lm == cfg.train.env.lm and cfg.rrhf.reward == cfg.train.env.reward
+    cfg = load_suite_config("hh_gpu")
+    assert cfg.task.device == "cuda" and cfg.task.gold == "none" and cfg.task.lm == "openai-community/gpt2-large"
+    assert cfg.train.env.max_new_tokens == cfg.task.max_new_tokens == 128  # the env's budget is the task's
 
 
 def test_the_readme_leaderboard_is_the_generated_one():
-    """The README shows the committed tiny leaderboard verbatim (regenerate, then copy the table)."""
-    root = TINY.parents[1]
+    """The README shows the committed tiny leaderboard verbatim (regenerate with
+    `llm-envs bench --out benchmarks/results`, then copy the table)."""
+    root = Path(__file__).resolve().parents[1]
     generated = (root / "benchmarks" / "results" / "tiny" / "leaderboard.md").read_text()
     table = generated[generated.index("| method |"):].split("\n\n")[0]
     assert table in (root / "README.md").read_text()
@@ -84,7 +85,9 @@ def test_the_readme_leaderboard_is_the_generated_one():
     ("bench.methods=[{name: a, kind: gredy}]", "Did you mean 'greedy'"),
     ("bench.methods=[{name: a, kind: greedy}, {name: a, kind: nucleus}]", "repeats the name"),
     ("bench.methods=[{name: a, kind: custom}]", "entry='module:Class' is required"),
-    ("rrhf.lm=/somewhere/else", "every method of a suite must use one LM"),
+    ("train.env.max_new_tokens=64", "differs from task.max_new_tokens=32"),
+    ("task.gold=sometimes", "expected one of"),
+    ("tsk.lm=gpt2", "Did you mean 'task'"),
 ])
 def test_bad_suite_configs_fail_clearly(override, message):
     with pytest.raises(ConfigError, match=message):
@@ -110,18 +113,17 @@ class RejectOnce:
 def _suite_file(tmp: Path, test_world, world_cache: Path, methods: list[dict], **bench) -> Path:
     lm, rm = str(test_world.lm_dir), str(test_world.rm_dir)
     data = {
+        "task": {"lm": lm, "reward": rm, "train_prompts": test_world.train_prompts[:200],
+                 "eval_prompts": test_world.test_prompts[:24], "max_new_tokens": 10, "gold": "world", "device": "cpu"},
         "bench": {"suite": "t", "results_dir": str(tmp / "results"), "runs_dir": str(tmp / "runs"), "num_prompts": 10,
-                  "batch_size": 4, "gold": "world", "torch_threads": 1, "wandb_mode": "disabled", "progress": False,
+                  "batch_size": 4, "torch_threads": 1, "wandb_mode": "disabled", "progress": False,
                   "methods": methods, "sweep": {"p_t": [0.1, 0.001], "temperature": [0.5, 1.0], "total_timesteps": 64},
                   **bench},
-        "train": {"env": {"lm": lm, "reward": rm, "train_prompts": test_world.train_prompts[:200],
-                          "eval_prompts": test_world.test_prompts[:24], "max_new_tokens": 10, "device": "cpu"},
-                  "proxy": {"hidden_sizes": [32, 32], "n_steps": 16, "batch_size": 32, "n_epochs": 1},
+        "train": {"proxy": {"hidden_sizes": [32, 32], "n_steps": 16, "batch_size": 32, "n_epochs": 1},
                   "num_envs": 4, "total_timesteps": 128, "eval_episodes": 4, "wandb_mode": "disabled",
                   "progress_bar": False},
-        "rrhf": {"lm": lm, "reward": rm, "world": "test", "world_cache_dir": str(world_cache), "num_prompts": 8,
-                 "num_samples": 2, "max_new_tokens": 10, "epochs": 1, "queries_per_batch": 4, "eval_prompts": None,
-                 "progress": False, "device": "cpu", "num_threads": 1},
+        "rrhf": {"num_prompts": 8, "num_samples": 2, "max_new_tokens": 10, "epochs": 1, "queries_per_batch": 4,
+                 "progress": False, "num_threads": 1},
     }
     path = tmp / "suite.yaml"
     path.write_text(yaml.safe_dump(data))
@@ -140,7 +142,7 @@ METHODS = [
 
 @pytest.fixture(scope="module")
 def suite(test_world, world_cache, tmp_path_factory):
-    from llm_envs.cli import main
+    from benchmarks.cli import main
 
     tmp = tmp_path_factory.mktemp("bench")
     config = _suite_file(tmp, test_world, world_cache, METHODS)
@@ -209,7 +211,7 @@ def test_the_leaderboard_is_computed_from_the_records(suite, test_world):
 
 def test_a_custom_agent_gets_its_row_and_the_others_keep_their_records(suite, test_world, world_cache, tmp_path,
                                                                         monkeypatch):
-    from llm_envs.cli import main
+    from benchmarks.cli import main
 
     config, out = suite
     (tmp_path / "my_agents.py").write_text(AGENT_MODULE)
@@ -234,7 +236,7 @@ def test_a_custom_agent_gets_its_row_and_the_others_keep_their_records(suite, te
 
 
 def test_wandb_gets_the_table_and_plots_offline(suite, tmp_path):
-    from llm_envs.cli import main
+    from benchmarks.cli import main
 
     config, _ = suite
     runs = tmp_path / "wb"
@@ -248,7 +250,7 @@ def test_wandb_gets_the_table_and_plots_offline(suite, tmp_path):
 
 
 def test_a_partial_run_under_other_settings_is_refused_before_writing(suite, capsys):
-    from llm_envs.cli import main
+    from benchmarks.cli import main
 
     config, out = suite
     before = {p.name: p.read_bytes() for p in (out / "records").iterdir()}
@@ -259,7 +261,7 @@ def test_a_partial_run_under_other_settings_is_refused_before_writing(suite, cap
 
 
 def test_bad_method_entries_fail_clearly(suite, tmp_path, monkeypatch, capsys):
-    from llm_envs.cli import main
+    from benchmarks.cli import main
 
     config, _ = suite
     data = yaml.safe_load(config.read_text())
@@ -279,7 +281,7 @@ def test_bad_method_entries_fail_clearly(suite, tmp_path, monkeypatch, capsys):
 
 
 def test_the_p_t_sweep_trains_one_proxy_per_value(suite, capsys):
-    from llm_envs.cli import main
+    from benchmarks.cli import main
 
     config, out = suite
     assert main(["bench", "--config", str(config), "--sweep", "pt"]) == 0

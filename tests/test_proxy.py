@@ -9,24 +9,29 @@ import numpy as np
 import pytest
 import yaml
 
-from agents.configs import EnvConfig, ProxyConfig, TrainConfig
-from agents.evaluate import evaluate
+from agents.configs import ProxyConfig, TrainConfig
+from agents.evaluate import evaluate_agent
 from agents.proxy import train
 from agents.sb3_agent import load_proxy
+from benchmarks.bench.config import load_suite_config
 from llm_envs.config import ConfigError, load_config
+from llm_envs.envs.params import TokenAcceptParams
 from llm_envs.envs.token_accept import TokenAcceptCore
+from llm_envs.task import Task
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
+def _task(test_world) -> Task:
+    return Task(lm=str(test_world.lm_dir), reward=str(test_world.rm_dir), train_prompts=test_world.train_prompts[:300],
+                eval_prompts=test_world.test_prompts[:16], max_new_tokens=16, device="cpu")
+
+
 def _config(test_world, tmp_path: Path, **overrides) -> TrainConfig:
-    env = EnvConfig(lm=str(test_world.lm_dir), reward=str(test_world.rm_dir),
-                    train_prompts=test_world.train_prompts[:300], eval_prompts=test_world.test_prompts[:16],
-                    max_new_tokens=16, device="cpu")
     proxy = ProxyConfig(hidden_sizes=(32, 32), n_steps=32, batch_size=64, n_epochs=2)
-    base = dict(env=env, proxy=proxy, num_envs=4, total_timesteps=256, eval_episodes=8,
-                output_dir=str(tmp_path / "run"), wandb_mode="disabled", progress_bar=False)
+    base = dict(env=TokenAcceptParams(max_new_tokens=16), proxy=proxy, num_envs=4, total_timesteps=256,
+                eval_episodes=8, output_dir=str(tmp_path / "run"), wandb_mode="disabled", progress_bar=False)
     return TrainConfig(**{**base, **overrides})
 
 
@@ -34,14 +39,15 @@ def _config(test_world, tmp_path: Path, **overrides) -> TrainConfig:
 def trained(test_world, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("proxy")
     cfg = _config(test_world, tmp, checkpoint_freq=32)
-    return cfg, train(cfg)
+    return cfg, train(cfg, _task(test_world))
 
 
-def test_training_writes_model_config_logs_and_checkpoints(trained):
+def test_training_writes_model_config_logs_and_checkpoints(trained, test_world):
     cfg, path = trained
     run = Path(cfg.output_dir)
     assert path == run / "proxy.zip" and path.is_file()
-    assert load_config(TrainConfig, run / "config.yaml") == cfg  # the resolved config round-trips
+    assert load_config(TrainConfig, run / "config.yaml", section="train") == cfg  # the resolved config round-trips
+    assert load_config(Task, run / "config.yaml", section="task") == _task(test_world)  # with the task it learned
     assert list((run / "checkpoints").glob("proxy_*_steps.zip"))
     progress = (run / "logs" / "progress.csv").read_text()
     for column in ("rollout/reward_model", "rollout/rejection_rate", "rollout/forced_accepts",
@@ -53,7 +59,7 @@ def test_save_then_load_gives_identical_deterministic_actions(trained, test_worl
     from sb3_contrib import MaskablePPO
 
     cfg, path = trained
-    core = TokenAcceptCore(2, **cfg.env.env_kwargs(test_world.test_prompts[:4]))
+    core = TokenAcceptCore(2, params=cfg.env, **_task(test_world).resolve().env_kwargs(test_world.test_prompts[:4]))
     agent = load_proxy(path, core.observation_space, device="cpu")
     again = MaskablePPO.load(path, device="cpu")
     obs = np.random.default_rng(0).normal(size=(64, core.observation_space.shape[0])).astype(np.float32)
@@ -73,14 +79,14 @@ def test_resume_continues_from_the_last_checkpoint(trained, test_world, tmp_path
     longer = _config(test_world, tmp_path, output_dir=str(run), total_timesteps=384, checkpoint_freq=32)
     from sb3_contrib import MaskablePPO
 
-    final = train(longer)
+    final = train(longer, _task(test_world))
     assert MaskablePPO.load(final, device="cpu").num_timesteps >= 384
 
 
 def test_evaluate_summarises_greedy_and_the_proxy(trained, test_world):
     cfg, path = trained
-    greedy = evaluate(cfg.env, "greedy", num_envs=4)
-    proxy = evaluate(cfg.env, f"proxy:{path}", num_envs=4)
+    greedy = evaluate_agent(_task(test_world), cfg.env, "greedy", num_envs=4)
+    proxy = evaluate_agent(_task(test_world), cfg.env, f"proxy:{path}", num_envs=4)
     for summary in (greedy, proxy):
         assert summary["episodes"] == 16
         assert np.isfinite(summary["reward_mean"]) and summary["response_len"] > 0
@@ -89,7 +95,8 @@ def test_evaluate_summarises_greedy_and_the_proxy(trained, test_world):
 
 def test_a_checkpoint_with_another_observation_size_fails_clearly(trained, test_world):
     cfg, path = trained
-    core = TokenAcceptCore(1, **{**cfg.env.env_kwargs(test_world.test_prompts[:2]), "obs_mode": "prefix"})
+    core = TokenAcceptCore(1, params=cfg.env, obs_mode="prefix",
+                           **_task(test_world).resolve().env_kwargs(test_world.test_prompts[:2]))
     with pytest.raises(ValueError, match="expects observations of shape"):
         load_proxy(path, core.observation_space)
     with pytest.raises(FileNotFoundError, match="does not exist"):
@@ -97,17 +104,17 @@ def test_a_checkpoint_with_another_observation_size_fails_clearly(trained, test_
 
 
 def test_cli_trains_and_evaluates_end_to_end(test_world, tmp_path, capsys):
-    from llm_envs.cli import main
+    from benchmarks.cli import main
 
-    cfg_file = tmp_path / "c.yaml"
-    cfg_file.write_text(yaml.safe_dump({"train": {
-        "env": {"lm": str(test_world.lm_dir), "reward": str(test_world.rm_dir),
-                "train_prompts": test_world.train_prompts[:100], "eval_prompts": test_world.test_prompts[:8],
-                "max_new_tokens": 12, "device": "cpu"},
-        "proxy": {"hidden_sizes": [16], "n_steps": 16, "batch_size": 32, "n_epochs": 1},
-        "num_envs": 2, "total_timesteps": 64, "eval_episodes": 4, "output_dir": str(tmp_path / "cli"),
-        "wandb_mode": "disabled", "progress_bar": False}}))
-    assert main(["train", "--config", str(cfg_file), "seed=3"]) == 0
+    cfg_file = tmp_path / "c.yaml"  # a file of one's own: the task and the train: section are enough
+    cfg_file.write_text(yaml.safe_dump({
+        "task": {"lm": str(test_world.lm_dir), "reward": str(test_world.rm_dir),
+                 "train_prompts": test_world.train_prompts[:100], "eval_prompts": test_world.test_prompts[:8],
+                 "max_new_tokens": 12, "device": "cpu"},
+        "train": {"proxy": {"hidden_sizes": [16], "n_steps": 16, "batch_size": 32, "n_epochs": 1},
+                  "num_envs": 2, "total_timesteps": 64, "eval_episodes": 4, "output_dir": str(tmp_path / "cli"),
+                  "wandb_mode": "disabled", "progress_bar": False}}))
+    assert main(["train", "--config", str(cfg_file), "train.seed=3"]) == 0
     assert (tmp_path / "cli" / "proxy.zip").is_file()
     capsys.readouterr()
     assert main(["eval", "--config", str(cfg_file), "--agent", f"proxy:{tmp_path / 'cli' / 'proxy.zip'}", "--json"]) == 0
@@ -116,7 +123,7 @@ def test_cli_trains_and_evaluates_end_to_end(test_world, tmp_path, capsys):
 
 
 def test_bad_configs_fail_clearly(tmp_path, capsys):
-    from llm_envs.cli import main
+    from benchmarks.cli import main
 
     with pytest.raises(ConfigError, match="Did you mean 'total_timesteps'"):
         load_config(TrainConfig, None, ["total_timestep=5"])
@@ -128,10 +135,12 @@ def test_bad_configs_fail_clearly(tmp_path, capsys):
         load_config(TrainConfig, None, ["num_envs=many"])
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(TrainConfig, tmp_path / "missing.yaml")
-    assert main(["train", "--config", "configs/tiny.yaml", "proxy.activaton=relu"]) == 2
+    assert main(["train", "--config", "tiny", "train.proxy.activaton=relu"]) == 2
     assert "Did you mean 'activation'" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="differs from task.max_new_tokens"):
+        train(TrainConfig(env=TokenAcceptParams(max_new_tokens=8)), Task(max_new_tokens=16))
 
 
 def test_the_shipped_tiny_config_is_valid():
-    cfg = load_config(TrainConfig, Path(__file__).parents[1] / "configs" / "tiny.yaml", section="train")
+    cfg = load_suite_config("tiny").train
     assert cfg.proxy.hidden_sizes == (2048, 2048) and cfg.proxy.learning_rate == 3e-4

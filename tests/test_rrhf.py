@@ -10,17 +10,24 @@ import pytest
 import torch
 
 from agents.rrhf import (
+    RRHFConfig,
     append_jsonl,
-    load_rrhf_config,
     read_jsonl,
     resume_jsonl,
     rrhf_loss,
     write_jsonl_atomic,
 )
-from llm_envs.config import ConfigError
+from benchmarks.bench.config import load_suite_config
+from llm_envs.config import ConfigError, load_config
+from llm_envs.task import Task
 
 torch.set_num_threads(1)
-TINY = str(Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml")
+TINY = "tiny"  # the shipped suite, by name
+
+
+def load_rrhf_config(path, overrides=()) -> RRHFConfig:
+    """An RRHFConfig from a file's rrhf: section and section-relative overrides."""
+    return load_config(RRHFConfig, path, overrides, section="rrhf")
 
 
 # ---------------------------------------------------------------------------- the loss
@@ -148,22 +155,26 @@ def test_config_validation_and_did_you_mean(tmp_path: Path) -> None:
     section = tmp_path / "c.yaml"
     section.write_text("rrhf:\n  num_samples: 3\n")
     assert load_rrhf_config(section).num_samples == 3
-    assert load_rrhf_config(TINY).sampling in ("beam", "diverse_beam", "top_p")
+    assert load_suite_config(TINY).rrhf.sampling in ("beam", "diverse_beam", "top_p")
+    with pytest.raises(ConfigError, match="unknown key 'lm'"):  # the LM is the task's, not RRHF's
+        load_suite_config(TINY, ["rrhf.lm=gpt2"])
 
 
 # ---------------------------------------------------------------------------- a tiny run on the world
 
 
-def test_tiny_rrhf_run_on_the_world(test_world, world_cache: Path, tmp_path: Path, capsys) -> None:
+def test_tiny_rrhf_run_on_the_world(test_world, world_cache: Path, tmp_path: Path, capsys, monkeypatch) -> None:
     from agents.decoding import GreedyDecoder
     from agents.rrhf.pipeline import run
-    from llm_envs.cli import main
+    from benchmarks.cli import main
 
+    monkeypatch.setenv("LLM_ENVS_CACHE", str(world_cache))  # the test world lives there
     out = tmp_path / "run"
-    args = [f"output_dir={out}", "world=test", f"world_cache_dir={world_cache}", "num_prompts=24",
+    args = [f"output_dir={out}", "num_prompts=24",
             "num_samples=3", "max_new_tokens=12", "sample_batch_size=8", "epochs=1", "queries_per_batch=6",
-            "grad_accum=1", "eval_num_prompts=6", "eval_best_of=2", "progress=false", "device=cpu", "log_every=1"]
-    assert main(["rrhf", "--config", TINY, "--json", *args]) == 0
+            "grad_accum=1", "eval_num_prompts=6", "eval_best_of=2", "progress=false", "log_every=1"]
+    task_args = ["task.world=test", "task.device=cpu", "task.max_new_tokens=12"]
+    assert main(["rrhf", "--config", TINY, "--json", *task_args, *[f"rrhf.{a}" for a in args]]) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["train_prompts"] == 24 and summary["train"]["updates"] == 4
     assert set(summary["eval"]["methods"]) == {"base_greedy", "rrhf_greedy", "base_best_of_2"}
@@ -184,17 +195,27 @@ def test_tiny_rrhf_run_on_the_world(test_world, world_cache: Path, tmp_path: Pat
     assert gen[0].lm_forwards == len(gen[0].response_ids) >= 1
 
     # Resume: cut samples.jsonl mid-line; sampling redoes only the torn batch and scoring is untouched.
-    cfg = load_rrhf_config(TINY, args)
+    suite = load_suite_config(TINY, [*task_args, *[f"rrhf.{a}" for a in args]])
+    cfg, task = suite.rrhf, suite.task
     text = (out / "samples.jsonl").read_text()
     lines = text.splitlines(keepends=True)
     (out / "samples.jsonl").write_text("".join(lines[:-3]) + lines[-3][:10])
-    run(cfg, ["sample"], verbose=False)
+    run(cfg, task, ["sample"], verbose=False)
     assert (out / "samples.jsonl").read_text() == text
-    again = run(cfg, verbose=False)  # every stage complete: all skipped
+    again = run(cfg, task, verbose=False)  # every stage complete: all skipped
     assert set(again["stages"].values()) == {"skipped (complete)"}
     # Resuming with settings that made the outputs differently is refused, naming the field.
     with pytest.raises(ConfigError, match="sampling='diverse_beam' but the config now says sampling='beam'"):
-        run(load_rrhf_config(TINY, args + ["sampling=beam"]), verbose=False)
+        run(load_rrhf_config(TINY_PATH(), args + ["sampling=beam"]), task, verbose=False)
+    # ... and so is a changed task (another base LM made these samples).
+    with pytest.raises(ConfigError, match="made with task.lm=None but the config now says task.lm="):
+        run(cfg, Task(lm=str(test_world.lm_dir), world="test", device="cpu", max_new_tokens=12), verbose=False)
+
+
+def TINY_PATH() -> Path:
+    from benchmarks.suites import suite_path
+
+    return suite_path(TINY)
 
 
 def test_training_resumes_from_a_checkpoint(test_world, world_cache: Path, tmp_path: Path, monkeypatch) -> None:
@@ -205,13 +226,14 @@ def test_training_resumes_from_a_checkpoint(test_world, world_cache: Path, tmp_p
     from agents.rrhf.pipeline import run
     from llm_envs.models import load_causal_lm
 
-    args = ["world=test", f"world_cache_dir={world_cache}", "num_prompts=12", "num_samples=2",
-            "max_new_tokens=8", "epochs=2", "queries_per_batch=4", "grad_accum=1", "eval_prompts=null",
-            "progress=false", "device=cpu", "checkpoint_every=2", "log_every=1"]
+    monkeypatch.setenv("LLM_ENVS_CACHE", str(world_cache))  # the test world lives there
+    task = Task(world="test", device="cpu")
+    args = ["num_prompts=12", "num_samples=2", "max_new_tokens=8", "epochs=2", "queries_per_batch=4", "grad_accum=1",
+            "progress=false", "checkpoint_every=2", "log_every=1"]
     whole = load_rrhf_config(None, args + [f"output_dir={tmp_path / 'whole'}"])
-    run(whole, ["sample", "score", "train"], verbose=False)
+    run(whole, task, ["sample", "score", "train"], verbose=False)
     cut = load_rrhf_config(None, args + [f"output_dir={tmp_path / 'cut'}"])
-    run(cut, ["sample", "score"], verbose=False)
+    run(cut, task, ["sample", "score"], verbose=False)
     real_lr = train_module._lr_at
 
     def crash_at_update_3(update: int, *rest: float) -> float:
@@ -221,11 +243,11 @@ def test_training_resumes_from_a_checkpoint(test_world, world_cache: Path, tmp_p
 
     monkeypatch.setattr(train_module, "_lr_at", crash_at_update_3)
     with pytest.raises(KeyboardInterrupt):
-        run(cut, ["train"], verbose=False)
+        run(cut, task, ["train"], verbose=False)
     assert (tmp_path / "cut" / "checkpoint" / "progress.json").is_file()
     assert not (tmp_path / "cut" / "model").exists()
     monkeypatch.setattr(train_module, "_lr_at", real_lr)
-    run(cut, ["train"], verbose=False)
+    run(cut, task, ["train"], verbose=False)
     assert not (tmp_path / "cut" / "checkpoint").exists()
     a = load_causal_lm(tmp_path / "whole" / "model", device="cpu").state_dict()
     b = load_causal_lm(tmp_path / "cut" / "model", device="cpu").state_dict()

@@ -166,9 +166,9 @@ def test_cache_root_follows_the_environment(tmp_path, monkeypatch):
 
 
 def test_cli_world_build_json_prints_one_object(test_world, world_cache, capsys):
-    from llm_envs.cli import main
+    from benchmarks.cli import main
 
-    assert main(["world", "build", "--size", "test", "--cache-dir", str(world_cache), "--json"]) == 0
+    assert main(["world", "build", "--preset", "test", "--cache-dir", str(world_cache), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     for key in ("greedy_low_gold_frac", "nucleus_best_gold_frac", "rm_gold_agreement",
                 "decision_positions", "sizes", "seconds", "path"):
