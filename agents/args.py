@@ -30,12 +30,11 @@ from typing import Any, Literal, Sequence
 
 import numpy as np
 import torch
-from transformers import PreTrainedTokenizerBase
 
 from agents.base import Generation
 from agents.decoding import check_context, encode_prompts
 from llm_envs.engine import DecodeEngine
-from llm_envs.models import ModelSpec, load_causal_lm, load_tokenizer, model_source_name, prepare_tokenizer
+from llm_envs.models import ModelSpec, load_causal_lm, resolve_tokenizer
 from llm_envs.rewards import RewardWrapper, Scoring
 
 Mode = Literal["greedy", "stochastic"]
@@ -119,10 +118,7 @@ class ARGS:
             lm = world.lm_dir if lm is None else lm
             reward = world.rm_dir if reward is None else reward
         self.model = load_causal_lm(lm, device=device, dtype=dtype)
-        if isinstance(tokenizer, PreTrainedTokenizerBase):
-            self.tokenizer = prepare_tokenizer(tokenizer)
-        else:
-            self.tokenizer = load_tokenizer(tokenizer if tokenizer is not None else model_source_name(lm))
+        self.tokenizer = resolve_tokenizer(tokenizer, lm, self.model)
         self.reward = RewardWrapper.build(reward, lm_tokenizer=self.tokenizer, device=device, dtype=dtype)
         self.k, self.w, self.mode, self.temperature = k, float(w), mode, float(temperature)
         self.scoring: Scoring = scoring
