@@ -73,11 +73,11 @@ class _PrefixKV:
 
     The rows live in a `SlotKVCache` (append-only, a ``[N, L]`` mask of the slots each row sees,
     explicit per-row position ids, compaction when hidden slots pile up), as the decode engine's
-    do. One call is ONE forward of, per row, the prefix tokens
-    not yet cached ("pending") followed by the k candidates, with a 4-D attention mask: pending
-    tokens are causal among themselves; each candidate sees the row's prefix and itself only
-    (not the other candidates), all candidates at the same position. The score head is read at
-    every position, so a candidate's score is the sequence score of prefix + candidate.
+    do. One call is ONE forward of, per row, the prefix tokens not yet cached ("pending")
+    followed by the k candidates, with a 4-D attention mask: pending tokens are causal among
+    themselves; each candidate sees the row's prefix and itself only (not the other
+    candidates), all candidates at the same position. The score head is read at every
+    position, so a candidate's score is the sequence score of prefix + candidate.
     Candidate slots stay hidden afterwards; when the next prefix is the old one plus one of them
     (the chosen token), that slot is made visible instead of feeding the token again, so a
     decoding step costs one reward-model forward of k tokens per row.
