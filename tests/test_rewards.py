@@ -358,3 +358,26 @@ def test_public_seams_for_candidate_scoring(wrapper: RewardWrapper, rm, tok) -> 
                                                                        "which scores text")
     with pytest.raises(ValueError, match="reward-model backend"):
         gold.score_model_inputs([[1]])
+
+
+def test_the_package_layers_flow_one_way() -> None:
+    """text <- wrapper <- candidates, none of them lazily backwards; kv_cache/models stay below."""
+    import ast
+
+    import llm_envs
+
+    root = Path(llm_envs.__file__).parent
+
+    def imports(relative: str) -> set[str]:
+        tree = ast.parse((root / relative).read_text())
+        found = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+        found |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
+        return {name for name in found if name.startswith("llm_envs")}
+
+    assert imports("rewards/text.py") == set()
+    assert imports("rewards/wrapper.py") == {"llm_envs.models", "llm_envs.rewards.text"}
+    assert imports("rewards/candidates.py") == {
+        "llm_envs.kv_cache", "llm_envs.models", "llm_envs.rewards.text", "llm_envs.rewards.wrapper"
+    }
+    assert imports("kv_cache.py") == set() and imports("models.py") == set()
+    assert imports("engine.py") == {"llm_envs.kv_cache", "llm_envs.models"}
