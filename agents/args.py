@@ -10,7 +10,7 @@ Two faces of the same rule (`args_select`):
 
 - `ARGS`, a batch decoder (`agents.base.Decoder`): ``ARGS(lm, reward, k=10, w=1.5).generate(prompts)``.
   One batched LM forward and one reward-model forward per step for all prompts in flight; the
-  reward model's KV cache of every prefix is kept (`llm_envs.candidate_scoring.CandidateScorer`).
+  reward model's KV cache of every prefix is kept (`llm_envs.rewards.CandidateScorer`).
 - `ARGSAgent`, a policy of `llm_envs/TokenChoice-v0` (`agents.base.PolicyAgent`): it reads the
   env's `candidate_logits()` and `candidate_rewards()` (bound by `PolicyDecoder`).
 
@@ -30,13 +30,12 @@ from typing import Any, Literal, Sequence
 
 import numpy as np
 import torch
-from transformers import PreTrainedTokenizerBase
 
 from agents.base import Generation
 from agents.decoding import check_context, encode_prompts
 from llm_envs.engine import DecodeEngine
-from llm_envs.models import ModelSpec, load_causal_lm, load_tokenizer, model_source_name, prepare_tokenizer
-from llm_envs.rewards import RewardWrapper, Scoring
+from llm_envs.models import ModelSpec, load_causal_lm, resolve_tokenizer
+from llm_envs.rewards import CandidateScorer, RewardWrapper, Scoring
 
 Mode = Literal["greedy", "stochastic"]
 
@@ -119,10 +118,7 @@ class ARGS:
             lm = world.lm_dir if lm is None else lm
             reward = world.rm_dir if reward is None else reward
         self.model = load_causal_lm(lm, device=device, dtype=dtype)
-        if isinstance(tokenizer, PreTrainedTokenizerBase):
-            self.tokenizer = prepare_tokenizer(tokenizer)
-        else:
-            self.tokenizer = load_tokenizer(tokenizer if tokenizer is not None else model_source_name(lm))
+        self.tokenizer = resolve_tokenizer(tokenizer, lm, self.model)
         self.reward = RewardWrapper.build(reward, lm_tokenizer=self.tokenizer, device=device, dtype=dtype)
         self.k, self.w, self.mode, self.temperature = k, float(w), mode, float(temperature)
         self.scoring: Scoring = scoring
@@ -153,7 +149,7 @@ class ARGS:
         if n == 0:
             return []
         engine = DecodeEngine(self.model, n)
-        scorer = self.reward.candidate_scorer(n, self.tokenizer, prefix_cache=self.prefix_cache)
+        scorer = CandidateScorer(self.reward, n, self.tokenizer, prefix_cache=self.prefix_cache)
         gens = [None if seed is None else torch.Generator().manual_seed(seed + i) for i in range(len(prompts))]
         eos, k = self.tokenizer.eos_token_id, min(self.k, engine.vocab_size)
         calls_before = self.reward.calls

@@ -29,7 +29,15 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from agents.base import Generation
-from llm_envs.models import ModelSpec, load_causal_lm, load_tokenizer, model_source_name, prepare_tokenizer
+from llm_envs.models import (
+    ModelSpec,
+    cache_kwargs,
+    context_length,
+    load_causal_lm,
+    model_source_name,
+    output_cache,
+    resolve_tokenizer,
+)
 from llm_envs.rewards import RewardWrapper
 
 __all__ = [
@@ -64,18 +72,11 @@ def encode_prompts(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str]) -
     return rows
 
 
-def context_limit(model: PreTrainedModel) -> int | None:
-    """The longest sequence the model supports (None when its config does not say)."""
-    config = model.config.get_text_config(decoder=True)
-    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
-    return int(limit) if limit else None
-
-
 def check_context(model: PreTrainedModel, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int) -> None:
     """Raise a clear error when a prompt plus `max_new_tokens` exceeds the model's context."""
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens!r}; expected a positive integer.")
-    limit = context_limit(model)
+    limit = context_length(model)
     if limit is None:
         return
     for i, ids in enumerate(prompt_ids):
@@ -215,7 +216,7 @@ def _diverse_beam_chunk(
     ids, mask = ids.repeat_interleave(num_beams, 0), mask.repeat_interleave(num_beams, 0)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     output = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
-    cache, logits = output.past_key_values, output.logits[:, -1]
+    cache, logits = output_cache(output), output.logits[:, -1]
     next_position = positions[:, -1] + 1
     beam_scores = torch.zeros(q_count, num_beams, device=device)
     beam_scores.view(q_count, groups, size)[:, :, 1:] = -1e9  # at first, one live beam per group
@@ -270,8 +271,8 @@ def _diverse_beam_chunk(
         cache.reorder_cache(rows)
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
         output = model(input_ids=chosen.reshape(-1, 1).to(device), attention_mask=mask,
-                       position_ids=next_position[:, None], past_key_values=cache, use_cache=True)
-        cache, logits = output.past_key_values, output.logits[:, -1]
+                       position_ids=next_position[:, None], **cache_kwargs(model, cache), use_cache=True)
+        cache, logits = output_cache(output), output.logits[:, -1]
         next_position = next_position + 1
 
     results = []
@@ -308,10 +309,7 @@ class HFDecoder:
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size={batch_size!r}; expected a positive integer (rows per generate call).")
         self.model = load_causal_lm(lm, device=device, dtype=dtype)
-        if isinstance(tokenizer, PreTrainedTokenizerBase):
-            self.tokenizer = prepare_tokenizer(tokenizer)
-        else:
-            self.tokenizer = load_tokenizer(tokenizer if tokenizer is not None else model_source_name(lm))
+        self.tokenizer = resolve_tokenizer(tokenizer, lm, self.model)
         self.batch_size = batch_size
         if name is not None:
             self.name = name

@@ -6,10 +6,11 @@ process, all in the same unit, **env-steps per second** (one env-step = one toke
 advanced for one row; a batched forward over N rows counts as N env-steps):
 
 - ``limit``: a bare loop of batched single-token forwards with a Hugging Face ``DynamicCache``
-  (``model(input_ids=[N, 1], past_key_values=cache, use_cache=True)``, plus the attention mask and
-  position ids that left-padded prompts need), feeding each row its argmax token. Prompts are
-  prefilled first and the prefill is NOT timed (its time is reported separately as
-  ``limit_prefill_s``); then ``new_tokens`` decode forwards are timed per episode.
+  (``model(input_ids=[N, 1], cache=cache, use_cache=True)``; ``past_key_values=`` before transformers
+  5.24; plus the attention mask and position ids that left-padded prompts need), feeding each
+  row its argmax token. Prompts are prefilled first and the prefill is NOT timed (its time is
+  reported separately as ``limit_prefill_s``); then ``new_tokens`` decode forwards are timed per
+  episode.
 - ``env``: ``gym.make_vec("llm_envs/TokenAccept-v0", num_envs=N, lm=<dir>, reward=<zeros>,
   prompts=<world train prompts>, max_new_tokens=64, device="cpu")`` stepped with random *valid*
   actions (``venv.action_masks()``; reject with probability 1/2 where it is allowed), default
@@ -145,6 +146,8 @@ def _limit_episode(model: Any, prompts: list[list[int]], tokens: int) -> tuple[f
     feeding each row its argmax token. Returns (prefill seconds, decode seconds, the tokens fed)."""
     from transformers import DynamicCache
 
+    from llm_envs.models import cache_kwargs
+
     n, width = len(prompts), max(len(p) for p in prompts)
     ids = torch.zeros(n, width, dtype=torch.long)
     attn = torch.zeros(n, width, dtype=torch.long)
@@ -155,7 +158,7 @@ def _limit_episode(model: Any, prompts: list[list[int]], tokens: int) -> tuple[f
         pos[i, width - len(p):] = torch.arange(len(p))
     cache = DynamicCache(config=model.config)
     start = time.perf_counter()
-    out = model(input_ids=ids, attention_mask=attn, position_ids=pos, past_key_values=cache, use_cache=True,
+    out = model(input_ids=ids, attention_mask=attn, position_ids=pos, **cache_kwargs(model, cache), use_cache=True,
                 logits_to_keep=1)
     token = out.logits[:, -1].argmax(-1, keepdim=True)
     prefill = time.perf_counter() - start
@@ -165,7 +168,7 @@ def _limit_episode(model: Any, prompts: list[list[int]], tokens: int) -> tuple[f
     for _ in range(tokens):
         fed.append(token)
         attn = torch.cat([attn, attn.new_ones(n, 1)], 1)
-        out = model(input_ids=token, attention_mask=attn, position_ids=position, past_key_values=cache,
+        out = model(input_ids=token, attention_mask=attn, position_ids=position, **cache_kwargs(model, cache),
                     use_cache=True)
         token = out.logits[:, -1].argmax(-1, keepdim=True)
         position = position + 1

@@ -6,20 +6,16 @@ batched forward per env step, and it knows only token ids: candidate pools, mask
 live in the envs.
 
 Cache layout (why it is built this way): transformers' `DynamicCache` can only crop every row
-at once, so a per-row rollback is done with masking instead of deletion.
+at once, so a per-row rollback is done with masking instead of deletion, on the append-only
+`llm_envs.kv_cache.SlotKVCache` (a [N, L] visibility mask over physical slots, explicit per-row
+``position_ids``, compaction when hidden slots pile up; its docstring has the details).
 
-* The cache is append-only, ``[N, heads, L, head_dim]`` per layer, where ``L`` is a *physical*
-  slot count shared by all rows. A 2-D attention mask ``[N, L]`` says which slots a row can see;
-  padding, dropped (rejected) slots and slots of a row's previous episode are hidden.
-* Every forward passes explicit per-row ``position_ids`` (the row's count of visible tokens),
-  because physical slot != logical position; without them GPT-2's learned positions are wrong.
-* Each row's visible slots are in increasing physical order, so compaction (gathering each row's
-  visible slots to the front) preserves order. It runs before a forward whenever the physical
-  length exceeds the longest visible row by more than ``compact_slack``, so memory stays
-  O(N * (longest visible row + slack)).
+* ``append`` feeds one token per row into a new slot; ``drop_last`` hides a row's last slot.
 * ``reset_rows`` prefills the new prompts in their own left-padded batch (fresh cache), then
   splices that K/V into slots ``[0, P)`` of those rows (growing ``L`` when ``P > L``) and
   hides the rest of the row.
+* Compaction runs before a forward whenever the physical length exceeds the longest visible row
+  by more than ``compact_slack``.
 
 The result equals a fresh no-cache forward of each row's visible sequence to float rounding
 (~1e-6 in float32), for learned-position (GPT-2) and rotary (Llama) models, eager and sdpa.
@@ -32,7 +28,9 @@ from dataclasses import dataclass
 
 import torch
 from transformers import DynamicCache, PreTrainedModel
-from transformers.cache_utils import DynamicLayer
+
+from llm_envs.kv_cache import SlotKVCache
+from llm_envs.models import cache_kwargs, context_length
 
 __all__ = ["DecodeEngine", "StepOutput"]
 
@@ -73,18 +71,6 @@ def _length_groups(lengths: list[int], overhead_tokens: float) -> list[list[int]
     return [by_length[:cut], by_length[cut:]] if cut else [list(range(len(lengths)))]
 
 
-def _grow(kv: torch.Tensor, length: int) -> torch.Tensor:
-    """Pad a [N, H, L, Dh] cache tensor with zero slots up to ``length``."""
-    n, h, cur, d = kv.shape
-    return torch.cat([kv, kv.new_zeros(n, h, length - cur, d)], dim=2)
-
-
-def _gather_slots(kv: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """Per row, take the slots ``index[row]`` of a [N, H, L, Dh] cache tensor."""
-    n, h, _, d = kv.shape
-    return kv.gather(2, index[:, None, :, None].expand(n, h, index.shape[1], d))
-
-
 class DecodeEngine:
     """N independent decoding rows over one frozen causal LM, one batched forward per step.
 
@@ -108,15 +94,11 @@ class DecodeEngine:
         ``compact_slack`` is how many hidden slots beyond the longest row are tolerated before
         the cache is compacted: larger = fewer gathers, more memory.
         """
-        if num_rows < 1:
-            raise ValueError(f"num_rows={num_rows}; expected at least 1 row.")
-        if compact_slack < 0:
-            raise ValueError(f"compact_slack={compact_slack}; expected an integer >= 0.")
+        self._kv = SlotKVCache(model, num_rows, compact_slack=compact_slack)  # validates both numbers
         self.model = model.eval()
         self.config = model.config.get_text_config(decoder=True)
         self.num_rows = num_rows
-        self.device = next(model.parameters()).device
-        self.compact_slack = compact_slack
+        self.device = self._kv.device
         n_layers = int(self.config.num_hidden_layers)
         if not -(n_layers + 1) <= hidden_layer <= n_layers:
             raise ValueError(
@@ -129,25 +111,11 @@ class DecodeEngine:
             self.hidden_layer = n_layers  # no LM-head module to hook: fall back to hidden_states
         self.vocab_size = int(self.config.vocab_size)
         self.hidden_size = int(self.config.hidden_size)
-        limit = getattr(self.config, "max_position_embeddings", None) or getattr(
-            self.config, "n_positions", None
-        )
-        self.max_context: int | None = int(limit) if limit else None
-        self._cache = DynamicCache(config=model.config)
-        if any(type(layer) is not DynamicLayer for layer in self._cache.layers):
-            raise ValueError(
-                f"{type(model).__name__} uses sliding-window or hybrid cache layers, which this "
-                "engine's slot masking does not support; use a model with full attention only."
-            )
-        with torch.inference_mode():
-            self._mask = torch.zeros(num_rows, 0, dtype=torch.bool, device=self.device)
-        self._ids: list[list[int]] = [[] for _ in range(num_rows)]
-        self._cols: list[list[int]] = [[] for _ in range(num_rows)]  # physical slot per token
+        self.max_context: int | None = context_length(self.config)
         self._prompt_len = [0] * num_rows
         self._row_forwards = [0] * num_rows
         self.forward_calls = 0  # batched forwards, prefill included
         self.tokens_forwarded = 0  # token positions computed (padding and inactive rows included)
-        self.compactions = 0
         # A forward's fixed cost (Python, dispatch: ~1 ms on CPU) in token positions of this model
         # (~2 FLOPs per parameter per token at ~20 GFLOP/s): whether splitting a prefill pays off.
         params = sum(p.numel() for p in model.parameters())
@@ -156,11 +124,11 @@ class DecodeEngine:
     # ------------------------------------------------------------------ per-row state
     def tokens(self, row: int) -> list[int]:
         """The row's visible token ids (prompt + kept tokens): what a fresh forward would see."""
-        return list(self._ids[row])
+        return self._kv.tokens(row)
 
     def next_position(self, row: int) -> int:
         """Position id the row's next token gets (= its number of visible tokens)."""
-        return len(self._ids[row])
+        return self._kv.num_tokens(row)
 
     def prompt_length(self, row: int) -> int:
         """Length of the prompt the row was last reset with (0 if never reset)."""
@@ -173,7 +141,17 @@ class DecodeEngine:
     @property
     def cache_length(self) -> int:
         """Physical slots per row in the cache (visible + hidden)."""
-        return int(self._mask.shape[1])
+        return self._kv.length
+
+    @property
+    def compact_slack(self) -> int:
+        """Hidden slots tolerated beyond the longest row before the cache is compacted."""
+        return self._kv.compact_slack
+
+    @property
+    def compactions(self) -> int:
+        """How many times the cache was compacted."""
+        return self._kv.compactions
 
     # ------------------------------------------------------------------ operations
     @torch.inference_mode()
@@ -209,8 +187,7 @@ class DecodeEngine:
             # Every row starts over: drop the old cache, so the layout (and with it the float
             # rounding of attention sums) depends only on the new prompts. This makes a single
             # env bit-for-bit reproducible across resets with the same seed.
-            self._cache = DynamicCache(config=self.model.config)
-            self._mask = self._mask.new_zeros(self.num_rows, 0)
+            self._kv.clear()
         order, outputs = [], []
         for group in _length_groups([len(p) for p in prompts], self._prefill_overhead_tokens):
             outputs.append(self._prefill([rows[i] for i in group], [prompts[i] for i in group]))
@@ -220,7 +197,7 @@ class DecodeEngine:
             back = torch.empty(len(order), dtype=torch.long)
             back[torch.tensor(order)] = torch.arange(len(order))
             logits, hidden = logits[back.to(logits.device)], hidden[back.to(hidden.device)]
-        self._maybe_compact()
+        self._kv.maybe_compact()
         return StepOutput(logits, hidden)
 
     def _prefill(self, rows: list[int], prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -235,30 +212,10 @@ class DecodeEngine:
             attn[i, width - n :] = True
             pos[i, width - n :] = torch.arange(n)
         ids, attn, pos = (t.to(self.device) for t in (ids, attn, pos))
-        fresh = DynamicCache(config=self.model.config)
+        fresh = self._kv.new_cache()
         logits, hidden = self._forward(ids, attn, pos, fresh)
-        index = torch.tensor(rows, device=self.device)
-        if width > self.cache_length:  # grow every layer (and the mask) to hold the prompt
-            extra = width - self.cache_length
-            self._mask = torch.cat([self._mask, self._mask.new_zeros(self.num_rows, extra)], 1)
-        hide = ~attn[:, None, :, None]
-        for main, new in zip(self._cache.layers, fresh.layers):
-            k_new, v_new = new.keys.masked_fill(hide, 0), new.values.masked_fill(hide, 0)
-            if not main.is_initialized:  # first prefill: allocate [N, H, L, Dh] of zeros
-                main.lazy_initialization(k_new, v_new)
-                shape = (self.num_rows, k_new.shape[1], 0, k_new.shape[3])
-                main.keys = k_new.new_zeros(shape)
-                main.values = v_new.new_zeros(shape[:3] + (v_new.shape[3],))
-            if main.keys.shape[2] < self.cache_length:
-                main.keys = _grow(main.keys, self.cache_length)
-                main.values = _grow(main.values, self.cache_length)
-            main.keys[index, :, :width] = k_new
-            main.values[index, :, :width] = v_new
-        self._mask[index] = False
-        self._mask[index, :width] = attn
+        self._kv.splice(rows, prompts, fresh, attn)
         for row, prompt in zip(rows, prompts):
-            self._ids[row] = list(prompt)
-            self._cols[row] = list(range(width - len(prompt), width))
             self._prompt_len[row] = len(prompt)
             self._row_forwards[row] = 1
         self.forward_calls += 1
@@ -287,7 +244,7 @@ class DecodeEngine:
         for row in (r for r in range(self.num_rows) if act[r]):
             if self._prompt_len[row] == 0:
                 raise ValueError(f"row {row} has no prompt; call reset_rows([{row}], ...) first.")
-            position = len(self._ids[row])
+            position = self._kv.num_tokens(row)
             if self.max_context is not None and position >= self.max_context:
                 raise ValueError(
                     f"row {row}: appending a token at position {position} exceeds the model's maximum "
@@ -296,22 +253,17 @@ class DecodeEngine:
                     "max_new_tokens at context minus prompt length) or use shorter prompts."
                 )
             self._check_ids(row, [toks[row]])
-        self._maybe_compact()
+        self._kv.maybe_compact()
         ids = torch.tensor([[t if a else 0] for t, a in zip(toks, act)], device=self.device)
-        positions = [[len(i) if a else 0] for i, a in zip(self._ids, act)]
+        positions = [[self._kv.num_tokens(r) if a else 0] for r, a in enumerate(act)]
         pos = torch.tensor(positions, device=self.device)
-        act_t = torch.tensor(act, device=self.device)
-        # Inactive rows see their new slot during this forward so no query is fully masked (a
-        # fully masked softmax can yield NaN, which would sit in the cache); it is hidden after.
-        attn = torch.cat([self._mask, self._mask.new_ones(self.num_rows, 1)], 1)
-        slot = self.cache_length
-        logits, hidden = self._forward(ids, attn, pos, self._cache)
-        self._mask = torch.cat([self._mask, act_t[:, None]], 1)
-        for row in range(self.num_rows):
-            if act[row]:
-                self._ids[row].append(toks[row])
-                self._cols[row].append(slot)
-                self._row_forwards[row] += 1
+        # Inactive rows see their new slot during this forward (see SlotKVCache.attention_mask);
+        # it is hidden after.
+        logits, hidden = self._forward(ids, self._kv.attention_mask(1), pos, self._kv.cache)
+        kept = {row: (0, [toks[row]]) for row in range(self.num_rows) if act[row]}
+        self._kv.extend(1, kept)
+        for row in kept:
+            self._row_forwards[row] += 1
         self.forward_calls += 1
         self.tokens_forwarded += self.num_rows
         return StepOutput(logits, hidden)
@@ -325,42 +277,22 @@ class DecodeEngine:
         dropped (reset the row instead).
         """
         rows = _as_int_list(rows)
-        hidden_rows, hidden_cols = [], []
-        for row in rows:
+        remaining = {row: self._kv.num_tokens(row) for row in rows if 0 <= row < self.num_rows}
+        for row in rows:  # validate every row (a row listed twice drops two) before any moves
             self._check_row(row)
-            if len(self._ids[row]) <= self._prompt_len[row]:
+            if remaining[row] <= self._prompt_len[row]:
                 raise ValueError(
                     f"row {row} holds only its prompt ({self._prompt_len[row]} tokens); there is "
                     "no appended token to drop. Use reset_rows to replace the prompt."
                 )
-            self._ids[row].pop()
-            hidden_rows.append(row)
-            hidden_cols.append(self._cols[row].pop())
-        if hidden_rows:
-            self._mask[torch.tensor(hidden_rows), torch.tensor(hidden_cols)] = False
+            remaining[row] -= 1
+        self._kv.pop(rows)
 
-    @torch.inference_mode()
     def compact(self) -> None:
         """Gather each row's visible slots to the front; the cache shrinks to the longest row."""
-        longest = max(len(c) for c in self._cols)
-        index = torch.zeros(self.num_rows, longest, dtype=torch.long)
-        for row, cols in enumerate(self._cols):
-            index[row, : len(cols)] = torch.tensor(cols, dtype=torch.long)
-            self._cols[row] = list(range(len(cols)))
-        index = index.to(self.device)
-        for layer in self._cache.layers:
-            if layer.is_initialized:
-                layer.keys = _gather_slots(layer.keys, index)
-                layer.values = _gather_slots(layer.values, index)
-        lengths = torch.tensor([len(c) for c in self._cols], device=self.device)
-        self._mask = torch.arange(longest, device=self.device)[None, :] < lengths[:, None]
-        self.compactions += 1
+        self._kv.compact()
 
     # ------------------------------------------------------------------ internals
-    def _maybe_compact(self) -> None:
-        if self.cache_length - max(len(c) for c in self._cols) > self.compact_slack:
-            self.compact()
-
     def _check_row(self, row: int) -> None:
         if not 0 <= row < self.num_rows:
             raise ValueError(
@@ -388,7 +320,7 @@ class DecodeEngine:
                 input_ids=ids,
                 attention_mask=attn.long(),
                 position_ids=pos,
-                past_key_values=cache,
+                **cache_kwargs(self.model, cache),
                 use_cache=True,
                 logits_to_keep=1,
                 output_hidden_states=self.hidden_layer != -1,

@@ -4,12 +4,19 @@ Every component of llm_envs (engine, reward wrapper, agents) loads models throug
 functions, so hub names, local directories and already-loaded models behave the same way
 everywhere. Offline, an unknown name fails fast (seconds, not the hub client's retries) with
 a message that says how to use the embedded world instead.
+
+The small facts every caller needs about a loaded model live here too, written once:
+`context_length` (how many positions it supports), `resolve_tokenizer` (the tokenizer that goes
+with an `lm=` argument), and the KV-cache keyword of ``forward`` (`cache_kwargs`,
+`output_cache`), which transformers renamed from ``past_key_values`` to ``cache`` in 5.24.
 """
 
 from __future__ import annotations
 
+import inspect
 import os
 import socket
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -241,3 +248,72 @@ def model_source_name(spec: ModelSpec) -> str:
     if isinstance(spec, PreTrainedModel):
         return str(spec.config.name_or_path or type(spec).__name__)
     return str(spec)
+
+
+def resolve_tokenizer(
+    tokenizer: str | os.PathLike | PreTrainedTokenizerBase | None, lm: Any, model: PreTrainedModel
+) -> PreTrainedTokenizerBase:
+    """The batch-ready tokenizer for an LM given as ``lm`` (spec) and loaded as ``model``.
+
+    A tokenizer object is prepared as is (`prepare_tokenizer`), a name or directory is loaded;
+    ``None`` loads the one saved beside the LM (its directory / hub name, or for a loaded model
+    its ``config.name_or_path``, which must then be set).
+    """
+    if isinstance(tokenizer, PreTrainedTokenizerBase):
+        return prepare_tokenizer(tokenizer)
+    if tokenizer is not None:
+        return load_tokenizer(tokenizer)
+    source = lm if not isinstance(lm, PreTrainedModel) else model.config.name_or_path
+    if not source:
+        raise ValueError(
+            "lm= was given as a loaded model with no name_or_path, so its tokenizer cannot be "
+            "found; pass tokenizer= (a tokenizer object, hub name or directory)."
+        )
+    return load_tokenizer(source)
+
+
+def context_length(model_or_config: Any) -> int | None:
+    """The most positions a model supports (``max_position_embeddings`` / ``n_positions`` of
+    its text config); None when the config does not say. Takes a model or its config."""
+    config = getattr(model_or_config, "config", model_or_config)
+    if hasattr(config, "get_text_config"):  # multimodal configs keep the LM's limit in a sub-config
+        config = config.get_text_config(decoder=True)
+    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    return int(limit) if limit else None
+
+
+# ---------------------------------------------------------------------------- the KV-cache keyword
+# transformers 5.24 renamed forward's ``past_key_values=`` to ``cache=`` (the old name warns and
+# goes away in 5.40) and outputs carry ``cache``; 5.0-5.23 only know ``past_key_values``. The
+# name is read from the installed forward's signature, once per model class.
+CACHE_KWARGS: tuple[str, ...] = ("cache", "past_key_values")
+_cache_kwarg_by_class: dict[type, str] = {}
+
+
+def cache_kwarg(model: Any) -> str:
+    """The keyword ``model.forward`` takes its KV cache under: ``"cache"`` (transformers >= 5.24)
+    or ``"past_key_values"`` (older 5.x, and forwards that only take ``**kwargs``)."""
+    cls = type(model)
+    name = _cache_kwarg_by_class.get(cls)
+    if name is None:
+        params = inspect.signature(model.forward).parameters
+        name = next((n for n in CACHE_KWARGS if n in params), "past_key_values")
+        _cache_kwarg_by_class[cls] = name
+    return name
+
+
+def cache_kwargs(model: Any, cache: Any) -> dict[str, Any]:
+    """``{keyword: cache}`` for a call of `model` (see `cache_kwarg`): ``model(..., **cache_kwargs(model, c))``."""
+    return {cache_kwarg(model): cache}
+
+
+def output_cache(output: Mapping[str, Any]) -> Any:
+    """The KV cache a forward returned, under either name (None when it returned none).
+
+    Reads the output's keys, not its attributes: the ``past_key_values`` attribute of a 5.24
+    output is a deprecated alias that logs a warning.
+    """
+    for name in CACHE_KWARGS:
+        if name in output.keys():
+            return output[name]
+    return None

@@ -15,13 +15,19 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from llm_envs import models as models_module
 from llm_envs.models import (
     ModelNotFoundError,
+    cache_kwarg,
+    cache_kwargs,
+    context_length,
     load_causal_lm,
     load_reward_model,
     load_tokenizer,
+    output_cache,
     prepare_tokenizer,
     resolve_device,
+    resolve_tokenizer,
 )
 
 WORDS = "<unk> <pad> <eos> Human: Assistant: hello world how are you fine thanks".split()
@@ -126,3 +132,83 @@ def test_bogus_hub_id_fails_fast() -> None:
     assert "definitely-not-a-model" in str(err.value) and "load_world" in str(err.value)
     with pytest.raises(ModelNotFoundError, match="neither a local directory nor reachable"):
         load_tokenizer("llm-envs-test/definitely-not-a-model")
+
+
+# ----------------------------------------------------------------------------- shared model facts
+
+
+def test_context_length_of_models_and_configs() -> None:
+    from transformers import LlamaConfig
+
+    assert context_length(tiny_config()) == 32  # GPT-2: n_positions
+    assert context_length(GPT2LMHeadModel(tiny_config())) == 32
+    assert context_length(LlamaConfig(max_position_embeddings=77, hidden_size=8, num_attention_heads=2)) == 77
+
+    class Bare:  # a config that does not say
+        pass
+
+    assert context_length(Bare()) is None
+
+
+def test_resolve_tokenizer(saved: dict) -> None:
+    lm = load_causal_lm(saved["root"] / "lm", device="cpu")
+    given = make_tokenizer(pad=False)
+    assert resolve_tokenizer(given, lm, lm) is given and given.pad_token == "<eos>"  # prepared
+    assert resolve_tokenizer(None, saved["root"] / "lm", lm)("hello")["input_ids"] == [5]  # beside the LM
+    assert resolve_tokenizer(str(saved["root"] / "rm"), lm, lm).padding_side == "left"
+    assert resolve_tokenizer(None, lm, lm).name_or_path == str(saved["root"] / "lm")  # config.name_or_path
+    with pytest.raises(ValueError, match="no name_or_path.*pass tokenizer="):
+        fresh = GPT2LMHeadModel(tiny_config())
+        resolve_tokenizer(None, fresh, fresh)
+
+
+class _NewStyle(torch.nn.Module):
+    def forward(self, input_ids=None, cache=None, use_cache=None, **kwargs):  # transformers >= 5.24
+        return {"logits": input_ids, "cache": cache}
+
+
+class _OldStyle(torch.nn.Module):
+    def forward(self, input_ids=None, past_key_values=None, use_cache=None, **kwargs):  # transformers 5.0-5.23
+        return {"logits": input_ids, "past_key_values": past_key_values}
+
+
+class _KwargsOnly(torch.nn.Module):
+    def forward(self, input_ids=None, **kwargs):
+        return {"logits": input_ids, **kwargs}
+
+
+@pytest.mark.parametrize("cls, name", [(_NewStyle, "cache"), (_OldStyle, "past_key_values"),
+                                       (_KwargsOnly, "past_key_values")])
+def test_cache_kwarg_is_picked_from_the_forward_signature(cls: type, name: str) -> None:
+    model = cls()
+    assert cache_kwarg(model) == name and models_module._cache_kwarg_by_class[cls] == name
+    marker = object()
+    assert cache_kwargs(model, marker) == {name: marker}
+    out = model(input_ids=1, **cache_kwargs(model, marker))
+    assert output_cache(out) is marker
+    assert output_cache({"logits": 1}) is None
+
+
+def test_cache_kwarg_is_read_once_per_class(monkeypatch: pytest.MonkeyPatch) -> None:
+    class Fresh(_OldStyle):
+        pass
+
+    calls = []
+    real = models_module.inspect.signature
+    monkeypatch.setattr(models_module.inspect, "signature", lambda f: calls.append(f) or real(f))
+    assert [cache_kwarg(Fresh()) for _ in range(3)] == ["past_key_values"] * 3
+    assert len(calls) == 1
+
+
+def test_installed_transformers_models_take_the_name_they_declare() -> None:
+    import inspect
+
+    model = GPT2LMHeadModel(tiny_config()).eval()
+    name = cache_kwarg(model)
+    assert name in inspect.signature(model.forward).parameters
+    with torch.no_grad():
+        out = model(torch.tensor([[3, 5]]), use_cache=True)
+        cache = output_cache(out)
+        assert cache is not None and cache.get_seq_length() == 2
+        out = model(torch.tensor([[6]]), **cache_kwargs(model, cache), use_cache=True)
+    assert output_cache(out).get_seq_length() == 3

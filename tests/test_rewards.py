@@ -11,7 +11,19 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import GPT2Config, GPT2ForSequenceClassification, PreTrainedTokenizerFast
 
-from llm_envs.rewards import DEFAULT_TURN_MARKERS, RewardWrapper, cut_at_turn
+from llm_envs.rewards import (
+    DEFAULT_TURN_MARKERS,
+    RewardWrapper,
+    as_id_rows,
+    clean_response_text,
+    cut_at_turn,
+    join_prompt_response,
+    response_content_ids,
+    response_special_ids,
+    special_template,
+    strip_template,
+    tokenizers_match,
+)
 
 WORDS = (
     "<unk> <pad> <eos> <bos> Human: Assistant: USER: hello world how are you fine thanks sure good bad "
@@ -303,3 +315,69 @@ def test_build_dispatch(tmp_path: Path, rm, tok, wrapper: RewardWrapper) -> None
         RewardWrapper.build(wrapper, batchsize=4)
     with pytest.raises(TypeError, match="reward=None"):
         RewardWrapper.build(None)
+
+
+# ----------------------------------------------------------------------------- text conventions, public seams
+
+
+def test_text_conventions_as_functions(tok) -> None:
+    assert join_prompt_response("Human: hi Assistant:", "fine") == "Human: hi Assistant: fine"
+    assert join_prompt_response("Assistant: ", "fine") == "Assistant: fine"
+    assert join_prompt_response("Assistant:", " Sure") == "Assistant: Sure"
+    assert join_prompt_response("", "fine") == "fine" and join_prompt_response("a", "") == "a"
+    bos, eos, pad = tok.bos_token_id, tok.eos_token_id, tok.pad_token_id
+    assert special_template(tok) == ([bos], [])
+    assert strip_template([bos, 7, 8], ([bos], [])) == [7, 8] and strip_template([7, 8], None) == [7, 8]
+    assert strip_template([bos, 7, eos], ([bos], [eos])) == [7]
+    assert response_special_ids(tok) == {bos, eos, pad}
+    assert response_content_ids([7, pad, 8, eos, 9], eos, {bos, eos, pad}) == [7, 8]
+    assert response_content_ids([bos, 7], None, {bos}) == [7]
+    assert clean_response_text("fine <pad>thanks<eos> Human: x", tok) == "fine thanks"
+    assert tokenizers_match(tok, tok) and tokenizers_match(tok, make_tokenizer())
+    assert not tokenizers_match(tok, make_tokenizer(WORDS[:-1]))
+    assert as_id_rows(torch.tensor([[1, 2], [3, 4]])) == [[1, 2], [3, 4]]
+    assert as_id_rows([np.array([1]), [2]]) == [[1], [2]] and as_id_rows("x") == "x"
+
+
+def test_public_seams_for_candidate_scoring(wrapper: RewardWrapper, rm, tok) -> None:
+    assert wrapper.template_ids == ([tok.bos_token_id], [])
+    assert wrapper.fast_path(tok) == (True, "")
+    ok, why = wrapper.fast_path(make_tokenizer(WORDS[:-1]))
+    assert not ok and "differs" in why
+    seqs = [tok("Human: hello Assistant: fine")["input_ids"], tok("hello")["input_ids"]]
+    before = (wrapper.calls, wrapper.pairs_scored)
+    np.testing.assert_allclose(wrapper.score_model_inputs(seqs),
+                               reference_scores(rm, tok, ["Human: hello Assistant: fine", "hello"]), atol=1e-5)
+    assert (wrapper.calls, wrapper.pairs_scored) == (before[0] + 1, before[1] + 2)
+    wrapper.count_call(5)
+    assert (wrapper.calls, wrapper.pairs_scored) == (before[0] + 2, before[1] + 7)
+    assert wrapper.fit_to_max_length(list(range(10))) == list(range(10)) and wrapper.truncated == 0
+    assert wrapper.fit_to_max_length(list(range(70))) == list(range(6, 70)) and wrapper.truncated == 1  # 64
+    gold = RewardWrapper.from_callable(lambda p, r: [0.0] * len(p), name="zeros")
+    assert gold.template_ids is None and gold.fast_path(tok) == (False, "the backend of 'zeros' is a function, "
+                                                                       "which scores text")
+    with pytest.raises(ValueError, match="reward-model backend"):
+        gold.score_model_inputs([[1]])
+
+
+def test_the_package_layers_flow_one_way() -> None:
+    """text <- wrapper <- candidates, none of them lazily backwards; kv_cache/models stay below."""
+    import ast
+
+    import llm_envs
+
+    root = Path(llm_envs.__file__).parent
+
+    def imports(relative: str) -> set[str]:
+        tree = ast.parse((root / relative).read_text())
+        found = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+        found |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
+        return {name for name in found if name.startswith("llm_envs")}
+
+    assert imports("rewards/text.py") == set()
+    assert imports("rewards/wrapper.py") == {"llm_envs.models", "llm_envs.rewards.text"}
+    assert imports("rewards/candidates.py") == {
+        "llm_envs.kv_cache", "llm_envs.models", "llm_envs.rewards.text", "llm_envs.rewards.wrapper"
+    }
+    assert imports("kv_cache.py") == set() and imports("models.py") == set()
+    assert imports("engine.py") == {"llm_envs.kv_cache", "llm_envs.models"}

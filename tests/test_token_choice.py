@@ -18,7 +18,7 @@ from transformers import (
 import llm_envs
 from llm_envs.envs.token_choice import LOGPROB_FLOOR, TokenChoiceCore, TokenChoiceVectorEnv
 from llm_envs.models import load_causal_lm, load_reward_model, load_tokenizer
-from llm_envs.rewards import RewardWrapper
+from llm_envs.rewards import CandidateScorer, RewardWrapper, prefix_cache_verdict, score_candidates
 
 ENV_ID = "llm_envs/TokenChoice-v0"
 TOL = 1e-4
@@ -144,7 +144,7 @@ def test_candidate_rewards_equal_scoring_each_candidate_from_scratch(
 
     def check(env, info):
         prompt_ids, response = tok(info["prompt"])["input_ids"], env.unwrapped.core.rows[0].response
-        calls, verified = wrapper.calls, wrapper._prefix_kv_ok
+        calls, verified = wrapper.calls, prefix_cache_verdict(wrapper)
         got = env.unwrapped.candidate_rewards(scoring)
         if uses_cache and verified:  # after the first (checked) call: one forward per step
             assert wrapper.calls == calls + 1
@@ -166,7 +166,7 @@ def test_scorer_edge_cases_match_scratch(test_world, tok):
     """EOS / pad / turn-marker candidates, responses holding them, new episodes, compaction."""
     model = load_reward_model(test_world.rm_dir, device="cpu")
     wrapper = RewardWrapper.from_model(model, lm_tokenizer=tok, device="cpu")
-    scorer = wrapper.candidate_scorer(3, tok, compact_slack=8)
+    scorer = CandidateScorer(wrapper, 3, tok, compact_slack=8)
     marker = tok.convert_tokens_to_ids("Human:")
     specials = [tok.eos_token_id, tok.pad_token_id, marker]
     prompts = [tok(p)["input_ids"] for p in test_world.test_prompts[:3]]
@@ -196,19 +196,19 @@ def test_scorer_edge_cases_match_scratch(test_world, tok):
 
 
 def test_prefix_cache_disagreement_warns_and_falls_back(test_world, tok, monkeypatch):
-    from llm_envs import candidate_scoring
+    from llm_envs.rewards import candidates
 
     model = load_reward_model(test_world.rm_dir, device="cpu")
     wrapper = RewardWrapper.from_model(model, lm_tokenizer=tok, device="cpu")
-    original = candidate_scoring._PrefixKV.run
-    monkeypatch.setattr(candidate_scoring._PrefixKV, "run",
+    original = candidates._PrefixKV.run
+    monkeypatch.setattr(candidates._PrefixKV, "run",
                         lambda self, *a: [([v + 1.0 for v in c], p) for c, p in original(self, *a)])
     prompt, response, cands = [tok("Human: hi Assistant:")["input_ids"]], [[]], [[5, 9, 12]]
     with pytest.warns(RuntimeWarning, match="prefix KV cache is off"):
-        got = wrapper.score_candidates(prompt, response, cands, tok)
+        got = score_candidates(wrapper, prompt, response, cands, tok)
     expected = [wrapper.score_ids(prompt, [[c]])[0] for c in cands[0]]
     np.testing.assert_allclose(got[0], expected, atol=TOL)
-    assert wrapper._prefix_kv_ok is False and not wrapper.candidate_scorer(1, tok).uses_prefix_cache
+    assert prefix_cache_verdict(wrapper) is False and not CandidateScorer(wrapper, 1, tok).uses_prefix_cache
 
 
 # ----------------------------------------------------------------------------- masks and actions

@@ -32,7 +32,7 @@ from agents.rrhf.config import RRHFConfig
 from agents.rrhf.loss import IGNORE_INDEX, rrhf_loss
 from agents.rrhf.stages import SCORED_FILE
 from llm_envs.io import atomic_replace_dir
-from llm_envs.models import load_causal_lm, load_tokenizer
+from llm_envs.models import context_length, load_causal_lm, load_tokenizer
 
 MODEL_DIR, DONE_FILE, CHECKPOINT_DIR = "model", "rrhf_train.json", "checkpoint"
 Example = tuple[list[int], list[list[int]], list[float]]  # prompt ids, response ids (EOS incl.), rewards
@@ -113,8 +113,7 @@ def train(cfg: RRHFConfig, lm: str, device: str = "auto") -> Path:
     model = load_causal_lm(lm, device="cpu")
     model.requires_grad_(True)
     model.train()
-    limit = getattr(model.config.get_text_config(decoder=True), "max_position_embeddings", None) \
-        or getattr(model.config, "n_positions", None)
+    limit = context_length(model)
     max_length = cfg.max_length or limit or 1024
     if limit and max_length > limit:
         raise ValueError(f"max_length={max_length} exceeds the model's context of {limit} tokens; use <= {limit}.")

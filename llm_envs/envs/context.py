@@ -16,7 +16,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from llm_envs.data import PromptSet, load_prompts
-from llm_envs.models import load_causal_lm, load_tokenizer, model_source_name, prepare_tokenizer
+from llm_envs.models import context_length, load_causal_lm, model_source_name, resolve_tokenizer
 from llm_envs.rewards import RewardWrapper
 
 GoldFn = Callable[[list[str], list[str]], Sequence[float]]
@@ -38,9 +38,7 @@ class LMContext:
 
     @property
     def max_context(self) -> int | None:
-        config = self.model.config.get_text_config(decoder=True)
-        limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
-        return int(limit) if limit else None
+        return context_length(self.model)
 
     def pick_prompt(
         self, rng: np.random.Generator, options: dict[str, Any], max_new_tokens: int
@@ -105,7 +103,7 @@ def build_context(
         if gold is None:
             gold = world.gold
     model = load_causal_lm(lm, device=device, dtype=dtype)
-    tok = _resolve_tokenizer(tokenizer, lm, model)
+    tok = resolve_tokenizer(tokenizer, lm, model)
     if reward is None:
         reward = world.rm_dir
     reward_wrapper = RewardWrapper.build(
@@ -137,18 +135,3 @@ def context_for_env(context: LMContext | None, **kwargs: Any) -> LMContext:
         raise ValueError("the prompt source holds no prompts; pass a non-empty list or dataset.")
     return ctx
 
-
-def _resolve_tokenizer(
-    tokenizer: str | PreTrainedTokenizerBase | None, lm: Any, model: PreTrainedModel
-) -> PreTrainedTokenizerBase:
-    if isinstance(tokenizer, PreTrainedTokenizerBase):
-        return prepare_tokenizer(tokenizer)
-    if tokenizer is not None:
-        return load_tokenizer(tokenizer)
-    source = lm if not isinstance(lm, PreTrainedModel) else model.config.name_or_path
-    if not source:
-        raise ValueError(
-            "lm= was given as a loaded model with no name_or_path, so its tokenizer cannot be "
-            "found; pass tokenizer= (a tokenizer object, hub name or directory)."
-        )
-    return load_tokenizer(source)

@@ -19,7 +19,7 @@ from llm_envs.engine import DecodeEngine
 from llm_envs.envs.context import LMContext, context_for_env
 from llm_envs.envs.pools import nucleus_pools, validate_sampling
 from llm_envs.envs.single import SingleRowEnv
-from llm_envs.rewards import Scoring
+from llm_envs.rewards import CandidateScorer, Scoring
 from llm_envs.vector import LMVectorEnv
 
 LOGPROB_FLOOR = -100.0  # observed log-probs are clamped here (and slots past the vocabulary read it)
@@ -97,7 +97,7 @@ class TokenChoiceCore:
         self.deviation_beta = float(deviation_beta)
         self.invalid_action = invalid_action
         self.engine = DecodeEngine(self.ctx.model, num_rows, hidden_layer=hidden_layer)
-        self.scorer = self.ctx.reward.candidate_scorer(num_rows, self.ctx.tokenizer, prefix_cache=prefix_cache)
+        self.scorer = CandidateScorer(self.ctx.reward, num_rows, self.ctx.tokenizer, prefix_cache=prefix_cache)
         self.hidden_size = self.engine.hidden_size
         self.obs_dim = self.hidden_size + self.k * (2 if self.obs_rewards else 1) + 1
         self.observation_space = gym.spaces.Box(-np.inf, np.inf, (self.obs_dim,), np.float32)

@@ -2,39 +2,82 @@
 
 `CandidateScorer` scores k candidate next tokens after each of N growing prefixes in one
 reward-model forward per call, keeping the reward model's KV cache of every prefix between
-calls. Build one with `RewardWrapper.candidate_scorer(...)`.
+calls: ``CandidateScorer(wrapper, num_rows, lm_tokenizer)``; `score_candidates` is the one-shot
+form. It stands on the reward wrapper's public seams and on `llm_envs.kv_cache.SlotKVCache`;
+the wrapper module does not know it (dependencies: text <- wrapper <- candidates).
+
+Whether the prefix cache gave the same scores as scoring from scratch is checked once per
+wrapper, on its first cached call; the verdict is kept here (`prefix_cache_verdict`), keyed
+weakly by wrapper, so every scorer of a wrapper shares it.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
+import weakref
 from collections.abc import Sequence
+from typing import Literal
 
 import numpy as np
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from llm_envs.rewards import (
-    RewardWrapper,
-    Scoring,
-    _as_id_rows,
-    _response_special_ids,
-    _special_template,
-    _strip_template,
+from llm_envs.kv_cache import SlotKVCache
+from llm_envs.models import cache_kwargs
+from llm_envs.rewards.text import (
+    as_id_rows,
     cut_at_turn,
+    response_content_ids,
+    response_special_ids,
+    special_template,
+    strip_template,
 )
+from llm_envs.rewards.wrapper import RewardWrapper
+
+__all__ = ["CandidateScorer", "Scoring", "prefix_cache_verdict", "score_candidates"]
+
+Scoring = Literal["wrapper", "raw"]
+
+# Per wrapper: True once the prefix cache's scores were checked against scoring from scratch,
+# False when they disagreed (the cache is then never used for that wrapper); absent = unchecked.
+_verdicts: weakref.WeakKeyDictionary[RewardWrapper, bool] = weakref.WeakKeyDictionary()
+
+
+def prefix_cache_verdict(wrapper: RewardWrapper) -> bool | None:
+    """Whether the reward-model prefix cache matched scoring from scratch for `wrapper`: True
+    (checked, used), False (disagreed, off for good) or None (not checked yet)."""
+    return _verdicts.get(wrapper)
+
+
+def score_candidates(
+    wrapper: RewardWrapper,
+    prompt_ids: Sequence[Sequence[int]],
+    response_ids: Sequence[Sequence[int]],
+    candidates: Sequence[Sequence[int]],
+    lm_tokenizer: PreTrainedTokenizerBase | None = None,
+    *,
+    scoring: Scoring = "wrapper",
+) -> np.ndarray:
+    """Scores [B, k] of `prompt + response + [candidate]` for each row's candidates (LM ids).
+
+    One-shot form of `CandidateScorer`: the shared prefix is still forwarded once per row,
+    not once per candidate. See `CandidateScorer.score` for `scoring`.
+    """
+    scorer = CandidateScorer(wrapper, max(1, len(prompt_ids)), lm_tokenizer)
+    return scorer.score(range(len(prompt_ids)), prompt_ids, response_ids, candidates, scoring=scoring)[0]
 
 
 class _PrefixKV:
     """The reward model's KV cache of N growing prefixes; scores k candidates per row per forward.
 
-    Layout as in `llm_envs.engine.DecodeEngine`: one append-only cache ``[N, heads, L, head_dim]``
-    per layer, a ``[N, L]`` mask of the slots each row sees, explicit per-row position ids, and
-    compaction when hidden slots pile up. One call is ONE forward of, per row, the prefix tokens
-    not yet cached ("pending") followed by the k candidates, with a 4-D attention mask: pending
-    tokens are causal among themselves; each candidate sees the row's prefix and itself only
-    (not the other candidates), all candidates at the same position. The score head is read at
-    every position, so a candidate's score is the sequence score of prefix + candidate.
+    The rows live in a `SlotKVCache` (append-only, a ``[N, L]`` mask of the slots each row sees,
+    explicit per-row position ids, compaction when hidden slots pile up), as the decode engine's
+    do. One call is ONE forward of, per row, the prefix tokens not yet cached ("pending")
+    followed by the k candidates, with a 4-D attention mask: pending tokens are causal among
+    themselves; each candidate sees the row's prefix and itself only (not the other
+    candidates), all candidates at the same position. The score head is read at every
+    position, so a candidate's score is the sequence score of prefix + candidate.
     Candidate slots stay hidden afterwards; when the next prefix is the old one plus one of them
     (the chosen token), that slot is made visible instead of feeding the token again, so a
     decoding step costs one reward-model forward of k tokens per row.
@@ -44,37 +87,34 @@ class _PrefixKV:
     """
 
     def __init__(self, model: PreTrainedModel, num_rows: int, compact_slack: int) -> None:
-        from transformers import DynamicCache
-        from transformers.cache_utils import DynamicLayer
-
         self.model, self.base, self.head = model, model.base_model, model.score
         self.pad = int(model.config.get_text_config().pad_token_id)
         self.device, self.dtype = model.device, model.dtype
-        self.num_rows, self.slack = num_rows, compact_slack
-        self.cache = DynamicCache(config=model.config)
-        if any(type(layer) is not DynamicLayer for layer in self.cache.layers):
-            raise ValueError(f"{type(model).__name__} uses sliding-window or hybrid cache layers")
-        self.mask = torch.zeros(num_rows, 0, dtype=torch.bool, device=self.device)
-        self.fed: list[list[int]] = [[] for _ in range(num_rows)]  # ids in the row's visible slots
-        self.cols: list[list[int]] = [[] for _ in range(num_rows)]  # physical slot of each
-        self.pooled: list[list[float]] = [[] for _ in range(num_rows)]  # score of fed[: i + 1]
+        self.num_rows = num_rows
+        self.slots = SlotKVCache(model, num_rows, compact_slack=compact_slack)
+        self.pooled: list[list[float]] = [[] for _ in range(num_rows)]  # score of tokens[: i + 1]
         self.tentative: list[dict[int, tuple[int, float]]] = [{} for _ in range(num_rows)]
         self.forwards = 0
 
+    @property
+    def mask(self) -> torch.Tensor:
+        """The [N, L] mask of the slots each row sees."""
+        return self.slots.mask
+
     def _sync(self, row: int, prefix: list[int]) -> list[int]:
         """Make the row's visible slots the longest cached part of `prefix`; return the rest."""
-        fed, tentative = self.fed[row], self.tentative[row]
+        fed, tentative = self.slots.tokens(row), self.tentative[row]
         self.tentative[row] = {}
         n = len(fed)
         if len(prefix) > n and prefix[n] in tentative and prefix[:n] == fed:  # the chosen candidate
             slot, score = tentative[prefix[n]]
-            self.mask[row, slot] = True
-            self._append(row, prefix[n], slot, score)
+            self.slots.show(row, slot, prefix[n])
+            self._pool(row, prefix[n], score)
             n += 1
         elif prefix[:n] != fed:  # diverged (new episode or rollback): keep the common part
             n = next((i for i, (a, b) in enumerate(zip(fed, prefix)) if a != b), min(n, len(prefix)))
-            self.mask[row, self.cols[row][n:]] = False
-            del fed[n:], self.cols[row][n:], self.pooled[row][n:]
+            self.slots.truncate(row, n)
+            del self.pooled[row][n:]
         return prefix[n:]
 
     @torch.inference_mode()
@@ -83,15 +123,13 @@ class _PrefixKV:
         rounding depends only on its own inputs, as with `DecodeEngine.reset_rows`)."""
         for row in rows:
             self._sync(row, [])
-        if not any(self.fed):
-            self.cache = type(self.cache)(config=self.model.config)
-            self.mask = self.mask.new_zeros(self.num_rows, 0)
+        if not any(self.slots.num_tokens(row) for row in range(self.num_rows)):
+            self.slots.clear()
 
-    def _append(self, row: int, token: int, slot: int, score: float) -> None:
+    def _pool(self, row: int, token: int, score: float) -> None:
+        """Record the sequence score after the row's newest visible token."""
         pooled = self.pooled[row]  # HF pooling: the last non-pad token (position 0 if none)
         pooled.append(score if token != self.pad or not pooled else pooled[-1])
-        self.fed[row].append(token)
-        self.cols[row].append(slot)
 
     @torch.inference_mode()
     def run(
@@ -99,8 +137,8 @@ class _PrefixKV:
     ) -> list[tuple[list[float], float]]:
         """Per row: the scores of prefix + [c] for each candidate c, and the prefix's own score."""
         pending = [self._sync(r, p) for r, p in zip(rows, prefixes)]
-        if self.mask.shape[1] - max(len(c) for c in self.cols) > self.slack:
-            self._compact()
+        if self.slots.maybe_compact():  # compaction drops hidden slots: tentative ones too
+            self.tentative = [{} for _ in range(self.num_rows)]
         wp = max(len(p) for p in pending)
         width = wp + max(len(c) for c in candidates)
         if width:
@@ -114,57 +152,38 @@ class _PrefixKV:
     def _forward(
         self, rows: list[int], pending: list[list[int]], candidates: list[list[int]], wp: int, width: int
     ) -> list[list[float]]:
-        n, length, dev = self.num_rows, self.mask.shape[1], self.device
+        n, length, dev = self.num_rows, self.slots.length, self.device
         ids = torch.full((n, width), self.pad, dtype=torch.long)
         pos = torch.zeros((n, width), dtype=torch.long)
         allowed = torch.zeros((n, width, length + width), dtype=torch.bool, device=dev)
         span = torch.arange(width, device=dev)
         allowed[:, span, length + span] = True  # every query sees itself (no fully masked row)
-        visible = torch.zeros((n, width), dtype=torch.bool)
         for row, pend, cands in zip(rows, pending, candidates):
             m, k, start = len(pend), len(cands), wp - len(pend)
-            first = len(self.fed[row])
+            first = self.slots.num_tokens(row)
             ids[row, start:wp] = torch.tensor(pend, dtype=torch.long)
             ids[row, wp : wp + k] = torch.tensor(cands, dtype=torch.long)
             pos[row, start:wp] = torch.arange(first, first + m)
             pos[row, wp : wp + k] = first + m
-            allowed[row, start : wp + k, :length] = self.mask[row]
+            allowed[row, start : wp + k, :length] = self.slots.mask[row]
             allowed[row, start:wp, length + start : length + wp] = torch.ones(m, m, dtype=torch.bool).tril()
             allowed[row, wp : wp + k, length + start : length + wp] = True
-            visible[row, start:wp] = True
         additive = torch.zeros(allowed.shape, dtype=self.dtype, device=dev)
         additive.masked_fill_(~allowed, torch.finfo(self.dtype).min)
         out = self.base(input_ids=ids.to(dev), attention_mask=additive[:, None], position_ids=pos.to(dev),
-                        past_key_values=self.cache, use_cache=True)
+                        **cache_kwargs(self.base, self.slots.cache), use_cache=True)
         table = self.head(out.last_hidden_state)[..., 0].float().cpu().tolist()  # [N, width]
-        self.mask = torch.cat([self.mask, visible.to(dev)], dim=1)
+        # The pending tokens stay visible; the candidates' slots stay hidden (tentative).
+        self.slots.extend(width, {row: (wp - len(pend), pend) for row, pend in zip(rows, pending)})
         self.forwards += 1
         result = []
         for row, pend, cands in zip(rows, pending, candidates):
             start = wp - len(pend)
             for i, token in enumerate(pend):
-                self._append(row, token, length + start + i, table[row][start + i])
+                self._pool(row, token, table[row][start + i])
             self.tentative[row] = {c: (length + wp + j, table[row][wp + j]) for j, c in enumerate(cands)}
             result.append(table[row][wp : wp + len(cands)])
         return result
-
-    def _compact(self) -> None:
-        """Gather each row's visible slots to the front (forgets the tentative candidates)."""
-        longest = max(len(c) for c in self.cols)
-        index = torch.zeros(self.num_rows, longest, dtype=torch.long)
-        for row, cols in enumerate(self.cols):
-            index[row, : len(cols)] = torch.tensor(cols, dtype=torch.long)
-            self.cols[row] = list(range(len(cols)))
-            self.tentative[row] = {}
-        index = index.to(self.device)
-        for layer in self.cache.layers:
-            if layer.is_initialized:
-                for name in ("keys", "values"):
-                    kv = getattr(layer, name)
-                    b, h, _, d = kv.shape
-                    setattr(layer, name, kv.gather(2, index[:, None, :, None].expand(b, h, longest, d)))
-        lengths = torch.tensor([len(c) for c in self.cols], device=self.device)
-        self.mask = torch.arange(longest, device=self.device)[None, :] < lengths[:, None]
 
 
 class CandidateScorer:
@@ -207,9 +226,9 @@ class CandidateScorer:
         if lm_tok is None:
             raise ValueError("candidate scoring needs the LM's tokenizer: pass lm_tokenizer= here or to the wrapper.")
         self.wrapper, self.num_rows, self.lm_tokenizer = wrapper, num_rows, lm_tok
-        self.ids_path, why = wrapper._fast_eligible(lm_tok)
-        self.lm_template = _special_template(lm_tok) if self.ids_path else None
-        self.specials = _response_special_ids(lm_tok)
+        self.ids_path, why = wrapper.fast_path(lm_tok)
+        self.lm_template = special_template(lm_tok) if self.ids_path else None
+        self.specials = response_special_ids(lm_tok)
         self.eos = lm_tok.eos_token_id
         self._kv: _PrefixKV | None = None
         self.cache_off_reason = why or ("prefix_cache=False" if not prefix_cache else "")
@@ -217,9 +236,9 @@ class CandidateScorer:
             self._kv = self._make_kv(compact_slack)
 
     def _make_kv(self, compact_slack: int) -> _PrefixKV | None:
-        model, template = self.wrapper.model, self.wrapper._template_ids
+        model, template = self.wrapper.model, self.wrapper.template_ids
         reasons = [
-            (self.wrapper._prefix_kv_ok is False, "the prefix cache disagreed with scoring from scratch"),
+            (prefix_cache_verdict(self.wrapper) is False, "the prefix cache disagreed with scoring from scratch"),
             (bool(template and template[1]), "the RM tokenizer appends tokens after the text"),
             (not isinstance(getattr(model, "score", None), torch.nn.Module) or model.base_model is model,
              f"{type(model).__name__} has no `score` head over a base model"),
@@ -261,9 +280,9 @@ class CandidateScorer:
         """
         rows = [int(r) for r in rows]
         batch = len(rows)
-        prompts = [list(map(int, p)) for p in _as_id_rows(prompt_ids)]
-        responses = [list(map(int, r)) for r in _as_id_rows(response_ids)]
-        cands = [list(map(int, c)) for c in _as_id_rows(candidates)]
+        prompts = [list(map(int, p)) for p in as_id_rows(prompt_ids)]
+        responses = [list(map(int, r)) for r in as_id_rows(response_ids)]
+        cands = [list(map(int, c)) for c in as_id_rows(candidates)]
         if not len(prompts) == len(responses) == len(cands) == batch:
             raise ValueError(
                 f"score got {batch} rows, {len(prompts)} prompts, {len(responses)} responses and "
@@ -291,7 +310,7 @@ class CandidateScorer:
                 else:
                     out[i, j] = value
             return out, (pref if prefix else None)
-        if self._kv is not None and self.wrapper._prefix_kv_ok is False:  # another scorer found it wrong
+        if self._kv is not None and prefix_cache_verdict(self.wrapper) is False:  # another scorer found it wrong
             self._kv, self.cache_off_reason = None, "the prefix cache disagreed with scoring from scratch"
         plan = _Plan()
         for i in range(batch):
@@ -311,19 +330,14 @@ class CandidateScorer:
         if self._fits(len(seq)):
             plan.kv[i] = (seq, list(enumerate(cands)))
             return
-        limit = self.wrapper.max_length
         for j, c in [*enumerate(cands), *([(-1, None)] if prefix else [])]:
-            full = seq + ([] if c is None else [c])
-            if limit is not None and len(full) > limit:
-                self.wrapper.truncated += 1
-                full = full[len(full) - limit :]
-            plan.seqs.append((i, j, full))
+            plan.seqs.append((i, j, self.wrapper.fit_to_max_length(seq + ([] if c is None else [c]))))
 
     def _plan_wrapper(self, plan: _Plan, i: int, p: list[int], r: list[int], cands: list[int], prefix: bool) -> None:
         wrapper, tok = self.wrapper, self.wrapper.tokenizer
-        content = _strip_template(p, self.lm_template)
+        content = strip_template(p, self.lm_template)
         frozen = self.eos is not None and self.eos in r
-        body = [t for t in (r[: r.index(self.eos)] if frozen else r) if t not in self.specials]
+        body = response_content_ids(r, self.eos, self.specials)
         markers = wrapper.turn_markers
         if not frozen and markers:
             text = tok.decode(body, skip_special_tokens=False)
@@ -331,7 +345,7 @@ class CandidateScorer:
         if frozen:  # the response is already cut: every continuation scores as the response itself
             plan.pairs.append((i, -2, p, r))
             return
-        seq = (wrapper._template_ids or ([], []))[0] + content + body
+        seq = (wrapper.template_ids or ([], []))[0] + content + body
         regular: list[tuple[int, int]] = []
         copies: list[int] = []
         for j, c in enumerate(cands):
@@ -363,7 +377,7 @@ class CandidateScorer:
                     out[i, j] = value
                 pref[i] = prefix_score
         if plan.seqs:
-            values = wrapper._model_scores([s for _, _, s in plan.seqs], None, None, None)
+            values = wrapper.score_model_inputs([s for _, _, s in plan.seqs])
             for (i, j, _), value in zip(plan.seqs, values):
                 if j < 0:
                     pref[i] = value
@@ -393,17 +407,16 @@ class CandidateScorer:
             results = kv.run([rows[i] for i in order], prefixes, cand_lists)
         except Exception as exc:  # an architecture the 4-D mask trick does not fit
             return self._disable(f"it failed ({type(exc).__name__}: {exc})", seqs, cand_lists)
-        wrapper.calls += 1
-        wrapper.pairs_scored += sum(len(c) for c in cand_lists)
-        if wrapper._prefix_kv_ok is None:
+        wrapper.count_call(sum(len(c) for c in cand_lists))
+        if prefix_cache_verdict(wrapper) is None:
             cached = [v for cs, _ in results for v in cs] + [p for _, p in results]
-            scratch = wrapper._model_scores(seqs, None, None, None)
+            scratch = wrapper.score_model_inputs(seqs)
             tol = 1e-3 if kv.dtype == torch.float32 else 5e-2
             err = max((abs(a - b) / max(1.0, abs(b)) for a, b in zip(cached, scratch)), default=0.0)
             if not err <= tol:
                 return self._disable(f"its scores differ from scoring from scratch by {err:.3g}", seqs,
                                      cand_lists, scratch)
-            wrapper._prefix_kv_ok = True
+            _verdicts[wrapper] = True
         for scores, prefix_score in results:
             if not all(math.isfinite(v) for v in [*scores, prefix_score]):
                 raise ValueError(
@@ -415,15 +428,14 @@ class CandidateScorer:
     def _disable(
         self, why: str, seqs: list[list[int]], cand_lists: list[list[int]], scratch: list[float] | None = None
     ) -> list[tuple[list[float], float]]:
-        import warnings
-
         warnings.warn(
             f"the reward model's prefix KV cache is off for {self.wrapper.name!r}: {why}. Candidates are "
             "scored from scratch from now on (same scores, more compute).", RuntimeWarning, stacklevel=4,
         )
-        self.wrapper._prefix_kv_ok, self._kv, self.cache_off_reason = False, None, why
+        _verdicts[self.wrapper] = False
+        self._kv, self.cache_off_reason = None, why
         if scratch is None:
-            scratch = self.wrapper._model_scores(seqs, None, None, None)
+            scratch = self.wrapper.score_model_inputs(seqs)
         n = sum(len(c) for c in cand_lists)
         values, prefix_values = scratch[:n], scratch[n:]
         out, at = [], 0

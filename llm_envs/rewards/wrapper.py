@@ -1,4 +1,4 @@
-"""The reward wrapper: one object that scores (prompt, response) batches for every method.
+"""`RewardWrapper`: one object that scores (prompt, response) batches for every method.
 
 Backends:
 
@@ -12,8 +12,9 @@ Backends:
 Conventions shared by every backend:
 
 - **Turn cutting (HH convention).** Before scoring, a response is cut at the first turn
-  marker (default ``"Human:"``, ``"Assistant:"``, ``"USER:"``), see `cut_at_turn`; a model
-  that keeps talking past its own turn is scored on its own turn only.
+  marker (default ``"Human:"``, ``"Assistant:"``, ``"USER:"``), see
+  `llm_envs.rewards.text.cut_at_turn`; a model that keeps talking past its own turn is scored on
+  its own turn only. The text and special-token rules are functions of `llm_envs.rewards.text`.
 - **Special tokens.** A response is its text content: on the token-id path it ends at the
   first EOS and pad/BOS ids are dropped; on the text path the EOS/pad/BOS strings are treated
   the same way. Prompts keep their special tokens (chat templates need them).
@@ -27,9 +28,11 @@ Conventions shared by every backend:
 - Scores are finite floats; a non-finite score raises naming the pair and the backend.
 - ``calls`` counts batches sent to the backend, ``pairs_scored`` the pairs (compute accounting).
 
-Candidate scoring (reward-guided decoding, TokenChoice): `candidate_scorer()` returns a
-`llm_envs.candidate_scoring.CandidateScorer`, which scores k candidate next tokens after each of
-N growing prefixes in one reward-model forward per call.
+Candidate scoring (reward-guided decoding, TokenChoice) builds on this class from the module
+above it: `llm_envs.rewards.candidates.CandidateScorer(wrapper, num_rows, lm_tokenizer)` scores
+k candidate next tokens after each of N growing prefixes in one reward-model forward per call.
+It uses the public seams of this class (`fast_path`, `template_ids`, `score_model_inputs`,
+`fit_to_max_length`, `count_call`), so this module does not import it.
 """
 
 from __future__ import annotations
@@ -40,97 +43,35 @@ import numbers
 import os
 import weakref
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from llm_envs.models import ModelSpec, load_reward_model, load_tokenizer, model_source_name
+from llm_envs.models import ModelSpec, context_length, load_reward_model, load_tokenizer, model_source_name
+from llm_envs.rewards.text import (
+    DEFAULT_TURN_MARKERS,
+    SpecialTemplate,
+    as_id_rows,
+    clean_response_text,
+    cut_at_turn,
+    join_prompt_response,
+    response_content_ids,
+    response_special_ids,
+    special_template,
+    strip_template,
+    tokenizers_match,
+)
 
-if TYPE_CHECKING:
-    from llm_envs.candidate_scoring import CandidateScorer
+__all__ = ["RewardFn", "RewardWrapper", "Template"]
 
-DEFAULT_TURN_MARKERS: tuple[str, ...] = ("Human:", "Assistant:", "USER:")
 Template = Literal["concat", "pair"]
-Scoring = Literal["wrapper", "raw"]
 RewardFn = Callable[[list[str], list[str]], Sequence[float]]
-_PROBE_TEXT = "hello world"
-
-
-def cut_at_turn(response: str, markers: Sequence[str] = DEFAULT_TURN_MARKERS) -> str:
-    """Cut `response` at the first occurrence of any turn marker (HH convention).
-
-    The text before the marker is kept, with trailing whitespace removed (the ``"\\n\\n"``
-    that precedes an HH turn belongs to the next turn). No marker: returned unchanged.
-    """
-    cut = len(response)
-    for marker in markers:
-        if marker:
-            idx = response.find(marker, 0, cut)
-            if idx != -1:
-                cut = idx
-    return response if cut == len(response) else response[:cut].rstrip()
 
 
 def _short(text: str, limit: int = 200) -> str:
     return repr(text if len(text) <= limit else text[:limit] + "...")
-
-
-def _join(prompt: str, response: str) -> str:
-    if not prompt or not response or prompt[-1].isspace() or response[0].isspace():
-        return prompt + response
-    return prompt + " " + response
-
-
-def _special_template(tokenizer: PreTrainedTokenizerBase) -> tuple[list[int], list[int]] | None:
-    """The ids a tokenizer adds around one sequence (e.g. ([bos], [])); None if unknowable."""
-    full = list(tokenizer(_PROBE_TEXT)["input_ids"])
-    body = list(tokenizer(_PROBE_TEXT, add_special_tokens=False)["input_ids"])
-    if not body:
-        return None
-    for start in range(len(full) - len(body) + 1):
-        if full[start : start + len(body)] == body:
-            return full[:start], full[start + len(body) :]
-    return None
-
-
-def _as_id_rows(rows: Any) -> Any:
-    """Tensors / arrays of token ids -> lists; anything else is left for validation."""
-    if hasattr(rows, "tolist") and not isinstance(rows, (str, bytes)):
-        rows = rows.tolist()
-    if isinstance(rows, list):
-        return [row.tolist() if hasattr(row, "tolist") else row for row in rows]
-    return rows
-
-
-def _strip_template(ids: list[int], template: tuple[list[int], list[int]] | None) -> list[int]:
-    """Drop the tokenizer's own specials (e.g. a leading BOS) from an encoded prompt."""
-    prefix, suffix = template or ([], [])
-    if prefix and ids[: len(prefix)] == prefix:
-        ids = ids[len(prefix) :]
-    if suffix and ids[-len(suffix) :] == suffix:
-        ids = ids[: -len(suffix)]
-    return ids
-
-
-def _response_special_ids(tokenizer: PreTrainedTokenizerBase) -> set[int]:
-    ids = (tokenizer.eos_token_id, tokenizer.pad_token_id, tokenizer.bos_token_id)
-    return {int(i) for i in ids if isinstance(i, int)}
-
-
-def _response_special_strings(tokenizer: PreTrainedTokenizerBase) -> list[str]:
-    toks = (tokenizer.pad_token, tokenizer.bos_token)
-    return [t for t in toks if isinstance(t, str) and t]
-
-
-def _tokenizers_match(a: PreTrainedTokenizerBase, b: PreTrainedTokenizerBase) -> bool:
-    if a is b:
-        return True
-    keys = ("bos_token", "eos_token", "unk_token", "sep_token", "cls_token")
-    if any(getattr(a, k, None) != getattr(b, k, None) for k in keys):
-        return False
-    return a.get_vocab() == b.get_vocab() and _special_template(a) == _special_template(b)
 
 
 class RewardWrapper:
@@ -172,14 +113,14 @@ class RewardWrapper:
         self.template: Template = template
         self.turn_markers: tuple[str, ...] = tuple(turn_markers)
         self.max_length: int | None = None
-        self._template_ids: tuple[list[int], list[int]] | None = None
+        self._template_ids: SpecialTemplate | None = None
         self._match_cache: tuple[weakref.ref[Any], bool] | None = None
         self.last_path: str | None = None  # "ids" or "text": which path the last score_ids took
         if model is not None and tokenizer is not None:
             if model.config.pad_token_id is None:
                 pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
                 model.config.pad_token_id = int(pad) if pad is not None else 0
-            self._template_ids = _special_template(tokenizer)
+            self._template_ids = special_template(tokenizer)
             self.max_length = max_length if max_length is not None else self._model_max_length()
             if self.max_length is not None and self.max_length < 2:
                 raise ValueError(f"max_length={self.max_length!r}; expected at least 2 tokens.")
@@ -334,10 +275,10 @@ class RewardWrapper:
             return self._callable_scores(prompts, cut)
         assert self.tokenizer is not None
         tok = self.tokenizer
-        cut = [cut_at_turn(self._clean_response_text(r), self.turn_markers) for r in responses]
+        cut = [cut_at_turn(clean_response_text(r, tok), self.turn_markers) for r in responses]
         if self.template == "pair":
             return self._score_pair_template(prompts, cut, responses)
-        texts = [_join(p, r) for p, r in zip(prompts, cut)]
+        texts = [join_prompt_response(p, r) for p, r in zip(prompts, cut)]
         bodies = tok(texts, add_special_tokens=False)["input_ids"]
         return self._model_scores([self._wrap(list(b)) for b in bodies], None, prompts, responses)
 
@@ -354,7 +295,7 @@ class RewardWrapper:
         `fast=None` takes the ids fast path when possible, `True` requires it, `False` forces
         decode + re-tokenize. `lm_tokenizer` defaults to the one given at construction.
         """
-        prompt_ids, response_ids = _as_id_rows(prompt_ids), _as_id_rows(response_ids)
+        prompt_ids, response_ids = as_id_rows(prompt_ids), as_id_rows(response_ids)
         prompt_ids, response_ids = self._check_pairs(prompt_ids, response_ids, Sequence, "score_ids")
         if not prompt_ids:
             return []
@@ -364,19 +305,13 @@ class RewardWrapper:
                 "score_ids needs the LM's tokenizer to read token ids: pass lm_tokenizer= here or "
                 "to RewardWrapper.from_model/from_callable/build."
             )
-        eligible, why = self._fast_eligible(lm_tok)
+        eligible, why = self.fast_path(lm_tok)
         if fast and not eligible:
             raise ValueError(f"score_ids(fast=True) is impossible: {why}; use fast=None or False.")
-        lm_template = self._template_ids if lm_tok is self.tokenizer else _special_template(lm_tok)
-        prompt_content = [_strip_template(list(map(int, p)), lm_template) for p in prompt_ids]
-        specials = _response_special_ids(lm_tok)
-        eos = lm_tok.eos_token_id
-        response_content = []
-        for ids in response_ids:
-            ids = list(map(int, ids))
-            if eos is not None and eos in ids:
-                ids = ids[: ids.index(eos)]
-            response_content.append([i for i in ids if i not in specials])
+        lm_template = self._template_ids if lm_tok is self.tokenizer else special_template(lm_tok)
+        prompt_content = [strip_template(list(map(int, p)), lm_template) for p in prompt_ids]
+        specials, eos = response_special_ids(lm_tok), lm_tok.eos_token_id
+        response_content = [response_content_ids(ids, eos, specials) for ids in response_ids]
         if not eligible or fast is False:
             self.last_path = "text"  # decode with the LM tokenizer, re-tokenize with the RM's
             prompts = lm_tok.batch_decode(prompt_content, skip_special_tokens=False)
@@ -395,45 +330,49 @@ class RewardWrapper:
             seqs.append(self._wrap(p + r))
         return self._model_scores(seqs, None, None, None, (prompt_content, response_content))
 
-    # ------------------------------------------------------------------ candidate scoring
-    # Set per wrapper by the first prefix-cache scoring: True once the cached scores were checked
-    # against scoring from scratch, False when they disagreed (the cache is then never used).
-    _prefix_kv_ok: bool | None = None
+    # ------------------------------------------------------------------ seams for candidate scoring
+    @property
+    def template_ids(self) -> SpecialTemplate | None:
+        """The special ids the reward tokenizer adds (before, after) one sequence, e.g.
+        ``([bos], [])``; None for a function backend or when unknowable."""
+        return self._template_ids
 
-    def candidate_scorer(
-        self,
-        num_rows: int = 1,
-        lm_tokenizer: PreTrainedTokenizerBase | None = None,
-        *,
-        prefix_cache: bool = True,
-        compact_slack: int = 64,
-    ) -> "CandidateScorer":
-        """A stateful scorer of k candidate next tokens for `num_rows` growing prefixes.
+    def fast_path(self, lm_tokenizer: PreTrainedTokenizerBase) -> tuple[bool, str]:
+        """Whether `score_ids` can feed `lm_tokenizer`'s ids to the reward model as they are
+        (the ids fast path), and if not, why (a sentence for messages)."""
+        if self.model is None or self.tokenizer is None:
+            return False, f"the backend of {self.name!r} is a function, which scores text"
+        if self.template != "concat":
+            return False, "template='pair' scores text pairs"
+        if self._template_ids is None:
+            return False, "the reward tokenizer's special-token template could not be determined"
+        cached = self._match_cache
+        if cached is not None and cached[0]() is lm_tokenizer:
+            same = cached[1]
+        else:
+            same = tokenizers_match(self.tokenizer, lm_tokenizer)
+            self._match_cache = (weakref.ref(lm_tokenizer), same)
+        return same, ("" if same else "the reward tokenizer differs from the LM tokenizer")
 
-        It keeps the reward model's KV cache of each row's prefix between calls (see
-        `CandidateScorer`); `prefix_cache=False` scores every candidate from scratch.
-        """
-        from llm_envs.candidate_scoring import CandidateScorer  # it builds on this module
+    def score_model_inputs(self, seqs: list[list[int]]) -> list[float]:
+        """The reward model's scores of exact input id sequences (specials included, no cutting or
+        truncation), batched; counted in ``calls``/``pairs_scored``. Model backend only."""
+        if self.model is None:
+            raise ValueError(f"score_model_inputs needs a reward-model backend; {self.name!r} is a function.")
+        return self._model_scores(seqs, None, None, None)
 
-        return CandidateScorer(self, num_rows, lm_tokenizer, prefix_cache=prefix_cache,
-                               compact_slack=compact_slack)
+    def fit_to_max_length(self, ids: list[int]) -> list[int]:
+        """The last ``max_length`` of `ids` (the oldest tokens give way, counted in ``truncated``)."""
+        if self.max_length is not None and len(ids) > self.max_length:
+            self.truncated += 1
+            return ids[len(ids) - self.max_length :]
+        return ids
 
-    def score_candidates(
-        self,
-        prompt_ids: Sequence[Sequence[int]],
-        response_ids: Sequence[Sequence[int]],
-        candidates: Sequence[Sequence[int]],
-        lm_tokenizer: PreTrainedTokenizerBase | None = None,
-        *,
-        scoring: Scoring = "wrapper",
-    ) -> np.ndarray:
-        """Scores [B, k] of `prompt + response + [candidate]` for each row's candidates (LM ids).
-
-        One-shot form of `candidate_scorer`: the shared prefix is still forwarded once per row,
-        not once per candidate. See `CandidateScorer.score` for `scoring`.
-        """
-        scorer = self.candidate_scorer(max(1, len(prompt_ids)), lm_tokenizer)
-        return scorer.score(range(len(prompt_ids)), prompt_ids, response_ids, candidates, scoring=scoring)[0]
+    def count_call(self, pairs: int) -> None:
+        """Count one backend call that scored `pairs` pairs on this wrapper's model outside it
+        (the candidate scorer's cached forwards), so compute accounting stays whole."""
+        self.calls += 1
+        self.pairs_scored += int(pairs)
 
     # ------------------------------------------------------------------ internals
     def _score_pair_template(self, prompts: list[str], cut: list[str], responses: list[str]) -> list[float]:
@@ -475,20 +414,10 @@ class RewardWrapper:
 
     def _model_max_length(self) -> int | None:
         assert self.model is not None and self.tokenizer is not None
-        cfg = self.model.config
-        limits = [getattr(cfg, k, None) for k in ("max_position_embeddings", "n_positions")]
-        limits.append(getattr(self.tokenizer, "model_max_length", None))
+        # A tokenizer without a limit reports a huge sentinel (1e30): only plausible limits count.
+        limits = [context_length(self.model), getattr(self.tokenizer, "model_max_length", None)]
         valid = [int(x) for x in limits if isinstance(x, int) and 0 < x < 1_000_000]
         return min(valid) if valid else None
-
-    def _clean_response_text(self, response: str) -> str:
-        assert self.tokenizer is not None
-        eos = self.tokenizer.eos_token
-        if isinstance(eos, str) and eos and eos in response:
-            response = response[: response.index(eos)]
-        for special in _response_special_strings(self.tokenizer):
-            response = response.replace(special, "")
-        return response
 
     def _wrap(self, body: list[int]) -> list[int]:
         """RM template specials around a body of content ids, truncating the oldest tokens."""
@@ -499,21 +428,6 @@ class RewardWrapper:
                 self.truncated += 1
                 body = body[len(body) - room :]
         return prefix + body + suffix
-
-    def _fast_eligible(self, lm_tok: PreTrainedTokenizerBase) -> tuple[bool, str]:
-        if self.model is None or self.tokenizer is None:
-            return False, f"the backend of {self.name!r} is a function, which scores text"
-        if self.template != "concat":
-            return False, "template='pair' scores text pairs"
-        if self._template_ids is None:
-            return False, "the reward tokenizer's special-token template could not be determined"
-        cached = self._match_cache
-        if cached is not None and cached[0]() is lm_tok:
-            same = cached[1]
-        else:
-            same = _tokenizers_match(self.tokenizer, lm_tok)
-            self._match_cache = (weakref.ref(lm_tok), same)
-        return same, ("" if same else "the reward tokenizer differs from the LM tokenizer")
 
     def _model_scores(
         self,
