@@ -14,20 +14,36 @@ LIBRARIES = ("torch", "transformers", "gymnasium", "stable-baselines3", "sb3-con
              "tokenizers", "wandb")
 
 
+def _git_dirs(root: Path) -> tuple[Path, Path] | None:
+    """(this checkout's git dir, the repository's common dir): `.git` is a folder in a clone and a
+    `gitdir: ...` file in a worktree, whose refs live in the main repository's folder."""
+    git = root / ".git"
+    if git.is_dir():
+        return git, git
+    if not git.is_file():
+        return None
+    gitdir = Path(git.read_text().split("gitdir:", 1)[1].strip())
+    common = gitdir / (gitdir / "commondir").read_text().strip() if (gitdir / "commondir").is_file() else gitdir
+    return gitdir, common.resolve()
+
+
 def git_commit() -> str | None:
-    """The checked-out commit, read from .git (no git process)."""
-    git = Path(__file__).resolve().parents[1] / ".git"
+    """The checked-out commit, read from the git metadata (no git process); None outside a checkout."""
     try:
-        head = (git / "HEAD").read_text().strip()
-        if head.startswith("ref: "):
-            ref = head[5:]
-            path = git / ref
-            if path.exists():
-                return path.read_text().strip()
-            packed = (git / "packed-refs").read_text().splitlines()
-            return next((line.split()[0] for line in packed if line.endswith(ref)), None)
-        return head
-    except OSError:
+        dirs = _git_dirs(Path(__file__).resolve().parents[1])
+        if dirs is None:
+            return None
+        gitdir, common = dirs
+        head = (gitdir / "HEAD").read_text().strip()
+        if not head.startswith("ref: "):
+            return head
+        ref = head[5:]
+        for folder in (gitdir, common):
+            if (folder / ref).exists():
+                return (folder / ref).read_text().strip()
+        packed = (common / "packed-refs").read_text().splitlines()
+        return next((line.split()[0] for line in packed if line.endswith(ref)), None)
+    except (OSError, IndexError):
         return None
 
 
