@@ -30,13 +30,13 @@ import numpy as np
 import torch
 from sb3_contrib import MaskablePPO
 from sb3_contrib.common.maskable.callbacks import MaskableEvalCallback
-from stable_baselines3.common.callbacks import BaseCallback, CallbackList, CheckpointCallback
+from stable_baselines3.common.callbacks import BaseCallback, CallbackList
 from stable_baselines3.common.logger import KVWriter, configure
 
 import llm_envs
 from agents.configs import TrainConfig, check_budget
+from agents.run_dir import AppendingCSV, AtomicCheckpoints, claim_run_dir, newest_loadable_checkpoint, save_atomically
 from llm_envs.config import to_dict
-from llm_envs.io import atomic_write_text
 from llm_envs.task import Task
 
 ENV_ID = "llm_envs/TokenAccept-v0"
@@ -85,28 +85,22 @@ class WandbWriter(KVWriter):
         self.run.finish()
 
 
-def _latest_checkpoint(run_dir: Path) -> Path | None:
-    checkpoints = sorted((run_dir / "checkpoints").glob("proxy_*_steps.zip"),
-                         key=lambda p: int(p.stem.split("_")[-2]))
-    return checkpoints[-1] if checkpoints else None
-
-
 def run_config(cfg: TrainConfig, task: Task) -> dict[str, Any]:
     """What a run directory's `config.yaml` holds: the task and the training config that made it."""
     return {"task": to_dict(task), "train": to_dict(cfg)}
 
 
-def train(cfg: TrainConfig, task: Task | None = None) -> Path:
-    """Train a proxy on `task` (default: the embedded world); returns `<output_dir>/proxy.zip`."""
-    import yaml
+def train(cfg: TrainConfig, task: Task | None = None, *, restart: bool = False) -> Path:
+    """Train a proxy on `task` (default: the embedded world); returns `<output_dir>/proxy.zip`.
 
+    A run directory belongs to one config: resuming under another one (model, env, task, seed) is
+    refused; `restart=True` moves the old run aside first. See `agents.run_dir`."""
     task = task or Task()
     check_budget(cfg.env, task)
     if cfg.torch_threads:
         torch.set_num_threads(cfg.torch_threads)
     run_dir = Path(cfg.output_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(run_config(cfg, task), sort_keys=False))
+    claim_run_dir(run_dir, run_config(cfg, task), restart=restart)
 
     # Envs: one engine steps all training envs; evaluation runs on the task's held-out prompts.
     sources = task.resolve()
@@ -118,11 +112,13 @@ def train(cfg: TrainConfig, task: Task | None = None) -> Path:
     eval_env.seed(cfg.seed + 10_000)
 
     # Policy: the paper's proxy is a 2-layer MLP (hidden 2048) for both policy and value.
-    checkpoint = _latest_checkpoint(run_dir) if cfg.resume else None
-    if checkpoint is not None:
-        model = MaskablePPO.load(checkpoint, env=train_env, device="auto")
+    found = newest_loadable_checkpoint(run_dir, lambda path: MaskablePPO.load(path, env=train_env, device="auto")) \
+        if cfg.resume else None
+    if found is not None:
+        checkpoint, model = found
         print(f"resuming from {checkpoint} at {model.num_timesteps} steps")
     else:
+        checkpoint = None
         p = cfg.proxy
         policy_kwargs = dict(net_arch=dict(pi=list(p.hidden_sizes), vf=list(p.hidden_sizes)),
                              activation_fn=ACTIVATIONS[p.activation])
@@ -132,8 +128,9 @@ def train(cfg: TrainConfig, task: Task | None = None) -> Path:
                             normalize_advantage=p.normalize_advantage, policy_kwargs=policy_kwargs,
                             seed=cfg.seed, device="auto", verbose=0)
 
-    # Logging: stdout + CSV always; wandb offline by default (no network needed).
-    logger = configure(str(run_dir / "logs"), ["stdout", "csv"])
+    # Logging: stdout + CSV always (appended across resumes); wandb offline by default (no network needed).
+    logger = configure(str(run_dir / "logs"), ["stdout"])
+    logger.output_formats.append(AppendingCSV(run_dir / "logs" / "progress.csv"))
     if cfg.wandb_mode != "disabled":
         import wandb
 
@@ -148,13 +145,12 @@ def train(cfg: TrainConfig, task: Task | None = None) -> Path:
                                           deterministic=True, best_model_save_path=str(run_dir / "best"),
                                           log_path=str(run_dir / "eval"), verbose=0))
     if cfg.checkpoint_freq:
-        callbacks.append(CheckpointCallback(cfg.checkpoint_freq, str(run_dir / "checkpoints"), name_prefix="proxy"))
+        callbacks.append(AtomicCheckpoints(cfg.checkpoint_freq, str(run_dir / "checkpoints"), name_prefix="proxy"))
 
     remaining = cfg.total_timesteps - model.num_timesteps
     if remaining > 0:
         model.learn(remaining, callback=CallbackList(callbacks), progress_bar=cfg.progress_bar,
                     reset_num_timesteps=checkpoint is None)
-    final = run_dir / "proxy.zip"
-    model.save(final)
+    final = save_atomically(model, run_dir / "proxy.zip")
     logger.close()
     return final

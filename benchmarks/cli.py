@@ -84,7 +84,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from benchmarks.bench.config import load_suite_config
 
     cfg = load_suite_config(args.config, args.overrides)
-    model = train(cfg.train, cfg.task)
+    model = train(cfg.train, cfg.task, restart=args.restart)
     print(f"proxy saved to {model} (resolved config: {model.parent / 'config.yaml'})")
     return 0
 
@@ -180,6 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = commands.add_parser("train", help="train the MaskablePPO proxy on TokenAccept (the suite's train: section)")
     _add_config(train)
+    train.add_argument("--restart", action="store_true",
+                       help="start over in output_dir: the previous run is moved aside (never deleted)")
     train.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.total_timesteps=2000 train.env.p_t=0.001")
     train.set_defaults(func=cmd_train)
 
