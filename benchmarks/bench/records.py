@@ -7,6 +7,10 @@
 
 The leaderboard is computed from these files alone (`benchmarks.bench.leaderboard`), so it can be
 rebuilt, and a new method's row added, without rerunning the others.
+
+Every file is written atomically (`llm_envs.io`), and writers and readers of one suite folder take its
+lock (`results_lock`), so two processes writing the same method's records never interleave their
+pair of files and a reader never sees one method's episodes with another run's meta.
 """
 
 from __future__ import annotations
@@ -16,9 +20,18 @@ import json
 from pathlib import Path
 from typing import Any, Sequence
 
+from filelock import FileLock
+
 from llm_envs.io import atomic_write_text
 
 RECORDS_DIR = "records"
+LOCK_FILE = ".lock"
+
+
+def results_lock(suite_dir: Path) -> FileLock:
+    """The suite folder's lock (re-entrant in one process); hold it while writing or reading records."""
+    suite_dir.mkdir(parents=True, exist_ok=True)
+    return FileLock(str(suite_dir / LOCK_FILE))
 
 
 def fingerprint(**settings: Any) -> str:
@@ -30,8 +43,9 @@ def fingerprint(**settings: Any) -> str:
 def write_method_records(suite_dir: Path, name: str, episodes: Sequence[dict[str, Any]], meta: dict[str, Any]) -> None:
     """Replace a method's records (episodes first, then the meta that vouches for them)."""
     folder = suite_dir / RECORDS_DIR
-    atomic_write_text(folder / f"{name}.jsonl", "".join(json.dumps(e) + "\n" for e in episodes))
-    atomic_write_text(folder / f"{name}.json", json.dumps({**meta, "episodes": len(episodes)}, indent=2))
+    with results_lock(suite_dir):
+        atomic_write_text(folder / f"{name}.jsonl", "".join(json.dumps(e) + "\n" for e in episodes))
+        atomic_write_text(folder / f"{name}.json", json.dumps({**meta, "episodes": len(episodes)}, indent=2))
 
 
 def read_method_records(suite_dir: Path, name: str) -> tuple[list[dict[str, Any]], dict[str, Any]] | None:
@@ -40,8 +54,9 @@ def read_method_records(suite_dir: Path, name: str) -> tuple[list[dict[str, Any]
     meta_path, episodes_path = folder / f"{name}.json", folder / f"{name}.jsonl"
     if not meta_path.is_file() or not episodes_path.is_file():
         return None
-    meta = json.loads(meta_path.read_text())
-    episodes = [json.loads(line) for line in episodes_path.read_text().splitlines() if line.strip()]
+    with results_lock(suite_dir):  # the pair as one writer left it
+        meta = json.loads(meta_path.read_text())
+        episodes = [json.loads(line) for line in episodes_path.read_text().splitlines() if line.strip()]
     if len(episodes) != meta.get("episodes"):
         raise ValueError(f"{episodes_path} holds {len(episodes)} episodes but {meta_path} says {meta.get('episodes')}: "
                          f"the records are damaged; rerun the method (llm-envs bench --methods {name}).")

@@ -22,7 +22,7 @@ from benchmarks.bench.config import MethodConfig, SuiteConfig
 from benchmarks.bench.leaderboard import COLUMNS, build_leaderboard, format_cell, write_leaderboard
 from benchmarks.bench.methods import prepare_method
 from benchmarks.bench.plots import write_suite_plots
-from benchmarks.bench.records import fingerprint, read_method_records, write_method_records
+from benchmarks.bench.records import fingerprint, read_method_records, results_lock, write_method_records
 from benchmarks.provenance import provenance
 from llm_envs.config import ConfigError, save_config, to_dict
 from llm_envs.data import load_prompts
@@ -117,8 +117,9 @@ def finish_suite(cfg: SuiteConfig, sc: SuiteContext, *, verbose: bool = True) ->
     rows, notes = build_leaderboard(suite_dir, [m.name for m in cfg.bench.methods], sc.fingerprint)
     header = {**sc.header, "provenance": provenance(seed=cfg.bench.seed, train_seed=cfg.train.seed,
                                                     rrhf_seed=cfg.rrhf.seed), "notes": notes}
-    write_leaderboard(suite_dir, rows, header)
-    save_config(cfg, suite_dir / "config.yaml")
+    with results_lock(suite_dir):
+        write_leaderboard(suite_dir, rows, header)
+        save_config(cfg, suite_dir / "config.yaml")
     records = {m.name: read_method_records(suite_dir, m.name) for m in cfg.bench.methods}
     plots = write_suite_plots(suite_dir, rows, {k: v[0] for k, v in records.items() if v is not None})
     wandb_dir = log_to_wandb(cfg, rows, plots)
