@@ -29,7 +29,7 @@ import yaml
 from stable_baselines3.common.callbacks import CheckpointCallback
 from stable_baselines3.common.logger import KVWriter
 
-from llm_envs.config import ConfigError
+from llm_envs.config import ConfigError, read_yaml
 from llm_envs.io import append_lines, atomic_write_bytes, atomic_write_text
 
 CONFIG_FILE = "config.yaml"
@@ -64,11 +64,7 @@ def claim_run_dir(run_dir: Path, config: dict[str, Any], *, restart: bool = Fals
         os.replace(run_dir, moved)
         print(f"moved the previous run aside to {moved}", file=sys.stderr)
     elif saved.is_file():
-        try:
-            old = yaml.safe_load(saved.read_text()) or {}
-        except yaml.YAMLError as error:
-            raise ConfigError(f"{saved} is not valid YAML ({error}); use a new output_dir, or restart to move "
-                              "this run aside.") from error
+        old = read_yaml(saved) or {}
         changed = config_differences(old, config, resumable)
         if changed:
             shown = ", ".join(f"{k}: {_flatten(old).get(k)!r} -> {_flatten(config).get(k)!r}" for k in changed[:6])

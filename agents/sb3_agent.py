@@ -39,7 +39,12 @@ def load_proxy(path: str | os.PathLike, observation_space: gym.spaces.Box, devic
         path = path.with_suffix(".zip")
     if not path.is_file():
         raise FileNotFoundError(f"proxy checkpoint {str(path)!r} does not exist; pass the .zip written by `llm-envs train`.")
-    model = MaskablePPO.load(path, device=device)
+    try:
+        model = MaskablePPO.load(path, device=device)
+    except Exception as error:  # a torn or foreign zip fails in zipfile, torch or SB3 with many error types
+        raise ValueError(f"proxy checkpoint {str(path)!r} does not load ({type(error).__name__}: {error}); it is "
+                         "damaged or not a MaskablePPO model. Use another checkpoint of the run "
+                         "(<output_dir>/checkpoints/) or retrain.") from error
     saved, wanted = model.observation_space.shape, observation_space.shape
     if saved != wanted:
         raise ValueError(

@@ -231,14 +231,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run a command; a failure is one line on stderr (the full traceback with --debug)."""
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, OSError) as error:
+    except KeyboardInterrupt:
+        print("llm-envs: interrupted (what was written is complete; rerun to resume)", file=sys.stderr)
+        return 130
+    except Exception as error:
         if args.debug:
             raise
-        print(f"llm-envs: error: {error}", file=sys.stderr)
-        return 2
+        if isinstance(error, (ValueError, OSError, KeyError)):  # a user's input: the message says the fix
+            print(f"llm-envs: error: {error}", file=sys.stderr)
+            return 2
+        print(f"llm-envs: unexpected error: {type(error).__name__}: {error} (rerun with --debug for the traceback)",
+              file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

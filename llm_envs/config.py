@@ -134,6 +134,20 @@ def set_key(data: dict[str, Any], keys: Sequence[str], value: Any, where: str) -
         node[last] = value
 
 
+def read_yaml(path: str | os.PathLike) -> Any:
+    """A YAML file's content; a missing or unparsable file is a `ConfigError` naming it and the fix."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist; pass an existing YAML file.")
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as error:
+        where = getattr(error, "problem_mark", None)
+        line = f" at line {where.line + 1}" if where is not None else ""
+        raise ConfigError(f"{path} is not valid YAML{line} ({getattr(error, 'problem', None) or error}); fix the "
+                          "file, or restore it (a run's config.yaml is rewritten by the next run).") from error
+
+
 def load_config(
     cls: type[T],
     path: str | os.PathLike | None = None,
@@ -149,9 +163,7 @@ def load_config(
     where = cls.__name__
     if path is not None:
         path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {str(path)!r} does not exist; pass an existing YAML file.")
-        loaded = yaml.safe_load(path.read_text()) or {}
+        loaded = read_yaml(path) or {}
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: expected a YAML mapping at the top level.")
         if section is not None:

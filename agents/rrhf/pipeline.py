@@ -21,7 +21,7 @@ from agents.rrhf.cache import read_jsonl
 from agents.rrhf.config import EVAL_FIELDS, SAMPLE_FIELDS, SCORE_FIELDS, TRAIN_FIELDS, RRHFConfig
 from agents.rrhf.stages import SAMPLES_FILE, SCORED_FILE, Sources, resolve_sources, sample, score
 from agents.rrhf.training import CHECKPOINT_DIR, DONE_FILE, MODEL_DIR, model_is_complete, train
-from llm_envs.config import ConfigError, to_dict
+from llm_envs.config import ConfigError, read_yaml, to_dict
 from llm_envs.io import atomic_write_json, atomic_write_text
 from llm_envs.task import Task
 
@@ -40,7 +40,7 @@ def run_config(cfg: RRHFConfig, task: Task) -> dict[str, Any]:
 
 
 def _saved_settings(path: Path) -> dict[str, Any]:
-    saved = yaml.safe_load(path.read_text()) or {}
+    saved = read_yaml(path) or {}
     return {**saved.get("rrhf", {}), **{f"task.{k}": v for k, v in saved.get("task", {}).items()}}
 
 

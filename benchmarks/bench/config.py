@@ -19,12 +19,11 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
-import yaml
 
 from agents.configs import TrainConfig
 from agents.rrhf.config import RRHFConfig
 from benchmarks.suites import suite_path
-from llm_envs.config import ConfigError, did_you_mean, from_dict, parse_override, set_key, to_dict
+from llm_envs.config import ConfigError, did_you_mean, from_dict, parse_override, read_yaml, set_key, to_dict
 from llm_envs.task import Task
 
 METHOD_KINDS = ("greedy", "top_k", "nucleus", "best_of_n", "args", "proxy", "rrhf", "custom")
@@ -170,7 +169,7 @@ def load_suite_config(
     """Defaults <- the suite file (a shipped suite's name or a path) <- its `quick:` overrides (with
     `quick=True`) <- `overrides` (`section.key=value`)."""
     path = suite_path(config)
-    data: Any = yaml.safe_load(path.read_text()) or {}
+    data: Any = read_yaml(path) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a YAML mapping with task:, bench:, train: and rrhf: sections.")
     quick_overrides = data.pop("quick", None) or []

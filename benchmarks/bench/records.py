@@ -55,8 +55,12 @@ def read_method_records(suite_dir: Path, name: str) -> tuple[list[dict[str, Any]
     if not meta_path.is_file() or not episodes_path.is_file():
         return None
     with results_lock(suite_dir):  # the pair as one writer left it
-        meta = json.loads(meta_path.read_text())
-        episodes = [json.loads(line) for line in episodes_path.read_text().splitlines() if line.strip()]
+        try:
+            meta = json.loads(meta_path.read_text())
+            episodes = [json.loads(line) for line in episodes_path.read_text().splitlines() if line.strip()]
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise ValueError(f"the records of {name!r} in {folder} are damaged ({error}); rerun the method "
+                             f"(llm-envs bench --methods {name}).") from error
     if len(episodes) != meta.get("episodes"):
         raise ValueError(f"{episodes_path} holds {len(episodes)} episodes but {meta_path} says {meta.get('episodes')}: "
                          f"the records are damaged; rerun the method (llm-envs bench --methods {name}).")
