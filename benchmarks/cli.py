@@ -241,7 +241,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as error:
         if args.debug:
             raise
-        if isinstance(error, (ValueError, OSError, KeyError)):  # a user's input: the message says the fix
+        if isinstance(error, (ValueError, OSError)):  # a user's input: the message says the fix
             print(f"llm-envs: error: {error}", file=sys.stderr)
             return 2
         print(f"llm-envs: unexpected error: {type(error).__name__}: {error} (rerun with --debug for the traceback)",
