@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -144,3 +145,65 @@ def test_bad_configs_fail_clearly(tmp_path, capsys):
 def test_the_shipped_tiny_config_is_valid():
     cfg = load_suite_config("tiny").train
     assert cfg.proxy.hidden_sizes == (2048, 2048) and cfg.proxy.learning_rate == 3e-4
+
+
+# ---------------------------------------------------------------------------- interrupts and resumes
+
+
+def test_a_truncated_checkpoint_is_skipped_on_resume(trained, test_world, tmp_path, capsys):
+    """A checkpoint cut to half its bytes (a kill mid-write) does not block the resume: the newest
+    checkpoint that loads is used, and the skipped one is named."""
+    import shutil
+
+    from sb3_contrib import MaskablePPO
+
+    cfg, _ = trained
+    run = tmp_path / "torn"
+    shutil.copytree(cfg.output_dir, run)
+    (run / "proxy.zip").unlink()  # as if the run was killed before its final save
+    newest = max((run / "checkpoints").glob("proxy_*_steps.zip"), key=lambda p: int(p.stem.split("_")[-2]))
+    newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])
+    final = train(_config(test_world, tmp_path, output_dir=str(run), total_timesteps=384, checkpoint_freq=32),
+                  _task(test_world))
+    err = capsys.readouterr()
+    assert f"skipping checkpoint {newest}" in err.err and "resuming from" in err.out
+    assert MaskablePPO.load(final, device="cpu").num_timesteps >= 384
+
+
+def test_metrics_rows_survive_resumes(trained, test_world, tmp_path):
+    """progress.csv is appended across resumes: the first run's rows stay, the header appears once."""
+    import csv
+    import shutil
+
+    cfg, _ = trained
+    run = tmp_path / "csv"
+    shutil.copytree(cfg.output_dir, run)
+    before = list(csv.reader((run / "logs" / "progress.csv").open()))
+    train(_config(test_world, tmp_path, output_dir=str(run), total_timesteps=512, checkpoint_freq=32),
+          _task(test_world))
+    after = list(csv.reader((run / "logs" / "progress.csv").open()))
+    assert len(before) >= 2 and len(after) > len(before)
+    assert [row[: len(before[0])] for row in after[: len(before)]] == before  # earlier rows kept, in place
+    assert sum(row[:1] == before[0][:1] for row in after) == 1  # one header
+
+
+def test_resuming_under_another_config_is_refused_and_restart_moves_the_run_aside(trained, test_world, tmp_path):
+    import shutil
+
+    cfg, _ = trained
+    run = tmp_path / "changed"
+    shutil.copytree(cfg.output_dir, run)
+    bigger = _config(test_world, tmp_path, output_dir=str(run), proxy=ProxyConfig(hidden_sizes=(64, 64), n_steps=32,
+                                                                                  batch_size=64, n_epochs=2))
+    saved = (run / "config.yaml").read_text()
+    with pytest.raises(ConfigError, match=r"train.proxy.hidden_sizes: \[32, 32\] -> \[64, 64\].*--restart"):
+        train(bigger, _task(test_world))
+    assert (run / "config.yaml").read_text() == saved  # the record of the old run is untouched
+    with pytest.raises(ConfigError, match="task.max_new_tokens"):
+        train(_config(test_world, tmp_path, output_dir=str(run), env=TokenAcceptParams(max_new_tokens=8)),
+              dataclasses.replace(_task(test_world), max_new_tokens=8))
+    final = train(dataclasses.replace(bigger, total_timesteps=64), _task(test_world), restart=True)
+    assert final.is_file()
+    aside = [p for p in tmp_path.iterdir() if p.name.startswith("changed.old-")]
+    assert len(aside) == 1 and (aside[0] / "proxy.zip").is_file()  # moved, never deleted
+    assert load_config(TrainConfig, run / "config.yaml", section="train").proxy.hidden_sizes == (64, 64)
