@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import functools
 import inspect
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Generic, NamedTuple, Sequence, TypeVar
+from typing import Any, ClassVar, Generic, NamedTuple, TypeVar
 
 import gymnasium as gym
 import numpy as np
@@ -327,10 +328,12 @@ def core_signature(params_class: type, *, lead: Sequence[inspect.Parameter] | No
     return inspect.Signature([*(base[:1] if lead is None else lead), *world, *mdp])
 
 
-def row_method_forwarders(core_class: type, select: Callable[[Any, Any], Any]) -> dict[str, Callable]:
+def row_method_forwarders(
+    core_class: type, select: Callable[[Any, Any], Any], note: str = ""
+) -> dict[str, Callable]:
     """For each of `core_class.row_methods`, a method that calls the core's method on `self.core`
     and passes the result through `select(self, result)` (the single env takes row 0), keeping the
-    core method's name, docstring and signature."""
+    core method's name, docstring (after `note`, which says how the result differs) and signature."""
     def forwarder(name: str) -> Callable:
         core_method = getattr(core_class, name)
 
@@ -338,6 +341,8 @@ def row_method_forwarders(core_class: type, select: Callable[[Any, Any], Any]) -
         def method(self: Any, *args: Any, **kwargs: Any) -> Any:
             return select(self, getattr(self.core, name)(*args, **kwargs))
 
+        if note:
+            method.__doc__ = f"{note}\n\n{core_method.__doc__ or ''}"
         return method
 
     return {name: forwarder(name) for name in core_class.row_methods}

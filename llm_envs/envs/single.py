@@ -35,7 +35,8 @@ class SingleRowEnv(gym.Env):
         cls.__signature__ = core_signature(params_class, lead=[render_mode])
         if cls.__doc__ and PARAMS_MARKER in cls.__doc__:
             cls.__doc__ = _fill_marker(cls.__doc__, arguments_doc(params_class))
-        for name, method in row_method_forwarders(cls.core_class, lambda self, out: out[0]).items():
+        note = f"This env's row of `{cls.core_class.__name__}`'s method (no leading row axis):"
+        for name, method in row_method_forwarders(cls.core_class, lambda self, out: out[0], note).items():
             if name not in cls.__dict__:
                 setattr(cls, name, method)
 

@@ -7,8 +7,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import gymnasium as gym
 import numpy as np
@@ -20,8 +21,16 @@ from llm_envs.envs.params import TokenAcceptParams
 from llm_envs.envs.pools import Pool, PoolWorkspace, nucleus_pools
 from llm_envs.envs.single import SingleRowEnv
 
-__all__ = ["ACCEPT", "REJECT", "NUM_FEATURES", "FEATURE_NAMES", "TokenAcceptParams", "TokenAcceptCore",
-           "TokenAcceptEnv", "skam_allows_reject"]
+__all__ = [
+    "ACCEPT",
+    "FEATURE_NAMES",
+    "NUM_FEATURES",
+    "REJECT",
+    "TokenAcceptCore",
+    "TokenAcceptEnv",
+    "TokenAcceptParams",
+    "skam_allows_reject",
+]
 
 ACCEPT, REJECT = 0, 1
 NUM_FEATURES = 5
@@ -281,7 +290,8 @@ class TokenAcceptEnv(SingleRowEnv):
       `context`: an `LMContext` to share between envs instead of all of the above.
 
     MDP parameters (`TokenAcceptParams`): pass them as keywords, or `params=TokenAcceptParams(...)`
-    (keywords given beside it replace its fields):
+    (keywords given beside it replace its fields); `env.unwrapped.params` holds them. An unknown
+    keyword raises with a "did you mean":
     {params}
 
     ## Version History

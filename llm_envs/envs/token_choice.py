@@ -8,8 +8,9 @@ vector views (`gym.make_vec`, `llm_envs.make_sb3_vec_env`) are the core with N r
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import gymnasium as gym
 import numpy as np
@@ -22,7 +23,7 @@ from llm_envs.envs.pools import nucleus_pools
 from llm_envs.envs.single import SingleRowEnv
 from llm_envs.rewards import Scoring
 
-__all__ = ["LOGPROB_FLOOR", "TokenChoiceParams", "TokenChoiceCore", "TokenChoiceEnv"]
+__all__ = ["LOGPROB_FLOOR", "TokenChoiceCore", "TokenChoiceEnv", "TokenChoiceParams"]
 
 LOGPROB_FLOOR = -100.0  # observed log-probs are clamped here (and slots past the vocabulary read it)
 
@@ -274,7 +275,8 @@ class TokenChoiceEnv(SingleRowEnv):
       `device`, `dtype`, `context`: as in `llm_envs/TokenAccept-v0`.
 
     MDP parameters (`TokenChoiceParams`): pass them as keywords, or `params=TokenChoiceParams(...)`
-    (keywords given beside it replace its fields):
+    (keywords given beside it replace its fields); `env.unwrapped.params` holds them. An unknown
+    keyword raises with a "did you mean":
     {params}
 
     ## Version History
