@@ -24,8 +24,9 @@ if "llm_envs/TokenChoice-v0" not in registry:
 
 
 def make_sb3_vec_env(env_id: str, num_envs: int, **kwargs):
-    """An SB3 `VecEnv` of `num_envs` envs on one batched engine (for MaskablePPO)."""
-    from llm_envs.vector import make_sb3_vec_env as make
+    """An SB3 `VecEnv` of `num_envs` envs on one batched engine (for MaskablePPO). Imports
+    stable-baselines3 only now: `import llm_envs` and `gym.make_vec` never do."""
+    from llm_envs.vector.sb3 import make_sb3_vec_env as make
 
     return make(env_id, num_envs, **kwargs)
 

@@ -302,3 +302,55 @@ def test_the_p_t_sweep_trains_one_proxy_per_value(suite, capsys):
     assert all(len(p["seed_gold_means"]) == 2 and p["gold_mean"] == pytest.approx(np.mean(p["seed_gold_means"]))
                for p in points)
     assert (out / "sweep_temperature-v2.md").is_file() and (out / "sweep_p_t.json").read_text() == before
+
+
+# ---------------------------------------------------------------------------- results survive crashes and races
+
+
+def _write_as(suite_dir: str, writer: int, count: int) -> None:
+    from benchmarks.bench.records import write_method_records
+
+    for i in range(count):
+        episodes = [{"writer": writer, "i": i, "pad": "x" * 512} for _ in range(20 + writer)]
+        write_method_records(Path(suite_dir), "m", episodes, {"writer": writer, "i": i})
+
+
+def test_two_processes_writing_the_same_records_never_tear_or_mix_them(tmp_path):
+    import multiprocessing as mp
+
+    from benchmarks.bench.records import read_method_records
+
+    ctx = mp.get_context("fork")
+    writers = [ctx.Process(target=_write_as, args=(str(tmp_path), w, 150)) for w in (0, 1)]
+    for w in writers:
+        w.start()
+    reads = 0
+    while any(w.is_alive() for w in writers):
+        got = read_method_records(tmp_path, "m")
+        if got is not None:
+            episodes, meta = got
+            assert {e["writer"] for e in episodes} == {meta["writer"]} and len(episodes) == meta["episodes"]
+            reads += 1
+    for w in writers:
+        w.join()
+        assert w.exitcode == 0
+    assert reads > 0
+
+
+def test_a_leaderboard_write_killed_midway_leaves_the_previous_one(tmp_path, monkeypatch):
+    from benchmarks.bench import leaderboard
+    from llm_envs import io
+
+    header = {"suite": "s", "num_prompts": 1, "prompts": "p", "max_new_tokens": 1, "lm": "a", "reward": "b", "gold": None}
+    leaderboard.write_leaderboard(tmp_path, [], {**header, "run": 1})
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+
+    def killed(fd: int) -> None:
+        raise KeyboardInterrupt("killed mid-write")
+
+    monkeypatch.setattr(io.os, "fsync", killed)
+    with pytest.raises(KeyboardInterrupt):
+        leaderboard.write_leaderboard(tmp_path, [], {**header, "run": 2})
+    monkeypatch.undo()
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # old files intact, no temp left
+    assert json.loads((tmp_path / "leaderboard.json").read_text())["run"] == 1

@@ -173,7 +173,8 @@ def _remaining_pool_probs(model, core, row: int = 0) -> list[float]:
     prefix = state.prompt_ids + state.response
     with torch.inference_mode():
         logits = model(input_ids=torch.tensor([prefix])).logits[0, -1]
-    pool = reference_pool(logits, top_p=core.top_p, top_k=core.top_k, temperature=core.temperature)
+    params = core.params
+    pool = reference_pool(logits, top_p=params.top_p, top_k=params.top_k, temperature=params.temperature)
     return pool.probs[state.rejections:].tolist()
 
 

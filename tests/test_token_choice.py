@@ -16,9 +16,12 @@ from transformers import (
 )
 
 import llm_envs
-from llm_envs.envs.token_choice import LOGPROB_FLOOR, TokenChoiceCore, TokenChoiceVectorEnv
+from llm_envs.envs.token_choice import LOGPROB_FLOOR, TokenChoiceCore
 from llm_envs.models import load_causal_lm, load_reward_model, load_tokenizer
 from llm_envs.rewards import CandidateScorer, RewardWrapper, prefix_cache_verdict, score_candidates
+from llm_envs.vector import vector_env_class
+
+TokenChoiceVectorEnv = vector_env_class(TokenChoiceCore)
 
 ENV_ID = "llm_envs/TokenChoice-v0"
 TOL = 1e-4

@@ -112,15 +112,6 @@ class PoolWorkspace:
         return buf[:rows]
 
 
-def validate_sampling(top_p: float, top_k: int | None, temperature: float) -> None:
-    if not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p={top_p!r}; expected 0 < top_p <= 1 (1.0 keeps every token).")
-    if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
-        raise ValueError(f"top_k={top_k!r}; expected a positive int, or None for no cap.")
-    if not temperature > 0.0:
-        raise ValueError(f"temperature={temperature!r}; expected a positive float (1.0 = the LM's own).")
-
-
 def nucleus_pools(
     logits: torch.Tensor,
     *,
