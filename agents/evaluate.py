@@ -17,7 +17,7 @@ from agents.base import Decoder, PolicyDecoder
 from agents.harness import Scorer, evaluate_decoder, summarize, unscored
 from agents.sb3_agent import load_proxy
 from llm_envs.data import load_prompts
-from llm_envs.envs.context import LMContext
+from llm_envs.task import LMContext
 from llm_envs.envs.params import TokenAcceptParams
 from llm_envs.envs.token_accept import TokenAcceptCore
 from llm_envs.task import Task

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from agents.base import Decoder, Generation
 from agents.metrics import SentenceEncoder, diversity, is_irregular, mean_ci95
-from llm_envs.envs.context import LMContext
+from llm_envs.task import LMContext
 from llm_envs.rewards import RewardWrapper
 
 EPISODE_KEYS = ("index", "prompt", "response", "response_ids", "response_len", "reward", "gold", "diversity",

@@ -1,5 +1,10 @@
 """The task every method of a suite faces: one LM, one reward model, the prompts, the gold judge.
 
+- `Task`: the config (a suite's `task:` section), `TaskSources`: it resolved (the embedded world
+  fills unset parts), `LMContext`: it loaded (models, tokenizer, reward wrapper, encoded prompts),
+  which every env and decoder of the task shares. `build_context` turns an env's world keywords
+  (`lm`, `reward`, `prompts`, `gold`, `device`, `dtype`, ...) into an `LMContext`.
+
 A suite file's `task:` section is a `Task`; the proxy, RRHF, ARGS and every decoder read their LM,
 reward model, prompts, response budget and device from it, so a leaderboard compares methods on
 one task by construction.
@@ -19,10 +24,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Literal, Sequence
 
-from llm_envs.data import PromptSet
+import numpy as np
 
-if TYPE_CHECKING:
-    from llm_envs.envs.context import LMContext
+from llm_envs.data import PromptSet, load_prompts
+
+if TYPE_CHECKING:  # loaded lazily: a task's config needs no torch
+    import torch
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    from llm_envs.rewards import RewardWrapper
+
 GoldFn = Callable[[list[str], list[str]], Sequence[float]]
 WORLD_SPLITS = {"world:train": "train_prompts", "world:test": "test_prompts"}
 
@@ -121,8 +132,6 @@ class TaskSources:
     def context(self, prompts: Any = None) -> LMContext:
         """The loaded LM, tokenizer, reward wrapper and gold judge, with `prompts` (default: the
         held-out prompts) encoded: what envs and decoders of this task share."""
-        from llm_envs.envs.context import build_context  # TODO(lead): moves here with LMContext
-
         return build_context(**self.env_kwargs(self.eval_prompts if prompts is None else prompts))
 
     @property
@@ -134,4 +143,123 @@ class TaskSources:
     def sft_corpus(self) -> Path | None:
         """The world's {prompt, response} corpus (RRHF's dataset responses), when on the world."""
         return Path(self.world_path) / "sft_corpus.jsonl" if self.world_path else None
+
+
+@dataclass(frozen=True)
+class LMContext:
+    """A task loaded: the frozen LM and its tokenizer, the reward wrapper, the prompts (and their
+    token ids), the gold judge. Envs built on one context share its models."""
+
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    reward: RewardWrapper
+    prompts: PromptSet
+    prompt_ids: list[list[int]]
+    gold: RewardWrapper | None
+    lm_name: str
+
+    @property
+    def eos_token_id(self) -> int | None:
+        return self.tokenizer.eos_token_id
+
+    @property
+    def max_context(self) -> int | None:
+        from llm_envs.models import context_length
+
+        return context_length(self.model)
+
+    def pick_prompt(
+        self, rng: np.random.Generator, options: dict[str, Any], max_new_tokens: int
+    ) -> tuple[str, int | None, list[int]]:
+        """The prompt an episode starts from: `options["prompt"]`, `options["prompt_index"]`, or
+        one drawn uniformly with `rng`. Returns (text, index or None, token ids); a prompt that
+        leaves no room for `max_new_tokens` in the model's context is a clear error."""
+        unknown = set(options) - {"prompt", "prompt_index"}
+        if unknown:
+            raise ValueError(f"reset options {sorted(unknown)} are unknown; expected 'prompt' or 'prompt_index'.")
+        if "prompt" in options:
+            prompt, index = options["prompt"], None
+            prompt_ids = self.encode(prompt)
+        else:
+            n = len(self.prompts)
+            index = options.get("prompt_index")
+            if index is None:
+                index = int(rng.integers(n))
+            elif isinstance(index, bool) or not isinstance(index, (int, np.integer)) or not 0 <= index < n:
+                raise ValueError(f"prompt_index={index!r}; expected an int in [0, {n}).")
+            index = int(index)
+            prompt, prompt_ids = self.prompts[index], self.prompt_ids[index]
+        limit = self.max_context
+        if limit is not None and len(prompt_ids) + max_new_tokens > limit:
+            raise ValueError(
+                f"prompt {prompt[:80]!r} has {len(prompt_ids)} tokens; with max_new_tokens="
+                f"{max_new_tokens} that exceeds the model's context of {limit} positions. Use "
+                f"shorter prompts (max_prompt_tokens={limit - max_new_tokens} drops longer "
+                "ones) or a smaller max_new_tokens."
+            )
+        return prompt, index, list(prompt_ids)
+
+    def encode(self, prompt: str) -> list[int]:
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise ValueError(f"prompt={prompt!r} is empty; pass a non-empty string.")
+        ids = self.tokenizer(prompt)["input_ids"]
+        if not ids:
+            raise ValueError(f"prompt={prompt!r} encodes to no tokens with {self.lm_name}'s tokenizer.")
+        return list(ids)
+
+
+def build_context(
+    *,
+    lm: str | PreTrainedModel | None = None,
+    tokenizer: str | PreTrainedTokenizerBase | None = None,
+    reward: Any = None,
+    prompts: Any = None,
+    gold: GoldFn | None = None,
+    device: str | torch.device | None = "auto",
+    dtype: str | torch.dtype | None = "auto",
+    max_prompt_tokens: int | None = None,
+    reward_kwargs: dict[str, Any] | None = None,
+) -> LMContext:
+    """Load an env's world keywords into one `LMContext`. Unset `lm`, `reward` and `prompts` come
+    from the default task (the embedded world: its SFT LM, reward model and train prompts; its gold
+    judge too when the LM is the world's)."""
+    from llm_envs.models import load_causal_lm, model_source_name, resolve_tokenizer
+    from llm_envs.rewards import RewardWrapper
+
+    if lm is None or reward is None or prompts is None:
+        world = Task().resolve()  # the one place unset parts are filled in from the world
+        if lm is None:
+            lm, gold = world.lm, gold if gold is not None else world.gold
+        reward = world.reward if reward is None else reward
+        prompts = world.train_prompts if prompts is None else prompts
+    model = load_causal_lm(lm, device=device, dtype=dtype)
+    tok = resolve_tokenizer(tokenizer, lm, model)
+    reward_wrapper = RewardWrapper.build(
+        reward, **{"lm_tokenizer": tok, "device": device, "dtype": dtype, **(reward_kwargs or {})}
+    )
+    prompt_set = load_prompts(
+        prompts,
+        tokenizer=tok if max_prompt_tokens else None,
+        max_prompt_tokens=max_prompt_tokens,
+    )
+    context = LMContext(
+        model=model,
+        tokenizer=tok,
+        reward=reward_wrapper,
+        prompts=prompt_set,
+        prompt_ids=[],
+        gold=RewardWrapper.from_callable(gold, name="gold") if gold is not None else None,
+        lm_name=model_source_name(lm),
+    )
+    context.prompt_ids.extend(context.encode(p) for p in prompt_set.prompts)
+    return context
+
+
+def context_for_env(context: LMContext | None, **kwargs: Any) -> LMContext:
+    """An env's context: the one passed in (shared between envs), or one built from the env's
+    kwargs (see `build_context`); either way it must hold at least one prompt."""
+    ctx = context or build_context(**kwargs)
+    if len(ctx.prompts) == 0:
+        raise ValueError("the prompt source holds no prompts; pass a non-empty list or dataset.")
+    return ctx
 

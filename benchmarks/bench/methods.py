@@ -30,7 +30,7 @@ from agents.harness import unscored
 from benchmarks.bench.config import MethodConfig, SuiteConfig
 from benchmarks.bench.records import fingerprint
 from llm_envs.config import ConfigError, from_dict, set_key, to_dict
-from llm_envs.envs.context import LMContext
+from llm_envs.task import LMContext
 from llm_envs.envs.params import TokenAcceptParams
 from llm_envs.envs.token_accept import TokenAcceptCore
 from llm_envs.io import atomic_write_json

@@ -26,7 +26,7 @@ from benchmarks.bench.records import fingerprint, read_method_records, results_l
 from benchmarks.provenance import provenance
 from llm_envs.config import ConfigError, save_config, to_dict
 from llm_envs.data import load_prompts
-from llm_envs.envs.context import LMContext
+from llm_envs.task import LMContext
 from llm_envs.rewards import RewardWrapper
 
 

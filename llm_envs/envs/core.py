@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from llm_envs.engine import DecodeEngine, StepOutput
-from llm_envs.envs.context import LMContext, context_for_env
+from llm_envs.task import LMContext, context_for_env
 from llm_envs.envs.params import params_fields, resolve_params
 
 P = TypeVar("P")
