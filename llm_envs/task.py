@@ -137,7 +137,7 @@ class TaskSources:
     @property
     def on_world_prompts(self) -> bool:
         """Training prompts are the world's (so its SFT corpus holds their dataset responses)."""
-        return self.task.train_prompts in WORLD_SPLITS
+        return isinstance(self.task.train_prompts, str) and self.task.train_prompts in WORLD_SPLITS
 
     @property
     def sft_corpus(self) -> Path | None:
