@@ -46,7 +46,7 @@ class ProxyConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """One proxy run: `llm-envs train --config configs/tiny.yaml [key=value ...]`."""
+    """One proxy run: a suite's `train:` section (`llm-envs train --config tiny [train.key=value ...]`)."""
 
     env: TokenAcceptParams = field(default_factory=TokenAcceptParams, metadata=_help(
         "the TokenAccept MDP (p_t, top_p, temperature, obs_mode, costs ...); its max_new_tokens is the task's"))

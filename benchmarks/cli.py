@@ -7,7 +7,7 @@
     llm-envs rrhf        [--config tiny] [--stages sample,score,train,eval] [key=value ...]
     llm-envs world build [--preset default|test] [--seed 0] [--cache-dir DIR] [--json]
     llm-envs world info  [--preset ...] [--seed ...] [--cache-dir DIR]
-    llm-envs config show [--config tiny] [SECTION ...]   # every field: value, default and help
+    llm-envs config show [SUITE] [SECTION ...]           # every field: value, default and help
     llm-envs config path [NAME]                          # where a shipped suite's YAML lives
     llm-envs config list                                 # the shipped suites
 
@@ -129,11 +129,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+SECTIONS = ("task", "bench", "train", "rrhf")
+
+
 def cmd_config_show(args: argparse.Namespace) -> int:
     from benchmarks.bench.config import describe_suite_config, load_suite_config
 
-    cfg = load_suite_config(args.config, args.overrides)
-    print(describe_suite_config(cfg, args.sections))
+    names = list(args.names)
+    suite = names.pop(0) if names and names[0] not in SECTIONS else args.config
+    cfg = load_suite_config(suite, args.overrides)
+    print(describe_suite_config(cfg, names))
     return 0
 
 
@@ -218,7 +223,8 @@ def build_parser() -> argparse.ArgumentParser:
     config_commands = config.add_subparsers(dest="config_command", required=True)
     show = config_commands.add_parser("show", help="every field of a suite (or of the named sections) with its help")
     _add_config(show)
-    show.add_argument("sections", nargs="*", help="sections to show: task, bench, train, rrhf (default: all)")
+    show.add_argument("names", nargs="*", metavar="[SUITE] [SECTION ...]",
+                      help="a suite (default: --config, i.e. tiny), then sections: task, bench, train, rrhf (default: all)")
     show.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                       help="show the config with this override applied (repeatable)")
     show.set_defaults(func=cmd_config_show)

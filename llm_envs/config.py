@@ -1,6 +1,6 @@
 """YAML configs loaded into frozen, validated dataclasses, overridable from the command line.
 
-    cfg = load_config(TrainConfig, "configs/tiny.yaml", ["total_timesteps=2000", "env.p_t=0.001"])
+    cfg = load_config(TrainConfig, "suite.yaml", ["total_timesteps=2000", "env.p_t=0.001"], section="train")
 
 - Unknown keys fail with a "did you mean" hint, naming the file.
 - Values are checked against the field's type (int, float, bool, str, optional, tuple/list,

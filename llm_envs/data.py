@@ -18,12 +18,12 @@ import os
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, overload
+from typing import TYPE_CHECKING, Any, overload
 
 import numpy as np
-from transformers import PreTrainedTokenizerBase
 
-from llm_envs.models import _hub_endpoint_reachable, load_tokenizer
+if TYPE_CHECKING:  # transformers loads lazily: reading a config that names prompts needs no torch
+    from transformers import PreTrainedTokenizerBase
 
 HH_MARKER = "Assistant:"
 _DICT_KEYS = ("dataset", "split", "column", "name", "data_dir")
@@ -66,6 +66,12 @@ def hh_prompt(dialogue: str) -> str | None:
     return None if cut == -1 else dialogue[: cut + len(HH_MARKER)]
 
 
+def _is_tokenizer(obj: Any) -> bool:
+    from transformers import PreTrainedTokenizerBase
+
+    return isinstance(obj, PreTrainedTokenizerBase)
+
+
 def load_prompts(
     source: PromptSource,
     *,
@@ -106,7 +112,7 @@ def load_prompts(
     dropped = 0
     if max_prompt_tokens is not None:
         prompts, dropped = _filter_long(prompts, tokenizer, max_prompt_tokens, desc)
-    elif tokenizer is not None and not isinstance(tokenizer, (str, os.PathLike, PreTrainedTokenizerBase)):
+    elif tokenizer is not None and not isinstance(tokenizer, (str, os.PathLike)) and not _is_tokenizer(tokenizer):
         raise TypeError(f"tokenizer={tokenizer!r}; expected a tokenizer, its directory or hub name.")
     if not prompts:
         raise ValueError(f"{desc} holds no prompts; pass a source with at least one prompt.")
@@ -182,6 +188,8 @@ def _read(
     looks_like_path = text.startswith((".", "/", "~")) or text.count("/") > 1 or path.suffix in _FILE_BUILDERS
     if looks_like_path:
         raise FileNotFoundError(f"prompt source {text!r}: no such file or directory. {_OFFLINE_HINT}")
+    from llm_envs.models import _hub_endpoint_reachable
+
     if not _hub_endpoint_reachable() and not _hub_cached(str(text)):
         raise ConnectionError(
             f"dataset {text!r} is neither a local path nor reachable: the Hugging Face hub cannot be contacted "
@@ -335,6 +343,8 @@ def _filter_long(
     if tokenizer is None:
         raise ValueError(f"max_prompt_tokens={limit} needs tokenizer= (the LM's tokenizer) to count tokens.")
     if isinstance(tokenizer, (str, os.PathLike)):
+        from llm_envs.models import load_tokenizer
+
         tokenizer = load_tokenizer(tokenizer)
     lengths = [len(ids) for ids in tokenizer(prompts)["input_ids"]] if prompts else []
     kept = [p for p, n in zip(prompts, lengths) if n <= limit]

@@ -67,3 +67,14 @@ def test_shipped_suites_resolve_by_name_from_any_directory(tmp_path, monkeypatch
     assert suite_path(str(own)) == own
     with pytest.raises(FileNotFoundError, match="Did you mean 'tiny'"):
         suite_path("tinny")
+
+
+def test_config_show_prints_every_field_with_its_help_without_loading_models(tmp_path):
+    code = ("import sys\nfrom benchmarks.cli import main\nmain(['config', 'show', 'tiny', 'task', 'train'])\n"
+            "print('TORCH', 'torch' in sys.modules)")
+    result = _python(code, tmp_path)
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "task.lm = None" in out and "the embedded world's SFT LM" in out  # value and help
+    assert "train.env.p_t = 0.01" in out and "SKAM threshold" in out  # the env's own params dataclass
+    assert "bench.methods" not in out and "TORCH False" in out

@@ -17,12 +17,27 @@ is the CLI.
     >>> run(RRHFConfig(output_dir="runs/rrhf"))       # on the default task: the embedded world
 """
 
-from agents.rrhf.cache import append_jsonl, read_jsonl, resume_jsonl, write_jsonl_atomic
-from agents.rrhf.config import RRHFConfig
-from agents.rrhf.loss import RRHFLossOutput, response_logprobs, rrhf_loss
-from agents.rrhf.pipeline import STAGES, check_output_dir, evaluate, run
-from agents.rrhf.stages import Sources, load_dataset_responses, resolve_sources, sample, score
-from agents.rrhf.training import collate, tokenize_scored, train
+from importlib import import_module
+from typing import Any
+
+# Public names -> the module that defines them, imported on first use (PEP 562) so that reading an
+# RRHFConfig (`llm-envs config show`) loads no torch or accelerate.
+_EXPORTS = {
+    "append_jsonl": "cache", "read_jsonl": "cache", "resume_jsonl": "cache", "write_jsonl_atomic": "cache",
+    "RRHFConfig": "config",
+    "RRHFLossOutput": "loss", "response_logprobs": "loss", "rrhf_loss": "loss",
+    "STAGES": "pipeline", "check_output_dir": "pipeline", "evaluate": "pipeline", "run": "pipeline",
+    "Sources": "stages", "load_dataset_responses": "stages", "resolve_sources": "stages", "sample": "stages",
+    "score": "stages",
+    "collate": "training", "tokenize_scored": "training", "train": "training",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'agents.rrhf' has no attribute {name!r}")
+    return getattr(import_module(f"agents.rrhf.{_EXPORTS[name]}"), name)
+
 
 __all__ = [
     "RRHFConfig",

@@ -1,10 +1,10 @@
 """RRHF stage 3: fine-tune the base LM on scored.jsonl with `rrhf_loss`, on accelerate.
 
 Single process: `llm-envs rrhf ...`. Several GPUs (DDP, or FSDP through `accelerate config`):
-`accelerate launch --multi_gpu --num_processes N -m llm_envs.cli rrhf ...` with no code change
+`accelerate launch --multi_gpu --num_processes N -m benchmarks.cli rrhf ...` with no code change
 (`queries_per_batch` is per process; sampling, scoring and evaluation run on the main process
 while the others wait). Several CPU processes (gloo), e.g. to try it without GPUs:
-`torchrun --nproc_per_node 2 -m llm_envs.cli rrhf ... device=cpu`.
+`torchrun --nproc_per_node 2 -m benchmarks.cli rrhf ... task.device=cpu`.
 
 Each micro-batch holds `queries_per_batch` prompts with all their responses, one row per
 (prompt, response): `prompt ids + response ids + EOS`, right-padded, labels = the response tokens

@@ -206,7 +206,8 @@ def describe_config(cfg: Any, prefix: str) -> list[str]:
         shown = to_dict(cfg)[f.name]
         changed = "" if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING else (
             f"  (default: {default!r})" if value != default else "")
-        kind = getattr(hints[f.name], "__name__", None) or str(hints[f.name]).replace("typing.", "")
+        hint = hints[f.name]
+        kind = hint.__name__ if isinstance(hint, type) else str(hint).replace("typing.", "")
         lines.append(f"{name} = {shown!r}{changed}   [{kind}]")
         if f.metadata.get("help"):
             lines.extend(textwrap.wrap(f.metadata["help"], 100, initial_indent="    ", subsequent_indent="    "))
