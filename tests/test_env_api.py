@@ -204,3 +204,64 @@ def test_make_vec_does_not_import_stable_baselines3(world_kwargs):
         "llm_envs.make_sb3_vec_env('llm_envs/TokenChoice-v0', 2, **" + repr(kwargs) + ")\n"
         "assert 'stable_baselines3' in sys.modules\n"
     )
+
+
+@pytest.fixture(scope="module")
+def twins(world_kwargs):
+    """Two 4-env vector envs per env id, built once (one LM load per env) and reset by each test."""
+    built: dict[str, tuple] = {}
+
+    def get(env_id: str) -> tuple:
+        if env_id not in built:
+            from llm_envs.task import build_context
+
+            ctx = build_context(**{k: v for k, v in world_kwargs.items() if k != "max_new_tokens"})
+            built[env_id] = tuple(make_vector_env(env_id, 4, context=ctx, max_new_tokens=4) for _ in range(2))
+        return built[env_id]
+
+    return get
+
+
+@pytest.mark.parametrize("env_id", [env_id for env_id, *_ in ENVS])
+@pytest.mark.parametrize("bad, match", [
+    (np.zeros((2, 2), dtype=np.int64), r"shape \(2, 2\); expected shape \(4,\)"),  # never reshaped into 4 actions
+    (np.zeros(3, dtype=np.int64), r"shape \(3,\); expected shape \(4,\)"),
+    (["1", "0", "0", "0"], r"env 0: action '1' \(str\) is outside the action space: not an integer"),
+    (np.array([0.0, 1.0, 0.0, 0.0]), r"env 0: action .*0\.0\) \(float64\) is outside the action space: not an"),
+    ([0, 0, True, 0], r"env 2: action True \(bool\) is outside the action space: not an integer"),
+])
+def test_actions_are_checked_as_a_whole_and_a_bad_call_changes_nothing(twins, env_id, bad, match):
+    """The next valid step after a refused one gives what it would have given had the bad call never
+    happened (checked against a twin env stepped without it)."""
+    venv, twin = twins(env_id)
+    venv.reset(seed=3), twin.reset(seed=3)
+    with pytest.raises(ValueError, match=match):
+        venv.step(bad)
+    for step in range(3):
+        actions = np.array([step % 2, 0, 1, 0]) if env_id.endswith("TokenAccept-v0") else np.array([0, 1, 0, 2])
+        got, want = venv.step(actions), twin.step(actions)
+        np.testing.assert_allclose(got[0], want[0], atol=1e-5)
+        assert (got[1] == want[1]).all() and (got[2] == want[2]).all() and (got[3] == want[3]).all()
+        assert got[4].keys() == want[4].keys() and list(got[4]["position"]) == list(want[4]["position"])
+
+
+def test_the_single_env_takes_integer_scalars_only(world_kwargs):
+    env = TokenAcceptEnv(**world_kwargs)
+    env.reset(seed=0)
+    for good in (0, np.int64(0), np.array(0)):
+        env.step(good)
+    for bad, match in ((np.array([[0]]), "not an integer"), ("1", r"'1' \(str\) is outside the action space: not an"),
+                       (1.0, "not an integer"), (2, "outside the action space")):
+        with pytest.raises(ValueError, match=match):
+            env.step(bad)
+
+
+@pytest.mark.parametrize("core_class, kwargs, match", [
+    (TokenChoiceCore, {"k": 10**6}, r"k=1000000 exceeds the LM's vocabulary of \d+ tokens"),
+    (TokenAcceptCore, {"top_k": 10**6}, r"top_k=1000000 exceeds the LM's vocabulary"),
+    (TokenAcceptCore, {"max_new_tokens": 10**4}, r"max_new_tokens=10000 leaves no room for a prompt"),
+    (TokenAcceptCore, {"hidden_layer": 99}, r"hidden_layer=99 is not a hidden state of this \d+-layer LM"),
+])
+def test_sizes_are_bounded_by_the_lm(world_kwargs, core_class, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        core_class(2, **{**world_kwargs, **kwargs})

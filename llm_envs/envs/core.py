@@ -74,6 +74,7 @@ class BatchedCore(Generic[P, Row]):
     # Env methods with a leading row axis (e.g. TokenChoice's candidate_rewards); the single env
     # and the vector views expose each of them, so every face of an env id has the same methods.
     row_methods: ClassVar[tuple[str, ...]] = ()
+    vocab_bounded: ClassVar[tuple[str, ...]] = ()  # params that count tokens, so at most the vocabulary
     action_help: ClassVar[str]  # what a legal action is, for the error message
     forced_info_key: ClassVar[str]  # the info flag of a coerced action
     forced_stat_key: ClassVar[str]  # the episode_stats count of coerced actions
@@ -106,6 +107,7 @@ class BatchedCore(Generic[P, Row]):
         self.ctx = context_for_env(context, lm=lm, tokenizer=tokenizer, reward=reward, prompts=prompts,
                                    gold=gold, device=device, dtype=dtype, max_prompt_tokens=max_prompt_tokens)
         self.num_rows = int(num_rows)
+        self._check_sizes()
         self.engine = DecodeEngine(self.ctx.model, self.num_rows, hidden_layer=self.params.hidden_layer)
         self.hidden_size = self.engine.hidden_size
         self.rows: list[Row] = [self.row_class() for _ in range(self.num_rows)]
@@ -116,6 +118,22 @@ class BatchedCore(Generic[P, Row]):
     @property
     def max_new_tokens(self) -> int:
         return self.params.max_new_tokens
+
+    def _check_sizes(self) -> None:
+        """Params bounded by the LM (its vocabulary, context and depth) are checked once the LM is
+        known, before anything is allocated from them."""
+        config = self.ctx.model.config.get_text_config(decoder=True)
+        vocab, layers, context = int(config.vocab_size), config.num_hidden_layers, self.ctx.max_context
+        for name in self.vocab_bounded:
+            value = getattr(self.params, name)
+            if value is not None and value > vocab:
+                raise ValueError(f"{name}={value} exceeds the LM's vocabulary of {vocab} tokens; use {name} <= {vocab}.")
+        if context is not None and self.params.max_new_tokens >= context:
+            raise ValueError(f"max_new_tokens={self.params.max_new_tokens} leaves no room for a prompt in the LM's "
+                             f"context of {context} positions; use max_new_tokens < {context}.")
+        if not -(layers + 1) <= self.params.hidden_layer <= layers:
+            raise ValueError(f"hidden_layer={self.params.hidden_layer} is not a hidden state of this {layers}-layer LM; "
+                             f"use an index in [-{layers + 1}, {layers}] (-1 = the last layer).")
 
     # ------------------------------------------------------------------ reset
     def reset_rows(
@@ -161,9 +179,7 @@ class BatchedCore(Generic[P, Row]):
         """
         n = self.num_rows
         active = np.ones(n, dtype=bool) if active is None else np.asarray(active, dtype=bool).reshape(-1)
-        actions = np.asarray(actions).reshape(-1)
-        if actions.shape[0] != n:
-            raise ValueError(f"got {actions.shape[0]} actions for {n} envs; pass one per env.")
+        actions = self._action_array(actions)
         if active.shape[0] != n:
             raise ValueError(f"got {active.shape[0]} active flags for {n} envs; pass one per env.")
         stepped = np.flatnonzero(active).tolist()
@@ -221,15 +237,23 @@ class BatchedCore(Generic[P, Row]):
                 chosen[row] = action
         return chosen, forced
 
+    def _action_array(self, actions: Any) -> np.ndarray:
+        """The step's actions as an array of exactly one entry per env (no reshaping: a (2, 2) array
+        for 4 envs is a mistake, not 4 actions)."""
+        array = np.asarray(actions, dtype=object if not isinstance(actions, np.ndarray) else None)
+        if array.shape != (self.num_rows,):
+            raise ValueError(f"actions {actions!r:.80} have shape {array.shape}; expected shape ({self.num_rows},): "
+                             f"one action per env, each {self.action_help}.")
+        return array
+
     def _action_value(self, raw: Any, row: int) -> int:
-        try:
-            value = float(raw)
-            valid = not isinstance(raw, (bool, np.bool_)) and value.is_integer() and 0 <= value < self.action_space.n
-        except (TypeError, ValueError):
-            valid = False
-        if not valid:
+        """An action of the space: a Python or numpy integer (not a bool, float or string) in range."""
+        if isinstance(raw, (bool, np.bool_)) or not isinstance(raw, (int, np.integer)):
+            raise ValueError(f"env {row}: action {raw!r} ({type(raw).__name__}) is outside the action space: not "
+                             f"an integer; expected {self.action_help}.")
+        if not 0 <= raw < self.action_space.n:
             raise ValueError(f"env {row}: action {raw!r} is outside the action space; expected {self.action_help}.")
-        return int(value)
+        return int(raw)
 
     def _apply(self, state: Row, action: int, forced: bool) -> tuple[float, bool, bool]:
         """One action's bookkeeping; returns (step reward so far, terminated, truncated)."""

@@ -84,7 +84,7 @@ class TokenAcceptParams:
 
     top_p: float = field(default=0.9, metadata=_help(
         "candidate pool = the top-p nucleus of softmax(logits / temperature)"))
-    top_k: int | None = field(default=None, metadata=_help("optional cap on the pool size; None = no cap"))
+    top_k: int | None = field(default=None, metadata=_help("optional cap on the pool size (at most the LM's vocabulary); None = no cap"))
     temperature: float = field(default=1.0, metadata=_help("the paper sweeps 0.25, 0.5, 0.75, 1.0"))
     p_t: float = field(default=0.01, metadata=_help(
         "SKAM threshold: reject is allowed iff the mean p over the remaining pool > p_t "
@@ -124,7 +124,7 @@ class TokenAcceptParams:
 class TokenChoiceParams:
     """The pick-one-of-k MDP's settings (see `TokenChoiceEnv`'s env card)."""
 
-    k: int = field(default=10, metadata=_help("candidate slots: the top-k tokens of the raw logits (ARGS uses 10)"))
+    k: int = field(default=10, metadata=_help("candidate slots: the top-k tokens of the raw logits (ARGS uses 10); at most the LM's vocabulary"))
     top_p: float = field(default=1.0, metadata=_help(
         "slots outside the top-p nucleus of softmax(logits / temperature) are masked; 1.0 = none"))
     temperature: float = field(default=1.0, metadata=_help("temperature of the observed log-probs and the nucleus"))

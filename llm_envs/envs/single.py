@@ -54,7 +54,11 @@ class SingleRowEnv(gym.Env):
         return obs[0], infos[0]
 
     def step(self, action: Any):
-        obs, rewards, terminated, truncated, infos = self.core.step(np.array([action], dtype=object))
+        if isinstance(action, np.ndarray) and action.ndim == 0:  # a 0-d array is a scalar; np.array([[0]]) is not
+            action = action[()]
+        batch = np.empty(1, dtype=object)
+        batch[0] = action  # kept as given, so the core checks its type
+        obs, rewards, terminated, truncated, infos = self.core.step(batch)
         return obs[0], float(rewards[0]), bool(terminated[0]), bool(truncated[0]), infos[0]
 
     def action_masks(self) -> np.ndarray:

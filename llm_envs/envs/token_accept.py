@@ -80,6 +80,7 @@ class TokenAcceptCore(BatchedCore[TokenAcceptParams, _Row]):
     """The batched accept/reject MDP. See `TokenAcceptEnv` for the env card."""
 
     params_class = TokenAcceptParams
+    vocab_bounded = ("top_k",)
     row_class = _Row
     action_help = "0 (accept) or 1 (reject)"
     forced_info_key, forced_stat_key = "forced_accept", "forced_accepts"

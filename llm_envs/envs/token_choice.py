@@ -25,7 +25,7 @@ from llm_envs.rewards import CandidateScorer, Scoring
 
 __all__ = ["LOGPROB_FLOOR", "TokenChoiceCore", "TokenChoiceEnv", "TokenChoiceParams"]
 
-LOGPROB_FLOOR = -100.0  # observed log-probs are clamped here (and slots past the vocabulary read it)
+LOGPROB_FLOOR = -100.0  # observed log-probs are clamped here
 
 
 @dataclass
@@ -49,6 +49,7 @@ class TokenChoiceCore(BatchedCore[TokenChoiceParams, _Row]):
     params_class = TokenChoiceParams
     row_class = _Row
     row_methods = ("candidate_rewards", "candidate_logits", "candidate_ids")
+    vocab_bounded = ("k",)
     forced_info_key, forced_stat_key = "forced_action", "forced_actions"
 
     def __init__(self, num_rows: int = 1, **kwargs: Any) -> None:
@@ -221,8 +222,8 @@ class TokenChoiceEnv(SingleRowEnv):
     `Discrete(k)`: the slot of the chosen candidate. Slots are ordered by probability: slot j holds
     the (j+1)-th token of `torch.topk(logits, k)` of the raw next-token logits. `action_masks()`
     returns a `(k,)` bool array: slots inside the top-p nucleus of `softmax(logits / temperature)`
-    (smallest prefix reaching `top_p`; all k slots with the default `top_p=1.0`) and inside the
-    vocabulary are legal; slot 0 always is. A masked slot is replaced by slot 0
+    (smallest prefix reaching `top_p`; all k slots with the default `top_p=1.0`) are legal; slot 0
+    always is. A masked slot is replaced by slot 0
     (`info["forced_action"] = True`), or raises with `invalid_action="raise"`. Any action that is
     not an int in `[0, k)` raises.
 
@@ -231,9 +232,9 @@ class TokenChoiceEnv(SingleRowEnv):
     (`H + 2k + 1` with `obs_rewards=True`):
     - `obs[:H]`: last-layer (or `hidden_layer`) hidden state of the prefix, `h(x, y_<t)`;
     - `obs[H:H+k]`: the candidates' log-probs `log softmax(logits / temperature)`, in slot order,
-      clamped at -100 (slots past the vocabulary read -100);
+      clamped at -100;
     - with `obs_rewards=True`, `obs[H+k:H+2k]`: `candidate_rewards()` (one reward-model call per
-      step; 0 past the vocabulary);
+      step);
     - `obs[-1]`: `budget_used` = response tokens so far / `max_new_tokens`.
 
     ## Starting State
@@ -253,7 +254,7 @@ class TokenChoiceEnv(SingleRowEnv):
     `max_steps`, when smaller); the response so far is scored either way.
 
     ## Information
-    `reset` and every `step`: `candidate_ids` (the k' = min(k, vocab) candidate token ids),
+    `reset` and every `step`: `candidate_ids` (the k candidate token ids),
     `valid_slots`, `prompt`, `prompt_index`, `position`, `forced_action`. The final step adds
     `response_ids` (EOS included when chosen), `response_text`, `reward_parts` (`reward_model`,
     `deviation_cost` and, with `dense_reward`, `prompt_baseline` = -R(x, empty): these sum to the
