@@ -280,6 +280,41 @@ def test_bad_method_entries_fail_clearly(suite, tmp_path, monkeypatch, capsys):
     assert "has neither generate" in capsys.readouterr().err
 
 
+def test_broken_user_files_are_one_line_errors_naming_the_file(suite, tmp_path, capsys):
+    """A damaged config, records file or checkpoint: exit 2 and one line naming the file and the fix;
+    the traceback only with --debug."""
+    import shutil
+
+    from benchmarks.cli import main
+
+    config, out = suite
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("task:\n  lm: [unclosed\n")
+    assert main(["bench", "--config", str(broken)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(broken) in err and "not valid YAML at line" in err
+    with pytest.raises(Exception):
+        main(["--debug", "bench", "--config", str(broken)])
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy / "t")
+    records = copy / "t" / "records" / "greedy.jsonl"
+    records.write_text(records.read_text()[:-40])  # cut mid-line, as a crash would
+    data = yaml.safe_load(config.read_text())
+    data["bench"]["results_dir"] = str(copy)
+    moved = tmp_path / "moved.yaml"
+    moved.write_text(yaml.safe_dump(data))
+    assert main(["bench", "--config", str(moved), "--from-records"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err and err.splitlines()[-1].startswith("llm-envs: error:")
+    assert "greedy" in err and "damaged" in err and "--methods greedy" in err
+    torn = tmp_path / "proxy.zip"
+    torn.write_bytes(b"PK\x03\x04 not really a zip")
+    assert main(["eval", "--config", str(config), "--agent", f"proxy:{torn}", "--num-prompts", "2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err and err.splitlines()[-1].startswith("llm-envs: error:")
+    assert str(torn) in err.splitlines()[-1] and "does not load" in err
+
+
 def test_the_p_t_sweep_trains_one_proxy_per_value(suite, capsys):
     from benchmarks.cli import main
 

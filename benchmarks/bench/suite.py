@@ -50,6 +50,10 @@ def display_name(source: str) -> str:
 def suite_context(cfg: SuiteConfig) -> SuiteContext:
     """Load the task: LM, reward model, held-out prompts, gold judge, and the coherence encoder."""
     task, bench = cfg.task, cfg.bench
+    if not bench.progress:  # no bars at all: transformers' weight-loading bars included
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     sources = task.resolve(progress=bench.progress)  # builds the world on first use, bars only when asked
     source = load_prompts(sources.eval_prompts, num_prompts=bench.num_prompts, seed=bench.seed)
     ctx = sources.context(source.prompts)
