@@ -28,6 +28,7 @@ from typing import Any, Callable
 import torch
 
 from benchmarks.provenance import git_commit
+from llm_envs.io import atomic_write_text
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -186,8 +187,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
     report = run(args)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
-    args.out.with_suffix(".md").write_text(markdown(report))
+    atomic_write_text(args.out.with_suffix(".json"), json.dumps(report, indent=2) + "\n")
+    atomic_write_text(args.out.with_suffix(".md"), markdown(report))
     print(markdown(report))
     return report
 

@@ -66,6 +66,7 @@ import numpy as np
 import torch
 
 from benchmarks.provenance import git_commit
+from llm_envs.io import atomic_write_text
 
 RESULTS = Path(__file__).resolve().parent / "results"
 UNIT = "env-steps/s (one env-step = one token position for one row; a batched forward over N rows = N env-steps)"
@@ -464,8 +465,8 @@ def write_results(report: dict[str, Any], out_dir: str | os.PathLike) -> tuple[P
     out.mkdir(parents=True, exist_ok=True)
     stem = "throughput_quick" if report["settings"]["quick"] else "throughput"
     paths = out / f"{stem}.json", out / f"{stem}.md"
-    paths[0].write_text(json.dumps(report, indent=2) + "\n")
-    paths[1].write_text(markdown(report))
+    atomic_write_text(paths[0], json.dumps(report, indent=2) + "\n")
+    atomic_write_text(paths[1], markdown(report))
     return paths
 
 

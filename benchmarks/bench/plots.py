@@ -10,6 +10,8 @@
 
 from __future__ import annotations
 
+import io
+
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -19,10 +21,14 @@ import matplotlib.ticker
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the headless backend)
 
+from llm_envs.io import atomic_write_bytes  # noqa: E402
+
 
 def _save(fig: Any, path: Path) -> Path:
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, dpi=120, format=Path(path).suffix.lstrip(".") or "png")
+    atomic_write_bytes(path, buffer.getvalue())  # a reader never sees half a PNG
     plt.close(fig)
     return path
 
