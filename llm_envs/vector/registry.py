@@ -6,10 +6,14 @@ its core (`core_class`), so the vector views need no table of their own.
 
 from __future__ import annotations
 
+import inspect
+from typing import Any
+
 import gymnasium as gym
 from gymnasium.envs.registration import load_env_creator, registry
 
 from llm_envs.config import did_you_mean
+from llm_envs.envs.core import core_signature, row_method_forwarders
 
 
 def env_class(env_id: str) -> type:
@@ -37,3 +41,20 @@ def core_class(env_id: str) -> type:
             "vectorization_mode='sync') for other envs."
         )
     return core
+
+
+def face_class(base: type, core_cls: type, suffix: str, lead: list[inspect.Parameter]) -> type:
+    """A vector face (`base`: the Gymnasium or the SB3 view) of `core_cls`, e.g. `TokenChoiceVectorEnv`:
+    its signature shows `lead` then the env's parameters, and it has the core's `row_methods`
+    ([num_envs, ...] each), so every face of an env id has the same methods."""
+    name = core_cls.__name__.removesuffix("Core") + suffix
+    namespace: dict[str, Any] = {
+        "core_class": core_cls,
+        "__module__": base.__module__,
+        "__qualname__": name,
+        "__doc__": f"`{base.__name__}` of `{core_cls.__module__}.{core_cls.__name__}`; see the env card of its env.",
+        **row_method_forwarders(core_cls, lambda self, out: out),
+    }
+    cls = type(name, (base,), namespace)
+    cls.__signature__ = core_signature(core_cls.params_class, lead=lead)
+    return cls

@@ -14,8 +14,8 @@ import numpy as np
 from gymnasium.utils.seeding import np_random
 from stable_baselines3.common.vec_env.base_vec_env import VecEnv, VecEnvStepReturn
 
-from llm_envs.envs.core import Restart, core_signature, row_method_forwarders
-from llm_envs.vector.registry import core_class
+from llm_envs.envs.core import Restart
+from llm_envs.vector.registry import core_class, face_class
 from llm_envs.vector.vector_env import row_rngs
 
 
@@ -97,18 +97,8 @@ class LMSb3VecEnv(VecEnv):
 @functools.cache
 def sb3_vec_env_class(core_cls: type) -> type[LMSb3VecEnv]:
     """`LMSb3VecEnv` for `core_cls`, with its signature and `row_methods`."""
-    name = core_cls.__name__.removesuffix("Core") + "Sb3VecEnv"
-    namespace: dict[str, Any] = {
-        "core_class": core_cls,
-        "__module__": __name__,
-        "__qualname__": name,
-        "__doc__": f"`LMSb3VecEnv` of `{core_cls.__module__}.{core_cls.__name__}`; see the env card of its env.",
-        **row_method_forwarders(core_cls, lambda self, out: out),
-    }
-    cls = type(name, (LMSb3VecEnv,), namespace)
     num_envs = inspect.Parameter("num_envs", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=1, annotation=int)
-    cls.__signature__ = core_signature(core_cls.params_class, lead=[num_envs])
-    return cls
+    return face_class(LMSb3VecEnv, core_cls, "Sb3VecEnv", lead=[num_envs])
 
 
 def make_sb3_vec_env(env_id: str, num_envs: int, **kwargs: Any) -> LMSb3VecEnv:

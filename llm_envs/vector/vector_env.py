@@ -18,8 +18,8 @@ import numpy as np
 from gymnasium.utils.seeding import np_random
 from gymnasium.vector import AutoresetMode, VectorEnv
 
-from llm_envs.envs.core import Restart, core_signature, row_method_forwarders
-from llm_envs.vector.registry import core_class
+from llm_envs.envs.core import Restart
+from llm_envs.vector.registry import core_class, face_class
 
 
 def row_rngs(seed: int | None, n: int) -> list[np.random.Generator]:
@@ -105,22 +105,12 @@ class LMVectorEnv(VectorEnv):
 def vector_env_class(core_cls: type) -> type[LMVectorEnv]:
     """`LMVectorEnv` for `core_cls`: its signature shows the env's parameters, and it has the
     core's `row_methods` (e.g. `TokenChoiceVectorEnv.candidate_rewards`), [num_envs, ...] each."""
-    name = core_cls.__name__.removesuffix("Core") + "VectorEnv"
-    namespace: dict[str, Any] = {
-        "core_class": core_cls,
-        "__module__": __name__,
-        "__qualname__": name,
-        "__doc__": f"`LMVectorEnv` of `{core_cls.__module__}.{core_cls.__name__}`; see the env card of its env.",
-        **row_method_forwarders(core_cls, lambda self, out: out),
-    }
-    cls = type(name, (LMVectorEnv,), namespace)
-    cls.__signature__ = core_signature(core_cls.params_class, lead=[
+    return face_class(LMVectorEnv, core_cls, "VectorEnv", lead=[
         inspect.Parameter("num_envs", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=1, annotation=int),
         inspect.Parameter("autoreset_mode", inspect.Parameter.KEYWORD_ONLY, default=AutoresetMode.NEXT_STEP,
                           annotation="AutoresetMode | str"),
         inspect.Parameter("max_episode_steps", inspect.Parameter.KEYWORD_ONLY, default=None, annotation="int | None"),
     ])
-    return cls
 
 
 def make_vector_env(env_id: str, num_envs: int = 1, **kwargs: Any) -> LMVectorEnv:
