@@ -117,8 +117,11 @@ def test_hub_name_offline_is_the_bundled_gguf_said_once_and_the_hub_online(real,
     expected = real["model"].state_dict()
     assert all(torch.equal(value, expected[key]) for key, value in by_name.state_dict().items())
     assert tok_by_name.get_vocab() == real["tok"].get_vocab() and tok_by_name.chat_template == real["tok"].chat_template
-    # a directory plus gguf_file= is the same file
+    # a directory plus gguf_file= is the same file; an env's lm= takes the .gguf path, tokenizer beside it
     assert load_tokenizer(real["gguf"].parent, gguf_file=real["gguf"].name).name_or_path == str(cached)
+    env = gym.make(ACCEPT_ID, lm=str(real["gguf"]), reward=zero_reward, prompts=real["prompts"], device="cpu")
+    assert env.unwrapped.core.ctx.tokenizer.name_or_path == str(cached)
+    assert env.unwrapped.core.ctx.model.config.name_or_path == str(cached)
     # Online (and not in the hub cache), the name goes to the hub as it always did.
     monkeypatch.delenv("HF_HUB_OFFLINE")
     monkeypatch.setattr(models, "_hub_endpoint_reachable", lambda timeout_s=3.0: True)
