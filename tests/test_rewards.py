@@ -379,5 +379,6 @@ def test_the_package_layers_flow_one_way() -> None:
     assert imports("rewards/candidates.py") == {
         "llm_envs.kv_cache", "llm_envs.models", "llm_envs.rewards.text", "llm_envs.rewards.wrapper"
     }
-    assert imports("kv_cache.py") == set() and imports("models.py") == set()
+    # models reads only the lowest layer, io (the cache root and atomic directory swaps for GGUF conversions)
+    assert imports("kv_cache.py") == set() and imports("models.py") == {"llm_envs.io"}
     assert imports("engine.py") == {"llm_envs.kv_cache", "llm_envs.models"}
