@@ -48,14 +48,6 @@ def test_llm_envs_help_runs_as_a_module(tmp_path):
     assert result.returncode == 0 and "llm-envs bench" in result.stdout
 
 
-def test_gym_make_vec_does_not_import_stable_baselines3(tmp_path):
-    code = ("import sys, llm_envs, gymnasium as gym\nimport llm_envs.vector\n"
-            "print('SB3', 'stable_baselines3' in sys.modules)")
-    result = _python(code, tmp_path)
-    assert result.returncode == 0, result.stderr
-    assert "SB3 False" in result.stdout
-
-
 def test_shipped_suites_resolve_by_name_from_any_directory(tmp_path, monkeypatch):
     from benchmarks.suites import shipped_suites, suite_path
 
