@@ -12,6 +12,7 @@ from pathlib import Path
 import gymnasium as gym
 import numpy as np
 import pytest
+from parity import same_step_rows_match_singles
 
 import llm_envs
 from llm_envs.envs.params import TokenAcceptParams, TokenChoiceParams, params_fields
@@ -163,15 +164,7 @@ def test_token_choice_same_step_autoreset_rows_equal_single_envs(world_kwargs):
         masks = venv.action_masks()
         actions = np.array([rng.choice(np.flatnonzero(m)) for m in masks])
         obs, rewards, terminated, truncated, infos = venv.step(actions)
-        for i, env in enumerate(singles):
-            last, reward, te, tr, info = env.step(int(actions[i]))
-            assert (terminated[i], truncated[i]) == (te, tr) and rewards[i] == pytest.approx(reward, abs=1e-5)
-            if te or tr:
-                ended += 1
-                np.testing.assert_allclose(infos["final_obs"][i], last, atol=1e-5)
-                assert list(infos["final_info"]["response_ids"][i]) == info["response_ids"]
-                last, _ = env.reset()
-            np.testing.assert_allclose(obs[i], last, atol=1e-5)
+        ended += same_step_rows_match_singles((obs, rewards, terminated, truncated, infos), singles, actions)
     assert ended >= 4
 
 
