@@ -12,7 +12,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import llm_envs
 from llm_envs.envs.pools import Pool, nucleus_pools, reference_pool
-from llm_envs.envs.token_accept import ACCEPT, NUM_FEATURES, REJECT, skam_allows_reject
+from llm_envs.envs.params import TokenAcceptParams
+from llm_envs.envs.token_accept import ACCEPT, NUM_FEATURES, REJECT, gate_allows_reject, skam_allows_reject
 from llm_envs.models import load_causal_lm, load_tokenizer
 from llm_envs.vector import make_vector_env
 
@@ -203,6 +204,77 @@ def test_env_mask_matches_formula_and_rejected_tokens_never_return(world_kwargs,
                 position, seen_here = info["position"], set()
 
 
+# ----------------------------------------------------------------------------- decision masks (gates)
+
+
+def test_pool_entropy_is_the_full_vocabulary_entropy_after_temperature():
+    torch.manual_seed(0)
+    logits = torch.randn(3, 50) * 3
+    logits[1, :10] = float("-inf")  # tokens of probability 0 add nothing (no NaN)
+    pools = nucleus_pools(logits, top_p=0.5, top_k=None, temperature=0.7, with_entropy=True).rows()
+    for row, pool in zip(logits, pools):
+        p = torch.softmax(row.double() / 0.7, -1)
+        p = p[p > 0]
+        assert pool.entropy == pytest.approx(float(-(p * p.log()).sum()), abs=1e-12)
+        assert pool.top_prob == pytest.approx(float(p.max()), abs=1e-15)
+    assert all(np.isnan(p.entropy) for p in nucleus_pools(logits, top_p=0.5, top_k=None, temperature=0.7).rows())
+
+
+@pytest.mark.parametrize("params, entropy, probs, expected", [
+    (dict(decision_mask="entropy", entropy_threshold=1.0), 1.0, [0.6, 0.4], True),  # >= opens
+    (dict(decision_mask="entropy", entropy_threshold=1.0), 0.999, [0.6, 0.4], False),
+    (dict(decision_mask="confidence", confidence_threshold=0.6), 0.5, [0.6, 0.4], False),  # < opens, = does not
+    (dict(decision_mask="confidence", confidence_threshold=0.61), 0.5, [0.6, 0.4], True),
+    (dict(), 0.0, [0.99, 0.01], True),  # plain SKAM: the gate is always open
+])
+def test_gates_equal_their_formula(params, entropy, probs, expected):
+    assert gate_allows_reject(Pool.from_sorted(list(range(len(probs))), probs, entropy), TokenAcceptParams(**params)) \
+        is expected
+
+
+def _brute_force_position(model, state, temperature: float) -> tuple[float, float, list[float]]:
+    """(entropy, top-1 p, p of the pool tokens left) of a row's position, from a cache-free full forward."""
+    with torch.inference_mode():
+        logits = model(input_ids=torch.tensor([state.prompt_ids + state.response])).logits[0, -1].double()
+    p = torch.softmax(logits / temperature, -1)
+    entropy = float(-(p[p > 0] * p[p > 0].log()).sum())
+    pool = reference_pool(logits, top_p=0.9, top_k=None, temperature=temperature)
+    return entropy, float(p.max()), pool.probs[state.rejections:].tolist()
+
+
+@pytest.mark.parametrize("mask, threshold, p_t", [
+    ("entropy", 1.0, 0.001), ("confidence", 0.6, 0.001), ("entropy", 1.0, 0.0),  # p_t=0: the bare gate
+])
+def test_decision_masks_match_a_brute_force_computation_along_a_random_walk(world_kwargs, test_world, mask,
+                                                                             threshold, p_t):
+    """Along random walks (random legal rejects), the env's reject mask equals the gate's formula on a
+    full forward's logits (softmax at the temperature, entropy, top-1) and SKAM's on a full sort, and
+    `decisions` counts the steps where it was open."""
+    temperature = 0.75
+    env = gym.make(ENV_ID, p_t=p_t, temperature=temperature, decision_mask=mask,
+                   **{f"{mask}_threshold": threshold}, **world_kwargs)
+    core = env.unwrapped.core
+    model = load_causal_lm(test_world.lm_dir, device="cpu")
+    rng = np.random.default_rng(7)
+    gates_seen: set[bool] = set()
+    for _ in range(2):
+        env.reset(seed=int(rng.integers(1000)))
+        open_steps = 0
+        for _ in range(60):
+            entropy, top1, left = _brute_force_position(model, core.rows[0], temperature)
+            gate = entropy >= threshold if mask == "entropy" else top1 < threshold
+            expected = gate and len(left) > 1 and sum(left) > p_t * len(left)
+            assert env.unwrapped.action_masks().tolist() == [True, expected]
+            gates_seen.add(gate)
+            open_steps += expected
+            action = REJECT if expected and rng.random() < 0.6 else ACCEPT
+            _, _, terminated, truncated, info = env.step(action)
+            if terminated or truncated:
+                assert info["episode_stats"]["decisions"] == open_steps
+                break
+    assert gates_seen == {True, False}  # the threshold splits the walk's positions: both branches checked
+
+
 def test_masked_reject_is_coerced_or_raises(world_kwargs):
     env = gym.make(ENV_ID, p_t=0.99, **world_kwargs)  # reject is (almost) always masked
     env.reset(seed=0)
@@ -379,6 +451,17 @@ def test_nan_reward_names_the_pair(world_kwargs):
     ({"p_t": 1.5}, "p_t"), ({"top_p": 0.0}, "top_p"), ({"temperature": 0.0}, "temperature"),
     ({"obs_mode": "pixels"}, "obs_mode"), ({"max_new_tokens": 0}, "max_new_tokens"),
     ({"invalid_action": "ignore"}, "invalid_action"),
+    ({"decision_mask": "entropi", "entropy_threshold": 1.0}, "decision_mask.*Did you mean 'entropy'"),
+    ({"decision_mask": "entropy"}, "entropy_threshold=None; expected a finite number of nats"),
+    ({"decision_mask": "entropy", "entropy_threshold": -0.1}, "entropy_threshold=-0.1"),
+    ({"decision_mask": "entropy", "entropy_threshold": float("inf")}, "entropy_threshold=inf"),
+    ({"decision_mask": "entropy", "entropy_threshold": 99.0}, r"entropy_threshold=99.0 exceeds ln\("),
+    ({"decision_mask": "confidence", "confidence_threshold": 0.0}, "confidence_threshold=0.0; expected a top-1"),
+    ({"decision_mask": "confidence", "confidence_threshold": 1.5}, "confidence_threshold=1.5"),
+    ({"decision_mask": "confidence"}, "confidence_threshold=None"),
+    ({"entropy_threshold": 1.0}, "entropy_threshold=1.0; expected None, since decision_mask='skam'"),
+    ({"decision_mask": "entropy", "entropy_threshold": 1.0, "confidence_threshold": 0.5},
+     "confidence_threshold=0.5; expected None"),
 ])
 def test_bad_kwargs_fail_clearly(world_kwargs, kwargs, match):
     with pytest.raises(ValueError, match=match):

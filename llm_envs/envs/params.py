@@ -103,6 +103,16 @@ class TokenAcceptParams:
     deviation_beta: float = field(default=0.0, metadata=_help(
         "beta of the per-accept cost beta * (log p(top1) - log p(accepted))"))
     hidden_layer: int = field(default=-1, metadata=_help("which hidden state the observation holds; -1 = last layer"))
+    decision_mask: Literal["skam", "entropy", "confidence"] = field(default="skam", metadata=_help(
+        "where reject is legal: 'skam' = SKAM alone; 'entropy' = SKAM and only at positions whose LM entropy "
+        ">= entropy_threshold; 'confidence' = SKAM and only where the LM's top-1 probability < "
+        "confidence_threshold (p_t=0 leaves of SKAM only 'never reject the last candidate')"))
+    entropy_threshold: float | None = field(default=None, metadata=_help(
+        "decision_mask='entropy' only: the gate opens where H(softmax(logits / temperature)), in nats over the "
+        "full vocabulary, is >= this"))
+    confidence_threshold: float | None = field(default=None, metadata=_help(
+        "decision_mask='confidence' only: the gate opens where max softmax(logits / temperature) is < this "
+        "(0 < value <= 1)"))
 
     def __post_init__(self) -> None:
         _check_sampling(self.top_p, self.temperature)
@@ -118,6 +128,26 @@ class TokenAcceptParams:
         _check_cost("rejection_cost", self.rejection_cost)
         _check_cost("deviation_beta", self.deviation_beta)
         _check_hidden_layer(self.hidden_layer)
+        _check_decision_mask(self.decision_mask, self.entropy_threshold, self.confidence_threshold)
+
+
+def _check_decision_mask(mask: Any, entropy_threshold: Any, confidence_threshold: Any) -> None:
+    """A gate's threshold is required by its mask and read by no other: a threshold set beside another
+    mask (most likely a forgotten `decision_mask=...`) would silently do nothing, so it is an error."""
+    _check_choice("decision_mask", mask, ("skam", "entropy", "confidence"))
+    thresholds = {"entropy": ("entropy_threshold", entropy_threshold),
+                  "confidence": ("confidence_threshold", confidence_threshold)}
+    for owner, (name, value) in thresholds.items():
+        if mask != owner and value is not None:
+            _fail(name, value, f"None, since decision_mask={mask!r} does not read it",
+                  f"Pass decision_mask={owner!r} to gate rejects by it, or drop {name}.")
+    if mask == "entropy" and not (_is_real(entropy_threshold) and entropy_threshold >= 0.0):
+        _fail("entropy_threshold", entropy_threshold, "a finite number of nats >= 0 with decision_mask='entropy'",
+              "Pass e.g. entropy_threshold=1.0 (0 opens the gate everywhere; ln(vocabulary size) is the maximum).")
+    if mask == "confidence" and not (_is_real(confidence_threshold) and 0.0 < confidence_threshold <= 1.0):
+        _fail("confidence_threshold", confidence_threshold,
+              "a top-1 probability with 0 < value <= 1 with decision_mask='confidence'",
+              "Pass e.g. confidence_threshold=0.5 (reject only where the LM's top token has p < 0.5).")
 
 
 @dataclass(frozen=True)

@@ -45,20 +45,26 @@ class Pool:
     suffix_mass: np.ndarray  # [W + 1] float64
     top_logprob: float  # log p of the most probable token (for the deviation cost)
     size: int  # |T|, the number of tokens in the pool
+    entropy: float = float("nan")  # nats, of the full distribution; NaN unless asked for (`with_entropy`)
 
     def __len__(self) -> int:
         return self.size
+
+    @property
+    def top_prob(self) -> float:
+        """p of the most probable token of the full distribution (the head's first token)."""
+        return float(self.probs[0])
 
     @property
     def head_width(self) -> int:
         return int(self.ids.shape[0])
 
     @classmethod
-    def from_sorted(cls, ids: list[int], probs: list[float]) -> Pool:
+    def from_sorted(cls, ids: list[int], probs: list[float], entropy: float = float("nan")) -> Pool:
         """A fully materialised pool from sorted ids/probs (hand-built pools, tests)."""
         p = np.asarray(probs, dtype=np.float64)
         suffix = np.concatenate([np.cumsum(p[::-1])[::-1], [0.0]])
-        return cls(np.asarray(ids, dtype=np.int64), p, suffix, float(np.log(p[0])), len(p))
+        return cls(np.asarray(ids, dtype=np.int64), p, suffix, float(np.log(p[0])), len(p), float(entropy))
 
 
 @dataclass(frozen=True)
@@ -73,6 +79,7 @@ class NucleusPools:
     probs: torch.Tensor  # [B, K] float64
     size: torch.Tensor  # [B] long, |T| of each row
     suffix_mass: torch.Tensor  # [B, K + 1] float64, pool mass left after r rejections
+    entropy: torch.Tensor | None = None  # [B] float64 nats of the full distribution (with_entropy=True)
 
     def __len__(self) -> int:
         return int(self.size.shape[0])
@@ -82,11 +89,12 @@ class NucleusPools:
         ids, probs, suffix = self.ids.cpu().numpy(), self.probs.cpu().numpy(), self.suffix_mass.cpu().numpy()
         sizes = self.size.tolist()
         top = np.log(probs[:, 0]).tolist()  # numpy's log, as the env's deviation cost uses it
+        entropy = self.entropy.tolist() if self.entropy is not None else [float("nan")] * len(sizes)
         width = ids.shape[1]
         out = []
         for i, size in enumerate(sizes):
             w = min(size, width)
-            out.append(Pool(ids[i, :w], probs[i, :w], suffix[i, : w + 1], top[i], size))
+            out.append(Pool(ids[i, :w], probs[i, :w], suffix[i, : w + 1], top[i], size, entropy[i]))
         return out
 
 
@@ -120,6 +128,7 @@ def nucleus_pools(
     temperature: float,
     head: int = DEFAULT_HEAD,
     head_min_prob: float | None = None,
+    with_entropy: bool = False,
     workspace: PoolWorkspace | None = None,
 ) -> NucleusPools:
     """Pools for a batch of next-token logits [B, V].
@@ -130,6 +139,8 @@ def nucleus_pools(
     `p >= head_min_prob` plus one more (TokenAccept passes its SKAM `p_t`: a candidate past that
     can never be reached, because a reject needs the mean p left to exceed p_t). With `top_k`
     the head is the whole pool. Pass a `workspace` when calling every step (see `PoolWorkspace`).
+    `with_entropy=True` adds each row's entropy `-sum_v p(v) ln p(v)` (nats) of the same full-vocabulary
+    `p` (TokenAccept's entropy gate), one batched pass over the probabilities already computed.
     """
     vocab = logits.shape[-1]
     ws = workspace if workspace is not None else PoolWorkspace()
@@ -150,7 +161,14 @@ def nucleus_pools(
     # the head is the whole pool, so that such pools are bit for bit the full sort's).
     tail = torch.where(size > width, (mass - head_p.sum(-1)).clamp_min(0.0), torch.zeros_like(mass))
     suffix = torch.cat([head_p.flip(-1).cumsum(-1).flip(-1), head_p.new_zeros(head_p.shape[0], 1)], -1)
-    return NucleusPools(head_ids, head_p, size, suffix + tail[:, None])
+    entropy = _entropy(probs, ws) if with_entropy else None
+    return NucleusPools(head_ids, head_p, size, suffix + tail[:, None], entropy)
+
+
+def _entropy(probs: torch.Tensor, ws: PoolWorkspace) -> torch.Tensor:
+    """Each row's entropy in nats; `entr` (-x ln x, 0 at x = 0) keeps tokens of probability 0 (a -inf
+    logit, an underflow) at 0 where p * log p would give NaN."""
+    return torch.special.entr(probs, out=ws.buffer("entropy", probs, torch.float64)).sum(-1)
 
 
 def _size_and_mass(

@@ -29,6 +29,8 @@ __all__ = [
     "TokenAcceptCore",
     "TokenAcceptEnv",
     "TokenAcceptParams",
+    "gate_allows_reject",
+    "reject_allowed",
     "skam_allows_reject",
 ]
 
@@ -59,6 +61,36 @@ def skam_allows_reject(pool: Pool, rejections: int, p_t: float, max_rejections: 
     return allowed
 
 
+def gate_allows_reject(pool: Pool, params: TokenAcceptParams) -> bool:
+    """The decision mask's position gate: whether the LM is unsure enough at this position for the
+    proxy to be asked at all (`decision_mask`; the gate is open everywhere under plain SKAM).
+
+    Both gates read the position's full-vocabulary distribution p = softmax(logits / temperature),
+    before any rejection (so the gate is the same for every candidate of a position):
+    - 'entropy': open iff H(p) = -sum_v p(v) ln p(v) >= entropy_threshold (nats);
+    - 'confidence': open iff max_v p(v) < confidence_threshold.
+    """
+    if params.decision_mask == "entropy":
+        if np.isnan(pool.entropy):
+            raise RuntimeError("the entropy gate got a pool without its entropy; build pools with "
+                               "nucleus_pools(..., with_entropy=True).")
+        return pool.entropy >= params.entropy_threshold
+    if params.decision_mask == "confidence":
+        return pool.top_prob < params.confidence_threshold
+    return True
+
+
+def reject_allowed(pool: Pool, rejections: int, params: TokenAcceptParams) -> bool:
+    """TokenAccept's reject mask: the position gate of `decision_mask` and SKAM (`skam_allows_reject`).
+
+    SKAM always applies: its `|T'| > 1` keeps a candidate for the accept, and its mean-probability
+    test bounds how deep a row can reject (the pool's head holds every rank it lets a row reach).
+    With p_t = 0 the SKAM part is only `|T'| > 1` (and `max_rejections`), leaving the bare gate.
+    """
+    return gate_allows_reject(pool, params) and skam_allows_reject(pool, rejections, params.p_t,
+                                                                   params.max_rejections)
+
+
 @dataclass
 class _Row(RowState):
     """A row's position state. `pool[rejections]` is always the current candidate."""
@@ -68,6 +100,7 @@ class _Row(RowState):
     hidden: torch.Tensor | None = None  # obs hidden state
     next_logits: torch.Tensor | None = None  # candidate mode: distribution after the candidate
     total_rejections: int = 0
+    decisions: int = 0  # steps taken where reject was legal (the proxy had a choice)
     rejection_cost: float = 0.0
     deviation_nats: float = 0.0  # sum of log p(top1) - log p(accepted), before deviation_beta
 
@@ -94,27 +127,46 @@ class TokenAcceptCore(BatchedCore[TokenAcceptParams, _Row]):
         self.observation_space = gym.spaces.Box(-np.inf, np.inf, (self.obs_dim,), np.float32)
         self.action_space = gym.spaces.Discrete(2)
         self._pool_workspace = PoolWorkspace()
+        self._check_entropy_threshold()
+
+    def _check_entropy_threshold(self) -> None:
+        """No distribution over V tokens has more than ln V nats: a higher gate never opens (the
+        proxy would never be asked), which is a mistake rather than a setting."""
+        vocab = self.engine.vocab_size
+        threshold = self.params.entropy_threshold
+        if self.params.decision_mask == "entropy" and threshold > np.log(vocab):
+            raise ValueError(f"entropy_threshold={threshold} exceeds ln({vocab}) = {np.log(vocab):.3f} nats, the "
+                             "entropy of a uniform distribution over this LM's vocabulary, so reject would never "
+                             f"be allowed; use entropy_threshold <= {np.log(vocab):.3f}.")
 
     # ------------------------------------------------------------------ actions
     def action_masks(self) -> np.ndarray:
-        """[N, 2] bool: accept is always legal; reject is legal where SKAM allows it."""
+        """[N, 2] bool: accept is always legal; reject is legal where the decision mask (the position
+        gate of `decision_mask`, and SKAM) allows it."""
         masks = np.ones((self.num_rows, 2), dtype=bool)
         for row, state in enumerate(self.rows):
             masks[row, REJECT] = state.live and self._reject_allowed(state)
         return masks
 
     def _reject_allowed(self, state: _Row) -> bool:
-        return skam_allows_reject(state.pool, state.rejections, self.params.p_t, self.params.max_rejections)
+        return reject_allowed(state.pool, state.rejections, self.params)
 
     def _allowed(self, state: _Row, action: int) -> bool:
         return action == ACCEPT or self._reject_allowed(state)
 
     def _masked_message(self, state: _Row, action: int) -> str:
+        p = self.params
+        gate = "" if p.decision_mask == "skam" else (
+            f"; the {p.decision_mask} gate is {'open' if gate_allows_reject(state.pool, p) else 'closed'}: "
+            + (f"entropy {state.pool.entropy:.3f} nats vs entropy_threshold={p.entropy_threshold}"
+               if p.decision_mask == "entropy" else
+               f"top-1 p {state.pool.top_prob:.3f} vs confidence_threshold={p.confidence_threshold}"))
         return (f"reject is masked here (SKAM: {len(state.pool) - state.rejections} candidates left, "
-                f"p_t={self.params.p_t}); use action_masks(), or pass invalid_action='accept' to coerce "
+                f"p_t={p.p_t}{gate}); use action_masks(), or pass invalid_action='accept' to coerce "
                 "masked rejects to accept.")
 
     def _act(self, state: _Row, action: int) -> tuple[float, int | None]:
+        state.decisions += int(self._reject_allowed(state))  # the state the action was taken in
         if action == REJECT:
             cost = self.params.rejection_cost
             state.rejections += 1
@@ -172,9 +224,11 @@ class TokenAcceptCore(BatchedCore[TokenAcceptParams, _Row]):
 
     def _pools(self, logits: torch.Tensor) -> list[Pool]:
         # head_min_prob=p_t: the head then holds every candidate SKAM can let a row reach.
+        # with_entropy: the entropy gate's H(p), from the same batched softmax (no per-row work).
         p = self.params
         return nucleus_pools(logits, top_p=p.top_p, top_k=p.top_k, temperature=p.temperature,
-                             head_min_prob=p.p_t, workspace=self._pool_workspace).rows()
+                             head_min_prob=p.p_t, with_entropy=p.decision_mask == "entropy",
+                             workspace=self._pool_workspace).rows()
 
     # ------------------------------------------------------------------ rewards, infos
     def _reward_parts(self, state: _Row, score: float) -> dict[str, float]:
@@ -183,7 +237,7 @@ class TokenAcceptCore(BatchedCore[TokenAcceptParams, _Row]):
 
     def _episode_stats(self, state: _Row) -> dict[str, Any]:
         return {"rejections": state.total_rejections, "forced_accepts": state.forced,
-                "deviation_nats": state.deviation_nats}
+                "deviation_nats": state.deviation_nats, "decisions": state.decisions}
 
     def _candidate_info(self, state: _Row) -> dict[str, Any]:
         return {"candidate_id": state.candidate, "candidate_prob": float(state.pool.probs[state.rejections]),
@@ -235,9 +289,19 @@ class TokenAcceptEnv(SingleRowEnv):
     `Discrete(2)`: `0` = accept the candidate (append it, move to the next position),
     `1` = reject it (the next most probable remaining token is proposed at the same position).
     `action_masks()` returns a `(2,)` bool array: accept is always legal; reject is legal iff
-    `|T'| > 1` and `sum_{t in T'} p(t) > p_t * |T'|`, where `T'` is the pool minus the tokens
-    rejected here (and, with `max_rejections`, fewer than that many rejections here). A masked
-    reject is coerced to accept (`info["forced_accept"] = True`), or raises with
+    the position gate of `decision_mask` is open and SKAM allows it:
+    - SKAM (every mask): `|T'| > 1` and `sum_{t in T'} p(t) > p_t * |T'|`, where `T'` is the pool
+      minus the tokens rejected here (and, with `max_rejections`, fewer than that many rejections
+      here). `|T'| > 1` means a reject never leaves the position without a candidate; the mean test
+      bounds how deep a row rejects. With `p_t=0` only `|T'| > 1` (and the cap) remains.
+    - the gate, a property of the position (the same for every candidate of it), read from the
+      position's full-vocabulary `p = softmax(logits / temperature)` before any rejection:
+      `decision_mask="skam"` (default): always open (the paper's MDP);
+      `"entropy"`: open iff `H(p) = -sum_v p(v) ln p(v) >= entropy_threshold` (nats; at most
+      `ln V` for a vocabulary of V tokens) -- the proxy is asked only where the LM is uncertain;
+      `"confidence"`: open iff `max_v p(v) < confidence_threshold` -- the LM defers to the proxy
+      only where its top-1 token is below that probability.
+    A masked reject is coerced to accept (`info["forced_accept"] = True`), or raises with
     `invalid_action="raise"`. Any action other than 0 or 1 raises.
 
     ## Observation Space
@@ -275,6 +339,8 @@ class TokenAcceptEnv(SingleRowEnv):
     `reward_parts` (`reward_model`, `rejection_cost`, `deviation_cost`, and `gold` when a gold
     judge is set, as with the embedded world) and `episode_stats` (`steps`, `response_len`,
     `rejections`, `forced_accepts`, `deviation_nats` = sum of log p(top1) - log p(accepted),
+    `decisions` = steps taken where reject was legal, i.e. where the agent had a choice (so
+    `decisions / steps` is the share of proposals the decision mask handed to the agent),
     `lm_forwards`).
 
     ## Arguments
@@ -292,11 +358,15 @@ class TokenAcceptEnv(SingleRowEnv):
 
     MDP parameters (`TokenAcceptParams`): pass them as keywords, or `params=TokenAcceptParams(...)`
     (keywords given beside it replace its fields); `env.unwrapped.params` holds them. An unknown
-    keyword raises with a "did you mean":
+    keyword raises with a "did you mean". A gate's threshold is required with its `decision_mask`
+    and refused with any other (it would do nothing); `entropy_threshold` above `ln V` raises:
     {params}
 
     ## Version History
     - v0: initial version.
+    - v0, decision masks: `decision_mask` ("entropy", "confidence") with `entropy_threshold` /
+      `confidence_threshold`, and `episode_stats["decisions"]`. The default `decision_mask="skam"`
+      is the initial MDP unchanged, so the id stays v0.
     """
 
     core_class = TokenAcceptCore

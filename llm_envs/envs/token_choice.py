@@ -36,6 +36,7 @@ class _Row(RowState):
     cand_logits: torch.Tensor | None = None  # [k'] float32, the raw logits
     cand_logprobs: torch.Tensor | None = None  # [k'] float64, log softmax(logits / temperature)
     valid: int = 1  # slots [0, valid) are legal (the top-p nucleus, capped at k')
+    decisions: int = 0  # steps taken with more than one legal slot (the agent had a choice)
     hidden: torch.Tensor | None = None  # prefix hidden state h(x, y_<t)
     rewards: dict[str, np.ndarray] = field(default_factory=dict)  # candidate rewards by scoring mode
     last_score: float = 0.0  # dense shaping: R(x, y) of the response so far
@@ -166,6 +167,7 @@ class TokenChoiceCore(BatchedCore[TokenChoiceParams, _Row]):
                 "vocabulary); use action_masks(), or pass invalid_action='top' to replace masked slots by slot 0.")
 
     def _act(self, state: _Row, slot: int) -> tuple[float, int | None]:
+        state.decisions += int(state.valid > 1)
         cost = self.params.deviation_beta * float(state.cand_logprobs[0] - state.cand_logprobs[slot])
         state.deviation_cost += cost
         state.prev_score = state.last_score
@@ -185,6 +187,9 @@ class TokenChoiceCore(BatchedCore[TokenChoiceParams, _Row]):
         if self.params.dense_reward:
             parts["prompt_baseline"] = -state.start_score
         return parts
+
+    def _episode_stats(self, state: _Row) -> dict[str, Any]:
+        return {self.forced_stat_key: state.forced, "decisions": state.decisions}
 
     # ------------------------------------------------------------------ observation, infos
     def _observations(self, rows: Sequence[int]) -> np.ndarray:
@@ -259,7 +264,8 @@ class TokenChoiceEnv(SingleRowEnv):
     `response_ids` (EOS included when chosen), `response_text`, `reward_parts` (`reward_model`,
     `deviation_cost` and, with `dense_reward`, `prompt_baseline` = -R(x, empty): these sum to the
     episode return; plus `gold` when a gold judge is set, for evaluation only) and `episode_stats`
-    (`steps`, `response_len`, `forced_actions`, `lm_forwards`).
+    (`steps`, `response_len`, `forced_actions`, `decisions` = steps taken with more than one legal
+    slot, `lm_forwards`).
 
     Methods: `action_masks()`; `candidate_rewards(scoring="wrapper")` -> `(k,)` reward of
     prompt + response + candidate for each slot, in one batched reward-model call that reuses the
@@ -282,6 +288,7 @@ class TokenChoiceEnv(SingleRowEnv):
 
     ## Version History
     - v0: initial version.
+    - v0: `episode_stats["decisions"]` added (the MDP is unchanged).
     """
 
     core_class = TokenChoiceCore
