@@ -106,6 +106,7 @@ class PolicyDecoder:
                     prompt=info["prompt"], response_ids=info["response_ids"],
                     response_text=info["response_text"],
                     lm_forwards=info["episode_stats"]["lm_forwards"],
+                    rm_calls=info["episode_stats"].get("rm_calls", 0),  # TokenChoice scoring candidates
                     extra={"reward_parts": info["reward_parts"], **info["episode_stats"]},
                 )
                 slot_prompt[row] = None

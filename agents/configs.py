@@ -4,14 +4,18 @@ What the proxy is trained and evaluated on (LM, reward model, prompts, budget, d
 `task:` (`llm_envs.task.Task`); `train.env` holds only the TokenAccept MDP's settings
 (`TokenAcceptParams`, the env's own dataclass: one source of defaults and help). Every field says
 what it is for: `llm-envs config show tiny train`.
+
+`ChoiceTrainConfig` is the same run on TokenChoice-v0 (`env` = `TokenChoiceParams`); the env a config
+trains on is its class's `env_id`, so one training loop (`agents.proxy.train`) serves both.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, ClassVar, Literal
 
-from llm_envs.envs.params import TokenAcceptParams
+from llm_envs.config import from_dict, to_dict
+from llm_envs.envs.params import TokenAcceptParams, TokenChoiceParams
 from llm_envs.task import Task
 
 
@@ -64,6 +68,8 @@ class TrainConfig:
     progress_bar: bool = field(default=True, metadata=_help("show a progress bar"))
     torch_threads: int | None = field(default=None, metadata=_help("torch CPU threads (None = torch's default)"))
 
+    env_id: ClassVar[str] = "llm_envs/TokenAccept-v0"  # the env `agents.proxy.train` builds from `env`
+
     def __post_init__(self) -> None:
         if self.num_envs < 1 or self.total_timesteps < 1:
             raise ValueError(f"num_envs={self.num_envs}, total_timesteps={self.total_timesteps}; expected >= 1.")
@@ -71,8 +77,30 @@ class TrainConfig:
             raise ValueError("eval_freq and checkpoint_freq must be >= 0 and eval_episodes >= 1.")
 
 
+@dataclass(frozen=True)
+class ChoiceTrainConfig(TrainConfig):
+    """One MaskablePPO run on TokenChoice-v0 (an agent picking one of the LM's top-k tokens): the fields
+    of `TrainConfig`, with `env` the TokenChoice MDP. `env.obs_rewards=True` puts the reward model's
+    score of every candidate in the observation (one reward-model call per step)."""
 
-def check_budget(env: TokenAcceptParams, task: Task) -> None:
+    env: TokenChoiceParams = field(default_factory=TokenChoiceParams, metadata=_help(  # type: ignore[assignment]
+        "the TokenChoice MDP (k, top_p, temperature, obs_rewards, dense_reward, costs ...); its max_new_tokens "
+        "is the task's"))
+    output_dir: str = field(default="runs/choice-tiny", metadata=_help(
+        "where the model, checkpoints and resolved config go"))
+
+    env_id: ClassVar[str] = "llm_envs/TokenChoice-v0"
+
+    @classmethod
+    def like(cls, train: TrainConfig, max_new_tokens: int, **env: Any) -> ChoiceTrainConfig:
+        """The TokenChoice run that shares `train`'s policy, PPO and run settings (a suite's `train:`
+        section, so the two agents of a leaderboard learn alike), on TokenChoiceParams(**env) with the
+        task's response budget."""
+        shared = {k: v for k, v in to_dict(train).items() if k != "env"}
+        return from_dict(cls, {**shared, "env": {"max_new_tokens": max_new_tokens, **env}}, where=cls.__name__)
+
+
+def check_budget(env: TokenAcceptParams | TokenChoiceParams, task: Task) -> None:
     """The response budget is the task's: an env section that says otherwise is a mistake."""
     if env.max_new_tokens != task.max_new_tokens:
         raise ValueError(

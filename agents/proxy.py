@@ -1,20 +1,25 @@
-"""Train the Proxy-RLHF proxy: MaskablePPO on the SB3 view of TokenAccept-v0.
+"""Train the Proxy-RLHF proxy: MaskablePPO on the SB3 view of TokenAccept-v0 (or of TokenChoice-v0).
 
 Read top to bottom: config -> envs -> policy -> callbacks (metrics, eval, checkpoints) ->
 learn -> save. `llm-envs train --config tiny` runs `train(suite.train, suite.task)`: the proxy trains
 on the task's train prompts and is evaluated on its held-out prompts, with the task's LM, reward
-model and response budget.
+model and response budget. The env is the config's `env_id`: a `TrainConfig` trains the accept/reject
+proxy, a `ChoiceTrainConfig` the same policy and PPO on TokenChoice (one of the top-k tokens per step).
 
 Logged metrics (stdout, CSV in the run dir, and wandb; each is a mean over the episodes that
-ended during the rollout):
+ended during the rollout; a metric appears when the env reports it):
 - `rollout/reward_model`: reward-model score of the finished responses (the training reward).
 - `rollout/gold`: gold-judge score, where a gold judge exists (the embedded world).
-- `rollout/rejection_rate`: rejects / steps.
-- `rollout/forced_accepts`: masked rejects coerced to accept, per episode.
+- `rollout/rejection_rate`: rejects / steps (TokenAccept).
+- `rollout/decisions_per_step`: steps where the agent had a choice (reject legal; more than one
+  legal slot) / steps.
+- `rollout/forced_accepts` (TokenAccept) / `rollout/forced_actions` (TokenChoice): masked actions
+  coerced to the default, per episode.
 - `rollout/deviation_nats`: sum over accepted tokens of log p(top1) - log p(accepted), per
-  episode (how far the proxy moved the LM from its own greedy choice).
+  episode (how far the proxy moved the LM from its own greedy choice; TokenAccept).
 - `rollout/response_len`: accepted tokens per response.
 - `rollout/lm_forwards`: LM forwards per episode (prefill counts 1).
+- `rollout/rm_calls`: reward-model calls per episode spent on observations (TokenChoice).
 - `time/env_steps_per_s`: env steps per second of wall time since the start.
 - SB3's own: `rollout/ep_rew_mean`, `train/*` (losses, KL, clip fraction), `eval/mean_reward`.
 """
@@ -39,8 +44,10 @@ from agents.run_dir import AppendingCSV, AtomicCheckpoints, claim_run_dir, newes
 from llm_envs.config import to_dict
 from llm_envs.task import Task
 
-ENV_ID = "llm_envs/TokenAccept-v0"
+ENV_ID = TrainConfig.env_id  # the default env (a config's class says which env it trains on)
 ACTIVATIONS = {"relu": torch.nn.ReLU, "tanh": torch.nn.Tanh, "gelu": torch.nn.GELU}
+# Per-episode stats averaged as they are (whichever of them the env reports).
+STAT_KEYS = ("forced_accepts", "forced_actions", "deviation_nats", "response_len", "lm_forwards", "rm_calls")
 
 
 class EpisodeMetrics(BaseCallback):
@@ -59,9 +66,14 @@ class EpisodeMetrics(BaseCallback):
             self.sums["reward_model"].append(parts["reward_model"])
             if "gold" in parts:
                 self.sums["gold"].append(parts["gold"])
-            self.sums["rejection_rate"].append(stats["rejections"] / max(stats["steps"], 1))
-            for key in ("forced_accepts", "deviation_nats", "response_len", "lm_forwards"):
-                self.sums[key].append(stats[key])
+            steps = max(stats["steps"], 1)
+            if "rejections" in stats:
+                self.sums["rejection_rate"].append(stats["rejections"] / steps)
+            if "decisions" in stats:
+                self.sums["decisions_per_step"].append(stats["decisions"] / steps)
+            for key in STAT_KEYS:
+                if key in stats:
+                    self.sums[key].append(stats[key])
         return True
 
     def _on_rollout_end(self) -> None:
@@ -91,7 +103,8 @@ def run_config(cfg: TrainConfig, task: Task) -> dict[str, Any]:
 
 
 def train(cfg: TrainConfig, task: Task | None = None, *, restart: bool = False) -> Path:
-    """Train a proxy on `task` (default: the embedded world); returns `<output_dir>/proxy.zip`.
+    """Train a proxy on `task` (default: the embedded world) in the env of `cfg.env_id` (TokenAccept
+    for a `TrainConfig`, TokenChoice for a `ChoiceTrainConfig`); returns `<output_dir>/proxy.zip`.
 
     A run directory belongs to one config: resuming under another one (model, env, task, seed) is
     refused; `restart=True` moves the old run aside first. See `agents.run_dir`."""
@@ -100,14 +113,14 @@ def train(cfg: TrainConfig, task: Task | None = None, *, restart: bool = False) 
     if cfg.torch_threads:
         torch.set_num_threads(cfg.torch_threads)
     run_dir = Path(cfg.output_dir)
-    claim_run_dir(run_dir, run_config(cfg, task), restart=restart)
+    claim_run_dir(run_dir, run_config(cfg, task), restart=restart, defaults={"train": to_dict(type(cfg)())})
 
     # Envs: one engine steps all training envs; evaluation runs on the task's held-out prompts.
     sources = task.resolve()
-    train_env = llm_envs.make_sb3_vec_env(ENV_ID, cfg.num_envs, params=cfg.env,
+    train_env = llm_envs.make_sb3_vec_env(cfg.env_id, cfg.num_envs, params=cfg.env,
                                           **sources.env_kwargs(sources.train_prompts))
     train_env.seed(cfg.seed)
-    eval_env = llm_envs.make_sb3_vec_env(ENV_ID, min(cfg.num_envs, cfg.eval_episodes), params=cfg.env,
+    eval_env = llm_envs.make_sb3_vec_env(cfg.env_id, min(cfg.num_envs, cfg.eval_episodes), params=cfg.env,
                                          **sources.env_kwargs(sources.eval_prompts))
     eval_env.seed(cfg.seed + 10_000)
 

@@ -47,16 +47,22 @@ def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def config_differences(old: dict[str, Any], new: dict[str, Any], resumable: Sequence[str]) -> list[str]:
-    """Flat keys whose values differ between two run configs, ignoring the `resumable` ones."""
-    a, b = _flatten(old), _flatten(new)
-    return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and k.split(".")[-1] not in resumable)
+def config_differences(old: dict[str, Any], new: dict[str, Any], resumable: Sequence[str],
+                       defaults: dict[str, Any] | None = None) -> list[str]:
+    """Flat keys whose values differ between two run configs, ignoring the `resumable` ones and, with
+    `defaults`, keys the old config lacks that the new one holds at their default (fields added to the
+    config since the old run was made, which it ran under without knowing them)."""
+    a, b, d = _flatten(old), _flatten(new), _flatten(defaults or {})
+    added = {k for k in set(b) - set(a) if k in d and b[k] == d[k]}
+    return sorted(k for k in set(a) | set(b)
+                  if a.get(k) != b.get(k) and k.split(".")[-1] not in resumable and k not in added)
 
 
 def claim_run_dir(run_dir: Path, config: dict[str, Any], *, restart: bool = False,
-                  resumable: Sequence[str] = RESUMABLE_FIELDS) -> Path | None:
+                  resumable: Sequence[str] = RESUMABLE_FIELDS, defaults: dict[str, Any] | None = None) -> Path | None:
     """Make `run_dir` this config's: refuse a resume under another config, or move the old run aside
-    (`restart=True`); then record the config. Returns where an old run was moved, if it was."""
+    (`restart=True`); then record the config. Returns where an old run was moved, if it was. `defaults`
+    (the config's defaults, same layout) lets a run made before a field existed resume at its default."""
     saved = run_dir / CONFIG_FILE
     moved = None
     if restart and run_dir.exists() and any(run_dir.iterdir()):
@@ -65,7 +71,7 @@ def claim_run_dir(run_dir: Path, config: dict[str, Any], *, restart: bool = Fals
         print(f"moved the previous run aside to {moved}", file=sys.stderr)
     elif saved.is_file():
         old = read_yaml(saved) or {}
-        changed = config_differences(old, config, resumable)
+        changed = config_differences(old, config, resumable, defaults)
         if changed:
             shown = ", ".join(f"{k}: {_flatten(old).get(k)!r} -> {_flatten(config).get(k)!r}" for k in changed[:6])
             raise ConfigError(

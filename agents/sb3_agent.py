@@ -30,8 +30,10 @@ class SB3Agent:
         return sum(p.numel() for p in self.model.policy.parameters() if p.requires_grad)
 
 
-def load_proxy(path: str | os.PathLike, observation_space: gym.spaces.Box, device: str = "auto") -> SB3Agent:
-    """Load a MaskablePPO proxy for an env; a different observation size is a clear error."""
+def load_proxy(path: str | os.PathLike, observation_space: gym.spaces.Box, device: str = "auto",
+               action_space: gym.spaces.Space | None = None) -> SB3Agent:
+    """Load a MaskablePPO proxy for an env; a different observation size (or, when given, action
+    space: a TokenAccept proxy on TokenChoice) is a clear error."""
     from sb3_contrib import MaskablePPO
 
     path = Path(path)
@@ -49,7 +51,14 @@ def load_proxy(path: str | os.PathLike, observation_space: gym.spaces.Box, devic
     if saved != wanted:
         raise ValueError(
             f"proxy checkpoint {str(path)!r} expects observations of shape {saved}, but the env "
-            f"gives {wanted}: it was trained on another LM (hidden size) or obs_mode. Evaluate it "
-            "with the env config it was trained with (config.yaml beside it), or retrain."
+            f"gives {wanted}: it was trained on another LM (hidden size) or other observation settings "
+            "(TokenAccept's obs_mode; TokenChoice's k or obs_rewards). Evaluate it with the env config it "
+            "was trained with (config.yaml beside it), or retrain."
+        )
+    if action_space is not None and model.action_space != action_space:
+        raise ValueError(
+            f"proxy checkpoint {str(path)!r} acts in {model.action_space}, but the env's actions are "
+            f"{action_space}: it was trained on another env (TokenAccept: Discrete(2); TokenChoice: "
+            "Discrete(k)). Evaluate it on the env it was trained on (config.yaml beside it), or retrain."
         )
     return SB3Agent(model, name="proxy")

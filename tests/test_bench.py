@@ -173,6 +173,10 @@ def test_bench_writes_records_leaderboard_plots_and_provenance(suite, test_world
     assert rows["best_of_4"]["rm_calls_per_response"] == 4 and rows["greedy"]["rm_calls_per_response"] == 0
     assert rows["args_greedy"]["rm_calls_per_response"] > 0
     assert rows["proxy"]["trainable_params"] > 0 and rows["proxy"]["train_seconds"] > 0
+    proxy_extras = [e["extra"] for e in _records(out, "proxy")]  # decisions: steps where reject was legal
+    assert rows["proxy"]["decisions_per_step"] == pytest.approx(np.mean([x["decisions"] / x["steps"]
+                                                                         for x in proxy_extras]))
+    assert rows["greedy"]["decisions_per_step"] is None  # a decoder plays no env
     lm_params = sum(p.numel() for p in load_causal_lm(test_world.lm_dir, device="cpu").parameters())
     assert rows["rrhf"]["trainable_params"] == lm_params  # RRHF tunes every weight of the LM
     assert rows["greedy"]["trainable_params"] == 0
@@ -233,6 +237,60 @@ def test_a_custom_agent_gets_its_row_and_the_others_keep_their_records(suite, te
     board = json.loads((out / "leaderboard.json").read_text())["rows"]
     assert main(["bench", "--config", str(config), "--from-records"]) == 0
     assert json.loads((out / "leaderboard.json").read_text())["rows"] == board
+
+
+CHOICE_METHODS = [
+    {"name": "choice", "kind": "choice_proxy", "params": {"env": {"k": 4}}},
+    {"name": "choice_rm", "kind": "choice_proxy", "params": {"env": {"k": 4, "obs_rewards": True}}},
+]
+GATED_PROXY = {"name": "proxy_entropy", "kind": "proxy",
+               "params": {"env": {"decision_mask": "entropy", "entropy_threshold": 0.5}}}
+
+
+def test_the_token_choice_agent_rows_train_evaluate_and_reuse_their_runs(suite, tmp_path):
+    """MaskablePPO on TokenChoice-v0, without and with candidate rewards in the observation: trained
+    like the proxy (the suite's train: section, a short run), played through PolicyDecoder, kept in run
+    dirs keyed by their config so that a rerun reuses them; and a proxy with a gated decision mask as
+    a plain `proxy` row. Own results folder: the shared leaderboard stays as the other tests expect it."""
+    from benchmarks.bench.config import load_suite_config
+    from benchmarks.bench.methods import train_proxy
+    from benchmarks.cli import main
+
+    config, _ = suite
+    data = yaml.safe_load(config.read_text())
+    data["bench"].update(methods=[*CHOICE_METHODS, GATED_PROXY], results_dir=str(tmp_path / "results"))
+    own = tmp_path / "choice.yaml"
+    own.write_text(yaml.safe_dump(data))
+    assert main(["bench", "--config", str(own)]) == 0
+    out = tmp_path / "results" / "t"
+    rows = {r["method"]: r for r in json.loads((out / "leaderboard.json").read_text())["rows"]}
+    metas = {name: json.loads((out / "records" / f"{name}.json").read_text()) for name in rows}
+    assert set(rows) == {"choice", "choice_rm", "proxy_entropy"}
+    gated = rows.pop("proxy_entropy")
+    assert 0 <= gated["decisions_per_step"] < 1 and gated["trainable_params"] > 0
+    gated_dir = Path(json.loads((out / "records" / "proxy_entropy.json").read_text())["info"]["run_dir"])
+    assert yaml.safe_load((gated_dir / "config.yaml").read_text())["train"]["env"]["decision_mask"] == "entropy"
+    for name, row in rows.items():
+        assert row["episodes"] == 10 and row["kind"] == "choice_proxy"
+        assert row["trainable_params"] > 0 and row["train_seconds"] > 0 and math.isfinite(row["gold_mean"])
+        assert row["decisions_per_step"] == 1.0  # top_p=1: all k slots legal, every step is a choice
+        episodes = _records(out, name)
+        assert all("forced_actions" in e["extra"] for e in episodes)  # it played TokenChoice
+        assert all(e["lm_forwards"] == e["response_len"] for e in episodes)  # prefill + one forward per token but the last
+    assert rows["choice"]["rm_calls_per_response"] == 0
+    # With candidate rewards: one batched RM call per position, billed to each row it scored (plus, once per
+    # reward wrapper, the prefix cache's check against scoring from scratch).
+    assert all(e["response_len"] <= e["rm_calls"] <= e["response_len"] + 1 for e in _records(out, "choice_rm"))
+    assert (metas["choice"]["info"]["obs_rewards"], metas["choice_rm"]["info"]["obs_rewards"]) == (False, True)
+    dirs = {name: Path(meta["info"]["run_dir"]) for name, meta in metas.items()}
+    assert dirs["choice"] != dirs["choice_rm"] and all(d.name.startswith("choice_proxy-") for d in dirs.values())
+    saved = yaml.safe_load((dirs["choice_rm"] / "config.yaml").read_text())["train"]["env"]
+    assert saved["obs_rewards"] is True and saved["k"] == 4
+    # A rerun of the same config reuses the trained run (same dir, the recorded training time, no retraining).
+    zip_stamp = (dirs["choice_rm"] / "proxy.zip").stat().st_mtime_ns
+    cfg, path, seconds = train_proxy(load_suite_config(own), CHOICE_METHODS[1]["params"], kind="choice_proxy")
+    assert path.parent == dirs["choice_rm"] and seconds == metas["choice_rm"]["train_seconds"]
+    assert path.stat().st_mtime_ns == zip_stamp and cfg.env.obs_rewards
 
 
 def test_wandb_gets_the_table_and_plots_offline(suite, tmp_path):

@@ -10,14 +10,15 @@ import numpy as np
 import pytest
 import yaml
 
-from agents.configs import ProxyConfig, TrainConfig
+from agents.configs import ChoiceTrainConfig, ProxyConfig, TrainConfig
 from agents.evaluate import evaluate_agent
 from agents.proxy import train
 from agents.sb3_agent import load_proxy
 from benchmarks.bench.config import load_suite_config
-from llm_envs.config import ConfigError, load_config
-from llm_envs.envs.params import TokenAcceptParams
+from llm_envs.config import ConfigError, load_config, to_dict
+from llm_envs.envs.params import TokenAcceptParams, TokenChoiceParams
 from llm_envs.envs.token_accept import TokenAcceptCore
+from llm_envs.envs.token_choice import TokenChoiceCore
 from llm_envs.task import Task
 
 
@@ -102,6 +103,38 @@ def test_a_checkpoint_with_another_observation_size_fails_clearly(trained, test_
         load_proxy(path, core.observation_space)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_proxy(Path(cfg.output_dir) / "nope.zip", core.observation_space)
+
+
+def test_a_token_accept_proxy_on_token_choice_fails_clearly(trained, test_world):
+    """k=4 gives TokenChoice the proxy's observation size (H + k + 1 = H + 5): only the action space
+    tells the two envs apart."""
+    cfg, path = trained
+    core = TokenChoiceCore(1, k=4, max_new_tokens=16, **_task(test_world).resolve().env_kwargs(test_world.test_prompts[:2]))
+    with pytest.raises(ValueError, match=r"acts in Discrete\(2\).*Discrete\(4\)"):
+        load_proxy(path, core.observation_space, action_space=core.action_space)
+
+
+def test_the_token_choice_config_shares_the_proxy_settings():
+    train_cfg = TrainConfig(env=TokenAcceptParams(max_new_tokens=16, p_t=0.001), num_envs=3, seed=7,
+                            proxy=ProxyConfig(hidden_sizes=(8,)))
+    choice = ChoiceTrainConfig.like(train_cfg, 16, k=5, obs_rewards=True)
+    assert choice.env == TokenChoiceParams(max_new_tokens=16, k=5, obs_rewards=True)
+    assert (choice.num_envs, choice.seed, choice.proxy) == (3, 7, train_cfg.proxy)
+    assert (TrainConfig.env_id, ChoiceTrainConfig.env_id) == ("llm_envs/TokenAccept-v0", "llm_envs/TokenChoice-v0")
+    with pytest.raises(ConfigError, match="Did you mean 'obs_rewards'"):
+        load_config(ChoiceTrainConfig, None, ["env.obs_reward=true"])
+
+
+def test_a_run_made_before_a_config_field_existed_resumes_at_its_default():
+    from agents.run_dir import config_differences
+
+    new = {"train": to_dict(TrainConfig())}
+    old = {"train": {**new["train"], "env": {k: v for k, v in new["train"]["env"].items() if k != "decision_mask"}}}
+    defaults = {"train": to_dict(TrainConfig())}
+    assert config_differences(old, new, (), defaults) == []
+    assert config_differences(old, new, ()) == ["train.env.decision_mask"]  # without defaults: a difference
+    moved = {"train": {**new["train"], "env": {**new["train"]["env"], "decision_mask": "confidence"}}}
+    assert config_differences(old, moved, (), defaults) == ["train.env.decision_mask"]  # not the default
 
 
 def test_cli_trains_and_evaluates_end_to_end(test_world, tmp_path, capsys):

@@ -26,7 +26,7 @@ from benchmarks.suites import suite_path
 from llm_envs.config import ConfigError, did_you_mean, from_dict, parse_override, read_yaml, set_key, to_dict
 from llm_envs.task import Task
 
-METHOD_KINDS = ("greedy", "top_k", "nucleus", "best_of_n", "args", "proxy", "rrhf", "custom")
+METHOD_KINDS = ("greedy", "top_k", "nucleus", "best_of_n", "args", "proxy", "choice_proxy", "rrhf", "custom")
 SWEEPS = ("p_t", "temperature")
 
 
@@ -41,10 +41,13 @@ class MethodConfig:
     name: str = field(metadata=_help("row name on the leaderboard (also the records' file name)"))
     kind: str = field(metadata=_help(
         "greedy | top_k | nucleus | best_of_n (agents.decoding), args (agents.args.ARGS), proxy (MaskablePPO "
-        "trained with the train: section), rrhf (trained with the rrhf: section), custom (an importable class)"))
+        "trained with the train: section), choice_proxy (MaskablePPO on TokenChoice-v0 with the train: "
+        "section's policy and PPO), rrhf (trained with the rrhf: section), custom (an importable class)"))
     params: dict = field(default_factory=dict, metadata=_help(
         "keyword arguments of the method's class (e.g. {top_k: 40, temperature: 0.7}; ARGS: {k, w, mode}); "
-        "proxy/rrhf: key=value overrides of their section as a mapping, e.g. {total_timesteps: 20000}"))
+        "proxy/rrhf: key=value overrides of their section as a mapping, e.g. {total_timesteps: 20000} or "
+        "{env: {decision_mask: entropy, entropy_threshold: 1.0}}; choice_proxy: the same over the train: "
+        "section with env = TokenChoiceParams, e.g. {env: {k: 10, obs_rewards: true}}"))
     entry: str | None = field(default=None, metadata=_help(
         "custom only: 'module:Class' of a Decoder (generate(prompts, max_new_tokens=, seed=)) or a "
         "PolicyAgent (predict(obs, action_masks, deterministic)) played on TokenAccept-v0"))

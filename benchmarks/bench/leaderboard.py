@@ -14,6 +14,7 @@ Row keys (leaderboard.json `rows`, also the columns of leaderboard.md):
 | `irregular_rate` | share of responses with a word repeated back to back or a repeated 4-gram |
 | `response_len` | mean response length in LM tokens |
 | `lm_forwards_per_response` | LM forward rows spent per response (prefill = 1; best-of-n counts all n samples) |
+| `decisions_per_step` | RL agents played on an env: mean over episodes of decisions / steps, a decision being a step where the agent had a choice (TokenAccept: reject was legal under its decision mask; TokenChoice: more than one legal slot); null for decoders. `decisions_per_token` (json only): decisions / response tokens |
 | `rm_calls_per_response` | reward-model calls while generating: best-of-n scores n whole responses; ARGS one batched forward per token over its k candidates (prefix KV-cached) |
 | `seconds_per_response` | generation wall time / prompts (training excluded; scoring excluded) |
 | `train_seconds` | training wall time (proxy, RRHF; 0 for decoding-time methods) |
@@ -44,6 +45,7 @@ COLUMNS: tuple[tuple[str, str, str], ...] = (  # key, markdown header, format
     ("coherence", "coherence", "{:.3f}"),
     ("response_len", "length", "{:.1f}"),
     ("lm_forwards_per_response", "LM fwd / resp", "{:.1f}"),
+    ("decisions_per_step", "decisions / step", "{:.2f}"),
     ("rm_calls_per_response", "RM calls / resp", "{:.1f}"),
     ("seconds_per_response", "s / resp", "{:.4f}"),
     ("train_seconds", "train s", "{:.0f}"),
@@ -84,8 +86,20 @@ def method_row(episodes: Sequence[dict[str, Any]], meta: dict[str, Any],
         train_seconds=meta.get("train_seconds", 0.0),
         trainable_params=int(meta.get("trainable_params", 0)),
         peak_memory_mb=meta.get("peak_memory_mb"),
+        **decision_rates(episodes),
     )
     return row
+
+
+def decision_rates(episodes: Sequence[dict[str, Any]]) -> dict[str, float | None]:
+    """How often an env agent was asked (the decision-mask ablation's column): per step and per response
+    token, means over episodes; None for methods that played no env (their records have no decisions)."""
+    extras = [e.get("extra") or {} for e in episodes]
+    if not extras or not all("decisions" in x for x in extras):
+        return {"decisions_per_step": None, "decisions_per_token": None}
+    return {"decisions_per_step": float(np.mean([x["decisions"] / max(x["steps"], 1) for x in extras])),
+            "decisions_per_token": float(np.mean([x["decisions"] / max(e["response_len"], 1)
+                                                  for x, e in zip(extras, episodes)]))}
 
 
 def build_leaderboard(suite_dir: Path, method_names: Sequence[str], fingerprint: str | None = None

@@ -1,7 +1,9 @@
 """Every leaderboard method as a `Decoder` (prompts in, responses out) on the suite's LM.
 
 `prepare_method` turns a `MethodConfig` into a ready decoder, training it first when the method
-needs training (the proxy with MaskablePPO, RRHF with its ranking loss). Trained models live in
+needs training (the proxy with MaskablePPO, RRHF with its ranking loss). `choice_proxy` is MaskablePPO
+on TokenChoice-v0 (one of the LM's top-k tokens per step) with the `train:` section's policy, PPO and
+run settings (`ChoiceTrainConfig.like`); its `params` override them, e.g. `{env: {obs_rewards: true}}`. Trained models live in
 `<runs_dir>/bench/<kind>-<hash of their config>/` and are reused while their config is unchanged,
 so re-running the suite (or a sweep point that equals the leaderboard's proxy) does not retrain;
 an interrupted training resumes from its checkpoints.
@@ -25,14 +27,15 @@ from pathlib import Path
 from typing import Any
 
 from agents.base import Decoder, PolicyDecoder
-from agents.configs import TrainConfig
+from agents.configs import ChoiceTrainConfig, TrainConfig
 from agents.harness import unscored
 from benchmarks.bench.config import MethodConfig, SuiteConfig
 from benchmarks.bench.records import fingerprint
 from llm_envs.config import ConfigError, from_dict, set_key, to_dict
 from llm_envs.task import LMContext
-from llm_envs.envs.params import TokenAcceptParams
+from llm_envs.envs.params import TokenAcceptParams, TokenChoiceParams
 from llm_envs.envs.token_accept import TokenAcceptCore
+from llm_envs.envs.token_choice import TokenChoiceCore
 from llm_envs.io import atomic_write_json
 
 DECODING_KINDS = ("greedy", "top_k", "nucleus", "best_of_n")
@@ -77,12 +80,14 @@ def _timed_training(directory: Path, train: Any) -> float:
     return seconds
 
 
-def train_proxy(suite: SuiteConfig, params: dict[str, Any]) -> tuple[TrainConfig, Path, float]:
-    """Train (or reuse) the MaskablePPO proxy of `suite.train` with `params` applied."""
+def train_proxy(suite: SuiteConfig, params: dict[str, Any], kind: str = "proxy") -> tuple[TrainConfig, Path, float]:
+    """Train (or reuse) the MaskablePPO proxy of `suite.train` with `params` applied: on TokenAccept
+    (`kind="proxy"`) or, with the same policy and PPO settings, on TokenChoice (`"choice_proxy"`)."""
     from agents.proxy import train
 
-    cfg = with_overrides(suite.train, params)
-    directory = run_dir(suite, "proxy", cfg)
+    base = suite.train if kind == "proxy" else ChoiceTrainConfig.like(suite.train, suite.task.max_new_tokens)
+    cfg = with_overrides(base, params)
+    directory = run_dir(suite, kind, cfg)
     cfg = dataclasses.replace(cfg, output_dir=str(directory), progress_bar=suite.bench.progress)
     seconds = _timed_training(directory, lambda: train(cfg, suite.task))
     return cfg, directory / "proxy.zip", seconds
@@ -102,6 +107,25 @@ def _proxy(method: MethodConfig, suite: SuiteConfig, ctx: LMContext) -> Prepared
     return PreparedMethod(PolicyDecoder(agent, core, name=method.name), agent.trainable_params, seconds,
                           {"run_dir": str(path.parent), "p_t": cfg.env.p_t, "temperature": cfg.env.temperature,
                            "total_timesteps": cfg.total_timesteps})
+
+
+def token_choice_core(params: TokenChoiceParams, ctx: LMContext, batch_size: int) -> TokenChoiceCore:
+    """TokenChoice-v0 rows with `params` on the suite's context, without its gold judge (the harness
+    scores). With `obs_rewards` the rows keep the real reward model, since the observation holds its
+    scores of the candidates; that also scores each finished row once more (billed to generation time)."""
+    scored = dataclasses.replace(ctx, gold=None) if params.obs_rewards else unscored(ctx)
+    return TokenChoiceCore(min(batch_size, len(ctx.prompts)), context=scored, params=params)
+
+
+def _choice_proxy(method: MethodConfig, suite: SuiteConfig, ctx: LMContext) -> PreparedMethod:
+    from agents.sb3_agent import load_proxy
+
+    cfg, path, seconds = train_proxy(suite, method.params, kind="choice_proxy")
+    core = token_choice_core(cfg.env, ctx, suite.bench.batch_size)
+    agent = load_proxy(path, core.observation_space, action_space=core.action_space)
+    return PreparedMethod(PolicyDecoder(agent, core, name=method.name), agent.trainable_params, seconds,
+                          {"run_dir": str(path.parent), "k": cfg.env.k, "obs_rewards": cfg.env.obs_rewards,
+                           "temperature": cfg.env.temperature, "total_timesteps": cfg.total_timesteps})
 
 
 def _rrhf(method: MethodConfig, suite: SuiteConfig, ctx: LMContext) -> PreparedMethod:
@@ -173,10 +197,10 @@ def _custom(method: MethodConfig, suite: SuiteConfig, ctx: LMContext) -> Prepare
                       "deterministic) (a PolicyAgent); implement one of agents.base's protocols.")
 
 
-_BUILDERS = {"args": _args, "proxy": _proxy, "rrhf": _rrhf, "custom": _custom,
+_BUILDERS = {"args": _args, "proxy": _proxy, "choice_proxy": _choice_proxy, "rrhf": _rrhf, "custom": _custom,
              **{kind: _decoding for kind in DECODING_KINDS}}
 
 
 def prepare_method(method: MethodConfig, suite: SuiteConfig, ctx: LMContext) -> PreparedMethod:
-    """Build (and, for the proxy and RRHF, train or reuse) one method's decoder."""
+    """Build (and, for the proxies and RRHF, train or reuse) one method's decoder."""
     return _BUILDERS[method.kind](method, suite, ctx)

@@ -37,6 +37,7 @@ class _Row(RowState):
     cand_logprobs: torch.Tensor | None = None  # [k'] float64, log softmax(logits / temperature)
     valid: int = 1  # slots [0, valid) are legal (the top-p nucleus, capped at k')
     decisions: int = 0  # steps taken with more than one legal slot (the agent had a choice)
+    rm_calls: int = 0  # reward-model calls that scored this row's candidates or prefix (compute accounting)
     hidden: torch.Tensor | None = None  # prefix hidden state h(x, y_<t)
     rewards: dict[str, np.ndarray] = field(default_factory=dict)  # candidate rewards by scoring mode
     last_score: float = 0.0  # dense shaping: R(x, y) of the response so far
@@ -109,8 +110,12 @@ class TokenChoiceCore(BatchedCore[TokenChoiceParams, _Row]):
         self, rows: list[int], cands: list[list[int]], scoring: Scoring, prefix: bool = False
     ) -> tuple[np.ndarray, np.ndarray | None]:
         states = [self.rows[r] for r in rows]
-        return self.scorer.score(rows, [s.prompt_ids for s in states], [s.response for s in states], cands,
-                                 scoring=scoring, prefix=prefix)
+        before = self.ctx.reward.calls
+        out = self.scorer.score(rows, [s.prompt_ids for s in states], [s.response for s in states], cands,
+                                scoring=scoring, prefix=prefix)
+        for state in states:  # a batched call is billed to every row it served, as ARGS counts them
+            state.rm_calls += self.ctx.reward.calls - before
+        return out
 
     # ------------------------------------------------------------------ candidates (row_methods)
     def candidate_rewards(self, scoring: Scoring = "wrapper") -> np.ndarray:
@@ -189,7 +194,7 @@ class TokenChoiceCore(BatchedCore[TokenChoiceParams, _Row]):
         return parts
 
     def _episode_stats(self, state: _Row) -> dict[str, Any]:
-        return {self.forced_stat_key: state.forced, "decisions": state.decisions}
+        return {self.forced_stat_key: state.forced, "decisions": state.decisions, "rm_calls": state.rm_calls}
 
     # ------------------------------------------------------------------ observation, infos
     def _observations(self, rows: Sequence[int]) -> np.ndarray:
@@ -265,7 +270,9 @@ class TokenChoiceEnv(SingleRowEnv):
     `deviation_cost` and, with `dense_reward`, `prompt_baseline` = -R(x, empty): these sum to the
     episode return; plus `gold` when a gold judge is set, for evaluation only) and `episode_stats`
     (`steps`, `response_len`, `forced_actions`, `decisions` = steps taken with more than one legal
-    slot, `lm_forwards`).
+    slot, `rm_calls` = reward-model calls that scored this row's candidates or prefix (with
+    `obs_rewards`, `dense_reward` or `candidate_rewards()`; a batched call counts once for each row
+    it served; the final scoring is not counted), `lm_forwards`).
 
     Methods: `action_masks()`; `candidate_rewards(scoring="wrapper")` -> `(k,)` reward of
     prompt + response + candidate for each slot, in one batched reward-model call that reuses the
@@ -288,7 +295,7 @@ class TokenChoiceEnv(SingleRowEnv):
 
     ## Version History
     - v0: initial version.
-    - v0: `episode_stats["decisions"]` added (the MDP is unchanged).
+    - v0: `episode_stats["decisions"]` and `["rm_calls"]` added (the MDP is unchanged).
     """
 
     core_class = TokenChoiceCore
