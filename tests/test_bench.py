@@ -282,7 +282,7 @@ def test_the_token_choice_agent_rows_train_evaluate_and_reuse_their_runs(suite, 
     # reward wrapper, the prefix cache's check against scoring from scratch).
     assert all(e["response_len"] <= e["rm_calls"] <= e["response_len"] + 1 for e in _records(out, "choice_rm"))
     assert (metas["choice"]["info"]["obs_rewards"], metas["choice_rm"]["info"]["obs_rewards"]) == (False, True)
-    dirs = {name: Path(meta["info"]["run_dir"]) for name, meta in metas.items()}
+    dirs = {name: Path(metas[name]["info"]["run_dir"]) for name in rows}
     assert dirs["choice"] != dirs["choice_rm"] and all(d.name.startswith("choice_proxy-") for d in dirs.values())
     saved = yaml.safe_load((dirs["choice_rm"] / "config.yaml").read_text())["train"]["env"]
     assert saved["obs_rewards"] is True and saved["k"] == 4

@@ -76,16 +76,19 @@ def _raw_score(model, seq: list[int]) -> float:
 
 
 def _episode(env, rng: np.random.Generator, check) -> int:
-    """Play masked-random slots, calling `check(env, info)` before every step; returns steps."""
+    """Play masked-random slots, calling `check(env, info)` before every step; returns steps. Checks the
+    episode's `decisions` (steps with more than one legal slot) against the masks it saw."""
     _, info = env.reset(seed=int(rng.integers(1 << 20)))
-    steps = 0
+    steps = choices = 0
     while True:
         check(env, info)
         mask = env.unwrapped.action_masks()
+        choices += int(mask.sum() > 1)
         slot = int(rng.choice(np.flatnonzero(mask))) if rng.random() < 0.7 else 0
         _, _, terminated, truncated, info = env.step(slot)
         steps += 1
         if terminated or truncated:
+            assert info["episode_stats"]["decisions"] == choices
             return steps
 
 
@@ -237,7 +240,9 @@ def test_slot_zero_always_valid_nucleus_mask_and_k_bounded_by_the_vocabulary(wor
         assert sorted(env.unwrapped.candidate_ids().tolist()) == list(range(vocab))  # every token, once
 
     with torch.no_grad():
-        _episode(env, rng, check)
+        steps = _episode(env, rng, check)
+    # obs_rewards: every position's candidates scored, in one or more reward-model batches (k = the vocabulary).
+    assert core.rows[0].rm_calls >= steps
     env.reset(seed=0)
     top = int(core.rows[0].cand_ids[0])
     _, _, _, _, info = env.step(vocab - 1)  # the least likely token: masked, replaced by slot 0

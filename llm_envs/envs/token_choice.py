@@ -270,9 +270,10 @@ class TokenChoiceEnv(SingleRowEnv):
     `deviation_cost` and, with `dense_reward`, `prompt_baseline` = -R(x, empty): these sum to the
     episode return; plus `gold` when a gold judge is set, for evaluation only) and `episode_stats`
     (`steps`, `response_len`, `forced_actions`, `decisions` = steps taken with more than one legal
-    slot, `rm_calls` = reward-model calls that scored this row's candidates or prefix (with
-    `obs_rewards`, `dense_reward` or `candidate_rewards()`; a batched call counts once for each row
-    it served; the final scoring is not counted), `lm_forwards`).
+    slot, `rm_calls` = reward-model calls (the wrapper's `calls`: backend batches) that scored this
+    row's candidates or prefix (with `obs_rewards`, `dense_reward` or `candidate_rewards()`; a
+    batched call counts once for each row it served; the final scoring is not counted),
+    `lm_forwards`).
 
     Methods: `action_masks()`; `candidate_rewards(scoring="wrapper")` -> `(k,)` reward of
     prompt + response + candidate for each slot, in one batched reward-model call that reuses the
