@@ -1,12 +1,12 @@
 """Every leaderboard method as a `Decoder` (prompts in, responses out) on the suite's LM.
 
 `prepare_method` turns a `MethodConfig` into a ready decoder, training it first when the method
-needs training (the proxy with MaskablePPO, RRHF with its ranking loss). `choice_proxy` is MaskablePPO
-on TokenChoice-v0 (one of the LM's top-k tokens per step) with the `train:` section's policy, PPO and
-run settings (`ChoiceTrainConfig.like`); its `params` override them, e.g. `{env: {obs_rewards: true}}`. Trained models live in
+needs training (the proxy with MaskablePPO, RRHF with its ranking loss). Trained models live in
 `<runs_dir>/bench/<kind>-<hash of their config>/` and are reused while their config is unchanged,
 so re-running the suite (or a sweep point that equals the leaderboard's proxy) does not retrain;
-an interrupted training resumes from its checkpoints.
+an interrupted training resumes from its checkpoints. `choice_proxy` is MaskablePPO on TokenChoice-v0
+(one of the LM's top-k tokens per step) with the `train:` section's policy, PPO and run settings
+(`ChoiceTrainConfig.like`); its `params` override them, e.g. `{env: {obs_rewards: true}}`.
 
 A custom method (`kind: custom`, `entry: "module:Class"`) is built with its `params`; constructor
 arguments named `lm`, `tokenizer`, `reward` or `device` that the entry does not set receive the
