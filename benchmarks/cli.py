@@ -24,13 +24,14 @@ import sys
 from typing import Sequence
 
 HEADROOM_KEYS = ("greedy_low_gold_frac", "nucleus_best_gold_frac", "rm_gold_agreement")
-WORLD_PRESET_NAMES = ("default", "test")  # llm_envs.world.WORLD_PRESETS, named here to keep --help light
+WORLD_PRESET_NAMES = ("default", "v2", "test")  # llm_envs.world.WORLD_PRESETS, named here to keep --help light
 CONFIG_HELP = "suite: a shipped suite's name (tiny, hh_gpu) or a YAML file; `llm-envs config show` lists its fields"
 
 
 def _add_world_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", "--size", dest="preset", default="default", choices=WORLD_PRESET_NAMES,
-                        help="world preset: 'default' (used by everything) or 'test' (small, for tests)")
+                        help="world preset: 'default' (the tiny suite's world), 'v2' (the v2 suite's: longer answers, "
+                             "five decisions, a biased RM) or 'test' (small, for tests)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the world (corpus, splits, training)")
     parser.add_argument("--cache-dir", default=None,
                         help="cache root (default: $LLM_ENVS_CACHE or ~/.cache/llm_envs)")

@@ -91,7 +91,7 @@ class Task:
 
     def resolve(self, *, progress: bool = True) -> TaskSources:
         """Concrete sources: the world (loaded or built on first use) fills every unset part."""
-        from llm_envs.world import gold_reward, load_world  # lazy: the world imports torch
+        from llm_envs.world import load_world, world_gold  # lazy: the world imports torch
 
         world = load_world(self.world, self.world_seed, progress=progress) if self.needs_world() else None
 
@@ -106,7 +106,7 @@ class Task:
             reward=self.reward if self.reward is not None else str(world.rm_dir),
             train_prompts=prompts(self.train_prompts),
             eval_prompts=prompts(self.eval_prompts),
-            gold=gold_reward if self.uses_world_gold else None,
+            gold=world_gold(self.world) if self.uses_world_gold else None,
             world_path=str(world.path) if world is not None else None,
         )
 

@@ -27,7 +27,7 @@ import torch
 from transformers.utils import logging as hf_logging
 
 from llm_envs.io import atomic_replace_dir, default_cache_root  # re-exported: llm_envs.world.default_cache_root
-from llm_envs.world import grammar
+from llm_envs.world import grammar_v2
 from llm_envs.world.build import (
     WorldSpec,
     make_preference_pairs,
@@ -37,6 +37,7 @@ from llm_envs.world.build import (
     train_tokenizer,
 )
 from llm_envs.world.gold import BEST_GOLD, LOW_GOLD, gold_reward, gold_score
+from llm_envs.world.grammars import get_grammar
 from llm_envs.world.report import headroom_report
 
 WORLD_VERSION = 1  # bump when a build would change, so stale caches are never reused
@@ -46,6 +47,13 @@ WORLD_PRESETS: dict[str, WorldSpec] = {
     "default": WorldSpec(
         num_test_prompts=192, sft_dialogues=40_000, rm_pairs=12_000, heldout_pairs=1_000,
         n_embd=128, n_layer=2, n_head=4, sft_steps=1_000, rm_steps=300,
+    ),
+    # World v2 (the `v2` suite): answers of 32-70 words with five decisions (three depend on the
+    # prompt), an LM ~4x the default's, and a reward model trained on a biased labeller.
+    "v2": WorldSpec(
+        num_test_prompts=192, sft_dialogues=20_000, rm_pairs=6_000, heldout_pairs=1_000,
+        n_embd=192, n_layer=4, n_head=6, sft_steps=300, rm_steps=150, lr=3e-3, rm_lr=1e-3,
+        n_positions=192, mixture=grammar_v2.Mixture(), grammar="v2", max_answer_tokens=80,
     ),
     # A smaller world for the test-suite: same grammar, built in seconds.
     "test": WorldSpec(
@@ -65,6 +73,7 @@ __all__ = [
     "gold_score",
     "load_world",
     "world_dir",
+    "world_gold",
 ]
 
 
@@ -107,10 +116,20 @@ class World:
     def test_prompts(self) -> list[str]:
         return _read_prompts(self.path / "prompts_test.jsonl")
 
-    @staticmethod
-    def gold(prompts: list[str], responses: list[str]) -> list[float]:
+    @property
+    def grammar(self) -> str:
+        """The grammar of this world's corpus and judge (see `llm_envs.world.grammars`)."""
+        return WORLD_PRESETS[self.size].grammar
+
+    def gold(self, prompts: list[str], responses: list[str]) -> list[float]:
         """The gold judge (a reward callable): higher is better, `BEST_GOLD` at best."""
-        return gold_reward(prompts, responses)
+        return world_gold(self.size)(prompts, responses)
+
+
+def world_gold(size: str = "default") -> Callable[[list[str], list[str]], list[float]]:
+    """The gold judge of a world preset's grammar: a plain function of the text (no build needed)."""
+    _check_size(size)
+    return get_grammar(WORLD_PRESETS[size].grammar).gold_reward
 
 
 def _read_prompts(path: Path) -> list[str]:
@@ -173,10 +192,10 @@ def _build_locked(target: Path, size: str, seed: int, progress: bool) -> World:
     started = time.perf_counter()
     rng = np.random.default_rng(seed)
 
-    train, test = grammar.split_requests(rng, spec.num_test_prompts)
+    train, test = get_grammar(spec.grammar).split_requests(rng, spec.num_test_prompts)
     dialogues, habits = make_sft_corpus(rng, train, spec)
-    pairs = make_preference_pairs(rng, train, spec.rm_pairs)
-    heldout = make_preference_pairs(rng, test, spec.heldout_pairs)
+    pairs = make_preference_pairs(rng, train, spec.rm_pairs, spec.grammar, by="labeller")
+    heldout = make_preference_pairs(rng, test, spec.heldout_pairs, spec.grammar, by="gold")
     tokenizer = train_tokenizer(
         [f"{p} {a}" for p, a in dialogues] + [f"{p.prompt} {p.chosen} {p.rejected}" for p in pairs]
         + [r.text for r in test]
@@ -187,8 +206,8 @@ def _build_locked(target: Path, size: str, seed: int, progress: bool) -> World:
     rm, rm_loss = train_reward_model(pairs, tokenizer, lm, spec, seed, report_progress)
     stage_seconds["rm"] = time.perf_counter() - started - sum(stage_seconds.values())
     report_progress("report", 0, 1)
-    report = headroom_report(lm, rm, tokenizer, test, heldout,
-                             nucleus_samples=spec.nucleus_samples, seed=seed)
+    report = headroom_report(lm, rm, tokenizer, test, heldout, nucleus_samples=spec.nucleus_samples, seed=seed,
+                             grammar_name=spec.grammar, max_new_tokens=spec.max_answer_tokens)
     report_progress("report", 1, 1)
     stage_seconds["report"] = time.perf_counter() - started - sum(stage_seconds.values())
     report.update(

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -23,7 +23,7 @@ from transformers import (
 )
 
 from llm_envs.world import grammar
-from llm_envs.world.gold import gold_score
+from llm_envs.world.grammars import get_grammar
 
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<pad>"
@@ -50,7 +50,9 @@ class WorldSpec:
     rm_lr: float = 5e-4
     n_positions: int = 128
     nucleus_samples: int = 32
-    mixture: grammar.Mixture = grammar.Mixture()
+    mixture: Any = grammar.Mixture()  # the grammar's Mixture (grammar.Mixture for v1, grammar_v2.Mixture for v2)
+    grammar: str = "v1"  # see llm_envs.world.grammars
+    max_answer_tokens: int = 40  # generation budget of the build report's greedy / nucleus answers
 
 
 @dataclass(frozen=True)
@@ -67,26 +69,32 @@ def make_sft_corpus(
     rng: np.random.Generator, train: Sequence[grammar.Request], spec: WorldSpec
 ) -> tuple[list[tuple[str, str]], dict[str, float]]:
     """(prompt, answer) dialogues drawn from the SFT mixture, and the per-task habits."""
-    habits = grammar.draw_task_habits(rng, spec.mixture)
+    rules = get_grammar(spec.grammar)
+    habits = rules.draw_task_habits(rng, spec.mixture)
     picks = rng.integers(len(train), size=spec.sft_dialogues)
     dialogues = []
     for i in picks:
         request = train[int(i)]
-        answer = grammar.sample_sft_answer(rng, request, habits[request.task], spec.mixture)
+        answer = rules.sample_sft_answer(rng, request, habits[request.task], spec.mixture)
         dialogues.append((request.text, answer.text))
     return dialogues, habits
 
 
 def make_preference_pairs(
-    rng: np.random.Generator, requests: Sequence[grammar.Request], count: int
+    rng: np.random.Generator, requests: Sequence[Any], count: int, grammar_name: str = "v1",
+    *, by: str = "gold",
 ) -> list[Pair]:
-    """Pairs of answers to one prompt with different gold scores, ordered by the gold judge."""
+    """Pairs of answers to one prompt with different scores, ordered by the gold judge
+    (`by="gold"`: held-out pairs) or by the grammar's RM labeller (`by="labeller"`: the RM's
+    training pairs; the same as gold for v1, gold plus documented biases for v2)."""
+    rules = get_grammar(grammar_name)
+    score = rules.gold_score if by == "gold" else rules.preference_score
     pairs: list[Pair] = []
     while len(pairs) < count:
         request = requests[int(rng.integers(len(requests)))]
-        a = grammar.sample_any_answer(rng, request).text
-        b = grammar.sample_any_answer(rng, request).text
-        ga, gb = gold_score(request.text, a), gold_score(request.text, b)
+        a = rules.sample_any_answer(rng, request).text
+        b = rules.sample_any_answer(rng, request).text
+        ga, gb = score(request.text, a), score(request.text, b)
         if ga == gb:
             continue  # ties teach a Bradley-Terry model nothing
         chosen, rejected = (a, b) if ga > gb else (b, a)
