@@ -496,6 +496,11 @@ def test_the_best_of_n_sweep_samples_once_and_nests(seeded):
     assert main(["bench", "--config", str(config), "--sweep", "best_of_n", "bench.sweep.best_of_n=[1, 2, 4]"]) == 0
     assert {p.name: p.stat().st_mtime_ns for p in (out / "sweep_best_of_n" / "records").iterdir()} == stamps
     assert json.loads((out / "sweep_best_of_n.json").read_text())["points"] == sweep["points"]
+    # A smaller grid is served by the first candidates of the larger draw.
+    assert main(["bench", "--config", str(config), "--sweep", "best_of_n", "bench.sweep.best_of_n=[2, 1]"]) == 0
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "sweep_best_of_n" / "records").iterdir()} == stamps
+    smaller = json.loads((out / "sweep_best_of_n.json").read_text())["points"]
+    assert [p["reward_mean"] for p in smaller] == [p["reward_mean"] for p in sweep["points"][:2]]
 
 
 def test_the_args_w_sweep_end_to_end(seeded):

@@ -111,7 +111,7 @@ def _candidates(sweep_cfg: SuiteConfig, sc: SuiteContext, seed: int, verbose: bo
               "keep_candidates": True}
     method = MethodConfig(name=f"candidates-seed{seed}", kind="best_of_n", params=params, seeds=(seed,))
     records = read_method_records(sweep_cfg.results_path, method.name)
-    if records is not None and _records_match(records[1], sc, method, sweep_cfg):
+    if records is not None and _candidates_reusable(records[1], sc, method, sweep_cfg):
         return records[0]
     if verbose:
         print(f"sweep best_of_n: {params['n']} samples per prompt, seed {seed}", file=sys.stderr)
@@ -127,6 +127,15 @@ def _candidates(sweep_cfg: SuiteConfig, sc: SuiteContext, seed: int, verbose: bo
                       "peak_memory_mb": None, "info": {}}]}
     write_method_records(sweep_cfg.results_path, method.name, episodes, meta)
     return episodes
+
+
+def _candidates_reusable(meta: dict[str, Any], sc: SuiteContext, method: MethodConfig, sweep_cfg: SuiteConfig
+                         ) -> bool:
+    """A recorded draw of this seed with the same sampling settings and at least max(n) candidates serves:
+    the candidates are nested, so the first max(n) of a larger draw are exactly this draw."""
+    recorded, wanted = meta["params"], method.params
+    return ({**recorded, "n": wanted["n"]} == wanted and recorded["n"] >= wanted["n"]
+            and _records_match(meta, sc, dataclasses.replace(method, params=recorded), sweep_cfg))
 
 
 def _score_candidates(sc: SuiteContext, extras: list[dict[str, Any]], tokenizer: Any, seed: int
