@@ -1,6 +1,6 @@
 """The `llm-envs` command line (the top layer: it drives the world, the agents and the benchmarks).
 
-    llm-envs bench       [--config tiny] [--quick] [--methods a,b] [--sweep p_t|temperature]
+    llm-envs bench       [--config tiny] [--quick] [--methods a,b] [--sweep p_t|temperature|best_of_n|args_w]
                          [--from-records] [--out DIR] [key=value ...]   # the leaderboard (the main job)
     llm-envs train       [--config tiny] [key=value ...]                # the MaskablePPO proxy
     llm-envs eval        [--config tiny] [--agent greedy|random|proxy:PATH|top_k|nucleus|best_of_N]
@@ -174,8 +174,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="apply the config's quick: overrides (a small, fast suite written to <suite>-quick/)")
     bench.add_argument("--methods", default=None,
                        help="comma-separated method names to (re)run; the others keep their records")
-    bench.add_argument("--sweep", default=None, choices=["p_t", "pt", "temperature"],
-                       help="train and evaluate one proxy per value of p_t or temperature (the paper's study)")
+    bench.add_argument("--sweep", default=None, choices=["p_t", "pt", "temperature", "best_of_n", "args_w"],
+                       help="p_t | temperature: one proxy per value (the paper's study); best_of_n | args_w: RM reward "
+                            "and gold against best-of-n's n or ARGS-greedy's w (over-optimisation); grids and seeds: "
+                            "bench.sweep")
     bench.add_argument("--from-records", action="store_true",
                        help="rebuild the leaderboard, plots and wandb log from the records without running anything")
     bench.add_argument("--out", default=None,
