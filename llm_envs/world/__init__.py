@@ -18,15 +18,19 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
 from transformers.utils import logging as hf_logging
 
-from llm_envs.io import atomic_replace_dir, default_cache_root  # re-exported: llm_envs.world.default_cache_root
+from llm_envs.io import (  # re-exported: llm_envs.world.default_cache_root
+    atomic_replace_dir,
+    default_cache_root,
+)
 from llm_envs.world import grammar_v2
 from llm_envs.world.build import (
     WorldSpec,
@@ -51,8 +55,8 @@ WORLD_PRESETS: dict[str, WorldSpec] = {
     # World v2 (the `v2` suite): answers of 32-70 words with five decisions (three depend on the
     # prompt), an LM ~4x the default's, and a reward model trained on a biased labeller.
     "v2": WorldSpec(
-        num_test_prompts=192, sft_dialogues=20_000, rm_pairs=6_000, heldout_pairs=1_000,
-        n_embd=192, n_layer=4, n_head=6, sft_steps=300, rm_steps=150, lr=3e-3, rm_lr=1e-3,
+        num_test_prompts=192, sft_dialogues=8_000, rm_pairs=4_000, heldout_pairs=1_000,
+        n_embd=160, n_layer=4, n_head=5, sft_steps=240, rm_steps=120, batch_size=32, lr=3e-3, rm_lr=1e-3,
         n_positions=192, mixture=grammar_v2.Mixture(), grammar="v2", max_answer_tokens=80,
     ),
     # A smaller world for the test-suite: same grammar, built in seconds.
@@ -139,8 +143,7 @@ def _read_prompts(path: Path) -> list[str]:
 
 def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
     with open(path, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
+        f.writelines(json.dumps(row) + "\n" for row in rows)
 
 
 def _stderr_progress() -> Callable[[str, int, int], None]:

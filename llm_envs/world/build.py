@@ -8,8 +8,9 @@ same thread count a build is bit-for-bit reproducible.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -224,7 +225,7 @@ def train_reward_model(
     config.num_labels = 1
     model = GPT2ForSequenceClassification(config)
     model.transformer.load_state_dict(sft.transformer.state_dict())
-    encode = lambda prompt, answer: tokenizer(f"{prompt} {answer}", add_special_tokens=False)[  # noqa: E731
+    encode = lambda prompt, answer: tokenizer(f"{prompt} {answer}", add_special_tokens=False)[
         "input_ids"
     ]
     encoded = [(encode(p.prompt, p.chosen), encode(p.prompt, p.rejected)) for p in pairs]

@@ -15,14 +15,14 @@ gold-losing alternatives: what greedy decoding gets wrong when it is put back on
 from __future__ import annotations
 
 from collections import Counter, defaultdict
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
 from llm_envs.world import grammar_v2
-
 
 # A trained LM's nucleus at a decision is a few tokens; an untrained one's is the whole vocabulary.
 # Alternatives are the nucleus tokens with at least MIN_ALTERNATIVE_PROB, at most MAX_ALTERNATIVES.

@@ -9,8 +9,9 @@ prompt-dependent, RM trained on a deliberately biased labeller.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from llm_envs.world import gold, gold_v2, grammar, grammar_v2
 
