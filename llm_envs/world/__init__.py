@@ -32,6 +32,7 @@ from llm_envs.world.build import (
     WorldSpec,
     make_preference_pairs,
     make_sft_corpus,
+    pinned_torch,
     train_reward_model,
     train_sft_lm,
     train_tokenizer,
@@ -169,6 +170,11 @@ def build_world(
 
 def _build_locked(target: Path, size: str, seed: int, progress: bool) -> World:
     spec = WORLD_PRESETS[size]
+    with pinned_torch(spec.torch_threads):  # the thread count is the spec's, not the caller's
+        return _build_pinned(target, size, seed, spec, progress)
+
+
+def _build_pinned(target: Path, size: str, seed: int, spec: WorldSpec, progress: bool) -> World:
     report_progress = _stderr_progress() if progress else (lambda *_: None)
     started = time.perf_counter()
     rng = np.random.default_rng(seed)
