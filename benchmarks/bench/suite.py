@@ -64,9 +64,12 @@ def suite_context(cfg: SuiteConfig) -> SuiteContext:
     lm, reward = display_name(ctx.lm_name), display_name(ctx.reward.name)
     settings = dict(prompts=prompts, lm=lm, reward=reward, max_new_tokens=task.max_new_tokens,
                     seed=bench.seed, gold=gold.name if gold else None, coherence=bench.coherence_encoder)
+    if sources.world_hash is not None:  # records made on another build of the world are not comparable
+        settings["world_hash"] = sources.world_hash
     header = {"suite": bench.suite, "num_prompts": len(prompts), "prompts": source.source or "a list",
               "max_new_tokens": task.max_new_tokens,
-              "lm": lm, "reward": reward, "gold": gold.name if gold else None, "seed": bench.seed}
+              "lm": lm, "reward": reward, "gold": gold.name if gold else None, "seed": bench.seed,
+              "world_hash": sources.world_hash}
     return SuiteContext(ctx, prompts, Scorer(ctx.reward, gold, encoder), fingerprint(**settings), header)
 
 
@@ -77,7 +80,8 @@ def run_method(cfg: SuiteConfig, sc: SuiteContext, method: MethodConfig) -> None
     evaluation = evaluate_decoder(prepared.decoder, sc.prompts, sc.scorer, max_new_tokens=cfg.task.max_new_tokens,
                                   seed=bench.seed, chunk=4 * bench.batch_size, progress=bench.progress)
     meta = {"name": method.name, "kind": method.kind, "params": method.params, "entry": method.entry,
-            "fingerprint": sc.fingerprint, "generate_seconds": evaluation.generate_seconds,
+            "fingerprint": sc.fingerprint, "world_hash": sc.header.get("world_hash"),
+            "generate_seconds": evaluation.generate_seconds,
             "train_seconds": prepared.train_seconds, "trainable_params": prepared.trainable_params,
             "peak_memory_mb": evaluation.peak_memory_mb, "info": prepared.info,
             "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
