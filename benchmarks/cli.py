@@ -6,7 +6,7 @@
     llm-envs eval        [--config tiny] [--agent greedy|random|proxy:PATH|top_k|nucleus|best_of_N]
     llm-envs rrhf        [--config tiny] [--stages sample,score,train,eval] [key=value ...]
     llm-envs world build [--preset default|test] [--seed 0] [--cache-dir DIR] [--json]
-    llm-envs world info  [--preset ...] [--seed ...] [--cache-dir DIR]
+    llm-envs world info  [--preset ...] [--seed ...] [--cache-dir DIR] [--json]
     llm-envs config show [SUITE] [SECTION ...]           # every field: value, default and help
     llm-envs config path [NAME]                          # where a shipped suite's YAML lives
     llm-envs config list                                 # the shipped suites
@@ -37,12 +37,17 @@ def _add_world_args(parser: argparse.ArgumentParser) -> None:
                         help="cache root (default: $LLM_ENVS_CACHE or ~/.cache/llm_envs)")
 
 
-def _print_world_summary(report: dict) -> None:
-    print(f"world: {report['path']}")
-    print(f"  built in {report['seconds']} s; sizes: {json.dumps(report['sizes'])}")
+def _print_world_summary(summary: dict) -> None:
+    """A built world's summary (`World.summary()`): where, its hash, and the headroom figures."""
+    print(f"world: {summary['path']}")
+    print(f"  hash {summary['world_hash']}")
+    if not summary["hash_matches_build"]:
+        print("  warning: the files changed since the build (its hash differs); results on this world are not "
+              "comparable with others: rebuild it with `llm-envs world build --force`")
+    print(f"  built in {summary['seconds']} s; sizes: {json.dumps(summary['sizes'])}")
     for key in HEADROOM_KEYS:
-        print(f"  {key:24s} {report[key]}")
-    decisions = report["decision_positions"]
+        print(f"  {key:24s} {summary[key]}")
+    decisions = summary["decision_positions"]
     print(f"  decision_positions       {decisions['positions']} "
           f"(prompt-dependent: {decisions['right_token_depends_on_prompt']})")
 
@@ -53,9 +58,9 @@ def cmd_world_build(args: argparse.Namespace) -> int:
     world = build_world(args.preset, args.seed, args.cache_dir, force=args.force,
                         progress=not args.json and not args.no_progress)
     if args.json:
-        print(json.dumps(world.report))
+        print(json.dumps(world.summary()))
     else:
-        _print_world_summary(world.report)
+        _print_world_summary(world.summary())
     return 0
 
 
@@ -63,7 +68,10 @@ def cmd_world_info(args: argparse.Namespace) -> int:
     from llm_envs.world import load_world
 
     world = load_world(args.preset, args.seed, args.cache_dir, build=False)
-    _print_world_summary(world.report)
+    if args.json:
+        print(json.dumps(world.summary()))
+    else:
+        _print_world_summary(world.summary())
     return 0
 
 
@@ -218,8 +226,10 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--json", action="store_true", help="print the build report as one JSON object")
     build.add_argument("--no-progress", action="store_true", help="no progress bars")
     build.set_defaults(func=cmd_world_build)
-    info = world_commands.add_parser("info", help="print the report of a built world")
+    info = world_commands.add_parser("info", help="print the report and hash of a built world")
     _add_world_args(info)
+    info.add_argument("--json", action="store_true",
+                      help="print the report (with the hash and build info) as one JSON object")
     info.set_defaults(func=cmd_world_info)
 
     config = commands.add_parser("config", help="the suites' config fields: values, defaults and help")

@@ -242,6 +242,32 @@ def test_a_custom_agent_gets_its_row_and_the_others_keep_their_records(suite, te
     assert json.loads((out / "leaderboard.json").read_text())["rows"] == board
 
 
+def test_records_and_the_leaderboard_carry_the_world_hash(test_world, world_cache, tmp_path, monkeypatch):
+    """A task on the world records its hash: in the header, in each method's meta, in the markdown's
+    first line (12 hex digits), and in the fingerprint, so records made on another build of the
+    world are refused rather than mixed."""
+    from benchmarks.bench import suite as suite_module
+    from benchmarks.bench.leaderboard import write_leaderboard
+    from llm_envs.world import World
+
+    monkeypatch.setenv("LLM_ENVS_CACHE", str(world_cache))  # where the session built the test world
+    cfg = load_suite_config(TINY, ["task.world=test", "task.device=cpu", "bench.num_prompts=2", "bench.progress=false",
+                                   f"bench.results_dir={tmp_path}"])
+    sc = suite_module.suite_context(cfg)
+    assert sc.header["world_hash"] == test_world.hash
+    suite_module.run_method(cfg, sc, cfg.bench.method("greedy"))
+    meta = json.loads((cfg.results_path / "records" / "greedy.json").read_text())
+    assert meta["world_hash"] == test_world.hash and meta["fingerprint"] == sc.fingerprint
+    write_leaderboard(tmp_path, [], sc.header)
+    first_line = (tmp_path / "leaderboard.md").read_text().split("\n")[2]
+    assert f"world `{test_world.hash[:12]}`" in first_line
+    assert json.loads((tmp_path / "leaderboard.json").read_text())["world_hash"] == test_world.hash
+
+    monkeypatch.setattr(World, "hash", property(lambda self: "0" * 64))  # another build of the same preset
+    other = suite_module.suite_context(cfg)
+    assert other.header["world_hash"] == "0" * 64 and other.fingerprint != sc.fingerprint
+
+
 def test_wandb_gets_the_table_and_plots_offline(suite, tmp_path):
     from benchmarks.cli import main
 

@@ -201,14 +201,21 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def short_hash(world_hash: str) -> str:
+    """A world hash as tables show it: its first 12 hex digits (the full hash is in the JSON)."""
+    return world_hash[:12]
+
+
 def write_leaderboard(suite_dir: Path, rows: Sequence[dict[str, Any]], header: dict[str, Any]) -> None:
     """leaderboard.json ({..header, rows}) and leaderboard.md (the table, then how it was made)."""
     atomic_write_json(suite_dir / "leaderboard.json", {**header, "rows": list(rows)})
     prov = header.get("provenance", {})
     lib = prov.get("libraries", {})
+    world = f" (world `{short_hash(header['world_hash'])}`)" if header.get("world_hash") else ""
     md = [f"# Leaderboard: suite `{header['suite']}`", "",
           f"{header['num_prompts']} held-out prompts ({header['prompts']}), max {header['max_new_tokens']} new "
-          f"tokens, LM `{header['lm']}`, reward model `{header['reward']}`, gold judge: {header['gold'] or 'none'}. "
+          f"tokens, LM `{header['lm']}`, reward model `{header['reward']}`{world}, "
+          f"gold judge: {header['gold'] or 'none'}. "
           "Every method's responses are scored by the same reward wrapper. Generated from `records/` by "
           "`llm-envs bench`; do not edit.", "", markdown_table(rows), "",
           "Columns are defined in `benchmarks/bench/leaderboard.py`. A row is the mean over its seeds of each seed's "

@@ -66,10 +66,12 @@ def suite_context(cfg: SuiteConfig) -> SuiteContext:
     lm, reward = display_name(ctx.lm_name), display_name(ctx.reward.name)
     settings = dict(prompts=prompts, lm=lm, reward=reward, max_new_tokens=task.max_new_tokens,
                     seed=bench.seed, gold=gold.name if gold else None, coherence=bench.coherence_encoder)
+    if sources.world_hash is not None:  # records made on another build of the world are not comparable
+        settings["world_hash"] = sources.world_hash
     header = {"suite": bench.suite, "num_prompts": len(prompts), "prompts": source.source or "a list",
               "max_new_tokens": task.max_new_tokens,
               "lm": lm, "reward": reward, "gold": gold.name if gold else None, "seed": bench.seed,
-              "seeds": list(bench.seeds)}
+              "seeds": list(bench.seeds), "world_hash": sources.world_hash}
     return SuiteContext(ctx, prompts, Scorer(ctx.reward, gold, encoder), fingerprint(**settings), header)
 
 
@@ -98,7 +100,7 @@ def run_method(cfg: SuiteConfig, sc: SuiteContext, method: MethodConfig) -> None
         episodes += mine
         runs.append(run)
     meta = {"name": method.name, "kind": method.kind, "params": method.params, "entry": method.entry,
-            "fingerprint": sc.fingerprint, "seeds": list(seeds), "batch_size": cfg.bench.batch_size, "runs": runs}
+            "fingerprint": sc.fingerprint, "world_hash": sc.header.get("world_hash"), "seeds": list(seeds), "batch_size": cfg.bench.batch_size, "runs": runs}
     write_method_records(cfg.results_path, method.name, episodes, meta)
 
 

@@ -32,7 +32,7 @@ import torch
 from agents.decoding import best_index
 from agents.harness import generate_all
 from benchmarks.bench.config import SWEEPS, MethodConfig, SuiteConfig
-from benchmarks.bench.leaderboard import add_ranks, method_row, with_spread
+from benchmarks.bench.leaderboard import add_ranks, method_row, short_hash, with_spread
 from benchmarks.bench.methods import prepare_method
 from benchmarks.bench.plots import plot_overoptimisation, plot_sweep
 from benchmarks.bench.records import read_method_records, write_method_records
@@ -252,6 +252,7 @@ def sweep_markdown(param: str, points: list[dict[str, Any]], header: dict[str, A
     if points[0].get("greedy_gold") is not None:
         greedy += f", gold {points[0]['greedy_gold']:+.3f}"
     seeds = points[0]["seeds"]
+    world = f", world `{short_hash(header['world_hash'])}`" if header.get("world_hash") else ""
     lines = [f"# Proxy sweep over {param}: suite `{header['suite']}`", "",
              f"{header['num_prompts']} held-out prompts; {len(seeds)} {'proxy' if len(seeds) == 1 else 'proxies'} "
              f"trained per value (seeds {seeds}, "
@@ -275,7 +276,8 @@ def sweep_markdown(param: str, points: list[dict[str, Any]], header: dict[str, A
         lines += ["", "Irregular responses (the paper's appendix C check), up to two per value:", ""]
         lines += [f"- {param}={value:g}: `{text}`" for value, text in examples]
     lines += ["", f"Correlation of RM reward with log({param}): {trend:+.2f} (the paper: negative for p_t, positive "
-              "for temperature).", "", f"git {header['provenance']['git_commit']}, `{header['provenance']['command']}`."]
+              "for temperature).", "",
+              f"git {header['provenance']['git_commit']}{world}, `{header['provenance']['command']}`."]
     return "\n".join(lines) + "\n"
 
 

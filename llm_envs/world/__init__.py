@@ -10,16 +10,25 @@ which every method can be trained and compared in minutes on a CPU:
 
 The cache lives in `$LLM_ENVS_CACHE/world/` (default `~/.cache/llm_envs/world/`, honouring
 `XDG_CACHE_HOME`), or wherever `cache_dir=` / `llm-envs world build --cache-dir` says.
+
+A build is byte-reproducible: the same preset and seed on the same kind of machine (CPU, library
+versions) writes the same bytes to every file but `build_info.json`, which holds what is
+machine- or time-dependent (where it lives, how long it took, the versions it was built with).
+`world_hash` (`World.hash`) names a world by those bytes, and results record it, so two results
+are comparable exactly when their worlds' hashes match.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import platform
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +45,7 @@ from llm_envs.world.build import (
     WorldSpec,
     make_preference_pairs,
     make_sft_corpus,
+    pinned_torch,
     train_reward_model,
     train_sft_lm,
     train_tokenizer,
@@ -44,7 +54,8 @@ from llm_envs.world.gold import BEST_GOLD, LOW_GOLD, gold_reward, gold_score
 from llm_envs.world.grammars import get_grammar
 from llm_envs.world.report import headroom_report
 
-WORLD_VERSION = 1  # bump when a build would change, so stale caches are never reused
+WORLD_VERSION = 2  # bump when a build would change, so stale caches are never reused
+BUILD_INFO = "build_info.json"  # the one world file outside the hash (machine- and time-dependent)
 
 WORLD_PRESETS: dict[str, WorldSpec] = {
     # The default world: what the envs, agents and benchmarks use.
@@ -78,6 +89,7 @@ __all__ = [
     "load_world",
     "world_dir",
     "world_gold",
+    "world_hash",
 ]
 
 
@@ -93,14 +105,61 @@ def _check_size(size: str) -> None:
         raise ValueError(f"world size {size!r} is unknown; expected one of {sorted(WORLD_PRESETS)}.")
 
 
+def world_hash(path: str | os.PathLike) -> str:
+    """sha256 (hex) of a world's files: every file's relative path and bytes, in sorted path
+    order, except `build_info.json` (machine- and time-dependent, and where this hash is recorded).
+
+    Each path and size is hashed before the file's bytes, so moving bytes from one file to
+    another changes the hash. Two builds with the same hash hold the same LM, RM, tokenizer,
+    prompts and report.
+    """
+    root = Path(path)
+    if not root.is_dir():
+        raise FileNotFoundError(f"world directory {root} does not exist; build it with `llm-envs world build`.")
+    digest = hashlib.sha256()
+    files = sorted((f.relative_to(root).as_posix(), f) for f in root.rglob("*") if f.is_file())
+    for relative, file in files:
+        if relative == BUILD_INFO:
+            continue
+        data = file.read_bytes()
+        digest.update(f"{relative}\0{len(data)}\0".encode("utf-8"))
+        digest.update(data)
+    return digest.hexdigest()
+
+
 @dataclass(frozen=True)
 class World:
-    """A built world on disk. Every path is a plain save_pretrained / JSONL artefact."""
+    """A built world on disk. Every path is a plain save_pretrained / JSONL artefact.
+
+    `report` (report.json) holds the build's deterministic figures; `build_info`
+    (build_info.json) what this machine and this run add: path, timings, versions, and the
+    hash recorded at build time.
+    """
 
     path: Path
     size: str
     seed: int
     report: dict[str, Any] = field(repr=False)
+    build_info: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    @cached_property
+    def hash(self) -> str:
+        """The world's hash (`world_hash`), recomputed from the files on first access (then
+        cached on this object), so a record never vouches for a world edited after its build;
+        it costs one read of the files (a few MB). `recorded_hash` is the build's own."""
+        return world_hash(self.path)
+
+    @property
+    def recorded_hash(self) -> str | None:
+        """The hash written at build time (build_info.json), or None if it has none."""
+        return self.build_info.get("world_hash")
+
+    def summary(self) -> dict[str, Any]:
+        """What `llm-envs world build/info --json` prints: the report, this build's machine facts
+        (path, timings, versions), `world_hash` as the files are now, and whether it is still
+        the hash the build recorded (False: the files were edited or damaged since)."""
+        return {**self.report, **self.build_info, "world_hash": self.hash,
+                "hash_matches_build": self.hash == self.recorded_hash}
 
     @property
     def lm_dir(self) -> Path:
@@ -191,6 +250,11 @@ def build_world(
 
 def _build_locked(target: Path, size: str, seed: int, progress: bool) -> World:
     spec = WORLD_PRESETS[size]
+    with pinned_torch(spec.torch_threads):  # the thread count is the spec's, not the caller's
+        return _build_pinned(target, size, seed, spec, progress)
+
+
+def _build_pinned(target: Path, size: str, seed: int, spec: WorldSpec, progress: bool) -> World:
     report_progress = _stderr_progress() if progress else (lambda *_: None)
     started = time.perf_counter()
     rng = np.random.default_rng(seed)
@@ -217,8 +281,6 @@ def _build_locked(target: Path, size: str, seed: int, progress: bool) -> World:
         size=size,
         seed=seed,
         world_version=WORLD_VERSION,
-        seconds=round(time.perf_counter() - started, 1),
-        stage_seconds={k: round(v, 1) for k, v in stage_seconds.items()},
         sizes={
             "train_prompts": len(train),
             "test_prompts": len(test),
@@ -230,7 +292,16 @@ def _build_locked(target: Path, size: str, seed: int, progress: bool) -> World:
             "rm_params": sum(p.numel() for p in rm.parameters()),
         },
         final_losses={"sft": round(sft_loss, 4), "rm_bradley_terry": round(rm_loss, 4)},
-        torch_threads=torch.get_num_threads(),
+    )
+    build_info: dict[str, Any] = dict(
+        path=str(target),
+        seconds=round(time.perf_counter() - started, 1),
+        stage_seconds={k: round(v, 1) for k, v in stage_seconds.items()},
+        torch_threads=torch.get_num_threads(),  # as measured (the spec says what was asked)
+        built_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        machine=platform.machine(),
+        python=platform.python_version(),
+        libraries=_library_versions(),
     )
 
     bars_were_on = hf_logging.is_progress_bar_enabled()
@@ -248,8 +319,9 @@ def _build_locked(target: Path, size: str, seed: int, progress: bool) -> World:
         _write_jsonl(staging / "heldout_pairs.jsonl", [asdict(p) for p in heldout])
         (staging / "task_habits.json").write_text(json.dumps(habits, indent=2))
         (staging / "spec.json").write_text(json.dumps(asdict(spec), indent=2, default=str))
-        report["path"] = str(target)
         (staging / "report.json").write_text(json.dumps(report, indent=2))
+        build_info["world_hash"] = world_hash(staging)  # every other file is written by now
+        (staging / BUILD_INFO).write_text(json.dumps(build_info, indent=2))
 
     try:  # force=True replaces an existing build only once the new one is complete
         atomic_replace_dir(target, fill)
@@ -259,14 +331,24 @@ def _build_locked(target: Path, size: str, seed: int, progress: bool) -> World:
     return _load(target, size, seed)
 
 
+def _library_versions() -> dict[str, str]:
+    """Versions of the libraries whose numerics or file formats shape a build's bytes."""
+    import tokenizers
+    import transformers
+
+    return {"torch": torch.__version__, "transformers": transformers.__version__,
+            "tokenizers": tokenizers.__version__, "numpy": np.__version__}
+
+
 def _load(path: Path, size: str, seed: int) -> World:
-    report_path = path / "report.json"
-    if not report_path.exists():
+    report_path, info_path = path / "report.json", path / BUILD_INFO
+    if not report_path.exists() or not info_path.exists():
         raise FileNotFoundError(
-            f"world directory {path} is incomplete (no report.json); delete it and rebuild with "
-            "`llm-envs world build --force`."
+            f"world directory {path} is incomplete (no {report_path.name if not report_path.exists() else BUILD_INFO});"
+            " delete it and rebuild with `llm-envs world build --force`."
         )
-    return World(path=path, size=size, seed=seed, report=json.loads(report_path.read_text()))
+    return World(path=path, size=size, seed=seed, report=json.loads(report_path.read_text()),
+                 build_info=json.loads(info_path.read_text()))
 
 
 def load_world(
