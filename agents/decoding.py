@@ -25,6 +25,7 @@ import contextlib
 import os
 from typing import Any, Iterator, Sequence
 
+import numpy as np
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -47,6 +48,8 @@ __all__ = [
     "HFDecoder",
     "NucleusDecoder",
     "TopKDecoder",
+    "best_index",
+    "candidate_seed",
     "diverse_beam_search",
     "encode_prompts",
     "generate_responses",
@@ -380,40 +383,68 @@ class NucleusDecoder(HFDecoder):
         return {"do_sample": True, "top_k": 0, "top_p": self.top_p, "temperature": self.temperature}
 
 
+def candidate_seed(seed: int, j: int) -> int:
+    """The seed of best-of-n's candidate j: `seed` itself for j = 0 (the nucleus sample), else a 32-bit
+    hash of (seed, j). Not `seed + j * stride`: torch's CPU generator keeps only the low 32 bits of a
+    seed, and small offsets would collide with the seeds `generate_responses` gives later batches."""
+    if j == 0:
+        return seed
+    return int(np.random.SeedSequence([seed & (2**64 - 1), j]).generate_state(1)[0])
+
+
+def best_index(rewards: Sequence[float]) -> int:
+    """The candidate best-of-n keeps: the highest reward, the first one on ties."""
+    return max(range(len(rewards)), key=lambda j: (rewards[j], -j))
+
+
 class BestOfNDecoder(NucleusDecoder):
     """Best-of-n: n nucleus samples per prompt, scored by the reward wrapper; the best is kept.
 
     `reward` is anything `RewardWrapper.build` accepts (a wrapper, an RM directory or hub name, a
     function). Costs: `lm_forwards` sums the n samples' forwards, `rm_calls` = n. `extra` holds the
-    candidates' rewards and which one was picked (the first best on ties).
+    candidates' rewards and which one was picked (the first best on ties); with
+    `keep_candidates=True` also every candidate's ids (`candidate_ids`), for studies over n.
+
+    With a seed the candidates are nested: candidate j is drawn on its own with seed
+    `candidate_seed(seed, j)`, so candidate 0 is exactly the `NucleusDecoder` sample (same
+    top_p, temperature, batch_size and seed) and best-of-k's candidates are the first k of best-of-n's
+    for every k < n: one draw of the largest n serves every smaller n.
     """
 
     def __init__(self, lm: ModelSpec, tokenizer: Any = None, *, reward: Any, n: int = 16, top_p: float = 1.0,
-                 temperature: float = 1.0, **kw: Any) -> None:
+                 temperature: float = 1.0, keep_candidates: bool = False, **kw: Any) -> None:
         if not isinstance(n, int) or n < 1:
             raise ValueError(f"n={n!r}; expected a positive integer (16 and 32 are the usual settings).")
-        self.n = n
+        self.n, self.keep_candidates = n, bool(keep_candidates)
         kw.setdefault("name", f"best_of_{n}")
         super().__init__(lm, tokenizer, top_p=top_p, temperature=temperature, **kw)
         device = kw.get("device", "auto")
         self.reward = RewardWrapper.build(reward, lm_tokenizer=self.tokenizer, device=device)
 
+    def candidates(self, prompt_ids: list[list[int]], max_new_tokens: int, seed: int | None
+                   ) -> list[list[list[int]]]:
+        """`[prompt][j] -> ids` of the n nucleus samples, one seeded draw per j (see the class docstring)."""
+        draws = [self._sample(prompt_ids, 1, max_new_tokens, None if seed is None else candidate_seed(seed, j))
+                 for j in range(self.n)]
+        return [[draw[i][0] for draw in draws] for i in range(len(prompt_ids))]
+
     def generate(
         self, prompts: Sequence[str], *, max_new_tokens: int = 32, seed: int | None = None
     ) -> list[Generation]:
         prompt_ids = encode_prompts(self.tokenizer, prompts)
-        samples = self._sample(prompt_ids, self.n, max_new_tokens, seed)
+        samples = self.candidates(prompt_ids, max_new_tokens, seed)
         flat_prompts = [p for p, rows in zip(prompt_ids, samples) for _ in rows]
         flat = [r for rows in samples for r in rows]
         scores = self.reward.score_ids(flat_prompts, flat, self.tokenizer)
         out = []
         for i, (prompt, rows) in enumerate(zip(prompts, samples)):
             mine = scores[i * self.n : (i + 1) * self.n]
-            best = max(range(self.n), key=lambda j: (mine[j], -j))
-            out.append(self._generation(
-                prompt, rows[best], lm_forwards=sum(max(1, len(r)) for r in rows), rm_calls=self.n,
-                extra={"candidate_rewards": mine, "picked": best, "reward": mine[best]},
-            ))
+            best = best_index(mine)
+            extra: dict[str, Any] = {"candidate_rewards": mine, "picked": best, "reward": mine[best]}
+            if self.keep_candidates:
+                extra["candidate_ids"] = rows
+            out.append(self._generation(prompt, rows[best], lm_forwards=sum(max(1, len(r)) for r in rows),
+                                        rm_calls=self.n, extra=extra))
         return out
 
 

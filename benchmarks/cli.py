@@ -1,12 +1,12 @@
 """The `llm-envs` command line (the top layer: it drives the world, the agents and the benchmarks).
 
-    llm-envs bench       [--config tiny] [--quick] [--methods a,b] [--sweep p_t|temperature]
+    llm-envs bench       [--config tiny] [--quick] [--methods a,b] [--sweep p_t|temperature|best_of_n|args_w]
                          [--from-records] [--out DIR] [key=value ...]   # the leaderboard (the main job)
     llm-envs train       [--config tiny] [key=value ...]                # the MaskablePPO proxy
     llm-envs eval        [--config tiny] [--agent greedy|random|proxy:PATH|top_k|nucleus|best_of_N]
     llm-envs rrhf        [--config tiny] [--stages sample,score,train,eval] [key=value ...]
     llm-envs world build [--preset default|test] [--seed 0] [--cache-dir DIR] [--json]
-    llm-envs world info  [--preset ...] [--seed ...] [--cache-dir DIR]
+    llm-envs world info  [--preset ...] [--seed ...] [--cache-dir DIR] [--json]
     llm-envs config show [SUITE] [SECTION ...]           # every field: value, default and help
     llm-envs config path [NAME]                          # where a shipped suite's YAML lives
     llm-envs config list                                 # the shipped suites
@@ -24,24 +24,30 @@ import sys
 from typing import Sequence
 
 HEADROOM_KEYS = ("greedy_low_gold_frac", "nucleus_best_gold_frac", "rm_gold_agreement")
-WORLD_PRESET_NAMES = ("default", "test")  # llm_envs.world.WORLD_PRESETS, named here to keep --help light
+WORLD_PRESET_NAMES = ("default", "v2", "test")  # llm_envs.world.WORLD_PRESETS, named here to keep --help light
 CONFIG_HELP = "suite: a shipped suite's name (tiny, hh_gpu) or a YAML file; `llm-envs config show` lists its fields"
 
 
 def _add_world_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", "--size", dest="preset", default="default", choices=WORLD_PRESET_NAMES,
-                        help="world preset: 'default' (used by everything) or 'test' (small, for tests)")
+                        help="world preset: 'default' (the tiny suite's world), 'v2' (the v2 suite's: longer answers, "
+                             "five decisions, a biased RM) or 'test' (small, for tests)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the world (corpus, splits, training)")
     parser.add_argument("--cache-dir", default=None,
                         help="cache root (default: $LLM_ENVS_CACHE or ~/.cache/llm_envs)")
 
 
-def _print_world_summary(report: dict) -> None:
-    print(f"world: {report['path']}")
-    print(f"  built in {report['seconds']} s; sizes: {json.dumps(report['sizes'])}")
+def _print_world_summary(summary: dict) -> None:
+    """A built world's summary (`World.summary()`): where, its hash, and the headroom figures."""
+    print(f"world: {summary['path']}")
+    print(f"  hash {summary['world_hash']}")
+    if not summary["hash_matches_build"]:
+        print("  warning: the files changed since the build (its hash differs); results on this world are not "
+              "comparable with others: rebuild it with `llm-envs world build --force`")
+    print(f"  built in {summary['seconds']} s; sizes: {json.dumps(summary['sizes'])}")
     for key in HEADROOM_KEYS:
-        print(f"  {key:24s} {report[key]}")
-    decisions = report["decision_positions"]
+        print(f"  {key:24s} {summary[key]}")
+    decisions = summary["decision_positions"]
     print(f"  decision_positions       {decisions['positions']} "
           f"(prompt-dependent: {decisions['right_token_depends_on_prompt']})")
 
@@ -52,9 +58,9 @@ def cmd_world_build(args: argparse.Namespace) -> int:
     world = build_world(args.preset, args.seed, args.cache_dir, force=args.force,
                         progress=not args.json and not args.no_progress)
     if args.json:
-        print(json.dumps(world.report))
+        print(json.dumps(world.summary()))
     else:
-        _print_world_summary(world.report)
+        _print_world_summary(world.summary())
     return 0
 
 
@@ -62,7 +68,10 @@ def cmd_world_info(args: argparse.Namespace) -> int:
     from llm_envs.world import load_world
 
     world = load_world(args.preset, args.seed, args.cache_dir, build=False)
-    _print_world_summary(world.report)
+    if args.json:
+        print(json.dumps(world.summary()))
+    else:
+        _print_world_summary(world.summary())
     return 0
 
 
@@ -173,8 +182,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="apply the config's quick: overrides (a small, fast suite written to <suite>-quick/)")
     bench.add_argument("--methods", default=None,
                        help="comma-separated method names to (re)run; the others keep their records")
-    bench.add_argument("--sweep", default=None, choices=["p_t", "pt", "temperature"],
-                       help="train and evaluate one proxy per value of p_t or temperature (the paper's study)")
+    bench.add_argument("--sweep", default=None, choices=["p_t", "pt", "temperature", "best_of_n", "args_w"],
+                       help="p_t | temperature: one proxy per value (the paper's study); best_of_n | args_w: RM reward "
+                            "and gold against best-of-n's n or ARGS-greedy's w (over-optimisation); grids and seeds: "
+                            "bench.sweep")
     bench.add_argument("--from-records", action="store_true",
                        help="rebuild the leaderboard, plots and wandb log from the records without running anything")
     bench.add_argument("--out", default=None,
@@ -215,8 +226,10 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--json", action="store_true", help="print the build report as one JSON object")
     build.add_argument("--no-progress", action="store_true", help="no progress bars")
     build.set_defaults(func=cmd_world_build)
-    info = world_commands.add_parser("info", help="print the report of a built world")
+    info = world_commands.add_parser("info", help="print the report and hash of a built world")
     _add_world_args(info)
+    info.add_argument("--json", action="store_true",
+                      help="print the report (with the hash and build info) as one JSON object")
     info.set_defaults(func=cmd_world_info)
 
     config = commands.add_parser("config", help="the suites' config fields: values, defaults and help")

@@ -11,7 +11,7 @@ one task by construction.
 
     task = Task(lm="gpt2", reward="OpenAssistant/reward-model-deberta-v3-large-v2")   # or Task(): the world
     sources = task.resolve()                       # the embedded world fills every unset part
-    sources.lm, sources.reward, sources.eval_prompts, sources.gold
+    sources.lm, sources.reward, sources.eval_prompts, sources.gold, sources.world_hash
 
 `resolve()` loads (or builds) the embedded world only when some part needs it: an unset `lm` or
 `reward`, or a `"world:train"` / `"world:test"` prompt source (the world's gold judge is a function
@@ -91,7 +91,7 @@ class Task:
 
     def resolve(self, *, progress: bool = True) -> TaskSources:
         """Concrete sources: the world (loaded or built on first use) fills every unset part."""
-        from llm_envs.world import gold_reward, load_world  # lazy: the world imports torch
+        from llm_envs.world import load_world, world_gold  # lazy: the world imports torch
 
         world = load_world(self.world, self.world_seed, progress=progress) if self.needs_world() else None
 
@@ -106,8 +106,9 @@ class Task:
             reward=self.reward if self.reward is not None else str(world.rm_dir),
             train_prompts=prompts(self.train_prompts),
             eval_prompts=prompts(self.eval_prompts),
-            gold=gold_reward if self.uses_world_gold else None,
+            gold=world_gold(self.world) if self.uses_world_gold else None,
             world_path=str(world.path) if world is not None else None,
+            world_hash=world.hash if world is not None else None,
         )
 
 
@@ -122,6 +123,7 @@ class TaskSources:
     eval_prompts: Any
     gold: GoldFn | None
     world_path: str | None
+    world_hash: str | None = None  # the world's content hash (`llm_envs.world.world_hash`) when the task uses it
 
     def env_kwargs(self, prompts: Any) -> dict[str, Any]:
         """The world keywords of an env (`gym.make(..., **kwargs)`) on this task with `prompts`."""

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -18,12 +21,76 @@ def world_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("llm_envs_cache")
 
 
+REBUILD_TEST = "test_a_rebuild_of_the_test_world_is_byte_identical"  # in tests/test_world.py
+
+
+class BackgroundBuild:
+    """`llm-envs world build --preset test` into a fresh cache, in a separate process.
+
+    Why a process started beside the session's own build: a world build is single-threaded
+    (its spec pins one torch thread), so on a 2-core machine the second build runs on the core
+    the first leaves idle and the reproducibility check costs little wall time; and another
+    process is the stronger check (fresh interpreter, fresh hash seed, another default thread
+    count: OMP_NUM_THREADS=3, which the build must override).
+    """
+
+    def __init__(self, cache_dir: Path, log: Path) -> None:
+        root = Path(__file__).resolve().parents[1]
+        env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "3", "PYTHONHASHSEED": "random"}
+        self.cache_dir, self.log = cache_dir, log
+        self._log_file = open(log, "w")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "benchmarks.cli", "world", "build", "--preset", "test", "--seed", "0",
+             "--cache-dir", str(cache_dir), "--json", "--no-progress"],
+            cwd=root, env=env, stdout=subprocess.PIPE, stderr=self._log_file, text=True)
+
+    def result(self, timeout_s: float = 900) -> dict:
+        """The build's `--json` summary, once it is done; its stderr if it failed."""
+        out, _ = self.process.communicate(timeout=timeout_s)
+        self._log_file.close()
+        if self.process.returncode != 0:
+            raise AssertionError(f"the background world build failed (exit {self.process.returncode}):\n"
+                                 + self.log.read_text()[-3000:])
+        return json.loads(out)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+        self._log_file.close()
+
+
 @pytest.fixture(scope="session")
-def test_world(world_cache: Path):
-    """The 'test' preset of the embedded world (same grammar, small models; ~30 s to build)."""
+def _background_rebuild(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
+    """Holds the background rebuild (started by `test_world` when the rebuild test will run)."""
+    holder: dict[str, BackgroundBuild] = {}
+    yield holder
+    if "build" in holder:
+        holder["build"].stop()
+
+
+@pytest.fixture(scope="session")
+def test_world(world_cache: Path, request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
+               _background_rebuild: dict):
+    """The 'test' preset of the embedded world (same grammar, small models; about a minute to build).
+
+    When the session will run the rebuild check, a second build of the same preset starts in
+    another process first, so that the two builds overlap (see `BackgroundBuild`)."""
     from llm_envs.world import load_world
 
+    if any(item.name == REBUILD_TEST for item in request.session.items):
+        rebuild_dir = tmp_path_factory.mktemp("world_rebuild")
+        _background_rebuild["build"] = BackgroundBuild(rebuild_dir / "cache", rebuild_dir / "build.log")
     return load_world("test", seed=0, cache_dir=world_cache, progress=False)
+
+
+@pytest.fixture(scope="session")
+def test_world_rebuild(test_world, _background_rebuild: dict, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """The `--json` summary of a second, independent build of the test world (in a fresh cache)."""
+    if "build" not in _background_rebuild:  # the session world was made before the check was selected
+        rebuild_dir = tmp_path_factory.mktemp("world_rebuild")
+        _background_rebuild["build"] = BackgroundBuild(rebuild_dir / "cache", rebuild_dir / "build.log")
+    return _background_rebuild["build"].result()
 
 
 @pytest.fixture(scope="module")

@@ -60,6 +60,8 @@ def test_the_shipped_suite_config_and_its_quick_variant():
     names = [m.name for m in cfg.bench.methods]
     assert {"best_of_16", "best_of_32", "args_greedy", "args_stochastic"} <= set(names)
     assert cfg.bench.sweep.p_t == (0.1, 0.01, 0.001, 0.0001) and cfg.bench.sweep.temperature == (0.25, 0.5, 0.75, 1.0)
+    assert cfg.bench.seeds == (0,) and cfg.bench.sweep.best_of_n == (1, 2, 4, 8, 16, 32, 64)
+    assert cfg.bench.sweep.args_w == (0, 0.5, 1, 1.5, 2, 3, 5, 8) and cfg.bench.sweep.args_k == 10
     quick = load_suite_config(TINY, ["bench.num_prompts=8"], quick=True)
     assert quick.bench.suite == "tiny-quick" and quick.bench.num_prompts == 8  # the command line wins
     assert quick.train.total_timesteps < cfg.train.total_timesteps
@@ -86,6 +88,11 @@ def test_the_readme_leaderboard_is_the_generated_one():
     ("bench.methods=[{name: a, kind: greedy}, {name: a, kind: nucleus}]", "repeats the name"),
     ("bench.methods=[{name: a, kind: custom}]", "entry='module:Class' is required"),
     ("train.env.max_new_tokens=64", "differs from task.max_new_tokens=32"),
+    ("bench.seeds=[0, 0]", r"bench.seeds=\[0, 0\]; expected distinct non-negative"),
+    ("bench.methods=[{name: a, kind: nucleus, seeds: [-1]}]", "expected distinct non-negative"),
+    ("bench.methods=[{name: p, kind: proxy, params: {seed: 3}}]", r"Write seeds: \[3\] instead"),
+    ("bench.sweep.best_of_n=[0, 2]", "expected distinct positive ints"),
+    ("bench.sweep.args_w=[1, 1]", "expected distinct finite weights"),
     ("task.gold=sometimes", "expected one of"),
     ("tsk.lm=gpt2", "Did you mean 'task'"),
 ])
@@ -265,10 +272,11 @@ def test_the_token_choice_agent_rows_train_evaluate_and_reuse_their_runs(suite, 
     out = tmp_path / "results" / "t"
     rows = {r["method"]: r for r in json.loads((out / "leaderboard.json").read_text())["rows"]}
     metas = {name: json.loads((out / "records" / f"{name}.json").read_text()) for name in rows}
+    runs = {name: meta["runs"][0] for name, meta in metas.items()}  # one seed each
     assert set(rows) == {"choice", "choice_rm", "proxy_entropy"}
     gated = rows.pop("proxy_entropy")
     assert 0 <= gated["decisions_per_step"] < 1 and gated["trainable_params"] > 0
-    gated_dir = Path(json.loads((out / "records" / "proxy_entropy.json").read_text())["info"]["run_dir"])
+    gated_dir = Path(metas["proxy_entropy"]["runs"][0]["info"]["run_dir"])
     assert yaml.safe_load((gated_dir / "config.yaml").read_text())["train"]["env"]["decision_mask"] == "entropy"
     for name, row in rows.items():
         assert row["episodes"] == 10 and row["kind"] == "choice_proxy"
@@ -281,16 +289,42 @@ def test_the_token_choice_agent_rows_train_evaluate_and_reuse_their_runs(suite, 
     # With candidate rewards: one batched RM call per position, billed to each row it scored (plus, once per
     # reward wrapper, the prefix cache's check against scoring from scratch).
     assert all(e["response_len"] <= e["rm_calls"] <= e["response_len"] + 1 for e in _records(out, "choice_rm"))
-    assert (metas["choice"]["info"]["obs_rewards"], metas["choice_rm"]["info"]["obs_rewards"]) == (False, True)
-    dirs = {name: Path(metas[name]["info"]["run_dir"]) for name in rows}
+    assert (runs["choice"]["info"]["obs_rewards"], runs["choice_rm"]["info"]["obs_rewards"]) == (False, True)
+    dirs = {name: Path(runs[name]["info"]["run_dir"]) for name in rows}
     assert dirs["choice"] != dirs["choice_rm"] and all(d.name.startswith("choice_proxy-") for d in dirs.values())
     saved = yaml.safe_load((dirs["choice_rm"] / "config.yaml").read_text())["train"]["env"]
     assert saved["obs_rewards"] is True and saved["k"] == 4
     # A rerun of the same config reuses the trained run (same dir, the recorded training time, no retraining).
     zip_stamp = (dirs["choice_rm"] / "proxy.zip").stat().st_mtime_ns
     cfg, path, seconds = train_proxy(load_suite_config(own), CHOICE_METHODS[1]["params"], kind="choice_proxy")
-    assert path.parent == dirs["choice_rm"] and seconds == metas["choice_rm"]["train_seconds"]
+    assert path.parent == dirs["choice_rm"] and seconds == runs["choice_rm"]["train_seconds"]
     assert path.stat().st_mtime_ns == zip_stamp and cfg.env.obs_rewards
+
+
+def test_records_and_the_leaderboard_carry_the_world_hash(test_world, world_cache, tmp_path, monkeypatch):
+    """A task on the world records its hash: in the header, in each method's meta, in the markdown's
+    first line (12 hex digits), and in the fingerprint, so records made on another build of the
+    world are refused rather than mixed."""
+    from benchmarks.bench import suite as suite_module
+    from benchmarks.bench.leaderboard import write_leaderboard
+    from llm_envs.world import World
+
+    monkeypatch.setenv("LLM_ENVS_CACHE", str(world_cache))  # where the session built the test world
+    cfg = load_suite_config(TINY, ["task.world=test", "task.device=cpu", "bench.num_prompts=2", "bench.progress=false",
+                                   f"bench.results_dir={tmp_path}"])
+    sc = suite_module.suite_context(cfg)
+    assert sc.header["world_hash"] == test_world.hash
+    suite_module.run_method(cfg, sc, cfg.bench.method("greedy"))
+    meta = json.loads((cfg.results_path / "records" / "greedy.json").read_text())
+    assert meta["world_hash"] == test_world.hash and meta["fingerprint"] == sc.fingerprint
+    write_leaderboard(tmp_path, [], sc.header)
+    first_line = (tmp_path / "leaderboard.md").read_text().split("\n")[2]
+    assert f"world `{test_world.hash[:12]}`" in first_line
+    assert json.loads((tmp_path / "leaderboard.json").read_text())["world_hash"] == test_world.hash
+
+    monkeypatch.setattr(World, "hash", property(lambda self: "0" * 64))  # another build of the same preset
+    other = suite_module.suite_context(cfg)
+    assert other.header["world_hash"] == "0" * 64 and other.fingerprint != sc.fingerprint
 
 
 def test_wandb_gets_the_table_and_plots_offline(suite, tmp_path):
@@ -383,8 +417,9 @@ def test_the_p_t_sweep_trains_one_proxy_per_value(suite, capsys):
     assert all(0 <= p["rejection_rate"] <= 1 and 0 <= p["irregular_rate"] <= 1 for p in sweep["points"])
     assert all(p["total_timesteps"] == 64 for p in sweep["points"])
     assert (out / "sweep_p_t.png").is_file() and "| 0.001 |" in (out / "sweep_p_t.md").read_text()
-    runs = {p["info"]["run_dir"] for p in
-            (json.loads(f.read_text()) for f in (out / "sweep_p_t" / "records").glob("proxy-*.json"))}
+    runs = {run["info"]["run_dir"] for meta in
+            (json.loads(f.read_text()) for f in (out / "sweep_p_t" / "records").glob("proxy-*.json"))
+            for run in meta["runs"]}
     assert len(runs) == 2  # a proxy of its own per value
     # A tagged variant keeps its own files; the untagged sweep stays as it was.
     before = (out / "sweep_p_t.json").read_text()
@@ -393,8 +428,187 @@ def test_the_p_t_sweep_trains_one_proxy_per_value(suite, capsys):
     points = json.loads((out / "sweep_temperature-v2.json").read_text())["points"]
     assert [p["value"] for p in points] == [0.5, 1.0] and all(p["episodes"] == 20 for p in points)  # 2 seeds pooled
     assert all(len(p["seed_gold_means"]) == 2 and p["gold_mean"] == pytest.approx(np.mean(p["seed_gold_means"]))
-               for p in points)
+               and p["seed_gold_sd"] == pytest.approx(np.std(p["seed_gold_means"], ddof=1)) for p in points)
     assert (out / "sweep_temperature-v2.md").is_file() and (out / "sweep_p_t.json").read_text() == before
+
+
+# ---------------------------------------------------------------------------- seeds, ranks, over-optimisation
+
+SEEDED_METHODS = [
+    {"name": "greedy", "kind": "greedy"},
+    {"name": "nucleus", "kind": "nucleus", "params": {"top_p": 0.95}},            # bench.seeds: 3 runs
+    {"name": "top_k", "kind": "top_k", "params": {"top_k": 5}, "seeds": [7]},     # its own seeds
+    {"name": "args_greedy", "kind": "args", "params": {"k": 4, "w": 1.5}, "seeds": [4, 5]},  # deterministic
+    {"name": "nucleus_p1", "kind": "nucleus", "params": {"top_p": 1.0}},
+    {"name": "best_of_2", "kind": "best_of_n", "params": {"n": 2}},
+    {"name": "proxy", "kind": "proxy", "seeds": [0, 1]},                           # two trained proxies
+]
+
+
+@pytest.fixture(scope="module")
+def seeded(suite):
+    """The suite's task with several seeds (6 prompts): records of every seed through `llm-envs bench`.
+    Shares the suite's runs folder, so the proxy of seed 0 is the suite's (reused, not retrained)."""
+    from benchmarks.cli import main
+
+    config, _ = suite
+    data = yaml.safe_load(config.read_text())
+    data["bench"].update(suite="seeded", num_prompts=6, seeds=[0, 1, 2], methods=SEEDED_METHODS,
+                         sweep={**data["bench"]["sweep"], "seeds": [0, 1, 2]})
+    path = config.parent / "seeded.yaml"
+    path.write_text(yaml.safe_dump(data))
+    assert main(["bench", "--config", str(path)]) == 0
+    return path, config.parent / "results" / "seeded"
+
+
+def _by_seed(episodes: list[dict]) -> dict[int, list[dict]]:
+    out: dict[int, list[dict]] = {}
+    for e in episodes:
+        out.setdefault(e["seed"], []).append(e)
+    return out
+
+
+def test_a_rows_seed_mean_equals_the_mean_of_its_seeds_records(seeded):
+    _, out = seeded
+    board = json.loads((out / "leaderboard.json").read_text())
+    rows = {r["method"]: r for r in board["rows"]}
+    for name in ("nucleus", "proxy"):
+        groups = _by_seed(_records(out, name))
+        row = rows[name]
+        assert row["seeds"] == sorted(groups) and row["episodes"] == 6 * len(groups) > 6
+        for key, prefix in (("reward", "reward"), ("gold", "gold")):
+            means = [np.mean([e[key] for e in groups[s]]) for s in sorted(groups)]
+            assert row[f"seed_{prefix}_means"] == pytest.approx(means)
+            assert row[f"{key}_mean"] == pytest.approx(np.mean(means))
+            assert row[f"seed_{prefix}_sd"] == pytest.approx(np.std(means, ddof=1))
+            per_prompt = [np.mean([e[key] for g in groups.values() for e in g if e["index"] == i]) for i in range(6)]
+            assert row[f"{key}_ci95"] == pytest.approx(1.96 * np.std(per_prompt, ddof=1) / math.sqrt(6))
+    nucleus = _by_seed(_records(out, "nucleus"))
+    assert sorted(nucleus) == [0, 1, 2]
+    assert len({tuple(e["response"] for e in nucleus[s]) for s in nucleus}) == 3  # the seeds really sample anew
+    table = (out / "leaderboard.md").read_text()
+    assert f"{rows['nucleus']['gold_mean']:+.3f} ± {rows['nucleus']['gold_ci95']:.2f} " \
+           f"(sd {rows['nucleus']['seed_gold_sd']:.2f})" in table
+    assert "sample standard deviation of the seed means" in table
+
+
+def test_per_method_seeds_deterministic_rows_and_trained_seeds(seeded, suite):
+    _, out = seeded
+    rows = {r["method"]: r for r in json.loads((out / "leaderboard.json").read_text())["rows"]}
+    assert rows["top_k"]["seeds"] == [7] and rows["top_k"]["seed_gold_sd"] is None  # its own seeds; no spread
+    assert rows["greedy"]["seeds"] == [0] and rows["greedy"]["episodes"] == 6        # deterministic: run once
+    assert rows["args_greedy"]["seeds"] == [4] and rows["args_greedy"]["episodes"] == 6
+    # A trained method trains one model per seed, each in a run directory of its own; seed 0's is the
+    # one the single-seed suite trained (train.seed = 0), reused.
+    meta = json.loads((out / "records" / "proxy.json").read_text())
+    assert meta["records_format"] == 2 and meta["seeds"] == [0, 1]
+    dirs = [run["info"]["run_dir"] for run in meta["runs"]]
+    single = json.loads((suite[1] / "records" / "proxy.json").read_text())["runs"][0]["info"]["run_dir"]
+    assert len(set(dirs)) == 2 and dirs[0] == single
+    assert rows["proxy"]["train_seconds"] == pytest.approx(np.mean([r["train_seconds"] for r in meta["runs"]]))
+
+
+def test_seeds_of_a_method_follow_its_kind():
+    from benchmarks.bench.config import BenchConfig, MethodConfig
+    from benchmarks.bench.seeds import evaluation_seed, method_seeds, seeded_method
+
+    bench = BenchConfig(seeds=(3, 4))
+    assert method_seeds(MethodConfig(name="g", kind="greedy", seeds=(5, 6)), bench) == (5,)
+    assert method_seeds(MethodConfig(name="a", kind="args", params={"mode": "stochastic"}), bench) == (3, 4)
+    assert method_seeds(MethodConfig(name="a", kind="args", params={"w": 1.0}), bench) == (3,)  # greedy by default
+    assert seeded_method(MethodConfig(name="p", kind="rrhf", params={"lr": 1e-3}), 4).params == {"lr": 1e-3, "seed": 4}
+    assert seeded_method(MethodConfig(name="n", kind="nucleus"), 4).params == {}  # a sampling seed only
+    assert evaluation_seed(0) == 0 and evaluation_seed(1) >= 100_000  # seeds never share a prompt's stream
+
+
+def test_records_of_format_1_read_as_seed_0_and_newer_ones_are_refused(tmp_path):
+    from benchmarks.bench.records import read_method_records
+
+    folder = tmp_path / "records"
+    folder.mkdir()
+    (folder / "old.jsonl").write_text(json.dumps({"index": 0, "reward": 1.0}) + "\n")
+    (folder / "old.json").write_text(json.dumps({"name": "old", "episodes": 1, "generate_seconds": 2.0,
+                                                 "train_seconds": 0.0, "info": {}}))
+    episodes, meta = read_method_records(tmp_path, "old")
+    assert episodes == [{"index": 0, "reward": 1.0, "seed": 0}] and meta["seeds"] == [0]
+    assert meta["runs"][0]["generate_seconds"] == 2.0
+    (folder / "old.json").write_text(json.dumps({"records_format": 99, "episodes": 1}))
+    with pytest.raises(ValueError, match="records format 99, newer than .* rerun the method"):
+        read_method_records(tmp_path, "old")
+
+
+def test_rank_columns_order_by_gold_and_by_rm(seeded):
+    from benchmarks.bench.leaderboard import ranks
+
+    assert ranks([0.5, 0.9, 0.5, None, 0.1]) == [2, 1, 2, None, 4]  # ties share the better rank (1, 2, 2, 4)
+    _, out = seeded
+    rows = json.loads((out / "leaderboard.json").read_text())["rows"]
+    for key, rank in (("gold_mean", "rank_gold"), ("reward_mean", "rank_rm")):
+        assert [r[rank] for r in sorted(rows, key=lambda r: -r[key])] == sorted(r[rank] for r in rows)
+        assert min(r[rank] for r in rows) == 1
+    header = (out / "leaderboard.md").read_text().split("\n| method |")[1].split("\n")[0]
+    assert "| rank gold | rank RM |" in header
+
+
+def test_the_best_of_n_sweep_samples_once_and_nests(seeded):
+    """n=k picks best-of-k among the first k of one draw, and equals the leaderboard's best-of-k (and n=1
+    plain p=1 sampling) with the same seed: one candidate set serves every n."""
+    from agents.decoding import best_index
+    from benchmarks.cli import main
+
+    config, out = seeded
+    assert main(["bench", "--config", str(config), "--sweep", "best_of_n", "bench.sweep.best_of_n=[1, 2, 4]"]) == 0
+    sweep = json.loads((out / "sweep_best_of_n.json").read_text())
+    assert [p["value"] for p in sweep["points"]] == [1, 2, 4]
+    candidates = {s: [json.loads(line) for line in (out / "sweep_best_of_n" / "records" / f"candidates-seed{s}.jsonl")
+                      .read_text().splitlines()] for s in (0, 1, 2)}
+    assert all(len(c["responses"]) == 4 for records in candidates.values() for c in records)  # max n drawn, once
+    for point in sweep["points"]:
+        n = point["value"]
+        picks = {s: [c["rewards"][best_index(c["pick_scores"][:n])] for c in records] for s, records in candidates.items()}
+        assert point["seed_reward_means"] == pytest.approx([np.mean(picks[s]) for s in (0, 1, 2)])
+        assert point["rm_calls_per_response"] == n
+    for name, n in (("nucleus_p1", 1), ("best_of_2", 2)):  # the leaderboard's rows, same seeds: same responses
+        board = _by_seed(_records(out, name))
+        for s, records in candidates.items():
+            assert [e["response"] for e in board[s]] == [c["responses"][best_index(c["pick_scores"][:n])]
+                                                         for c in records]
+    assert (out / "sweep_best_of_n.png").stat().st_size > 10_000
+    md = (out / "sweep_best_of_n.md").read_text()
+    assert "| rank RM | rank gold | peak |" in md and ("peaks before RM" in md or "both peak" in md or "before gold" in md)
+    # A rerun reuses the candidates (from the records) and gives the same table.
+    stamps = {p.name: p.stat().st_mtime_ns for p in (out / "sweep_best_of_n" / "records").iterdir()}
+    assert main(["bench", "--config", str(config), "--sweep", "best_of_n", "bench.sweep.best_of_n=[1, 2, 4]"]) == 0
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "sweep_best_of_n" / "records").iterdir()} == stamps
+    assert json.loads((out / "sweep_best_of_n.json").read_text())["points"] == sweep["points"]
+    # A smaller grid is served by the first candidates of the larger draw.
+    assert main(["bench", "--config", str(config), "--sweep", "best_of_n", "bench.sweep.best_of_n=[2, 1]"]) == 0
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "sweep_best_of_n" / "records").iterdir()} == stamps
+    smaller = json.loads((out / "sweep_best_of_n.json").read_text())["points"]
+    assert [p["reward_mean"] for p in smaller] == [p["reward_mean"] for p in sweep["points"][:2]]
+
+
+def test_the_args_w_sweep_end_to_end(seeded):
+    from benchmarks.cli import main
+
+    config, out = seeded
+    args = ["bench", "--config", str(config), "--sweep", "args_w", "bench.sweep.args_w=[3, 0]", "bench.sweep.args_k=4"]
+    assert main(args) == 0
+    sweep = json.loads((out / "sweep_args_w.json").read_text())
+    points = {p["value"]: p for p in sweep["points"]}
+    assert list(points) == [0, 3] and all(p["seeds"] == [0] for p in points.values())  # deterministic: one run
+    for w, p in points.items():
+        episodes = _records(out / "sweep_args_w", f"args-w{w:g}")
+        assert p["gold_mean"] == pytest.approx(np.mean([e["gold"] for e in episodes]))
+        assert p["reward_mean"] == pytest.approx(np.mean([e["reward"] for e in episodes]))
+    greedy = _records(out / "sweep_args_w", "greedy")
+    assert [e["response"] for e in _records(out / "sweep_args_w", "args-w0")] == [e["response"] for e in greedy]
+    assert {p["rank_rm"] for p in points.values()} <= {1, 2} and sweep["peaks"]["rm_peak"] in points
+    md = (out / "sweep_args_w.md").read_text()
+    assert "| 3 |" in md and "ARGS-greedy (k = 4)" in md and (out / "sweep_args_w.png").is_file()
+    stamps = {p.name: p.stat().st_mtime_ns for p in (out / "sweep_args_w" / "records").iterdir()}
+    assert main(args) == 0  # from the records: nothing reruns
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "sweep_args_w" / "records").iterdir()} == stamps
 
 
 # ---------------------------------------------------------------------------- results survive crashes and races

@@ -77,6 +77,24 @@ def test_best_of_n_keeps_the_best_sample(lm, prompts) -> None:
         make_decoder("nucleas", model, tokenizer=tok)
 
 
+def test_best_of_n_candidates_are_nested_and_the_first_is_the_nucleus_sample(lm, prompts) -> None:
+    """Candidate j has a seed of its own, so best-of-k draws the first k of best-of-n's candidates
+    and candidate 0 is the nucleus sample of the same seed: one draw of the largest n serves every n."""
+    model, tok = lm
+    length = lambda ps, rs: [float(len(r.split())) for r in rs]  # noqa: E731
+    ids = encode_prompts(tok, prompts)
+    four = BestOfNDecoder(model, tok, reward=length, n=4, batch_size=3).candidates(ids, 12, seed=5)
+    two = BestOfNDecoder(model, tok, reward=length, n=2, batch_size=3).candidates(ids, 12, seed=5)
+    assert [rows[:2] for rows in four] == two
+    assert len({tuple(r) for rows in four for r in rows}) > len(prompts)  # the candidates differ
+    nucleus = NucleusDecoder(model, tok, top_p=1.0, batch_size=3).generate(prompts, max_new_tokens=12, seed=5)
+    assert [rows[0] for rows in four] == [g.response_ids for g in nucleus]
+    kept = BestOfNDecoder(model, tok, reward=length, n=4, batch_size=3, keep_candidates=True)
+    gens = kept.generate(prompts, max_new_tokens=12, seed=5)
+    assert [g.extra["candidate_ids"] for g in gens] == four
+    assert all(g.response_ids == g.extra["candidate_ids"][g.extra["picked"]] for g in gens)
+
+
 def test_diverse_beam_search(lm, prompts) -> None:
     model, tok = lm
     ids = encode_prompts(tok, prompts)

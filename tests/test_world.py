@@ -1,4 +1,4 @@
-"""The embedded world: headroom, determinism, the gold judge, loading, atomic builds, CLI."""
+"""The embedded world: headroom, reproducible builds and hashes, the gold judge, loading, atomic builds, CLI."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ import torch
 
 from llm_envs import world as world_module
 from llm_envs.models import load_causal_lm, load_reward_model, load_tokenizer
-from llm_envs.world import BEST_GOLD, WORLD_PRESETS, build_world, gold_score, load_world
+from llm_envs.world import BEST_GOLD, BUILD_INFO, WORLD_PRESETS, build_world, gold_score, load_world, world_hash
 from llm_envs.world import grammar
-from llm_envs.world.build import WorldSpec
+from llm_envs.world.build import WorldSpec, build_vocab, pinned_torch, train_tokenizer
 
 
 # ----------------------------------------------------------------------------- headroom
@@ -41,30 +41,107 @@ def test_splits_are_disjoint_and_cover_every_task(test_world):
     assert {find_task(p) for p in test} == all_tasks
 
 
-# ----------------------------------------------------------------------------- determinism
+# ----------------------------------------------------------------------------- reproducible builds
 
 
 def _digest(path: Path) -> dict[str, str]:
+    """sha256 of every world file but build_info.json (the one machine- and time-dependent file)."""
     return {
         str(f.relative_to(path)): hashlib.sha256(f.read_bytes()).hexdigest()
         for f in sorted(path.rglob("*"))
-        if f.is_file() and f.name != "report.json"
+        if f.is_file() and f.name != BUILD_INFO
     }
 
 
-def test_build_is_deterministic_for_a_seed(tmp_path, monkeypatch):
+def test_a_rebuild_of_the_test_world_is_byte_identical(test_world, test_world_rebuild):
+    """The same preset and seed, built again in a fresh cache by another process (another hash
+    seed, another default thread count; see conftest's `BackgroundBuild`), gives the same bytes
+    in every file but build_info.json, and so the same hash."""
+    again = Path(test_world_rebuild["path"])
+    assert again != test_world.path and again.name == test_world.path.name
+    assert _digest(again) == _digest(test_world.path)  # names each differing file, if any
+    assert test_world_rebuild["world_hash"] == test_world.hash == test_world.recorded_hash
+    assert test_world_rebuild["hash_matches_build"]
+    spec_threads = WORLD_PRESETS["test"].torch_threads
+    assert test_world_rebuild["torch_threads"] == test_world.build_info["torch_threads"] == spec_threads
+
+
+def test_another_seed_gives_another_world(tmp_path, monkeypatch):
     micro = WorldSpec(num_test_prompts=48, sft_dialogues=500, rm_pairs=200, heldout_pairs=50,
                       n_embd=32, n_layer=1, n_head=2, sft_steps=15, rm_steps=10, nucleus_samples=2)
     monkeypatch.setitem(WORLD_PRESETS, "micro", micro)
-    a = build_world("micro", seed=3, cache_dir=tmp_path / "a", progress=False)
-    b = build_world("micro", seed=3, cache_dir=tmp_path / "b", progress=False)
-    c = build_world("micro", seed=4, cache_dir=tmp_path / "c", progress=False)
-    assert _digest(a.path) == _digest(b.path)
-    assert _digest(a.path) != _digest(c.path)
-    ra, rb = dict(a.report), dict(b.report)
-    for r in (ra, rb):
-        r.pop("seconds"), r.pop("stage_seconds"), r.pop("path")
-    assert ra == rb
+    a = build_world("micro", seed=3, cache_dir=tmp_path, progress=False)
+    b = build_world("micro", seed=4, cache_dir=tmp_path, progress=False)
+    assert a.hash != b.hash and a.hash == a.recorded_hash
+    assert _digest(a.path)["lm/model.safetensors"] != _digest(b.path)["lm/model.safetensors"]
+
+
+def test_the_report_holds_only_deterministic_figures_and_build_info_the_rest(test_world):
+    for key in ("path", "seconds", "stage_seconds", "torch_threads", "world_hash", "built_at"):
+        assert key not in test_world.report and key in test_world.build_info
+    assert test_world.build_info["path"] == str(test_world.path)
+    spec = json.loads((test_world.path / "spec.json").read_text())
+    assert spec["torch_threads"] == WORLD_PRESETS["test"].torch_threads  # the build's pinned count is in the spec
+    assert test_world.build_info["torch_threads"] == spec["torch_threads"]  # ... and is what it ran with
+
+
+def test_the_world_hash_covers_every_file_but_build_info(tmp_path):
+    (tmp_path / "lm").mkdir()
+    (tmp_path / "lm" / "weights.bin").write_bytes(b"\x00\x01")
+    (tmp_path / "report.json").write_text("{}")
+    (tmp_path / BUILD_INFO).write_text('{"seconds": 1}')
+    first = world_hash(tmp_path)
+    assert len(first) == 64 and first == world_hash(tmp_path)
+    (tmp_path / BUILD_INFO).write_text('{"seconds": 2, "path": "elsewhere"}')
+    assert world_hash(tmp_path) == first  # timings and paths are not part of a world
+    (tmp_path / "lm" / "weights.bin").write_bytes(b"\x00\x02")
+    assert world_hash(tmp_path) != first  # one byte of one file is
+    second = world_hash(tmp_path)
+    (tmp_path / "lm" / "weights.bin").rename(tmp_path / "lm" / "weights2.bin")
+    assert world_hash(tmp_path) != second  # so is a file's name
+    with pytest.raises(FileNotFoundError, match="llm-envs world build"):
+        world_hash(tmp_path / "missing")
+
+
+def test_world_hash_is_recomputed_so_an_edited_world_shows(test_world, tmp_path):
+    import shutil
+
+    copy = tmp_path / "world" / test_world.path.name
+    shutil.copytree(test_world.path, copy)
+    assert load_world("test", 0, cache_dir=tmp_path, build=False).hash == test_world.hash
+    (copy / "prompts_test.jsonl").write_text('{"prompt": "Human: hi ? Assistant:", "task": "x"}\n')
+    edited = load_world("test", 0, cache_dir=tmp_path, build=False)
+    assert edited.hash != edited.recorded_hash and not edited.summary()["hash_matches_build"]
+
+
+def test_the_vocabulary_is_independent_of_text_order_and_ties_are_alphabetical():
+    texts = ["zeta beta . alpha", "beta gamma .", "delta beta . . epsilon", "Human: alpha ?"]
+    vocab = build_vocab(texts)
+    assert list(vocab)[:3] == ["<pad>", "<|endoftext|>", "<unk>"] and list(vocab.values()) == list(range(len(vocab)))
+    # counts: "." 4, beta 3, alpha 2, then six words once each, in code-point order
+    assert list(vocab)[3:] == [".", "beta", "alpha", "?", "Human:", "delta", "epsilon", "gamma", "zeta"]
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        shuffled = [texts[i] for i in rng.permutation(len(texts))]
+        assert build_vocab(shuffled) == vocab
+    a, b = train_tokenizer(texts), train_tokenizer(list(reversed(texts)))
+    assert a.backend_tokenizer.to_str() == b.backend_tokenizer.to_str()
+    assert a.get_vocab() == vocab and a.eos_token_id == 1 and a.pad_token_id == 0
+    assert a.decode(a("beta zeta ?", add_special_tokens=False)["input_ids"]) == "beta zeta ?"
+
+
+def test_pinned_torch_restores_the_callers_settings():
+    before = torch.get_num_threads()
+    other = 2 if before == 1 else 1
+    with pinned_torch(other):
+        assert torch.get_num_threads() == other and torch.are_deterministic_algorithms_enabled()
+    assert torch.get_num_threads() == before and not torch.are_deterministic_algorithms_enabled()
+    with pytest.raises(RuntimeError, match="boom"), pinned_torch(other):
+        raise RuntimeError("boom")
+    assert torch.get_num_threads() == before and not torch.are_deterministic_algorithms_enabled()
+    with pytest.raises(ValueError, match="torch_threads=0"):
+        WorldSpec(num_test_prompts=48, sft_dialogues=1, rm_pairs=1, heldout_pairs=1, n_embd=8, n_layer=1,
+                  n_head=1, sft_steps=1, rm_steps=1, torch_threads=0)
 
 
 def test_a_failed_build_leaves_nothing_behind(tmp_path, monkeypatch):
@@ -165,12 +242,23 @@ def test_cache_root_follows_the_environment(tmp_path, monkeypatch):
     assert world_module.world_dir("test", 1).is_relative_to(tmp_path / "x")
 
 
-def test_cli_world_build_json_prints_one_object(test_world, world_cache, capsys):
+def test_cli_world_build_and_info_json_print_one_object_with_the_hash(test_world, world_cache, capsys):
     from benchmarks.cli import main
 
-    assert main(["world", "build", "--preset", "test", "--cache-dir", str(world_cache), "--json"]) == 0
-    report = json.loads(capsys.readouterr().out)
-    for key in ("greedy_low_gold_frac", "nucleus_best_gold_frac", "rm_gold_agreement",
-                "decision_positions", "sizes", "seconds", "path"):
-        assert key in report
-    assert report == test_world.report
+    for command in ("build", "info"):
+        assert main(["world", command, "--preset", "test", "--cache-dir", str(world_cache), "--json"]) == 0
+        summary = json.loads(capsys.readouterr().out)
+        for key in ("greedy_low_gold_frac", "nucleus_best_gold_frac", "rm_gold_agreement",
+                    "decision_positions", "sizes", "seconds", "path", "world_hash"):
+            assert key in summary
+        assert summary == test_world.summary()
+        assert summary["world_hash"] == test_world.hash and summary["hash_matches_build"]
+        assert {k: summary[k] for k in test_world.report} == test_world.report
+
+
+def test_cli_world_info_shows_the_hash(test_world, world_cache, capsys):
+    from benchmarks.cli import main
+
+    assert main(["world", "info", "--preset", "test", "--cache-dir", str(world_cache)]) == 0
+    out = capsys.readouterr().out
+    assert f"hash {test_world.hash}" in out and "warning" not in out

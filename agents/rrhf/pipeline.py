@@ -157,7 +157,8 @@ def run(cfg: RRHFConfig, task: Task | None = None, stages: Sequence[str] = STAGE
     state.wait_for_everyone()  # the main process builds the world if needed, the others then load it
     sources = sources or resolve_sources(cfg, task, with_eval=with_eval)
     summary: dict[str, Any] = {"output_dir": str(out), "lm": sources.lm, "reward": sources.reward,
-                               "train_prompts": len(sources.train_prompts), "world": sources.world_path}
+                               "train_prompts": len(sources.train_prompts), "world": sources.world_path,
+                               "world_hash": sources.world_hash}
     outputs = {"sample": out / SAMPLES_FILE, "score": out / SCORED_FILE,
                "train": out / MODEL_DIR / DONE_FILE, "eval": out / EVAL_FILE}
     for stage in (s for s in STAGES if s in stages):

@@ -38,6 +38,7 @@ class Sources:
     device: str = "auto"
     gold: Callable[[list[str], list[str]], Sequence[float]] | None = None
     world_path: str | None = None
+    world_hash: str | None = None  # the world's content hash when the task uses the world
     notes: dict[str, Any] = field(default_factory=dict)
 
 
@@ -55,7 +56,8 @@ def resolve_sources(cfg: RRHFConfig, task: Task, *, with_eval: bool = True) -> S
         eval_prompts = load_prompts(resolved.eval_prompts, num_prompts=cfg.eval_num_prompts, seed=cfg.seed).prompts
     return Sources(lm=resolved.lm, reward=resolved.reward, train_prompts=prompt_set.prompts,
                    dataset_responses=responses, eval_prompts=eval_prompts, device=task.device, gold=resolved.gold,
-                   world_path=resolved.world_path, notes={"dropped_too_long": prompt_set.dropped_too_long})
+                   world_path=resolved.world_path, world_hash=resolved.world_hash,
+                   notes={"dropped_too_long": prompt_set.dropped_too_long})
 
 
 def load_dataset_responses(path: str, prompts: list[str], per_prompt: int) -> dict[str, list[str]]:

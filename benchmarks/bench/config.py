@@ -12,6 +12,7 @@ the command line's); the quick suite writes to `<suite>-quick` so it never overw
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import textwrap
 import typing
@@ -27,11 +28,24 @@ from llm_envs.config import ConfigError, did_you_mean, from_dict, parse_override
 from llm_envs.task import Task
 
 METHOD_KINDS = ("greedy", "top_k", "nucleus", "best_of_n", "args", "proxy", "choice_proxy", "rrhf", "custom")
-SWEEPS = ("p_t", "temperature")
+SWEEPS = ("p_t", "temperature", "best_of_n", "args_w")
+TRAINED_KINDS = ("proxy", "choice_proxy", "rrhf")  # a seed is their training seed (train.seed / rrhf.seed)
 
 
 def _help(text: str) -> dict[str, str]:
     return {"help": text}
+
+
+# A run with seed s samples with harness seed s * 1_000_000 (benchmarks.bench.seeds), which must stay below
+# 2**32: torch's CPU generator keeps only a seed's low 32 bits.
+MAX_SEED = 4294
+
+
+def check_seeds(where: str, seeds: Sequence[int]) -> None:
+    """Seeds are distinct ints in [0, MAX_SEED], at least one (numpy's generators refuse negative seeds)."""
+    if not seeds or len(set(seeds)) != len(seeds) or any(not 0 <= s <= MAX_SEED for s in seeds):
+        raise ValueError(f"{where}={list(seeds)}; expected distinct non-negative int seeds up to {MAX_SEED}, at "
+                         "least one, e.g. [0, 1, 2].")
 
 
 @dataclass(frozen=True)
@@ -51,6 +65,10 @@ class MethodConfig:
     entry: str | None = field(default=None, metadata=_help(
         "custom only: 'module:Class' of a Decoder (generate(prompts, max_new_tokens=, seed=)) or a "
         "PolicyAgent (predict(obs, action_masks, deterministic)) played on TokenAccept-v0"))
+    seeds: tuple[int, ...] | None = field(default=None, metadata=_help(
+        "this row's seeds (null = bench.seeds): a trained method (proxy, rrhf, a custom class that takes `seed`) "
+        "trains one model per seed and samples its evaluation with it; a sampling method samples once per seed; "
+        "a deterministic method (greedy, ARGS greedy) runs once, with the first"))
 
     def __post_init__(self) -> None:
         if not self.name or any(c in self.name for c in "/\\ ") or self.name.startswith("."):
@@ -65,19 +83,37 @@ class MethodConfig:
         if self.entry is not None and ":" not in self.entry:
             raise ValueError(f"method {self.name!r}: entry={self.entry!r}; expected 'module:Class', e.g. "
                              "'my_package.agents:MyAgent'.")
+        if self.seeds is not None:
+            check_seeds(f"method {self.name!r}: seeds", self.seeds)
+        if self.kind in TRAINED_KINDS and "seed" in self.params and self.seeds != (self.params["seed"],):
+            raise ValueError(f"method {self.name!r}: params.seed={self.params['seed']!r}; a trained method's "
+                             f"training seed is each of its seeds. Write seeds: [{self.params['seed']}] instead.")
 
 
 @dataclass(frozen=True)
 class SweepConfig:
-    """The paper's hyper-parameter study of the proxy (Proxy-RLHF Fig. 3, Table 2)."""
+    """The proxy's hyper-parameter study (Proxy-RLHF Fig. 3, Table 2) and the over-optimisation sweeps
+    (best-of-n's n, ARGS's w: RM reward and gold side by side)."""
 
     p_t: tuple[float, ...] = field(default=(0.1, 0.01, 0.001, 0.0001), metadata=_help("SKAM thresholds swept"))
     temperature: tuple[float, ...] = field(default=(0.25, 0.5, 0.75, 1.0), metadata=_help("temperatures swept"))
     total_timesteps: int | None = field(default=None, metadata=_help(
         "proxy training steps per point (null = train.total_timesteps)"))
+    best_of_n: tuple[int, ...] = field(default=(1, 2, 4, 8, 16, 32, 64), metadata=_help(
+        "n values of --sweep best_of_n: max(n) nucleus samples are drawn once per prompt and seed, and best-of-k "
+        "picks among the first k (the candidates are nested), so the grid costs one best-of-max(n) draw"))
+    best_of_n_top_p: float = field(default=1.0, metadata=_help(
+        "top_p of the best-of-n sweep's samples (1.0 = plain sampling, as the leaderboard's best_of rows)"))
+    best_of_n_temperature: float = field(default=1.0, metadata=_help("temperature of the best-of-n sweep's samples"))
+    args_w: tuple[float, ...] = field(default=(0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 5.0, 8.0), metadata=_help(
+        "reward weights w of --sweep args_w (ARGS-greedy: argmax over the top-k of logit + w * RM; w = 0 is "
+        "greedy decoding)"))
+    args_k: int = field(default=10, metadata=_help("candidates per step k of the ARGS-greedy w sweep (the paper's 10)"))
     seeds: tuple[int, ...] = field(default=(0,), metadata=_help(
-        "training seeds per point (train.seed); a point pools the episodes of all its seeds and reports the "
-        "spread of the per-seed means (PPO runs differ by seed more than by many settings)"))
+        "seeds per point: the proxy sweeps (p_t, temperature) train one proxy per seed (train.seed) and sample "
+        "its evaluation with it; the best-of-n sweep samples once per seed; ARGS-greedy is deterministic and "
+        "runs once. A point is the mean over its seeds' means, with their spread (PPO runs differ by seed more "
+        "than by many settings)"))
     tag: str | None = field(default=None, metadata=_help(
         "suffix of the sweep's output names, keeping variants apart: e.g. `--sweep p_t train.env.top_p=1.0 "
         "bench.sweep.tag=top_p1` writes sweep_p_t-top_p1.*"))
@@ -89,8 +125,17 @@ class SweepConfig:
             raise ValueError(f"sweep.temperature={list(self.temperature)}; expected values > 0.")
         if self.total_timesteps is not None and self.total_timesteps < 1:
             raise ValueError(f"sweep.total_timesteps={self.total_timesteps}; expected a positive int or null.")
-        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
-            raise ValueError(f"sweep.seeds={list(self.seeds)}; expected distinct seeds, at least one.")
+        check_seeds("sweep.seeds", self.seeds)
+        if not self.best_of_n or len(set(self.best_of_n)) != len(self.best_of_n) or min(self.best_of_n) < 1:
+            raise ValueError(f"sweep.best_of_n={list(self.best_of_n)}; expected distinct positive ints, e.g. "
+                             "[1, 2, 4, 8, 16, 32, 64].")
+        if not 0 < self.best_of_n_top_p <= 1 or not self.best_of_n_temperature > 0:
+            raise ValueError(f"sweep.best_of_n_top_p={self.best_of_n_top_p}, best_of_n_temperature="
+                             f"{self.best_of_n_temperature}; expected top_p in (0, 1] and a temperature > 0.")
+        if not self.args_w or len(set(self.args_w)) != len(self.args_w) or not all(map(math.isfinite, self.args_w)):
+            raise ValueError(f"sweep.args_w={list(self.args_w)}; expected distinct finite weights, e.g. [0, 1.5, 3].")
+        if self.args_k < 1:
+            raise ValueError(f"sweep.args_k={self.args_k}; expected a positive int (the paper's 10).")
         if self.tag is not None and (not self.tag or any(c in self.tag for c in "/\\ ")):
             raise ValueError(f"sweep.tag={self.tag!r}; expected a name without spaces or slashes, or null.")
 
@@ -104,11 +149,20 @@ class BenchConfig:
     methods: tuple[MethodConfig, ...] = field(default=(), metadata=_help("the leaderboard's rows, in order"))
     num_prompts: int | None = field(default=None, metadata=_help(
         "a seeded sample of this many held-out prompts (null = all of task.eval_prompts)"))
-    seed: int = field(default=0, metadata=_help("seed of prompt sampling and of every sampling method"))
+    seed: int = field(default=0, metadata=_help(
+        "seed of the held-out prompt sample (bench.num_prompts); part of the records' fingerprint. The methods' "
+        "seeds are bench.seeds"))
+    seeds: tuple[int, ...] = field(default=(0,), metadata=_help(
+        "every row's seeds unless the row sets its own (methods[].seeds): trained methods (proxy, rrhf, a custom "
+        "class that takes `seed`) train one model per seed (seed s = train.seed / rrhf.seed / seed=s, so its own "
+        "run directory) and sample their "
+        "evaluation with it; sampling methods (top_k, nucleus, best_of_n, ARGS stochastic) sample once per seed; "
+        "greedy and ARGS greedy run once. A row is the mean over seeds of each seed's mean, with their spread"))
     batch_size: int = field(default=16, metadata=_help("prompts decoded side by side (env rows for RL agents)"))
     coherence_encoder: str | None = field(default=None, metadata=_help(
         "sentence encoder for coherence (hub name or dir, mean-pooled); null = the suite's LM, mean-pooled"))
-    sweep: SweepConfig = field(default_factory=SweepConfig, metadata=_help("the proxy's p_t / temperature sweeps"))
+    sweep: SweepConfig = field(default_factory=SweepConfig, metadata=_help(
+        "llm-envs bench --sweep p_t | temperature (the proxy) | best_of_n | args_w (over-optimisation)"))
     results_dir: str = field(default="results", metadata=_help(
         "root of the result folders, relative to the current directory (`--out DIR` sets it)"))
     runs_dir: str = field(default="runs", metadata=_help(
@@ -132,6 +186,7 @@ class BenchConfig:
             raise ValueError(f"bench.num_prompts={self.num_prompts}; expected a positive int or null.")
         if self.batch_size < 1:
             raise ValueError(f"bench.batch_size={self.batch_size}; expected a positive int.")
+        check_seeds("bench.seeds", self.seeds)
         if self.torch_threads is not None and self.torch_threads < 1:
             raise ValueError(f"bench.torch_threads={self.torch_threads}; expected a positive int or null.")
 
@@ -214,6 +269,23 @@ def describe_config(cfg: Any, prefix: str) -> list[str]:
         lines.append(f"{name} = {shown!r}{changed}   [{kind}]")
         if f.metadata.get("help"):
             lines.extend(textwrap.wrap(f.metadata["help"], 100, initial_indent="    ", subsequent_indent="    "))
+        item = next(iter(typing.get_args(hint)), None)
+        if typing.get_origin(hint) is tuple and dataclasses.is_dataclass(item):
+            lines.extend(describe_fields(item, f"{name}[]"))  # what each item (e.g. a method row) may set
+    return lines
+
+
+def describe_fields(cls: type, prefix: str) -> list[str]:
+    """One line per field of a dataclass type (its type, default and help), for list items."""
+    lines = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        hint = hints[f.name]
+        kind = hint.__name__ if isinstance(hint, type) else str(hint).replace("typing.", "")
+        default = "" if f.default is dataclasses.MISSING else f" (default: {f.default!r})"
+        lines.append(f"  {prefix}.{f.name}{default}   [{kind}]")
+        if f.metadata.get("help"):
+            lines.extend(textwrap.wrap(f.metadata["help"], 100, initial_indent="      ", subsequent_indent="      "))
     return lines
 
 

@@ -5,7 +5,9 @@
 - `reward_vs_compute.png`: mean gold (or RM) score against LM forwards and against seconds per
   response: what each method's quality costs;
 - `sweep_<param>.png` (`plot_sweep`): reward and gold against p_t or temperature, with the share of
-  irregular (repetitive) outputs, as in the paper's Fig. 3 and appendix C.
+  irregular (repetitive) outputs, as in the paper's Fig. 3 and appendix C;
+- `sweep_best_of_n.png`, `sweep_args_w.png` (`plot_overoptimisation`): mean RM reward and mean gold side
+  by side against n or w, each seed's mean as a dot, the peaks marked: the over-optimisation curve.
 """
 
 from __future__ import annotations
@@ -114,4 +116,44 @@ def plot_sweep(path: Path, param: str, points: Sequence[dict[str, Any]]) -> Path
     ax.legend(loc="lower left")
     ax.set_title(f"Proxy reward vs {param}")
     irregular.set_title("Irregular outputs (appendix C)")
+    return _save(fig, path)
+
+
+OVEROPTIMISATION_LABELS = {"best_of_n": "n (best-of-n; log scale)", "args_w": "w (ARGS-greedy reward weight)"}
+
+
+def _seed_dots(ax: Any, points: Sequence[dict[str, Any]], key: str, color: str) -> None:
+    """Each seed's own mean (the seed-to-seed spread), when there are several seeds."""
+    for p in points:
+        means = p.get(key) or []
+        if len(means) > 1:
+            ax.scatter([p["value"]] * len(means), means, s=12, color=color, alpha=0.4)
+
+
+def plot_overoptimisation(path: Path, param: str, points: Sequence[dict[str, Any]], peaks: dict[str, Any]) -> Path:
+    """RM reward (left) and gold (right) against n or w, error bars the 95% CI over prompts, a star on
+    each curve's peak and greedy as a dotted line: gold peaking before RM is over-optimisation."""
+    xs = [p["value"] for p in points]
+    panels = [("reward", "mean reward-model score", "tab:blue", "rm_peak")]
+    if all(p.get("gold_mean") is not None for p in points):
+        panels.append(("gold", "mean gold score", "tab:orange", "gold_peak"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
+    for ax, (key, label, color, peak_key) in zip(axes[0], panels):
+        means = [p[f"{key}_mean"] for p in points]
+        ax.errorbar(xs, means, yerr=[p[f"{key}_ci95"] for p in points], fmt="o-", color=color, capsize=3)
+        _seed_dots(ax, points, f"seed_{key}_means", color)
+        best = xs.index(peaks[peak_key])
+        ax.plot([xs[best]], [means[best]], marker="*", markersize=16, color="black", ls="none",
+                label=f"peak ({param} = {xs[best]:g})")
+        if points[0].get(f"greedy_{key}") is not None:
+            ax.axhline(points[0][f"greedy_{key}"], color="gray", ls=":", label="greedy")
+        if param == "best_of_n":
+            ax.set_xscale("log", base=2)
+            ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.set_xlabel(OVEROPTIMISATION_LABELS.get(param, param))
+        ax.set_ylabel(label)
+        ax.set_title(f"{'RM reward' if key == 'reward' else 'Gold'} vs {param}")
+        ax.grid(alpha=0.3)
+        ax.legend(loc="lower right")
+    fig.suptitle("Over-optimisation: RM reward and gold side by side (error bars: 95% CI over prompts)")
     return _save(fig, path)

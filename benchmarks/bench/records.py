@@ -1,9 +1,15 @@
 """Per-episode records of a suite, written atomically, one pair of files per method:
 
-- `records/<method>.jsonl`: one line per held-out prompt (prompt, response, RM reward, gold, diversity,
-  coherence, costs, and the method's own extras such as the proxy's rejections);
-- `records/<method>.json`: what the method as a whole cost (wall time, training time, trainable
-  parameters, peak memory), its settings, and the suite fingerprint it was run under.
+- `records/<method>.jsonl`: one line per seed and held-out prompt (its `seed`, prompt, response, RM
+  reward, gold, diversity, coherence, costs, and the method's own extras such as the proxy's
+  rejections), seeds in ascending order;
+- `records/<method>.json`: the method's settings, the suite fingerprint it was run under, its `seeds`,
+  and per seed (`runs`) what it cost: wall time, training time, trainable parameters, peak memory,
+  and the method's info (e.g. the proxy's run directory).
+
+Records format 2 (`records_format`) adds the seeds. Format 1 (before seeds: no `records_format`, no
+`seed` per episode) is read as one run with seed 0 (what every shipped suite ran it with:
+bench.seed = train.seed = rrhf.seed = 0); a newer format is refused with the fix.
 
 The leaderboard is computed from these files alone (`benchmarks.bench.leaderboard`), so it can be
 rebuilt, and a new method's row added, without rerunning the others.
@@ -26,6 +32,8 @@ from llm_envs.io import atomic_write_text
 
 RECORDS_DIR = "records"
 LOCK_FILE = ".lock"
+RECORDS_FORMAT = 2
+RUN_KEYS = ("generate_seconds", "train_seconds", "trainable_params", "peak_memory_mb", "info")  # per seed
 
 
 def results_lock(suite_dir: Path) -> FileLock:
@@ -43,9 +51,10 @@ def fingerprint(**settings: Any) -> str:
 def write_method_records(suite_dir: Path, name: str, episodes: Sequence[dict[str, Any]], meta: dict[str, Any]) -> None:
     """Replace a method's records (episodes first, then the meta that vouches for them)."""
     folder = suite_dir / RECORDS_DIR
+    meta = {"records_format": RECORDS_FORMAT, **meta, "episodes": len(episodes)}
     with results_lock(suite_dir):
         atomic_write_text(folder / f"{name}.jsonl", "".join(json.dumps(e) + "\n" for e in episodes))
-        atomic_write_text(folder / f"{name}.json", json.dumps({**meta, "episodes": len(episodes)}, indent=2))
+        atomic_write_text(folder / f"{name}.json", json.dumps(meta, indent=2))
 
 
 def read_method_records(suite_dir: Path, name: str) -> tuple[list[dict[str, Any]], dict[str, Any]] | None:
@@ -64,4 +73,18 @@ def read_method_records(suite_dir: Path, name: str) -> tuple[list[dict[str, Any]
     if len(episodes) != meta.get("episodes"):
         raise ValueError(f"{episodes_path} holds {len(episodes)} episodes but {meta_path} says {meta.get('episodes')}: "
                          f"the records are damaged; rerun the method (llm-envs bench --methods {name}).")
+    return _upgraded(meta_path, name, episodes, meta)
+
+
+def _upgraded(path: Path, name: str, episodes: list[dict[str, Any]], meta: dict[str, Any]
+              ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Records in the current format: format 1 becomes one run with seed 0 (see the module docstring)."""
+    version = meta.get("records_format", 1)
+    if version > RECORDS_FORMAT:
+        raise ValueError(f"{path} is in records format {version}, newer than this llm_envs reads ({RECORDS_FORMAT}); "
+                         f"upgrade llm_envs or rerun the method (llm-envs bench --methods {name}).")
+    if version == 1:
+        episodes = [{**e, "seed": 0} for e in episodes]
+        meta = {**meta, "records_format": RECORDS_FORMAT, "seeds": [0],
+                "runs": [{"seed": 0, **{k: meta.get(k) for k in RUN_KEYS}}]}
     return episodes, meta

@@ -1,9 +1,10 @@
 """`llm-envs bench`: every method on the same held-out prompts, scored by one reward wrapper.
 
 Read top to bottom: the task's context (LM, reward model, gold judge, held-out prompts) -> for each
-method: prepare (train or reuse), evaluate through the one harness (`agents.harness`: generate with a
-progress bar, score), write its records -> leaderboard from the records -> plots -> wandb -> print.
-See `benchmarks/bench/leaderboard.py` for every column.
+method and each of its seeds (`benchmarks.bench.seeds`): prepare (train or reuse), evaluate through
+the one harness (`agents.harness`: generate with a progress bar, score) -> write the method's records,
+every seed's -> leaderboard from the records -> plots -> wandb -> print. See
+`benchmarks/bench/leaderboard.py` for every column.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from benchmarks.bench.leaderboard import COLUMNS, build_leaderboard, format_cell
 from benchmarks.bench.methods import prepare_method
 from benchmarks.bench.plots import write_suite_plots
 from benchmarks.bench.records import fingerprint, read_method_records, results_lock, write_method_records
+from benchmarks.bench.seeds import evaluation_seed, method_seeds, seeded_method
 from benchmarks.provenance import provenance
 from llm_envs.config import ConfigError, save_config, to_dict
 from llm_envs.data import load_prompts
@@ -64,24 +66,42 @@ def suite_context(cfg: SuiteConfig) -> SuiteContext:
     lm, reward = display_name(ctx.lm_name), display_name(ctx.reward.name)
     settings = dict(prompts=prompts, lm=lm, reward=reward, max_new_tokens=task.max_new_tokens,
                     seed=bench.seed, gold=gold.name if gold else None, coherence=bench.coherence_encoder)
+    if sources.world_hash is not None:  # records made on another build of the world are not comparable
+        settings["world_hash"] = sources.world_hash
     header = {"suite": bench.suite, "num_prompts": len(prompts), "prompts": source.source or "a list",
               "max_new_tokens": task.max_new_tokens,
-              "lm": lm, "reward": reward, "gold": gold.name if gold else None, "seed": bench.seed}
+              "lm": lm, "reward": reward, "gold": gold.name if gold else None, "seed": bench.seed,
+              "seeds": list(bench.seeds), "world_hash": sources.world_hash}
     return SuiteContext(ctx, prompts, Scorer(ctx.reward, gold, encoder), fingerprint(**settings), header)
 
 
-def run_method(cfg: SuiteConfig, sc: SuiteContext, method: MethodConfig) -> None:
-    """Prepare (train or reuse), evaluate through the one harness, and write one method's records."""
+def run_seed(cfg: SuiteConfig, sc: SuiteContext, method: MethodConfig, seed: int
+             ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """One seed of a method: prepare (train or reuse its seed's model), evaluate with its sampling seed;
+    the episodes (each with its `seed`) and what the run cost."""
     bench = cfg.bench
-    prepared = prepare_method(method, cfg, sc.ctx)
+    prepared = prepare_method(seeded_method(method, seed), cfg, sc.ctx)
     evaluation = evaluate_decoder(prepared.decoder, sc.prompts, sc.scorer, max_new_tokens=cfg.task.max_new_tokens,
-                                  seed=bench.seed, chunk=4 * bench.batch_size, progress=bench.progress)
+                                  seed=evaluation_seed(seed), chunk=4 * bench.batch_size, progress=bench.progress)
+    run = {"seed": seed, "generate_seconds": evaluation.generate_seconds, "train_seconds": prepared.train_seconds,
+           "trainable_params": prepared.trainable_params, "peak_memory_mb": evaluation.peak_memory_mb,
+           "info": prepared.info, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    return [{**e, "seed": seed} for e in evaluation.episodes], run
+
+
+def run_method(cfg: SuiteConfig, sc: SuiteContext, method: MethodConfig) -> None:
+    """Run every seed of one method (`method_seeds`) and write its records, all seeds in one pair of files."""
+    episodes, runs = [], []
+    seeds = method_seeds(method, cfg.bench)
+    for seed in seeds:
+        if len(seeds) > 1 and cfg.bench.progress:
+            print(f"bench: {method.name} seed {seed}", file=sys.stderr)
+        mine, run = run_seed(cfg, sc, method, seed)
+        episodes += mine
+        runs.append(run)
     meta = {"name": method.name, "kind": method.kind, "params": method.params, "entry": method.entry,
-            "fingerprint": sc.fingerprint, "generate_seconds": evaluation.generate_seconds,
-            "train_seconds": prepared.train_seconds, "trainable_params": prepared.trainable_params,
-            "peak_memory_mb": evaluation.peak_memory_mb, "info": prepared.info,
-            "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    write_method_records(cfg.results_path, method.name, evaluation.episodes, meta)
+            "fingerprint": sc.fingerprint, "world_hash": sc.header.get("world_hash"), "seeds": list(seeds), "batch_size": cfg.bench.batch_size, "runs": runs}
+    write_method_records(cfg.results_path, method.name, episodes, meta)
 
 
 def log_to_wandb(cfg: SuiteConfig, rows: Sequence[dict[str, Any]], plots: Sequence[Path]) -> str | None:
@@ -95,7 +115,8 @@ def log_to_wandb(cfg: SuiteConfig, rows: Sequence[dict[str, Any]], plots: Sequen
     directory.mkdir(parents=True, exist_ok=True)
     run = wandb.init(project=bench.wandb_project, dir=str(directory), mode=bench.wandb_mode, name=f"bench-{bench.suite}",
                      config=to_dict(cfg), job_type="bench", reinit="finish_previous")
-    keys = ["method", "kind", *[k for k, _, _ in COLUMNS[1:]], "reward_ci95", "gold_ci95", "irregular_rate"]
+    keys = ["method", "kind", *[k for k, _, _ in COLUMNS[1:]], "reward_ci95", "gold_ci95", "seed_reward_sd",
+            "seed_gold_sd", "irregular_rate"]
     table = wandb.Table(columns=keys, data=[[row.get(k) for k in keys] for row in rows])
     run.log({"leaderboard": table, **{f"plots/{p.stem}": wandb.Image(str(p)) for p in plots}})
     location = str(Path(run.dir).parent)  # the run's folder (wandb sync takes it)
@@ -118,9 +139,10 @@ def print_leaderboard(rows: Sequence[dict[str, Any]], title: str) -> None:
 def finish_suite(cfg: SuiteConfig, sc: SuiteContext, *, verbose: bool = True) -> dict[str, Any]:
     """Leaderboard, config, provenance, plots and wandb from the records on disk."""
     suite_dir = cfg.results_path
-    rows, notes = build_leaderboard(suite_dir, [m.name for m in cfg.bench.methods], sc.fingerprint)
-    header = {**sc.header, "provenance": provenance(seed=cfg.bench.seed, train_seed=cfg.train.seed,
-                                                    rrhf_seed=cfg.rrhf.seed), "notes": notes}
+    seeds = {m.name: method_seeds(m, cfg.bench) for m in cfg.bench.methods}
+    rows, notes = build_leaderboard(suite_dir, [m.name for m in cfg.bench.methods], sc.fingerprint, seeds)
+    header = {**sc.header, "provenance": provenance(seed=cfg.bench.seed, seeds={k: list(v) for k, v in seeds.items()}),
+              "notes": notes}
     with results_lock(suite_dir):
         write_leaderboard(suite_dir, rows, header)
         save_config(cfg, suite_dir / "config.yaml")

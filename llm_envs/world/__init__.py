@@ -10,42 +10,65 @@ which every method can be trained and compared in minutes on a CPU:
 
 The cache lives in `$LLM_ENVS_CACHE/world/` (default `~/.cache/llm_envs/world/`, honouring
 `XDG_CACHE_HOME`), or wherever `cache_dir=` / `llm-envs world build --cache-dir` says.
+
+A build is byte-reproducible: the same preset and seed on the same kind of machine (CPU, library
+versions) writes the same bytes to every file but `build_info.json`, which holds what is
+machine- or time-dependent (where it lives, how long it took, the versions it was built with).
+`world_hash` (`World.hash`) names a world by those bytes, and results record it, so two results
+are comparable exactly when their worlds' hashes match.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import platform
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from functools import cached_property
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
 from transformers.utils import logging as hf_logging
 
-from llm_envs.io import atomic_replace_dir, default_cache_root  # re-exported: llm_envs.world.default_cache_root
-from llm_envs.world import grammar
+from llm_envs.io import (  # re-exported: llm_envs.world.default_cache_root
+    atomic_replace_dir,
+    default_cache_root,
+)
+from llm_envs.world import grammar_v2
 from llm_envs.world.build import (
     WorldSpec,
     make_preference_pairs,
     make_sft_corpus,
+    pinned_torch,
     train_reward_model,
     train_sft_lm,
     train_tokenizer,
 )
 from llm_envs.world.gold import BEST_GOLD, LOW_GOLD, gold_reward, gold_score
+from llm_envs.world.grammars import get_grammar
 from llm_envs.world.report import headroom_report
 
-WORLD_VERSION = 1  # bump when a build would change, so stale caches are never reused
+WORLD_VERSION = 2  # bump when a build would change, so stale caches are never reused
+BUILD_INFO = "build_info.json"  # the one world file outside the hash (machine- and time-dependent)
 
 WORLD_PRESETS: dict[str, WorldSpec] = {
     # The default world: what the envs, agents and benchmarks use.
     "default": WorldSpec(
         num_test_prompts=192, sft_dialogues=40_000, rm_pairs=12_000, heldout_pairs=1_000,
         n_embd=128, n_layer=2, n_head=4, sft_steps=1_000, rm_steps=300,
+    ),
+    # World v2 (the `v2` suite): answers of 32-70 words with five decisions (three depend on the
+    # prompt), an LM ~4x the default's, and a reward model trained on a biased labeller.
+    "v2": WorldSpec(
+        num_test_prompts=192, sft_dialogues=8_000, rm_pairs=4_000, heldout_pairs=1_000,
+        n_embd=160, n_layer=4, n_head=5, sft_steps=240, rm_steps=120, batch_size=32, lr=3e-3, rm_lr=1e-3,
+        n_positions=192, mixture=grammar_v2.Mixture(), grammar="v2", max_answer_tokens=80,
     ),
     # A smaller world for the test-suite: same grammar, built in seconds.
     "test": WorldSpec(
@@ -65,6 +88,8 @@ __all__ = [
     "gold_score",
     "load_world",
     "world_dir",
+    "world_gold",
+    "world_hash",
 ]
 
 
@@ -80,14 +105,61 @@ def _check_size(size: str) -> None:
         raise ValueError(f"world size {size!r} is unknown; expected one of {sorted(WORLD_PRESETS)}.")
 
 
+def world_hash(path: str | os.PathLike) -> str:
+    """sha256 (hex) of a world's files: every file's relative path and bytes, in sorted path
+    order, except `build_info.json` (machine- and time-dependent, and where this hash is recorded).
+
+    Each path and size is hashed before the file's bytes, so moving bytes from one file to
+    another changes the hash. Two builds with the same hash hold the same LM, RM, tokenizer,
+    prompts and report.
+    """
+    root = Path(path)
+    if not root.is_dir():
+        raise FileNotFoundError(f"world directory {root} does not exist; build it with `llm-envs world build`.")
+    digest = hashlib.sha256()
+    files = sorted((f.relative_to(root).as_posix(), f) for f in root.rglob("*") if f.is_file())
+    for relative, file in files:
+        if relative == BUILD_INFO:
+            continue
+        data = file.read_bytes()
+        digest.update(f"{relative}\0{len(data)}\0".encode("utf-8"))
+        digest.update(data)
+    return digest.hexdigest()
+
+
 @dataclass(frozen=True)
 class World:
-    """A built world on disk. Every path is a plain save_pretrained / JSONL artefact."""
+    """A built world on disk. Every path is a plain save_pretrained / JSONL artefact.
+
+    `report` (report.json) holds the build's deterministic figures; `build_info`
+    (build_info.json) what this machine and this run add: path, timings, versions, and the
+    hash recorded at build time.
+    """
 
     path: Path
     size: str
     seed: int
     report: dict[str, Any] = field(repr=False)
+    build_info: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    @cached_property
+    def hash(self) -> str:
+        """The world's hash (`world_hash`), recomputed from the files on first access (then
+        cached on this object), so a record never vouches for a world edited after its build;
+        it costs one read of the files (a few MB). `recorded_hash` is the build's own."""
+        return world_hash(self.path)
+
+    @property
+    def recorded_hash(self) -> str | None:
+        """The hash written at build time (build_info.json), or None if it has none."""
+        return self.build_info.get("world_hash")
+
+    def summary(self) -> dict[str, Any]:
+        """What `llm-envs world build/info --json` prints: the report, this build's machine facts
+        (path, timings, versions), `world_hash` as the files are now, and whether it is still
+        the hash the build recorded (False: the files were edited or damaged since)."""
+        return {**self.report, **self.build_info, "world_hash": self.hash,
+                "hash_matches_build": self.hash == self.recorded_hash}
 
     @property
     def lm_dir(self) -> Path:
@@ -107,10 +179,20 @@ class World:
     def test_prompts(self) -> list[str]:
         return _read_prompts(self.path / "prompts_test.jsonl")
 
-    @staticmethod
-    def gold(prompts: list[str], responses: list[str]) -> list[float]:
+    @property
+    def grammar(self) -> str:
+        """The grammar of this world's corpus and judge (see `llm_envs.world.grammars`)."""
+        return WORLD_PRESETS[self.size].grammar
+
+    def gold(self, prompts: list[str], responses: list[str]) -> list[float]:
         """The gold judge (a reward callable): higher is better, `BEST_GOLD` at best."""
-        return gold_reward(prompts, responses)
+        return world_gold(self.size)(prompts, responses)
+
+
+def world_gold(size: str = "default") -> Callable[[list[str], list[str]], list[float]]:
+    """The gold judge of a world preset's grammar: a plain function of the text (no build needed)."""
+    _check_size(size)
+    return get_grammar(WORLD_PRESETS[size].grammar).gold_reward
 
 
 def _read_prompts(path: Path) -> list[str]:
@@ -120,8 +202,7 @@ def _read_prompts(path: Path) -> list[str]:
 
 def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
     with open(path, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
+        f.writelines(json.dumps(row) + "\n" for row in rows)
 
 
 def _stderr_progress() -> Callable[[str, int, int], None]:
@@ -169,14 +250,19 @@ def build_world(
 
 def _build_locked(target: Path, size: str, seed: int, progress: bool) -> World:
     spec = WORLD_PRESETS[size]
+    with pinned_torch(spec.torch_threads):  # the thread count is the spec's, not the caller's
+        return _build_pinned(target, size, seed, spec, progress)
+
+
+def _build_pinned(target: Path, size: str, seed: int, spec: WorldSpec, progress: bool) -> World:
     report_progress = _stderr_progress() if progress else (lambda *_: None)
     started = time.perf_counter()
     rng = np.random.default_rng(seed)
 
-    train, test = grammar.split_requests(rng, spec.num_test_prompts)
+    train, test = get_grammar(spec.grammar).split_requests(rng, spec.num_test_prompts)
     dialogues, habits = make_sft_corpus(rng, train, spec)
-    pairs = make_preference_pairs(rng, train, spec.rm_pairs)
-    heldout = make_preference_pairs(rng, test, spec.heldout_pairs)
+    pairs = make_preference_pairs(rng, train, spec.rm_pairs, spec.grammar, by="labeller")
+    heldout = make_preference_pairs(rng, test, spec.heldout_pairs, spec.grammar, by="gold")
     tokenizer = train_tokenizer(
         [f"{p} {a}" for p, a in dialogues] + [f"{p.prompt} {p.chosen} {p.rejected}" for p in pairs]
         + [r.text for r in test]
@@ -187,16 +273,14 @@ def _build_locked(target: Path, size: str, seed: int, progress: bool) -> World:
     rm, rm_loss = train_reward_model(pairs, tokenizer, lm, spec, seed, report_progress)
     stage_seconds["rm"] = time.perf_counter() - started - sum(stage_seconds.values())
     report_progress("report", 0, 1)
-    report = headroom_report(lm, rm, tokenizer, test, heldout,
-                             nucleus_samples=spec.nucleus_samples, seed=seed)
+    report = headroom_report(lm, rm, tokenizer, test, heldout, nucleus_samples=spec.nucleus_samples, seed=seed,
+                             grammar_name=spec.grammar, max_new_tokens=spec.max_answer_tokens)
     report_progress("report", 1, 1)
     stage_seconds["report"] = time.perf_counter() - started - sum(stage_seconds.values())
     report.update(
         size=size,
         seed=seed,
         world_version=WORLD_VERSION,
-        seconds=round(time.perf_counter() - started, 1),
-        stage_seconds={k: round(v, 1) for k, v in stage_seconds.items()},
         sizes={
             "train_prompts": len(train),
             "test_prompts": len(test),
@@ -208,7 +292,16 @@ def _build_locked(target: Path, size: str, seed: int, progress: bool) -> World:
             "rm_params": sum(p.numel() for p in rm.parameters()),
         },
         final_losses={"sft": round(sft_loss, 4), "rm_bradley_terry": round(rm_loss, 4)},
-        torch_threads=torch.get_num_threads(),
+    )
+    build_info: dict[str, Any] = dict(
+        path=str(target),
+        seconds=round(time.perf_counter() - started, 1),
+        stage_seconds={k: round(v, 1) for k, v in stage_seconds.items()},
+        torch_threads=torch.get_num_threads(),  # as measured (the spec says what was asked)
+        built_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        machine=platform.machine(),
+        python=platform.python_version(),
+        libraries=_library_versions(),
     )
 
     bars_were_on = hf_logging.is_progress_bar_enabled()
@@ -226,8 +319,9 @@ def _build_locked(target: Path, size: str, seed: int, progress: bool) -> World:
         _write_jsonl(staging / "heldout_pairs.jsonl", [asdict(p) for p in heldout])
         (staging / "task_habits.json").write_text(json.dumps(habits, indent=2))
         (staging / "spec.json").write_text(json.dumps(asdict(spec), indent=2, default=str))
-        report["path"] = str(target)
         (staging / "report.json").write_text(json.dumps(report, indent=2))
+        build_info["world_hash"] = world_hash(staging)  # every other file is written by now
+        (staging / BUILD_INFO).write_text(json.dumps(build_info, indent=2))
 
     try:  # force=True replaces an existing build only once the new one is complete
         atomic_replace_dir(target, fill)
@@ -237,14 +331,24 @@ def _build_locked(target: Path, size: str, seed: int, progress: bool) -> World:
     return _load(target, size, seed)
 
 
+def _library_versions() -> dict[str, str]:
+    """Versions of the libraries whose numerics or file formats shape a build's bytes."""
+    import tokenizers
+    import transformers
+
+    return {"torch": torch.__version__, "transformers": transformers.__version__,
+            "tokenizers": tokenizers.__version__, "numpy": np.__version__}
+
+
 def _load(path: Path, size: str, seed: int) -> World:
-    report_path = path / "report.json"
-    if not report_path.exists():
+    report_path, info_path = path / "report.json", path / BUILD_INFO
+    if not report_path.exists() or not info_path.exists():
         raise FileNotFoundError(
-            f"world directory {path} is incomplete (no report.json); delete it and rebuild with "
-            "`llm-envs world build --force`."
+            f"world directory {path} is incomplete (no {report_path.name if not report_path.exists() else BUILD_INFO});"
+            " delete it and rebuild with `llm-envs world build --force`."
         )
-    return World(path=path, size=size, seed=seed, report=json.loads(report_path.read_text()))
+    return World(path=path, size=size, seed=seed, report=json.loads(report_path.read_text()),
+                 build_info=json.loads(info_path.read_text()))
 
 
 def load_world(

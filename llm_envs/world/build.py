@@ -1,20 +1,25 @@
 """Building the embedded world: corpus -> tokenizer -> SFT LM -> reward model.
 
 Each stage is a plain function of (spec, rng / data) so that the build reads top to bottom in
-`build_world` (see `llm_envs/world/__init__.py`). Everything is seeded; on one machine with the
-same thread count a build is bit-for-bit reproducible.
+`build_world` (see `llm_envs/world/__init__.py`). A build is byte-reproducible for a preset and
+seed on one kind of machine: every draw is seeded, the vocabulary's order is ours (not a
+library's), and the training runs under `pinned_torch` (a fixed thread count, because float
+reductions split over another number of threads round differently, and deterministic kernels).
 """
 
 from __future__ import annotations
 
 import math
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import (
     GPT2Config,
     GPT2ForSequenceClassification,
@@ -23,7 +28,7 @@ from transformers import (
 )
 
 from llm_envs.world import grammar
-from llm_envs.world.gold import gold_score
+from llm_envs.world.grammars import get_grammar
 
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<pad>"
@@ -50,7 +55,37 @@ class WorldSpec:
     rm_lr: float = 5e-4
     n_positions: int = 128
     nucleus_samples: int = 32
-    mixture: grammar.Mixture = grammar.Mixture()
+    mixture: Any = grammar.Mixture()  # the grammar's Mixture (grammar.Mixture for v1, grammar_v2.Mixture for v2)
+    grammar: str = "v1"  # see llm_envs.world.grammars
+    max_answer_tokens: int = 40  # generation budget of the build report's greedy / nucleus answers
+    # torch CPU threads while building: part of the spec because another count rounds float
+    # reductions differently (another world); 1 is also the fastest for models this small.
+    torch_threads: int = 1
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.torch_threads, int) or self.torch_threads < 1:
+            raise ValueError(f"WorldSpec.torch_threads={self.torch_threads!r}; expected a positive int (e.g. 1).")
+
+
+@contextmanager
+def pinned_torch(threads: int) -> Iterator[None]:
+    """Run the block with `threads` torch CPU threads and deterministic algorithms only, then
+    restore the caller's settings (a build must not change how the rest of the process runs).
+
+    Why: the default thread count is the machine's core count (or whatever the caller set, e.g.
+    a benchmark's `torch_threads: 1`), and a matmul or a reduction split over another number of
+    threads sums in another order, so the same seed trained another model.
+    """
+    threads_before = torch.get_num_threads()
+    deterministic_before = torch.are_deterministic_algorithms_enabled()
+    warn_only_before = torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(deterministic_before, warn_only=warn_only_before)
+        torch.set_num_threads(threads_before)
 
 
 @dataclass(frozen=True)
@@ -67,26 +102,32 @@ def make_sft_corpus(
     rng: np.random.Generator, train: Sequence[grammar.Request], spec: WorldSpec
 ) -> tuple[list[tuple[str, str]], dict[str, float]]:
     """(prompt, answer) dialogues drawn from the SFT mixture, and the per-task habits."""
-    habits = grammar.draw_task_habits(rng, spec.mixture)
+    rules = get_grammar(spec.grammar)
+    habits = rules.draw_task_habits(rng, spec.mixture)
     picks = rng.integers(len(train), size=spec.sft_dialogues)
     dialogues = []
     for i in picks:
         request = train[int(i)]
-        answer = grammar.sample_sft_answer(rng, request, habits[request.task], spec.mixture)
+        answer = rules.sample_sft_answer(rng, request, habits[request.task], spec.mixture)
         dialogues.append((request.text, answer.text))
     return dialogues, habits
 
 
 def make_preference_pairs(
-    rng: np.random.Generator, requests: Sequence[grammar.Request], count: int
+    rng: np.random.Generator, requests: Sequence[Any], count: int, grammar_name: str = "v1",
+    *, by: str = "gold",
 ) -> list[Pair]:
-    """Pairs of answers to one prompt with different gold scores, ordered by the gold judge."""
+    """Pairs of answers to one prompt with different scores, ordered by the gold judge
+    (`by="gold"`: held-out pairs) or by the grammar's RM labeller (`by="labeller"`: the RM's
+    training pairs; the same as gold for v1, gold plus documented biases for v2)."""
+    rules = get_grammar(grammar_name)
+    score = rules.gold_score if by == "gold" else rules.preference_score
     pairs: list[Pair] = []
     while len(pairs) < count:
         request = requests[int(rng.integers(len(requests)))]
-        a = grammar.sample_any_answer(rng, request).text
-        b = grammar.sample_any_answer(rng, request).text
-        ga, gb = gold_score(request.text, a), gold_score(request.text, b)
+        a = rules.sample_any_answer(rng, request).text
+        b = rules.sample_any_answer(rng, request).text
+        ga, gb = score(request.text, a), score(request.text, b)
         if ga == gb:
             continue  # ties teach a Bradley-Terry model nothing
         chosen, rejected = (a, b) if ga > gb else (b, a)
@@ -97,12 +138,31 @@ def make_preference_pairs(
 # ---------------------------------------------------------------------------- tokenizer
 
 
+SPECIAL_TOKENS: tuple[str, ...] = (PAD_TOKEN, EOS_TOKEN, UNK_TOKEN)  # ids 0, 1, 2
+
+
+def build_vocab(texts: Sequence[str]) -> dict[str, int]:
+    """Word -> id: the special tokens first, then every word by count (most frequent first),
+    equal counts in code-point order (`sorted`).
+
+    We order the vocabulary ourselves instead of using `tokenizers`' WordLevelTrainer: its order
+    of equal-count words is the library's business (older releases took it from a randomly
+    seeded hash map), and a token's id decides which embedding row it starts from, so another
+    order trains another model from the same seed. Here the vocabulary is a function of the
+    multiset of words alone, whatever the order of `texts`.
+    """
+    counts = Counter(word for text in texts for word in text.split())
+    for special in SPECIAL_TOKENS:
+        counts.pop(special, None)
+    words = sorted(counts, key=lambda word: (-counts[word], word))
+    return {token: i for i, token in enumerate([*SPECIAL_TOKENS, *words])}
+
+
 def train_tokenizer(texts: Sequence[str]) -> PreTrainedTokenizerFast:
     """A word-level tokenizer over the corpus (one token per word or punctuation mark)."""
-    tok = Tokenizer(models.WordLevel(unk_token=UNK_TOKEN))
+    tok = Tokenizer(models.WordLevel(vocab=build_vocab(texts), unk_token=UNK_TOKEN))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    trainer = trainers.WordLevelTrainer(special_tokens=[PAD_TOKEN, EOS_TOKEN, UNK_TOKEN])
-    tok.train_from_iterator(texts, trainer=trainer)
+    tok.add_special_tokens(list(SPECIAL_TOKENS))
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         eos_token=EOS_TOKEN,
@@ -135,6 +195,12 @@ def _gpt2_config(tokenizer: PreTrainedTokenizerFast, spec: WorldSpec) -> GPT2Con
         embd_pdrop=0.0,
         attn_pdrop=0.0,
     )
+
+
+def _encode_all(tokenizer: PreTrainedTokenizerFast, texts: list[str]) -> list[list[int]]:
+    """Token ids of each text, no special tokens: one batched call (the same ids as one call
+    per text, without a Python round trip per text)."""
+    return [list(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
 
 
 def _right_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -177,11 +243,9 @@ def train_sft_lm(
     config.loss_type = "ForCausalLM"
     model = GPT2LMHeadModel(config)
     eos = tokenizer.eos_token_id
-    encoded = []
-    for prompt, answer in dialogues:
-        p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        a = tokenizer(answer, add_special_tokens=False)["input_ids"] + [eos]
-        encoded.append((p, a))
+    prompt_ids = _encode_all(tokenizer, [prompt for prompt, _ in dialogues])
+    answer_ids = _encode_all(tokenizer, [answer for _, answer in dialogues])
+    encoded = [(p, a + [eos]) for p, a in zip(prompt_ids, answer_ids)]
     optimizer = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=0.01)
     generator = torch.Generator().manual_seed(seed)
     model.train()
@@ -216,10 +280,9 @@ def train_reward_model(
     config.num_labels = 1
     model = GPT2ForSequenceClassification(config)
     model.transformer.load_state_dict(sft.transformer.state_dict())
-    encode = lambda prompt, answer: tokenizer(f"{prompt} {answer}", add_special_tokens=False)[  # noqa: E731
-        "input_ids"
-    ]
-    encoded = [(encode(p.prompt, p.chosen), encode(p.prompt, p.rejected)) for p in pairs]
+    chosen = _encode_all(tokenizer, [f"{p.prompt} {p.chosen}" for p in pairs])
+    rejected = _encode_all(tokenizer, [f"{p.prompt} {p.rejected}" for p in pairs])
+    encoded = list(zip(chosen, rejected))
     optimizer = torch.optim.AdamW(model.parameters(), lr=spec.rm_lr, weight_decay=0.01)
     generator = torch.Generator().manual_seed(seed + 1)
     model.train()

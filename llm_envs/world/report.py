@@ -13,16 +13,32 @@ All figures are on the test split (prompts disjoint from the ones the LM and RM 
 
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
-from transformers import GPT2ForSequenceClassification, GPT2LMHeadModel, PreTrainedTokenizerFast
+from transformers import (
+    GPT2ForSequenceClassification,
+    GPT2LMHeadModel,
+    PreTrainedTokenizerFast,
+)
 
-from llm_envs.world import grammar
+from llm_envs.world import grammar, grammar_v2
 from llm_envs.world.build import Pair, score_pairs
-from llm_envs.world.gold import BEST_GOLD, LOW_GOLD, gold_reward
+from llm_envs.world.decisions import decision_report
+from llm_envs.world.gold import gold_reward as gold_reward_v1
+from llm_envs.world.grammars import get_grammar
+
+
+def _word_counts(greedy: Sequence[str], sampled: Sequence[str]) -> dict[str, float]:
+    """Answer lengths in words (= tokens of the word-level tokenizer, EOS not counted)."""
+    lengths = np.array([len(a.split()) for a in sampled])
+    return {"greedy_mean": round(float(np.mean([len(a.split()) for a in greedy])), 1),
+            "nucleus_mean": round(float(lengths.mean()), 1), "nucleus_min": int(lengths.min()),
+            "nucleus_max": int(lengths.max())}
 
 
 @torch.inference_mode()
@@ -88,7 +104,7 @@ def _decision_positions(
     right_tokens: dict[int, set[str]] = {}
     parts: Counter[str] = Counter()
     for i, (request, pos, right) in enumerate(divergences):
-        took_greedy, took_ideal = gold_reward([request.text] * 2, answers[2 * i : 2 * i + 2])
+        took_greedy, took_ideal = gold_reward_v1([request.text] * 2, answers[2 * i : 2 * i + 2])
         if took_greedy >= took_ideal:
             continue
         by_position[pos] += 1
@@ -108,21 +124,47 @@ def _decision_positions(
     }
 
 
+def _rm_bias(rm: GPT2ForSequenceClassification, tokenizer: PreTrainedTokenizerFast,
+             test: Sequence[grammar_v2.Request]) -> dict[str, Any]:
+    """World v2's documented RM biases, measured: how often the RM prefers the ideal answer with a
+    flattering phrase, or with one step more than the prompt asked for, to the ideal answer."""
+    ideal = [grammar_v2.ideal_answer(r) for r in test]
+    flattered = [dataclasses.replace(a, flattery=True) for a in ideal]
+    longer = [(r, dataclasses.replace(a, num_steps=a.num_steps + 1)) for r, a in zip(test, ideal)
+              if a.comply and a.num_steps < len(grammar_v2.task_steps(a.topic))]
+    prompts = [r.text for r in test]
+    base = np.array(score_pairs(rm, tokenizer, prompts, [a.text for a in ideal]))
+    flat = np.array(score_pairs(rm, tokenizer, prompts, [a.text for a in flattered]))
+    long_prompts = [r.text for r, _ in longer]
+    long_base = np.array(score_pairs(rm, tokenizer, long_prompts,
+                                     [grammar_v2.ideal_answer(r).text for r, _ in longer]))
+    long = np.array(score_pairs(rm, tokenizer, long_prompts, [a.text for _, a in longer]))
+    return {
+        "rm_prefers_flattery_frac": round(float(np.mean(flat > base)), 4),
+        "rm_prefers_extra_step_frac": round(float(np.mean(long > long_base)), 4),
+        "labeller": "gold + 0.5 per flattering phrase + 0.35 per step written (llm_envs/world/gold_v2.py)",
+    }
+
+
 def headroom_report(
     lm: GPT2LMHeadModel,
     rm: GPT2ForSequenceClassification,
     tokenizer: PreTrainedTokenizerFast,
-    test: Sequence[grammar.Request],
+    test: Sequence[Any],
     heldout_pairs: Sequence[Pair],
     *,
     nucleus_samples: int,
     seed: int,
+    grammar_name: str = "v1",
+    max_new_tokens: int = 40,
 ) -> dict[str, Any]:
+    rules = get_grammar(grammar_name)
+    gold_reward = rules.gold_reward
     prompts = [r.text for r in test]
-    greedy = generate_answers(lm, tokenizer, prompts, do_sample=False)
+    greedy = generate_answers(lm, tokenizer, prompts, do_sample=False, max_new_tokens=max_new_tokens)
     greedy_gold = np.array(gold_reward(prompts, greedy))
 
-    sampled = generate_answers(lm, tokenizer, prompts, do_sample=True,
+    sampled = generate_answers(lm, tokenizer, prompts, do_sample=True, max_new_tokens=max_new_tokens,
                                num_return_sequences=nucleus_samples, batch_size=32, seed=seed)
     sample_prompts = [p for p in prompts for _ in range(nucleus_samples)]
     sample_gold = np.array(gold_reward(sample_prompts, sampled)).reshape(len(prompts), nucleus_samples)
@@ -131,15 +173,25 @@ def headroom_report(
     rejected = score_pairs(rm, tokenizer, [p.prompt for p in heldout_pairs], [p.rejected for p in heldout_pairs])
     agreement = float(np.mean(np.array(chosen) > np.array(rejected)))
 
+    if grammar_name == "v1":
+        decisions = _decision_positions(lm, tokenizer, test)
+        extra: dict[str, Any] = {}
+    else:
+        decisions = decision_report(
+            lm, tokenizer, test, gold_reward,
+            lambda texts: generate_answers(lm, tokenizer, texts, do_sample=False, max_new_tokens=max_new_tokens))
+        extra = {"rm_bias": _rm_bias(rm, tokenizer, test), "answer_words": _word_counts(greedy, sampled)}
     return {
-        "greedy_low_gold_frac": round(float(np.mean(greedy_gold < LOW_GOLD)), 4),
-        "nucleus_best_gold_frac": round(float(np.mean(sample_gold.max(axis=1) >= BEST_GOLD)), 4),
+        "grammar": grammar_name,
+        "greedy_low_gold_frac": round(float(np.mean(greedy_gold < rules.low_gold)), 4),
+        "nucleus_best_gold_frac": round(float(np.mean(sample_gold.max(axis=1) >= rules.best_gold)), 4),
         "rm_gold_agreement": round(agreement, 4),
-        "decision_positions": _decision_positions(lm, tokenizer, test),
+        "decision_positions": decisions,
+        **extra,
         "greedy_gold_mean": round(float(greedy_gold.mean()), 4),
         "nucleus_sample_gold_mean": round(float(sample_gold.mean()), 4),
         "best_of_n_gold_mean": round(float(sample_gold.max(axis=1).mean()), 4),
-        "low_gold_threshold": LOW_GOLD,
-        "best_gold": BEST_GOLD,
+        "low_gold_threshold": rules.low_gold,
+        "best_gold": rules.best_gold,
         "greedy_examples": [{"prompt": p, "response": r} for p, r in list(zip(prompts, greedy))[:3]],
     }
