@@ -69,6 +69,7 @@ WORLD_PRESETS: dict[str, WorldSpec] = {
         num_test_prompts=192, sft_dialogues=8_000, rm_pairs=4_000, heldout_pairs=1_000,
         n_embd=160, n_layer=4, n_head=5, sft_steps=240, rm_steps=120, batch_size=32, lr=3e-3, rm_lr=1e-3,
         n_positions=192, mixture=grammar_v2.Mixture(), grammar="v2", max_answer_tokens=80,
+        decision_stride=3, torch_threads=2,
     ),
     # A smaller world for the test-suite: same grammar, built in seconds.
     "test": WorldSpec(
@@ -274,7 +275,8 @@ def _build_pinned(target: Path, size: str, seed: int, spec: WorldSpec, progress:
     stage_seconds["rm"] = time.perf_counter() - started - sum(stage_seconds.values())
     report_progress("report", 0, 1)
     report = headroom_report(lm, rm, tokenizer, test, heldout, nucleus_samples=spec.nucleus_samples, seed=seed,
-                             grammar_name=spec.grammar, max_new_tokens=spec.max_answer_tokens)
+                             grammar_name=spec.grammar, max_new_tokens=spec.max_answer_tokens,
+                             decision_stride=spec.decision_stride)
     report_progress("report", 1, 1)
     stage_seconds["report"] = time.perf_counter() - started - sum(stage_seconds.values())
     report.update(

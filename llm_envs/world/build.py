@@ -58,6 +58,7 @@ class WorldSpec:
     mixture: Any = grammar.Mixture()  # the grammar's Mixture (grammar.Mixture for v1, grammar_v2.Mixture for v2)
     grammar: str = "v1"  # see llm_envs.world.grammars
     max_answer_tokens: int = 40  # generation budget of the build report's greedy / nucleus answers
+    decision_stride: int = 1  # the report's decision analysis reads every n-th test prompt (it is the costly part)
     # torch CPU threads while building: part of the spec because another count rounds float
     # reductions differently (another world); 1 is also the fastest for models this small.
     torch_threads: int = 1

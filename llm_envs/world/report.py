@@ -157,6 +157,7 @@ def headroom_report(
     seed: int,
     grammar_name: str = "v1",
     max_new_tokens: int = 40,
+    decision_stride: int = 1,
 ) -> dict[str, Any]:
     rules = get_grammar(grammar_name)
     gold_reward = rules.gold_reward
@@ -178,7 +179,7 @@ def headroom_report(
         extra: dict[str, Any] = {}
     else:
         decisions = decision_report(
-            lm, tokenizer, test, gold_reward,
+            lm, tokenizer, test[::decision_stride], gold_reward,
             lambda texts: generate_answers(lm, tokenizer, texts, do_sample=False, max_new_tokens=max_new_tokens))
         extra = {"rm_bias": _rm_bias(rm, tokenizer, test), "answer_words": _word_counts(greedy, sampled)}
     return {
