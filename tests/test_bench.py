@@ -220,6 +220,25 @@ def test_the_leaderboard_is_computed_from_the_records(suite, test_world):
     assert positions == sorted(positions)
 
 
+def test_a_rerun_from_scratch_gives_identical_quality_columns(suite, tmp_path):
+    """The same suite config and seeds, rerun with fresh results and training directories, gives
+    the same records (responses, reward, gold) for sampled and trained rows alike."""
+    from benchmarks.cli import main
+
+    config, out = suite
+    data = yaml.safe_load(config.read_text())
+    data["bench"].update(results_dir=str(tmp_path / "results"), runs_dir=str(tmp_path / "runs"))
+    rerun_config = tmp_path / "suite.yaml"
+    rerun_config.write_text(yaml.safe_dump(data))
+    names = ["nucleus", "proxy", "rrhf"]
+    assert main(["bench", "--config", str(rerun_config), "--methods", ",".join(names)]) == 0
+    fields = ("prompt", "response", "reward", "gold", "seed")
+    for name in names:
+        first = [{k: e[k] for k in fields} for e in _records(out, name)]
+        again = [{k: e[k] for k in fields} for e in _records(tmp_path / "results" / "t", name)]
+        assert again == first, name
+
+
 def test_a_custom_agent_gets_its_row_and_the_others_keep_their_records(suite, test_world, world_cache, tmp_path,
                                                                         monkeypatch):
     from benchmarks.cli import main
