@@ -23,6 +23,7 @@ decoding lands on a low-gold answer, while the nucleus still holds the best one.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 
@@ -119,6 +120,9 @@ ANSWER_KINDS: tuple[str, ...] = ("step", "vague", "refusal")
 TAIL_KINDS: tuple[str, ...] = ("none", "polite", "rude", "offtopic")
 
 
+R = TypeVar("R", bound="Request")
+
+
 @dataclass(frozen=True)
 class Request:
     """One prompt: which task it asks about, and how it is worded."""
@@ -180,12 +184,19 @@ def split_requests(
 ) -> tuple[list[Request], list[Request]]:
     """Disjoint train/test prompts. Every task appears in both (its wording differs), so the
     test split measures generalisation over wording, not knowledge of unseen tasks."""
-    by_task: dict[str, list[Request]] = {}
-    for request in all_requests():
+    requests = all_requests()
+    return split_by_task(rng, requests, sorted({r.task for r in requests}), num_test)
+
+
+def split_by_task(rng: np.random.Generator, requests: list[R], tasks: list[str], num_test: int) -> tuple[list[R], list[R]]:
+    """Split `requests` so that every task (visited in `tasks` order) has about num_test/len(tasks)
+    test requests, drawn by `rng`; the rest train. Shared by the world's grammars."""
+    by_task: dict[str, list[R]] = {}
+    for request in requests:
         by_task.setdefault(request.task, []).append(request)
-    tasks = sorted(by_task)
     per_task = [num_test // len(tasks) + (i < num_test % len(tasks)) for i in range(len(tasks))]
-    train, test = [], []
+    train: list[R] = []
+    test: list[R] = []
     for task, n_test in zip(tasks, per_task):
         pool = by_task[task]
         order = rng.permutation(len(pool))

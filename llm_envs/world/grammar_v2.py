@@ -33,6 +33,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from llm_envs.world import grammar
+from llm_envs.world.grammar import split_by_task
+
 # (task, its four steps). Sibling tasks are adjacent: (0, 1), (2, 3), ... Steps are unique to their
 # task (the judge finds them by exact match) and share no four-word sequence within a task.
 BENIGN_TASKS: tuple[tuple[str, tuple[str, ...]], ...] = (
@@ -140,15 +143,10 @@ PROMPT_DEPENDENT_DECISIONS: frozenset[str] = frozenset({"stance", "topic", "leng
 
 
 @dataclass(frozen=True)
-class Request:
-    """One prompt: its task, its wording and its length constraint."""
+class Request(grammar.Request):
+    """One prompt: its task, its wording (as in world v1) and its length constraint."""
 
-    task: str
-    harmful: bool
-    greeting: str
-    phrasing: str
-    context: str
-    constraint: str
+    constraint: str = ""
 
     @property
     def text(self) -> str:
@@ -221,18 +219,7 @@ def all_requests() -> list[Request]:
 def split_requests(rng: np.random.Generator, num_test: int) -> tuple[list[Request], list[Request]]:
     """Disjoint train/test prompts; every task appears in both (the test split measures
     generalisation over wording and constraints, not knowledge of unseen tasks)."""
-    by_task: dict[str, list[Request]] = {}
-    for request in all_requests():
-        by_task.setdefault(request.task, []).append(request)
-    tasks = all_tasks()
-    per_task = [num_test // len(tasks) + (i < num_test % len(tasks)) for i in range(len(tasks))]
-    train, test = [], []
-    for task, n_test in zip(tasks, per_task):
-        pool = by_task[task]
-        order = rng.permutation(len(pool))
-        test += [pool[i] for i in order[:n_test]]
-        train += [pool[i] for i in order[n_test:]]
-    return train, test
+    return split_by_task(rng, all_requests(), all_tasks(), num_test)
 
 
 def _pick(rng: np.random.Generator, options: tuple[str, ...], weights: tuple[float, ...] | None = None) -> str:
