@@ -680,3 +680,15 @@ def test_a_leaderboard_write_killed_midway_leaves_the_previous_one(tmp_path, mon
     monkeypatch.undo()
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # old files intact, no temp left
     assert json.loads((tmp_path / "leaderboard.json").read_text())["run"] == 1
+
+
+@pytest.mark.parametrize("source, shown", [
+    ("/home/me/.cache/llm_envs/world/default-seed0-v2/lm", "world:default-seed0-v2/lm"),
+    ("/tmp/my_cache/world/v2-seed3-v2/rm", "world:v2-seed3-v2/rm"),  # LLM_ENVS_CACHE elsewhere
+    ("gpt2", "gpt2"),
+    ("/data/world/notes/lm", "/data/world/notes/lm"),
+])
+def test_result_files_name_world_models_by_build_not_path(source, shown):
+    from benchmarks.bench.suite import display_name
+
+    assert display_name(source) == shown

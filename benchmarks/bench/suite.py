@@ -10,6 +10,7 @@ every seed's -> leaderboard from the records -> plots -> wandb -> print. See
 from __future__ import annotations
 
 import dataclasses
+import re
 import sys
 import time
 from pathlib import Path
@@ -43,10 +44,14 @@ class SuiteContext:
     header: dict[str, Any]
 
 
+_WORLD_MODEL = re.compile(r"/world/([^/]+-seed\d+-v\d+/(?:lm|rm))/?$")
+
+
 def display_name(source: str) -> str:
-    """A model's name for result files: world models as `world:<build>/<part>`, not this machine's path."""
-    marker = "/llm_envs/world/"
-    return "world:" + source.split(marker, 1)[1] if marker in source else source
+    """A model's name for result files: world models as `world:<build>/<part>` (wherever the cache
+    lives), not this machine's path."""
+    match = _WORLD_MODEL.search(source)
+    return f"world:{match.group(1)}" if match else source
 
 
 def suite_context(cfg: SuiteConfig) -> SuiteContext:
