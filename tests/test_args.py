@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from parity import reference_args
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import GPT2Config, GPT2ForSequenceClassification, PreTrainedTokenizerFast
 
@@ -31,32 +32,6 @@ def _decoder(world, **kwargs) -> ARGS:
     tok, lm, rm, _ = world
     reward = kwargs.pop("reward", None) or RewardWrapper.from_model(rm, tokenizer=tok, lm_tokenizer=tok, device="cpu")
     return ARGS(lm, reward, tokenizer=tok, device="cpu", **kwargs)
-
-
-def reference_args(lm, rm_score, tok, prompt: str, *, k: int, w: float, mode: str, temperature: float = 0.7,
-                   max_new_tokens: int, seed: int | None = None) -> list[int]:
-    """The rule as the reference computes it, with no cache and one sequence at a time.
-
-    Every step: a full forward of prompt + response, `torch.topk` of the raw last logits, each
-    candidate scored by `rm_score(ids)` on its own, `score = r * w + logit`; greedy takes
-    `torch.topk(score, 1)`, stochastic one `torch.multinomial(softmax(score / T), 1)` after a
-    single `torch.manual_seed(seed)`. Never stops at EOS (the reference's fixed length).
-    """
-    if seed is not None:
-        torch.manual_seed(seed)
-    ids, response = tok(prompt)["input_ids"], []
-    with torch.no_grad():
-        for _ in range(max_new_tokens):
-            logits = lm(torch.tensor([ids + response])).logits[0, -1]
-            top_logits, top_ids = torch.topk(logits, k)
-            rewards = torch.tensor([rm_score(ids + response + [int(c)]) for c in top_ids], dtype=torch.float32)
-            scores = rewards * w + top_logits
-            if mode == "greedy":
-                pick = torch.topk(scores, 1).indices[0]
-            else:
-                pick = torch.multinomial(torch.softmax(scores / temperature, dim=-1), 1)[0]
-            response.append(int(top_ids[pick]))
-    return response
 
 
 def _raw_rm(rm):
