@@ -5,7 +5,7 @@
     llm-envs train       [--config tiny] [key=value ...]                # the MaskablePPO proxy
     llm-envs eval        [--config tiny] [--agent greedy|random|proxy:PATH|top_k|nucleus|best_of_N]
     llm-envs rrhf        [--config tiny] [--stages sample,score,train,eval] [key=value ...]
-    llm-envs world build [--preset default|test] [--seed 0] [--cache-dir DIR] [--json]
+    llm-envs world build [--preset default|v2|smollm2|test] [--seed 0] [--cache-dir DIR] [--json]
     llm-envs world info  [--preset ...] [--seed ...] [--cache-dir DIR] [--json]
     llm-envs config show [SUITE] [SECTION ...]           # every field: value, default and help
     llm-envs config path [NAME]                          # where a shipped suite's YAML lives
@@ -24,14 +24,15 @@ import sys
 from typing import Sequence
 
 HEADROOM_KEYS = ("greedy_low_gold_frac", "nucleus_best_gold_frac", "rm_gold_agreement")
-WORLD_PRESET_NAMES = ("default", "v2", "test")  # llm_envs.world.WORLD_PRESETS, named here to keep --help light
+WORLD_PRESET_NAMES = ("default", "v2", "smollm2", "test")  # llm_envs.world.WORLD_PRESETS, named here to keep --help light
 CONFIG_HELP = "suite: a shipped suite's name (tiny, v2, hh_gpu) or a YAML file; `llm-envs config show` lists its fields"
 
 
 def _add_world_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", "--size", dest="preset", default="default", choices=WORLD_PRESET_NAMES,
                         help="world preset: 'default' (the tiny suite's world), 'v2' (the v2 suite's: longer answers, "
-                             "five decisions, a biased RM) or 'test' (small, for tests)")
+                             "five decisions, a biased RM), 'smollm2' (a real pretrained chat LM, SmolLM2-135M-Instruct "
+                             "offline, with a reward model learned from its own answers) or 'test' (small, for tests)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the world (corpus, splits, training)")
     parser.add_argument("--cache-dir", default=None,
                         help="cache root (default: $LLM_ENVS_CACHE or ~/.cache/llm_envs)")
@@ -47,9 +48,10 @@ def _print_world_summary(summary: dict) -> None:
     print(f"  built in {summary['seconds']} s; sizes: {json.dumps(summary['sizes'])}")
     for key in HEADROOM_KEYS:
         print(f"  {key:24s} {summary[key]}")
-    decisions = summary["decision_positions"]
-    print(f"  decision_positions       {decisions['positions']} "
-          f"(prompt-dependent: {decisions['right_token_depends_on_prompt']})")
+    decisions = summary.get("decision_positions")
+    if decisions is not None:  # a world around a real LM has no ideal answer to find decisions against
+        print(f"  decision_positions       {decisions['positions']} "
+              f"(prompt-dependent: {decisions['right_token_depends_on_prompt']})")
 
 
 def cmd_world_build(args: argparse.Namespace) -> int:

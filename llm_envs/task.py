@@ -102,7 +102,7 @@ class Task:
 
         return TaskSources(
             task=self,
-            lm=self.lm if self.lm is not None else str(world.lm_dir),
+            lm=self.lm if self.lm is not None else world.lm_source,
             reward=self.reward if self.reward is not None else str(world.rm_dir),
             train_prompts=prompts(self.train_prompts),
             eval_prompts=prompts(self.eval_prompts),
@@ -143,8 +143,10 @@ class TaskSources:
 
     @property
     def sft_corpus(self) -> Path | None:
-        """The world's {prompt, response} corpus (RRHF's dataset responses), when on the world."""
-        return Path(self.world_path) / "sft_corpus.jsonl" if self.world_path else None
+        """The world's {prompt, response} corpus (RRHF's dataset responses), when on a world that has
+        one (a world around a real LM has no SFT corpus)."""
+        path = Path(self.world_path) / "sft_corpus.jsonl" if self.world_path else None
+        return path if path is not None and path.is_file() else None
 
 
 @dataclass(frozen=True)

@@ -50,7 +50,8 @@ def resolve_sources(cfg: RRHFConfig, task: Task, *, with_eval: bool = True) -> S
                               num_prompts=cfg.num_prompts, seed=cfg.seed)
     responses = cfg.dataset_responses
     if responses == "auto":  # the world's SFT corpus holds the world prompts' own responses
-        responses = str(resolved.sft_corpus) if resolved.on_world_prompts else None
+        corpus = resolved.sft_corpus
+        responses = str(corpus) if resolved.on_world_prompts and corpus is not None else None
     eval_prompts = None
     if with_eval:
         eval_prompts = load_prompts(resolved.eval_prompts, num_prompts=cfg.eval_num_prompts, seed=cfg.seed).prompts

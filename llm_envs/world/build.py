@@ -283,22 +283,40 @@ def train_reward_model(
     model.transformer.load_state_dict(sft.transformer.state_dict())
     chosen = _encode_all(tokenizer, [f"{p.prompt} {p.chosen}" for p in pairs])
     rejected = _encode_all(tokenizer, [f"{p.prompt} {p.rejected}" for p in pairs])
-    encoded = list(zip(chosen, rejected))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=spec.rm_lr, weight_decay=0.01)
-    generator = torch.Generator().manual_seed(seed + 1)
+    loss = train_bradley_terry(model, list(zip(chosen, rejected)), steps=spec.rm_steps, batch_size=spec.batch_size,
+                               lr=spec.rm_lr, seed=seed + 1, pad_id=tokenizer.pad_token_id, progress=progress)
+    return model, loss
+
+
+def train_bradley_terry(
+    model: torch.nn.Module,
+    encoded: Sequence[tuple[list[int], list[int]]],
+    *,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    seed: int,
+    pad_id: int,
+    progress: Progress,
+) -> float:
+    """Train a sequence classifier (num_labels=1) in place on (chosen ids, rejected ids) pairs:
+    minimise -log sigmoid(r(chosen) - r(rejected)) over `steps` batches of `batch_size // 2`
+    pairs drawn with a seeded generator, AdamW with warm-up and cosine decay. Returns the last loss."""
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.01)
+    generator = torch.Generator().manual_seed(seed)
     model.train()
     loss_value = float("nan")
-    half = spec.batch_size // 2
-    for step in range(spec.rm_steps):
+    half = batch_size // 2
+    for step in range(steps):
         idx = torch.randint(len(encoded), (half,), generator=generator).tolist()
         rows = [encoded[i][0] for i in idx] + [encoded[i][1] for i in idx]
-        ids, mask = _right_pad(rows, tokenizer.pad_token_id)
+        ids, mask = _right_pad(rows, pad_id)
         scores = model(input_ids=ids, attention_mask=mask).logits.squeeze(-1)
         loss = -F.logsigmoid(scores[:half] - scores[half:]).mean()
-        loss_value = _optimizer_step(model, optimizer, loss, _cosine_lr(step, spec.rm_steps, spec.rm_lr))
-        progress("rm", step + 1, spec.rm_steps)
+        loss_value = _optimizer_step(model, optimizer, loss, _cosine_lr(step, steps, lr))
+        progress("rm", step + 1, steps)
     model.eval()
-    return model, loss_value
+    return loss_value
 
 
 @torch.inference_mode()
