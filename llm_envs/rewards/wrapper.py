@@ -238,7 +238,9 @@ class RewardWrapper:
                 )
         if isinstance(reward, RewardWrapper):
             chat = kw.get("chat") or chat_format_of(kw.get("lm_tokenizer"))
-            return reward.with_chat(chat) if chat is not None and reward.chat is None else reward
+            if chat is None or reward.chat is not None:
+                return reward
+            return reward.with_chat(chat, lm_tokenizer=kw.get("lm_tokenizer"))
         if isinstance(reward, (str, os.PathLike, PreTrainedModel)):
             return cls.from_model(reward, **{k: v for k, v in kw.items() if k in cls._MODEL_KW})
         if callable(reward):
@@ -250,11 +252,13 @@ class RewardWrapper:
             "`llm_envs.world.load_world().rm_dir`."
         )
 
-    def with_chat(self, chat: ChatFormat) -> RewardWrapper:
+    def with_chat(self, chat: ChatFormat, lm_tokenizer: PreTrainedTokenizerBase | None = None) -> RewardWrapper:
         """A copy of this wrapper that reads prompts rendered by `chat` (the LM's format) as chat
-        conversations (the module docstring's rules); it shares the backend, its counters start at 0."""
+        conversations (the module docstring's rules), with `lm_tokenizer` as its default LM tokenizer
+        when it had none; it shares the backend, its counters start at 0."""
         other = copy.copy(self)
         other.chat, other._chat_reading, other._match_cache = chat, {}, None
+        other.lm_tokenizer = self.lm_tokenizer if self.lm_tokenizer is not None else lm_tokenizer
         other.reset_counters()
         return other
 
