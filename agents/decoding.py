@@ -8,9 +8,10 @@ and an RRHF-tuned LM are decoded the same way:
     >>> dec.generate(prompts, max_new_tokens=40)
     >>> bon = BestOfNDecoder(world.lm_dir, reward=world.rm_dir, n=16)   # Proxy-RLHF's BON-n
 
-Conventions (the same as the envs'): prompts are encoded with the tokenizer's own special tokens
-(`tokenizer(prompt)`), responses are the new tokens up to and including the first EOS, with
-padding removed; `response_text` is decoded with `skip_special_tokens=True`. `lm_forwards` counts
+Conventions (the same as the envs'): prompts are encoded by `llm_envs.chat.encode_prompt` (with the
+tokenizer's own special tokens, except for a prompt rendered by a chat tokenizer's template, which
+holds them already), responses are the new tokens up to and including the first EOS (a chat
+tokenizer's EOS is its template's end-of-turn token), with padding removed; `response_text` is decoded with `skip_special_tokens=True`. `lm_forwards` counts
 the forwards that computed something for the response (prefill = 1, then one per further token:
 the number of generated tokens); `rm_calls` counts reward-model scorings spent choosing it.
 
@@ -30,6 +31,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from agents.base import Generation
+from llm_envs.chat import encode_prompt
 from llm_envs.models import (
     ModelSpec,
     cache_kwargs,
@@ -61,14 +63,14 @@ __all__ = [
 
 
 def encode_prompts(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str]) -> list[list[int]]:
-    """Token ids of each prompt (with the tokenizer's own specials, as the envs encode them)."""
+    """Token ids of each prompt, encoded as the envs encode them (`llm_envs.chat.encode_prompt`)."""
     if isinstance(prompts, str) or not isinstance(prompts, Sequence):
         raise TypeError(f"prompts must be a list of strings, got {type(prompts).__name__}: {str(prompts)[:80]!r}.")
     rows = []
     for i, prompt in enumerate(prompts):
         if not isinstance(prompt, str) or not prompt.strip():
             raise ValueError(f"prompts[{i}]={prompt!r} is empty or not a string; pass non-empty prompt strings.")
-        ids = list(tokenizer(prompt)["input_ids"])
+        ids = encode_prompt(tokenizer, prompt)
         if not ids:
             raise ValueError(f"prompts[{i}]={prompt!r} encodes to no tokens; pass a prompt the tokenizer knows.")
         rows.append(ids)

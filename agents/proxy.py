@@ -113,7 +113,8 @@ def train(cfg: TrainConfig, task: Task | None = None, *, restart: bool = False) 
     if cfg.torch_threads:
         torch.set_num_threads(cfg.torch_threads)
     run_dir = Path(cfg.output_dir)
-    claim_run_dir(run_dir, run_config(cfg, task), restart=restart, defaults={"train": to_dict(type(cfg)())})
+    claim_run_dir(run_dir, run_config(cfg, task), restart=restart,
+                  defaults={"train": to_dict(type(cfg)()), "task": to_dict(Task())})  # fields added since: at default
 
     # Envs: one engine steps all training envs; evaluation runs on the task's held-out prompts.
     sources = task.resolve()

@@ -121,12 +121,12 @@ def smollm2_available() -> bool:
 
 
 def chat_prompts(tokenizer: Any, prompts: Sequence[str]) -> list[str]:
-    """The world's `Human: ... Assistant:` prompts as user turns of a chat model's template."""
-    def request(text: str) -> str:
-        return text.removeprefix("Human:").removesuffix("Assistant:").strip()
+    """The world's `Human: ... Assistant:` prompts as user turns of a chat model's template (the requests
+    rendered by `llm_envs.chat.ChatFormat`, as `chat_template=True` renders an env's prompts)."""
+    from llm_envs.chat import ChatFormat
 
-    return [tokenizer.apply_chat_template([{"role": "user", "content": request(p)}], tokenize=False,
-                                          add_generation_prompt=True) for p in prompts]
+    fmt = ChatFormat.learn(tokenizer)
+    return [fmt.render(p.removeprefix("Human:").removesuffix("Assistant:").strip()) for p in prompts]
 
 
 def zero_reward(prompts: Sequence[str], responses: Sequence[str]) -> list[float]:

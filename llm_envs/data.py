@@ -25,6 +25,8 @@ import numpy as np
 if TYPE_CHECKING:  # transformers loads lazily: reading a config that names prompts needs no torch
     from transformers import PreTrainedTokenizerBase
 
+    from llm_envs.chat import ChatFormat
+
 HH_MARKER = "Assistant:"
 _DICT_KEYS = ("dataset", "split", "column", "name", "data_dir")
 _WORLD_SPLITS = {"world:train": "train_prompts", "world:test": "test_prompts"}
@@ -42,6 +44,7 @@ class PromptSet:
     prompts: list[str]
     dropped_too_long: int = 0
     source: str = ""
+    messages: list[str] | None = None  # the user messages of chat-rendered prompts (None: not rendered)
 
     def __len__(self) -> int:
         return len(self.prompts)
@@ -81,6 +84,7 @@ def load_prompts(
     max_prompt_tokens: int | None = None,
     num_prompts: int | None = None,
     seed: int = 0,
+    chat: ChatFormat | None = None,
 ) -> PromptSet:
     """Load prompts from `source` (see the module docstring), filter and sample them.
 
@@ -109,17 +113,28 @@ def load_prompts(
                 f"prompt {i} of {desc} is empty or whitespace-only ({prompt!r}); remove it from the source "
                 "or fix the column (an env cannot start an episode from an empty prompt)."
             )
+    messages = None
+    if chat is not None:  # the one place prompts are rendered
+        messages = [chat.message_of(p) or p for p in prompts]
+        prompts = [chat.prompt(p) for p in prompts]
     dropped = 0
     if max_prompt_tokens is not None:
-        prompts, dropped = _filter_long(prompts, tokenizer, max_prompt_tokens, desc)
+        kept, dropped = _filter_long(prompts, tokenizer, max_prompt_tokens, desc)
+        if messages is not None:
+            messages = [m for m, keep in zip(messages, kept) if keep]
+        prompts = [p for p, keep in zip(prompts, kept) if keep]
     elif tokenizer is not None and not isinstance(tokenizer, (str, os.PathLike)) and not _is_tokenizer(tokenizer):
         raise TypeError(f"tokenizer={tokenizer!r}; expected a tokenizer, its directory or hub name.")
     if not prompts:
         raise ValueError(f"{desc} holds no prompts; pass a source with at least one prompt.")
     if num_prompts is not None:
-        prompts = _sample(prompts, num_prompts, seed, desc, dropped, max_prompt_tokens)
+        picked = _sample(len(prompts), num_prompts, seed, desc, dropped, max_prompt_tokens)
+        prompts = [prompts[i] for i in picked]
+        messages = None if messages is None else [messages[i] for i in picked]
         desc = f"{desc}, {num_prompts} sampled (seed={seed})"
-    return PromptSet(prompts=list(prompts), dropped_too_long=dropped, source=desc)
+    if chat is not None:
+        desc = f"{desc}, rendered through {chat.tokenizer_name}'s chat template"
+    return PromptSet(prompts=list(prompts), dropped_too_long=dropped, source=desc, messages=messages)
 
 
 # ---------------------------------------------------------------------- dispatch
@@ -337,7 +352,9 @@ def _apply_hh(values: list[Any], hh: bool, desc: str) -> list[Any]:
 # ---------------------------------------------------------------------- filtering / sampling
 def _filter_long(
     prompts: list[str], tokenizer: PreTrainedTokenizerBase | str | os.PathLike | None, limit: int, desc: str
-) -> tuple[list[str], int]:
+) -> tuple[list[bool], int]:
+    """Which prompts have at most `limit` tokens as the envs encode them (`llm_envs.chat.encode_prompt`:
+    a chat-rendered prompt without a second BOS), and how many do not."""
     if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
         raise ValueError(f"max_prompt_tokens={limit!r}; expected a positive int (the paper uses 256).")
     if tokenizer is None:
@@ -346,10 +363,15 @@ def _filter_long(
         from llm_envs.models import load_tokenizer
 
         tokenizer = load_tokenizer(tokenizer)
-    lengths = [len(ids) for ids in tokenizer(prompts)["input_ids"]] if prompts else []
-    kept = [p for p, n in zip(prompts, lengths) if n <= limit]
-    dropped = len(prompts) - len(kept)
-    if prompts and not kept:
+    from llm_envs.chat import chat_format_of, encode_prompt
+
+    if chat_format_of(tokenizer) is None:  # one batched call (the common case)
+        lengths = [len(ids) for ids in tokenizer(prompts)["input_ids"]] if prompts else []
+    else:
+        lengths = [len(encode_prompt(tokenizer, p)) for p in prompts]
+    kept = [n <= limit for n in lengths]
+    dropped = len(prompts) - sum(kept)
+    if prompts and not any(kept):
         raise ValueError(
             f"all {dropped} prompts of {desc} are longer than max_prompt_tokens={limit} "
             f"(shortest: {min(lengths)} tokens); raise max_prompt_tokens or use shorter prompts."
@@ -357,16 +379,15 @@ def _filter_long(
     return kept, dropped
 
 
-def _sample(
-    prompts: list[str], num: int, seed: int, desc: str, dropped: int, limit: int | None
-) -> list[str]:
+def _sample(total: int, num: int, seed: int, desc: str, dropped: int, limit: int | None) -> list[int]:
+    """The indices of a seeded sample of `num` of `total` prompts, in source order."""
     if isinstance(num, bool) or not isinstance(num, int) or num < 1:
         raise ValueError(f"num_prompts={num!r}; expected a positive int (or None for all prompts).")
-    if num > len(prompts):
+    if num > total:
         after = f" after dropping {dropped} longer than max_prompt_tokens={limit}" if dropped else ""
         raise ValueError(
-            f"num_prompts={num} but {desc} has only {len(prompts)} prompts{after}; lower num_prompts or pass "
+            f"num_prompts={num} but {desc} has only {total} prompts{after}; lower num_prompts or pass "
             "num_prompts=None for all of them."
         )
-    picked = np.sort(np.random.default_rng(seed).choice(len(prompts), size=num, replace=False))
-    return [prompts[int(i)] for i in picked]
+    picked = np.sort(np.random.default_rng(seed).choice(total, size=num, replace=False))
+    return [int(i) for i in picked]

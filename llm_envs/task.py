@@ -3,7 +3,13 @@
 - `Task`: the config (a suite's `task:` section), `TaskSources`: it resolved (the embedded world
   fills unset parts), `LMContext`: it loaded (models, tokenizer, reward wrapper, encoded prompts),
   which every env and decoder of the task shares. `build_context` turns an env's world keywords
-  (`lm`, `reward`, `prompts`, `gold`, `device`, `dtype`, ...) into an `LMContext`.
+  (`lm`, `reward`, `prompts`, `gold`, `device`, `dtype`, `chat_template`, ...) into an `LMContext`.
+
+Chat templates (`chat_template=True`, optional `system_prompt`): the context's tokenizer is the LM's
+`llm_envs.chat.chat_tokenizer` (its EOS is the template's end-of-turn token), its prompts are the
+user messages rendered through the LM's template (`LMContext.prompts.prompts`; the messages in
+`.messages`), and the reward wrapper and gold judge know the format, so each reads the conversation
+in its own terms (see `llm_envs.rewards.wrapper`).
 
 A suite file's `task:` section is a `Task`; the proxy, RRHF, ARGS and every decoder read their LM,
 reward model, prompts, response budget and device from it, so a leaderboard compares methods on
@@ -26,6 +32,7 @@ from typing import TYPE_CHECKING, Any, Callable, Literal, Sequence
 
 import numpy as np
 
+from llm_envs.chat import ChatFormat, chat_format_of, encode_prompt
 from llm_envs.data import PromptSet, load_prompts
 
 if TYPE_CHECKING:  # loaded lazily: a task's config needs no torch
@@ -66,6 +73,11 @@ class Task:
     world_seed: int = field(default=0, metadata=_help("seed of the embedded world"))
     device: str = field(default="auto", metadata=_help("'auto' = cuda when present, else cpu; or 'cpu', 'cuda:1'"))
     dtype: str = field(default="auto", metadata=_help("LM dtype: auto (float32), float32, bfloat16, float16"))
+    chat_template: bool = field(default=False, metadata=_help(
+        "render every prompt as a user message through the LM's chat template (episodes and decoders then "
+        "stop at the template's end-of-turn token); needs an LM tokenizer with a chat template"))
+    system_prompt: str | None = field(default=None, metadata=_help(
+        "chat_template only: a system turn rendered before every message; null = the template's default"))
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
@@ -74,6 +86,7 @@ class Task:
             raise ValueError(f"task.max_prompt_tokens={self.max_prompt_tokens!r}; expected a positive int or null.")
         if self.gold not in ("auto", "world", "none"):
             raise ValueError(f"task.gold={self.gold!r}; expected 'auto', 'world' or 'none'.")
+        check_chat_keywords(self.chat_template, self.system_prompt, where="task.")
         for name in ("train_prompts", "eval_prompts"):
             source = getattr(self, name)
             if isinstance(source, str) and source.startswith("world:") and source not in WORLD_SPLITS:
@@ -129,7 +142,8 @@ class TaskSources:
         """The world keywords of an env (`gym.make(..., **kwargs)`) on this task with `prompts`."""
         task = self.task
         return {"lm": self.lm, "reward": self.reward, "prompts": prompts, "gold": self.gold, "device": task.device,
-                "dtype": task.dtype, "max_prompt_tokens": task.max_prompt_tokens}
+                "dtype": task.dtype, "max_prompt_tokens": task.max_prompt_tokens,
+                "chat_template": task.chat_template, "system_prompt": task.system_prompt}
 
     def context(self, prompts: Any = None) -> LMContext:
         """The loaded LM, tokenizer, reward wrapper and gold judge, with `prompts` (default: the
@@ -164,7 +178,13 @@ class LMContext:
 
     @property
     def eos_token_id(self) -> int | None:
+        """Where episodes end: the tokenizer's EOS, which on a chat task is the template's end of turn."""
         return self.tokenizer.eos_token_id
+
+    @property
+    def chat(self) -> ChatFormat | None:
+        """The LM's chat format when prompts are rendered through it (chat_template=True), else None."""
+        return chat_format_of(self.tokenizer)
 
     @property
     def max_context(self) -> int | None:
@@ -183,6 +203,8 @@ class LMContext:
             raise ValueError(f"reset options {sorted(unknown)} are unknown; expected 'prompt' or 'prompt_index'.")
         if "prompt" in options:
             prompt, index = options["prompt"], None
+            if self.chat is not None and isinstance(prompt, str) and prompt.strip():
+                prompt = self.chat.prompt(prompt)  # a user message is rendered; a rendered prompt kept
             prompt_ids = self.encode(prompt)
         else:
             n = len(self.prompts)
@@ -206,7 +228,7 @@ class LMContext:
     def encode(self, prompt: str) -> list[int]:
         if not isinstance(prompt, str) or not prompt.strip():
             raise ValueError(f"prompt={prompt!r} is empty; pass a non-empty string.")
-        ids = self.tokenizer(prompt)["input_ids"]
+        ids = encode_prompt(self.tokenizer, prompt)  # a chat-rendered prompt gets no second BOS
         if not ids:
             raise ValueError(f"prompt={prompt!r} encodes to no tokens with {self.lm_name}'s tokenizer.")
         return list(ids)
@@ -223,10 +245,13 @@ def build_context(
     dtype: str | torch.dtype | None = "auto",
     max_prompt_tokens: int | None = None,
     reward_kwargs: dict[str, Any] | None = None,
+    chat_template: bool = False,
+    system_prompt: str | None = None,
 ) -> LMContext:
     """Load an env's world keywords into one `LMContext`. Unset `lm`, `reward` and `prompts` come
     from the default task (the embedded world: its SFT LM, reward model and train prompts; its gold
-    judge too when the LM is the world's)."""
+    judge too when the LM is the world's). `chat_template=True` renders the prompts through the LM's
+    chat template (see the module docstring)."""
     from llm_envs.models import load_causal_lm, model_source_name, resolve_tokenizer
     from llm_envs.rewards import RewardWrapper
 
@@ -236,8 +261,11 @@ def build_context(
             lm, gold = world.lm, gold if gold is not None else world.gold
         reward = world.reward if reward is None else reward
         prompts = world.train_prompts if prompts is None else prompts
+    check_chat_keywords(chat_template, system_prompt)
     model = load_causal_lm(lm, device=device, dtype=dtype)
     tok = resolve_tokenizer(tokenizer, lm, model)
+    if chat_template:
+        tok = lm_chat_tokenizer(tok, system_prompt)
     reward_wrapper = RewardWrapper.build(
         reward, **{"lm_tokenizer": tok, "device": device, "dtype": dtype, **(reward_kwargs or {})}
     )
@@ -245,6 +273,7 @@ def build_context(
         prompts,
         tokenizer=tok if max_prompt_tokens else None,
         max_prompt_tokens=max_prompt_tokens,
+        chat=chat_format_of(tok),
     )
     context = LMContext(
         model=model,
@@ -252,11 +281,34 @@ def build_context(
         reward=reward_wrapper,
         prompts=prompt_set,
         prompt_ids=[],
-        gold=RewardWrapper.from_callable(gold, name="gold") if gold is not None else None,
+        gold=RewardWrapper.from_callable(gold, name="gold", lm_tokenizer=tok) if gold is not None else None,
         lm_name=model_source_name(lm),
     )
     context.prompt_ids.extend(context.encode(p) for p in prompt_set.prompts)
     return context
+
+
+def check_chat_keywords(chat_template: Any, system_prompt: Any, where: str = "") -> None:
+    """`chat_template` is a bool; `system_prompt` a string that only means something with a template."""
+    if not isinstance(chat_template, bool):
+        raise ValueError(f"{where}chat_template={chat_template!r}; expected true or false (true renders every "
+                         "prompt as a user message through the LM's chat template).")
+    if system_prompt is not None and not isinstance(system_prompt, str):
+        raise ValueError(f"{where}system_prompt={system_prompt!r}; expected a string or null.")
+    if system_prompt is not None and not chat_template:
+        raise ValueError(f"{where}system_prompt={system_prompt!r} is set but {where}chat_template is false, so it "
+                         f"would be ignored; set {where}chat_template=true to render it, or drop system_prompt.")
+
+
+def lm_chat_tokenizer(tokenizer: PreTrainedTokenizerBase, system_prompt: str | None = None) -> PreTrainedTokenizerBase:
+    """The LM tokenizer of a chat task: `llm_envs.chat.chat_tokenizer` with the format learned from it
+    (a tokenizer without a chat template is a `NoChatTemplateError` naming it and the fix)."""
+    from llm_envs.chat import ChatFormat, chat_tokenizer
+
+    known = chat_format_of(tokenizer)
+    if known is not None and known.system_prompt == system_prompt:  # already the chat tokenizer (a task's)
+        return tokenizer
+    return chat_tokenizer(tokenizer, ChatFormat.learn(tokenizer, system_prompt))
 
 
 def context_for_env(context: LMContext | None, **kwargs: Any) -> LMContext:

@@ -23,6 +23,7 @@ import torch
 from parity import reference_args
 
 from llm_envs import models
+from llm_envs.chat import ChatFormat, chat_format_of
 from llm_envs.envs.pools import reference_pool
 from llm_envs.envs.token_accept import ACCEPT, NUM_FEATURES, REJECT
 from llm_envs.models import (
@@ -48,8 +49,7 @@ MESSAGES = ["What is the capital of France? Answer in one word.", "Name a fruit 
 
 def chat(tokenizer: Any, message: str) -> str:
     """A user message rendered through the LM's chat template, ready for the assistant's turn."""
-    return tokenizer.apply_chat_template([{"role": "user", "content": message}], tokenize=False,
-                                         add_generation_prompt=True)
+    return ChatFormat.learn(tokenizer).render(message)
 
 
 def zero_reward(prompts: list[str], responses: list[str]) -> list[float]:
@@ -426,3 +426,70 @@ def test_args_with_a_reward_model_on_another_tokenizer_equals_a_cache_free_refer
     for decoder in _args_equals_the_reference(real, other_rm_dir, rm_score_for, 5.0, hf_greedy):
         assert decoder.reward.fast_path(tok) == (False, "the reward tokenizer differs from the LM tokenizer")
         assert decoder.reward.last_path == "text" and not decoder.last_stats["prefix_cache"]
+
+
+# ----------------------------------------------------------------------------- chat_template=True
+
+
+def test_chat_format_of_smollm2_is_apply_chat_template_and_its_turn_end_is_eos(real):
+    tok = real["tok"]
+    fmt = ChatFormat.learn(tok)
+    assert (fmt.end_of_turn, fmt.end_of_turn_id, fmt.eot_differs) == ("<|im_end|>", 2, False)
+    for message in MESSAGES:
+        rendered = fmt.render(message)
+        assert rendered == tok.apply_chat_template([{"role": "user", "content": message}], tokenize=False,
+                                                   add_generation_prompt=True)
+        assert fmt.message_of(rendered) == message
+    system = ChatFormat.learn(tok, system_prompt="Answer in one word.")
+    assert system.render("Hi") == tok.apply_chat_template(
+        [{"role": "system", "content": "Answer in one word."}, {"role": "user", "content": "Hi"}], tokenize=False,
+        add_generation_prompt=True)
+
+
+def test_chat_template_env_on_messages_equals_hf_greedy_generate_on_the_template_ids(real):
+    model, tok, budget = real["model"], real["tok"], 12
+    env = gym.make(ACCEPT_ID, lm=model, tokenizer=tok, reward=zero_reward, prompts=MESSAGES, device="cpu",
+                   chat_template=True, top_p=1.0, max_new_tokens=budget)
+    assert env.unwrapped.core.ctx.eos_token_id == tok.eos_token_id == 2  # SmolLM2's turn end is its EOS
+    ended_on_eos = 0
+    for index, message in enumerate(MESSAGES):
+        _, info = env.reset(options={"prompt_index": index})
+        assert info["prompt"] == real["prompts"][index]
+        done = False
+        while not done:
+            _, _, terminated, truncated, info = env.step(ACCEPT)
+            done = terminated or truncated
+        ids = tok.apply_chat_template([{"role": "user", "content": message}], tokenize=True,
+                                      add_generation_prompt=True)["input_ids"]
+        ids = torch.tensor([list(ids)])
+        with torch.inference_mode():
+            expected = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=budget,
+                                      eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"), pad_token_id=tok.pad_token_id)
+        assert info["response_ids"] == expected[0, ids.shape[1]:].tolist()
+        ended_on_eos += int(terminated)
+    assert ended_on_eos >= 1
+
+
+def test_chat_prompts_scored_by_a_template_less_rm_read_the_message(real, test_world):
+    """LM SmolLM2 with chat prompts, the world's reward model (word-level, no template): the env's reward is
+    the RM's score of (message, response) as if no template had been used; the gold judge reads the message."""
+    from llm_envs.rewards import RewardWrapper
+
+    seen: list[tuple[str, str]] = []
+
+    def judge(prompts: list[str], responses: list[str]) -> list[float]:
+        seen.extend(zip(prompts, responses))
+        return [0.0] * len(prompts)
+
+    env = gym.make(ACCEPT_ID, lm=real["model"], tokenizer=real["tok"], reward=str(test_world.rm_dir), gold=judge,
+                   prompts=MESSAGES, device="cpu", chat_template=True, max_new_tokens=6)
+    ctx = env.unwrapped.core.ctx
+    assert ctx.reward.chat == chat_format_of(ctx.tokenizer) and ctx.reward.chat_reading(ctx.reward.chat) == "message"
+    env.reset(options={"prompt_index": 0})
+    done = False
+    while not done:
+        _, reward, terminated, truncated, info = env.step(ACCEPT)
+        done = terminated or truncated
+    rm = RewardWrapper.from_model(test_world.rm_dir, device="cpu")
+    assert reward == pytest.approx(rm.score([MESSAGES[0]], [info["response_text"]])[0], abs=1e-5)
+    assert seen == [(MESSAGES[0], info["response_text"])]

@@ -375,7 +375,8 @@ def test_the_package_layers_flow_one_way() -> None:
         return {name for name in found if name.startswith("llm_envs")}
 
     assert imports("rewards/text.py") == set()
-    assert imports("rewards/wrapper.py") == {"llm_envs.models", "llm_envs.rewards.text"}
+    assert imports("rewards/wrapper.py") == {"llm_envs.chat", "llm_envs.models", "llm_envs.rewards.text"}
+    assert imports("chat.py") == set()  # the chat format is data: it reads no other llm_envs module
     assert imports("rewards/candidates.py") == {
         "llm_envs.kv_cache", "llm_envs.models", "llm_envs.rewards.text", "llm_envs.rewards.wrapper"
     }

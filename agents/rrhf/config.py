@@ -18,7 +18,7 @@ Sampling = Literal["beam", "diverse_beam", "top_p"]
 # `task.*` keys are the task's fields (see `agents.rrhf.pipeline.run_settings`).
 SAMPLE_FIELDS = (
     "task.lm", "task.train_prompts", "task.max_prompt_tokens", "task.world", "task.world_seed", "num_prompts",
-    "dataset_responses", "responses_per_prompt", "sampling", "num_samples",
+    "task.chat_template", "task.system_prompt", "dataset_responses", "responses_per_prompt", "sampling", "num_samples",
     "max_new_tokens", "temperature", "top_p", "diversity_penalty", "sample_batch_size", "cut_at_turn", "seed",
 )
 SCORE_FIELDS = SAMPLE_FIELDS + ("task.reward",)

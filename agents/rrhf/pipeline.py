@@ -76,23 +76,22 @@ def evaluate(cfg: RRHFConfig, sources: Sources, task: Task) -> dict[str, Any]:
     reward wrapper (and gold judge)."""
     from agents.decoding import BestOfNDecoder, GreedyDecoder
     from agents.harness import Scorer, evaluate_decoder, summarize
-    from llm_envs.models import load_tokenizer
     from llm_envs.rewards import RewardWrapper
 
     if not sources.eval_prompts:
         raise ValueError("no evaluation prompts: set task.eval_prompts (e.g. 'world:test') or drop the eval stage.")
     prompts, device = sources.eval_prompts, sources.device
-    tokenizer = load_tokenizer(sources.lm)
+    tokenizer = sources.lm_tokenizer()  # on a chat task: the chat tokenizer (rendering, end of turn)
     reward = RewardWrapper.build(sources.reward, lm_tokenizer=tokenizer, device=device,
                                  batch_size=cfg.score_batch_size)
-    gold = RewardWrapper.from_callable(sources.gold, name="gold") if sources.gold else None
+    gold = RewardWrapper.from_callable(sources.gold, name="gold", lm_tokenizer=tokenizer) if sources.gold else None
     decoders: dict[str, Any] = {
-        "base_greedy": lambda: GreedyDecoder(sources.lm, device=device),
-        "rrhf_greedy": lambda: GreedyDecoder(str(Path(cfg.output_dir) / MODEL_DIR), device=device),
+        "base_greedy": lambda: GreedyDecoder(sources.lm, tokenizer, device=device),
+        "rrhf_greedy": lambda: GreedyDecoder(str(Path(cfg.output_dir) / MODEL_DIR), tokenizer, device=device),
     }
     if cfg.eval_best_of:
         decoders[f"base_best_of_{cfg.eval_best_of}"] = lambda: BestOfNDecoder(
-            sources.lm, reward=reward, n=cfg.eval_best_of, device=device)
+            sources.lm, tokenizer, reward=reward, n=cfg.eval_best_of, device=device)
     methods: dict[str, Any] = {}
     for name, make in decoders.items():
         evaluation = evaluate_decoder(make(), prompts, Scorer(reward, gold), max_new_tokens=task.max_new_tokens,
@@ -164,7 +163,7 @@ def run(cfg: RRHFConfig, task: Task | None = None, stages: Sequence[str] = STAGE
     for stage in (s for s in STAGES if s in stages):
         started, before = time.perf_counter(), _stamp(outputs[stage])
         if stage == "train":
-            summary["model"] = str(train(cfg, sources.lm, sources.device))
+            summary["model"] = str(train(cfg, sources.lm, sources.device, sources.lm_tokenizer("right")))
             summary["train"] = json.loads((out / MODEL_DIR / DONE_FILE).read_text())
         elif state.is_main_process:
             if stage == "sample":

@@ -18,10 +18,11 @@ from typing import Any, Callable, Sequence
 from agents.decoding import diverse_beam_search, encode_prompts, generate_responses
 from agents.rrhf.cache import append_jsonl, check_scored, read_jsonl, resume_jsonl
 from agents.rrhf.config import RRHFConfig
+from llm_envs.chat import chat_format_of
 from llm_envs.data import load_prompts
 from llm_envs.models import load_causal_lm, load_tokenizer
 from llm_envs.rewards import RewardWrapper, cut_at_turn
-from llm_envs.task import Task
+from llm_envs.task import Task, lm_chat_tokenizer
 
 SAMPLES_FILE, SCORED_FILE = "samples.jsonl", "scored.jsonl"
 
@@ -40,25 +41,42 @@ class Sources:
     world_path: str | None = None
     world_hash: str | None = None  # the world's content hash when the task uses the world
     notes: dict[str, Any] = field(default_factory=dict)
+    chat_template: bool = False  # prompts are rendered through the LM's chat template (task.chat_template)
+    system_prompt: str | None = None
+    train_messages: list[str] | None = None  # the user messages of rendered train prompts (dataset lookups)
+
+    def lm_tokenizer(self, padding_side: str = "left") -> Any:
+        """The LM's tokenizer as every stage uses it: on a chat task the chat tokenizer (rendered prompts get
+        no second BOS; its EOS is the template's end of turn, which RRHF also appends to responses)."""
+        return task_tokenizer(self.lm, self.chat_template, self.system_prompt, padding_side)
+
+
+def task_tokenizer(lm: str, chat_template: bool, system_prompt: str | None, padding_side: str = "left") -> Any:
+    tokenizer = load_tokenizer(lm, padding_side=padding_side)
+    return lm_chat_tokenizer(tokenizer, system_prompt) if chat_template else tokenizer
 
 
 def resolve_sources(cfg: RRHFConfig, task: Task, *, with_eval: bool = True) -> Sources:
     """The task's models and prompts (the world fills unset parts), sampled as `cfg` says."""
     resolved = task.resolve(progress=cfg.progress)
-    tokenizer = load_tokenizer(resolved.lm) if task.max_prompt_tokens else None
+    tokenizer = (task_tokenizer(resolved.lm, task.chat_template, task.system_prompt)
+                 if task.max_prompt_tokens or task.chat_template else None)
+    chat = chat_format_of(tokenizer)  # the one place RRHF's prompts are rendered (load_prompts)
     prompt_set = load_prompts(resolved.train_prompts, tokenizer=tokenizer, max_prompt_tokens=task.max_prompt_tokens,
-                              num_prompts=cfg.num_prompts, seed=cfg.seed)
+                              num_prompts=cfg.num_prompts, seed=cfg.seed, chat=chat)
     responses = cfg.dataset_responses
     if responses == "auto":  # the world's SFT corpus holds the world prompts' own responses
         corpus = resolved.sft_corpus
         responses = str(corpus) if resolved.on_world_prompts and corpus is not None else None
     eval_prompts = None
     if with_eval:
-        eval_prompts = load_prompts(resolved.eval_prompts, num_prompts=cfg.eval_num_prompts, seed=cfg.seed).prompts
+        eval_prompts = load_prompts(resolved.eval_prompts, num_prompts=cfg.eval_num_prompts, seed=cfg.seed,
+                                    chat=chat).prompts
     return Sources(lm=resolved.lm, reward=resolved.reward, train_prompts=prompt_set.prompts,
                    dataset_responses=responses, eval_prompts=eval_prompts, device=task.device, gold=resolved.gold,
                    world_path=resolved.world_path, world_hash=resolved.world_hash,
-                   notes={"dropped_too_long": prompt_set.dropped_too_long})
+                   notes={"dropped_too_long": prompt_set.dropped_too_long}, chat_template=task.chat_template,
+                   system_prompt=task.system_prompt, train_messages=prompt_set.messages)
 
 
 def load_dataset_responses(path: str, prompts: list[str], per_prompt: int) -> dict[str, list[str]]:
@@ -107,9 +125,12 @@ def sample(cfg: RRHFConfig, sources: Sources) -> Path:
     if len(done) == len(prompts):
         return out
     model = load_causal_lm(sources.lm, device=sources.device)
-    tokenizer = load_tokenizer(sources.lm)
-    provided = (load_dataset_responses(sources.dataset_responses, prompts, cfg.responses_per_prompt)
-                if sources.dataset_responses else {})
+    tokenizer = sources.lm_tokenizer()
+    # The dataset's rows hold the plain prompts: on a chat task, look them up by user message.
+    keys = dict(zip(prompts, sources.train_messages or prompts))
+    by_key = (load_dataset_responses(sources.dataset_responses, list(keys.values()), cfg.responses_per_prompt)
+              if sources.dataset_responses else {})
+    provided = {p: by_key[k] for p, k in keys.items() if k in by_key}
     bar = _progress(len(prompts), len(done), f"rrhf sample ({cfg.sampling})", cfg.progress)
     for start in range(len(done), len(prompts), cfg.sample_batch_size):
         batch = prompts[start : start + cfg.sample_batch_size]
@@ -153,7 +174,7 @@ def score(cfg: RRHFConfig, sources: Sources) -> Path:
     done = resume_jsonl(out, [s["query"] for s in samples])
     if len(done) == len(samples):
         return out
-    tokenizer = load_tokenizer(sources.lm)
+    tokenizer = sources.lm_tokenizer()  # a chat tokenizer tells the wrapper how prompts are rendered
     reward = RewardWrapper.build(sources.reward, lm_tokenizer=tokenizer, device=sources.device,
                                  batch_size=cfg.score_batch_size)
     chunk = max(1, 4 * cfg.score_batch_size // max(1, len(samples[0]["responses"])))

@@ -31,6 +31,7 @@ from agents.rrhf.cache import append_jsonl, check_scored, read_jsonl, write_json
 from agents.rrhf.config import RRHFConfig
 from agents.rrhf.loss import IGNORE_INDEX, rrhf_loss
 from agents.rrhf.stages import SCORED_FILE
+from llm_envs.chat import encode_prompt
 from llm_envs.io import atomic_replace_dir
 from llm_envs.models import context_length, load_causal_lm, load_tokenizer
 
@@ -50,7 +51,7 @@ def tokenize_scored(records: list[dict[str, Any]], tokenizer: Any, max_length: i
     examples = []
     for i, record in enumerate(records):
         check_scored(record, f"{SCORED_FILE} line {i + 1}")
-        prompt = list(tokenizer(record["query"])["input_ids"])
+        prompt = encode_prompt(tokenizer, record["query"])  # a chat-rendered query gets no second BOS
         room = max_length - len(prompt)
         if room < 1:
             raise ValueError(
@@ -91,8 +92,11 @@ def _lr_at(update: int, total: int, peak: float, warmup: int) -> float:
     return peak * max(0.0, (total - update) / max(1, total - warmup))
 
 
-def train(cfg: RRHFConfig, lm: str, device: str = "auto") -> Path:
-    """Stage 3: RRHF fine-tuning of `lm` on `output_dir/scored.jsonl`; returns `output_dir/model`."""
+def train(cfg: RRHFConfig, lm: str, device: str = "auto", tokenizer: Any = None) -> Path:
+    """Stage 3: RRHF fine-tuning of `lm` on `output_dir/scored.jsonl`; returns `output_dir/model`.
+
+    `tokenizer`: the LM's (default: loaded beside it); a chat task passes its chat tokenizer, so
+    queries are encoded as rendered prompts and responses end with the template's end of turn."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
@@ -109,7 +113,8 @@ def train(cfg: RRHFConfig, lm: str, device: str = "auto") -> Path:
     accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum, mixed_precision=cfg.mixed_precision,
                               cpu=device == "cpu")
     set_seed(cfg.seed)
-    tokenizer = load_tokenizer(lm, padding_side="right")
+    if tokenizer is None:
+        tokenizer = load_tokenizer(lm, padding_side="right")
     model = load_causal_lm(lm, device="cpu")
     model.requires_grad_(True)
     model.train()

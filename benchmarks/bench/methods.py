@@ -64,7 +64,11 @@ def with_overrides(cfg: Any, params: dict[str, Any]) -> Any:
 def run_dir(suite: SuiteConfig, kind: str, cfg: Any) -> Path:
     """Where a trained method lives: a hash of its config and the task it learns (not run-only fields)."""
     settings = {k: v for k, v in to_dict(cfg).items() if k not in _RUN_ONLY_FIELDS}
-    settings["task"] = to_dict(suite.task)
+    task = to_dict(suite.task)
+    if not task.get("chat_template"):  # fields added with chat templates: at their defaults the hash stays the same
+        task.pop("chat_template", None)
+        task.pop("system_prompt", None)
+    settings["task"] = task
     return Path(suite.bench.runs_dir) / "bench" / f"{kind}-{fingerprint(**settings)}"
 
 

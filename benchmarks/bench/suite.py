@@ -65,7 +65,8 @@ def suite_context(cfg: SuiteConfig) -> SuiteContext:
     source = load_prompts(sources.eval_prompts, num_prompts=bench.num_prompts, seed=bench.seed)
     ctx = sources.context(source.prompts)
     prompts = list(ctx.prompts.prompts)
-    gold = RewardWrapper.from_callable(sources.gold, name="world-gold") if sources.gold is not None else None
+    gold = (RewardWrapper.from_callable(sources.gold, name="world-gold", lm_tokenizer=ctx.tokenizer)
+            if sources.gold is not None else None)  # on chat prompts the judge reads the user message
     encoder = (SentenceEncoder.load(bench.coherence_encoder, device=task.device) if bench.coherence_encoder
                else SentenceEncoder(ctx.model, ctx.tokenizer))
     lm, reward = display_name(ctx.lm_name), display_name(ctx.reward.name)
@@ -74,7 +75,7 @@ def suite_context(cfg: SuiteConfig) -> SuiteContext:
     if sources.world_hash is not None:  # records made on another build of the world are not comparable
         settings["world_hash"] = sources.world_hash
     header = {"suite": bench.suite, "num_prompts": len(prompts), "prompts": source.source or "a list",
-              "max_new_tokens": task.max_new_tokens,
+              "max_new_tokens": task.max_new_tokens, "chat_template": task.chat_template,
               "lm": lm, "reward": reward, "gold": gold.name if gold else None, "seed": bench.seed,
               "seeds": list(bench.seeds), "world_hash": sources.world_hash}
     return SuiteContext(ctx, prompts, Scorer(ctx.reward, gold, encoder), fingerprint(**settings), header)

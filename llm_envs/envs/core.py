@@ -97,6 +97,8 @@ class BatchedCore(Generic[P, Row]):
         device: str | torch.device | None = "auto",
         dtype: str | torch.dtype | None = "auto",
         max_prompt_tokens: int | None = None,
+        chat_template: bool = False,
+        system_prompt: str | None = None,
         context: LMContext | None = None,
         params: P | None = None,
         **param_kwargs: Any,
@@ -105,13 +107,16 @@ class BatchedCore(Generic[P, Row]):
             raise ValueError(f"num_rows={num_rows!r}; expected a positive int (the number of envs stepped together).")
         self.params: P = resolve_params(self.params_class, params, param_kwargs, type(self).__name__)
         self.ctx = context_for_env(context, lm=lm, tokenizer=tokenizer, reward=reward, prompts=prompts,
-                                   gold=gold, device=device, dtype=dtype, max_prompt_tokens=max_prompt_tokens)
+                                   gold=gold, device=device, dtype=dtype, max_prompt_tokens=max_prompt_tokens,
+                                   chat_template=chat_template, system_prompt=system_prompt)
         self.num_rows = int(num_rows)
         self._check_sizes()
         self.engine = DecodeEngine(self.ctx.model, self.num_rows, hidden_layer=self.params.hidden_layer)
         self.hidden_size = self.engine.hidden_size
         self.rows: list[Row] = [self.row_class() for _ in range(self.num_rows)]
-        self._eos_token_id = self.ctx.eos_token_id  # read once: a tokenizer attribute lookup per row per step adds up
+        # Read once (a tokenizer attribute lookup per row per step adds up); on a chat task it is the
+        # template's end-of-turn token (`llm_envs.chat.chat_tokenizer`).
+        self._eos_token_id = self.ctx.eos_token_id
         self.observation_space: gym.spaces.Box
         self.action_space: gym.spaces.Discrete
 

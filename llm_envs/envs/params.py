@@ -24,7 +24,8 @@ from llm_envs.config import did_you_mean
 P = TypeVar("P")
 
 # Constructor keywords that pick the world an env runs in; every other keyword is an MDP parameter.
-WORLD_KEYWORDS = ("lm", "reward", "prompts", "tokenizer", "gold", "device", "dtype", "max_prompt_tokens", "context")
+WORLD_KEYWORDS = ("lm", "reward", "prompts", "tokenizer", "gold", "device", "dtype", "max_prompt_tokens",
+                  "chat_template", "system_prompt", "context")
 
 
 class UnknownArgumentError(TypeError, ValueError):

@@ -353,6 +353,10 @@ class TokenAcceptEnv(SingleRowEnv):
       world's gold judge when the world's LM is used).
     - `prompts`: list of str, a dataset spec (see `llm_envs.data.load_prompts`), or None (the
       world's train split); `max_prompt_tokens` drops longer prompts.
+    - `chat_template=False`: True renders each prompt as a user message through the LM's chat
+      template (`system_prompt=None`: an optional system turn); episodes then end at the template's
+      end-of-turn token and the reward backend reads the conversation in its own format (README,
+      "Chat templates"). A tokenizer without a template is an error.
     - `device="auto"` (cuda when present), `dtype="auto"` (float32; "bfloat16"/"float16" on GPU);
       `context`: an `LMContext` to share between envs instead of all of the above.
 

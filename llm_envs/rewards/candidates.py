@@ -228,8 +228,8 @@ class CandidateScorer:
         self.wrapper, self.num_rows, self.lm_tokenizer = wrapper, num_rows, lm_tok
         self.ids_path, why = wrapper.fast_path(lm_tok)
         self.lm_template = special_template(lm_tok) if self.ids_path else None
-        self.specials = response_special_ids(lm_tok)
-        self.eos = lm_tok.eos_token_id
+        self.eos = wrapper.response_end_id(lm_tok)  # the chat template's end of turn on chat prompts
+        self.specials = response_special_ids(lm_tok) | ({self.eos} if self.eos is not None else set())
         self._kv: _PrefixKV | None = None
         self.cache_off_reason = why or ("prefix_cache=False" if not prefix_cache else "")
         if prefix_cache and self.ids_path:

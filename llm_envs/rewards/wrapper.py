@@ -25,6 +25,15 @@ Conventions shared by every backend:
 - **Fast path.** `score_ids` builds reward-model inputs straight from the LM's token ids when
   the RM tokenizer equals the LM tokenizer (same vocabulary and same BOS/EOS/UNK/SEP/CLS;
   pad may differ); otherwise it decodes and re-tokenizes. Both give the same score.
+- **Chat templates.** When the LM's prompts are rendered through its chat template (the LM
+  tokenizer is a `llm_envs.chat.chat_tokenizer`, or ``chat=`` is given), each backend reads the
+  conversation in its own format: a function (a gold judge) gets the user message
+  (`ChatFormat.message_of`); a reward model that renders a message exactly as the LM does (same
+  template) reads the rendered prompt, on the ids fast path when its vocabulary matches too; a
+  reward model with another template reads ``apply_chat_template([user, assistant])`` of its own
+  (`llm_envs.chat.render_exchange`); one without a template reads ``message + " " + response``.
+  The response is cut at the LM's end-of-turn token (ids) / text (text) first. A prompt that is
+  not a rendering of the format is scored as plain text, as without a template.
 - Scores are finite floats; a non-finite score raises naming the pair and the backend.
 - ``calls`` counts batches sent to the backend, ``pairs_scored`` the pairs (compute accounting).
 
@@ -37,6 +46,7 @@ It uses the public seams of this class (`fast_path`, `template_ids`, `score_mode
 
 from __future__ import annotations
 
+import copy
 import difflib
 import math
 import numbers
@@ -49,6 +59,7 @@ import numpy as np
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from llm_envs.chat import ChatFormat, chat_format_of, chat_tokenizer, render_exchange
 from llm_envs.models import ModelSpec, context_length, load_reward_model, load_tokenizer, model_source_name
 from llm_envs.rewards.text import (
     DEFAULT_TURN_MARKERS,
@@ -68,6 +79,7 @@ __all__ = ["RewardFn", "RewardWrapper", "Template"]
 
 Template = Literal["concat", "pair"]
 RewardFn = Callable[[list[str], list[str]], Sequence[float]]
+ChatReading = Literal["message", "same", "own"]  # how a backend reads a chat-rendered prompt
 
 
 def _short(text: str, limit: int = 200) -> str:
@@ -93,6 +105,7 @@ class RewardWrapper:
         max_length: int | None = None,
         template: Template = "concat",
         turn_markers: Sequence[str] = DEFAULT_TURN_MARKERS,
+        chat: ChatFormat | None = None,
     ) -> None:
         if (model is None) == (fn is None):
             raise ValueError("RewardWrapper needs exactly one backend: model= or fn=.")
@@ -113,6 +126,9 @@ class RewardWrapper:
         self.template: Template = template
         self.turn_markers: tuple[str, ...] = tuple(turn_markers)
         self.max_length: int | None = None
+        # The LM's chat format (its prompts are rendered through it): given, or the LM tokenizer's.
+        self.chat: ChatFormat | None = chat if chat is not None else chat_format_of(lm_tokenizer)
+        self._chat_reading: dict[ChatFormat, tuple[ChatReading, PreTrainedTokenizerBase | None]] = {}
         self._template_ids: SpecialTemplate | None = None
         self._match_cache: tuple[weakref.ref[Any], bool] | None = None
         self.last_path: str | None = None  # "ids" or "text": which path the last score_ids took
@@ -140,6 +156,7 @@ class RewardWrapper:
         max_length: int | None = None,
         template: Template = "concat",
         turn_markers: Sequence[str] = DEFAULT_TURN_MARKERS,
+        chat: ChatFormat | None = None,
     ) -> RewardWrapper:
         """A HF sequence-classification reward model (hub name, local dir or loaded model).
 
@@ -168,6 +185,7 @@ class RewardWrapper:
             max_length=max_length,
             template=template,
             turn_markers=turn_markers,
+            chat=chat,
         )
 
     @classmethod
@@ -179,29 +197,34 @@ class RewardWrapper:
         lm_tokenizer: PreTrainedTokenizerBase | None = None,
         batch_size: int | None = None,
         turn_markers: Sequence[str] = DEFAULT_TURN_MARKERS,
+        chat: ChatFormat | None = None,
     ) -> RewardWrapper:
         """A programmatic reward ``fn(prompts, responses) -> list[float]``.
 
-        `batch_size=None` sends each `score` call to `fn` as one batch.
+        `batch_size=None` sends each `score` call to `fn` as one batch. On chat-rendered prompts
+        (`chat`, default: `lm_tokenizer`'s format) `fn` gets the user messages, not the rendered text.
         """
         if not callable(fn):
             raise TypeError(f"from_callable expects a function, got {type(fn).__name__}: {fn!r}.")
         if name is None:
             name = getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None) or type(fn).__name__
         return cls(
-            name=str(name), fn=fn, lm_tokenizer=lm_tokenizer, batch_size=batch_size, turn_markers=turn_markers
+            name=str(name), fn=fn, lm_tokenizer=lm_tokenizer, batch_size=batch_size, turn_markers=turn_markers,
+            chat=chat,
         )
 
     _MODEL_KW = (
-        "tokenizer", "lm_tokenizer", "device", "dtype", "batch_size", "max_length", "template", "turn_markers"
+        "tokenizer", "lm_tokenizer", "device", "dtype", "batch_size", "max_length", "template", "turn_markers", "chat"
     )
-    _CALLABLE_KW = ("name", "lm_tokenizer", "batch_size", "turn_markers")
+    _CALLABLE_KW = ("name", "lm_tokenizer", "batch_size", "turn_markers", "chat")
 
     @classmethod
     def build(cls, reward: Any, **kw: Any) -> RewardWrapper:
         """What envs call with their ``reward=`` kwarg.
 
-        A RewardWrapper is returned as is (`kw` ignored); a str/PathLike/PreTrainedModel goes
+        A RewardWrapper is returned as is (`kw` ignored), except that on chat-rendered prompts (a
+        ``chat`` format, or an ``lm_tokenizer`` that carries one) a wrapper that knows no format is
+        returned as a copy that knows it (`with_chat`); a str/PathLike/PreTrainedModel goes
         to `from_model`; any other callable to `from_callable`. Keywords that do not apply to
         the chosen backend (e.g. ``device`` for a function) are ignored; unknown ones raise.
         """
@@ -214,7 +237,10 @@ class RewardWrapper:
                     f"RewardWrapper.build got an unknown keyword {key!r}; expected one of {sorted(known)}.{extra}"
                 )
         if isinstance(reward, RewardWrapper):
-            return reward
+            chat = kw.get("chat") or chat_format_of(kw.get("lm_tokenizer"))
+            if chat is None or reward.chat is not None:
+                return reward
+            return reward.with_chat(chat, lm_tokenizer=kw.get("lm_tokenizer"))
         if isinstance(reward, (str, os.PathLike, PreTrainedModel)):
             return cls.from_model(reward, **{k: v for k, v in kw.items() if k in cls._MODEL_KW})
         if callable(reward):
@@ -225,6 +251,16 @@ class RewardWrapper:
             "fn(prompts, responses) -> list[float]. For the offline default use "
             "`llm_envs.world.load_world().rm_dir`."
         )
+
+    def with_chat(self, chat: ChatFormat, lm_tokenizer: PreTrainedTokenizerBase | None = None) -> RewardWrapper:
+        """A copy of this wrapper that reads prompts rendered by `chat` (the LM's format) as chat
+        conversations (the module docstring's rules), with `lm_tokenizer` as its default LM tokenizer
+        when it had none; it shares the backend, its counters start at 0."""
+        other = copy.copy(self)
+        other.chat, other._chat_reading, other._match_cache = chat, {}, None
+        other.lm_tokenizer = self.lm_tokenizer if self.lm_tokenizer is not None else lm_tokenizer
+        other.reset_counters()
+        return other
 
     # ------------------------------------------------------------------ provenance
     @property
@@ -241,6 +277,8 @@ class RewardWrapper:
             "calls": self.calls,
             "pairs_scored": self.pairs_scored,
         }
+        if self.chat is not None:
+            info["chat"] = {"lm_format": self.chat.tokenizer_name, "reads": self.chat_reading(self.chat)}
         if self.model is not None:
             info.update(
                 template=self.template,
@@ -266,21 +304,67 @@ class RewardWrapper:
 
     # ------------------------------------------------------------------ scoring
     def score(self, prompts: Sequence[str], responses: Sequence[str]) -> list[float]:
-        """Score text pairs (responses cut at the next turn marker first)."""
+        """Score text pairs (responses cut at the next turn marker first; chat-rendered prompts read
+        as the module docstring says)."""
         prompts, responses = self._check_pairs(prompts, responses, str, "score")
+        return self._score_text(prompts, responses, self.chat)
+
+    def _score_text(self, prompts: list[str], responses: list[str], chat: ChatFormat | None) -> list[float]:
         if not prompts:
             return []  # (transformers 5 tokenizers raise IndexError on an empty batch)
+        if chat is not None:  # the LM's turn ends at its end-of-turn text, whatever the RM's EOS
+            responses = [r.split(chat.end_of_turn, 1)[0] if chat.end_of_turn else r for r in responses]
+        messages = [chat.message_of(p) if chat is not None else None for p in prompts]
+        reading = self.chat_reading(chat) if chat is not None else "same"
         if self.fn is not None:
             cut = [cut_at_turn(r, self.turn_markers) for r in responses]
-            return self._callable_scores(prompts, cut)
+            return self._callable_scores([p if m is None else m for p, m in zip(prompts, messages)], cut,
+                                         shown=(prompts, responses))
         assert self.tokenizer is not None
         tok = self.tokenizer
         cut = [cut_at_turn(clean_response_text(r, tok), self.turn_markers) for r in responses]
         if self.template == "pair":
-            return self._score_pair_template(prompts, cut, responses)
-        texts = [join_prompt_response(p, r) for p, r in zip(prompts, cut)]
-        bodies = tok(texts, add_special_tokens=False)["input_ids"]
-        return self._model_scores([self._wrap(list(b)) for b in bodies], None, prompts, responses)
+            firsts = [p if m is None or reading == "same" else m for p, m in zip(prompts, messages)]
+            return self._score_pair_template(firsts, cut, responses)
+        seqs = []
+        for p, m, r in zip(prompts, messages, cut):
+            if m is not None and reading == "own":  # the RM's own template around the exchange
+                seqs.append(self.fit_to_max_length(list(tok(render_exchange(tok, m, r), add_special_tokens=False)
+                                                        ["input_ids"])))
+                continue
+            body = list(tok(join_prompt_response(p if m is None or reading == "same" else m, r),
+                            add_special_tokens=False)["input_ids"])
+            if m is not None and reading == "same":  # the rendered prompt holds the template's BOS already
+                body = strip_template(body, self._template_ids)
+            seqs.append(self._wrap(body))
+        return self._model_scores(seqs, None, prompts, responses)
+
+    def chat_reading(self, chat: ChatFormat) -> ChatReading:
+        """How this backend reads a prompt rendered by the LM's format `chat`: "message" (a function, or a
+        reward model without a chat template: the user message), "same" (a reward model whose template
+        renders messages exactly as the LM's: the rendered prompt), "own" (another template: its own)."""
+        return self._chat_rm(chat)[0]
+
+    def _chat_rm(self, chat: ChatFormat) -> tuple[ChatReading, PreTrainedTokenizerBase | None]:
+        """`chat_reading`, and for "same" the RM tokenizer as the LM's chat tokenizer would be (its EOS at
+        the turn end), which is what the ids fast path compares with the LM's."""
+        if chat not in self._chat_reading:
+            reading: tuple[ChatReading, PreTrainedTokenizerBase | None] = ("message", None)
+            tok = self.tokenizer
+            if self.model is not None and tok is not None and getattr(tok, "chat_template", None):
+                try:
+                    own = ChatFormat.learn(tok, chat.system_prompt)
+                except ValueError:  # a template llm_envs cannot read as a plain substitution
+                    own = None
+                same = own is not None and chat.same_rendering(own)
+                reading = ("same", chat_tokenizer(tok, own)) if same and own is not None else ("own", None)
+            self._chat_reading[chat] = reading
+        return self._chat_reading[chat]
+
+    def response_end_id(self, lm_tokenizer: PreTrainedTokenizerBase) -> int | None:
+        """The LM token that ends a response: the chat format's end of turn, else the LM's EOS."""
+        chat = chat_format_of(lm_tokenizer) or self.chat
+        return chat.end_of_turn_id if chat is not None else lm_tokenizer.eos_token_id
 
     def score_ids(
         self,
@@ -310,13 +394,18 @@ class RewardWrapper:
             raise ValueError(f"score_ids(fast=True) is impossible: {why}; use fast=None or False.")
         lm_template = self._template_ids if lm_tok is self.tokenizer else special_template(lm_tok)
         prompt_content = [strip_template(list(map(int, p)), lm_template) for p in prompt_ids]
-        specials, eos = response_special_ids(lm_tok), lm_tok.eos_token_id
+        eos = self.response_end_id(lm_tok)
+        specials = response_special_ids(lm_tok) | ({eos} if eos is not None else set())
         response_content = [response_content_ids(ids, eos, specials) for ids in response_ids]
         if not eligible or fast is False:
             self.last_path = "text"  # decode with the LM tokenizer, re-tokenize with the RM's
+            chat = chat_format_of(lm_tok) or self.chat
             prompts = lm_tok.batch_decode(prompt_content, skip_special_tokens=False)
+            if chat is not None:  # a rendered prompt keeps the template's own BOS, so it reads as rendered
+                whole = lm_tok.batch_decode([list(map(int, p)) for p in prompt_ids], skip_special_tokens=False)
+                prompts = [w if chat.is_rendered(w) else p for w, p in zip(whole, prompts)]
             responses = lm_tok.batch_decode(response_content, skip_special_tokens=False)
-            return self.score(prompts, responses)
+            return self._score_text(prompts, responses, chat)
         self.last_path = "ids"
         assert self.tokenizer is not None
         tok = self.tokenizer
@@ -346,11 +435,19 @@ class RewardWrapper:
             return False, "template='pair' scores text pairs"
         if self._template_ids is None:
             return False, "the reward tokenizer's special-token template could not be determined"
+        rm_tok = self.tokenizer
+        chat = chat_format_of(lm_tokenizer) or self.chat
+        if chat is not None:  # chat-rendered prompts: ids serve only an RM that reads them as the LM renders
+            reading, rm_chat_tok = self._chat_rm(chat)
+            if reading != "same" or rm_chat_tok is None:
+                return False, ("the reward model reads the conversation in its own chat template" if reading == "own"
+                               else "the reward model has no chat template, so it reads the user message")
+            rm_tok = rm_chat_tok
         cached = self._match_cache
         if cached is not None and cached[0]() is lm_tokenizer:
             same = cached[1]
         else:
-            same = tokenizers_match(self.tokenizer, lm_tokenizer)
+            same = tokenizers_match(rm_tok, lm_tokenizer)
             self._match_cache = (weakref.ref(lm_tokenizer), same)
         return same, ("" if same else "the reward tokenizer differs from the LM tokenizer")
 
@@ -472,7 +569,10 @@ class RewardWrapper:
         self._check_finite(out, prompts, responses, id_pairs)
         return out
 
-    def _callable_scores(self, prompts: list[str], responses: list[str]) -> list[float]:
+    def _callable_scores(
+        self, prompts: list[str], responses: list[str], shown: tuple[list[str], list[str]] | None = None
+    ) -> list[float]:
+        """`fn` on the pairs in batches; `shown` = the pairs as the caller gave them (for error messages)."""
         assert self.fn is not None
         step = self.batch_size or max(1, len(prompts))
         out: list[float] = []
@@ -482,7 +582,7 @@ class RewardWrapper:
             self.calls += 1
             out.extend(self._as_floats(result, len(p), start))
         self.pairs_scored += len(prompts)
-        self._check_finite(out, prompts, responses, None)
+        self._check_finite(out, *(shown or (prompts, responses)), None)
         return out
 
     def _as_floats(self, result: Any, expected: int, offset: int) -> list[float]:
