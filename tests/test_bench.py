@@ -73,6 +73,16 @@ def test_the_real_model_config_is_valid():
     assert cfg.train.env.max_new_tokens == cfg.task.max_new_tokens == 128  # the env's budget is the task's
 
 
+def test_the_real_lm_suite_config_is_valid():
+    cfg = load_suite_config("smollm2")
+    assert cfg.task.world == "smollm2" and cfg.task.chat_template and cfg.task.lm is None  # the world's real LM
+    assert cfg.task.uses_world_gold and cfg.rrhf.dataset_responses is None
+    assert cfg.train.env.max_new_tokens == cfg.task.max_new_tokens == 48
+    assert {"greedy", "top_k", "nucleus", "best_of_n", "args", "proxy", "rrhf"} <= {m.kind for m in cfg.bench.methods}
+    quick = load_suite_config("smollm2", quick=True)
+    assert quick.bench.suite == "smollm2-quick" and quick.bench.num_prompts == 16
+
+
 def test_the_readme_leaderboard_is_the_generated_one():
     """The README shows the committed tiny leaderboard verbatim (regenerate with
     `llm-envs bench --out benchmarks/results`, then copy the table)."""

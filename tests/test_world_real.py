@@ -109,7 +109,7 @@ def test_a_world_around_smollm2_gives_the_suite_its_lm_rm_and_judge(micro_real_w
     from llm_envs.rewards import RewardWrapper
     from llm_envs.task import Task
     from llm_envs.world import world_gold
-    from llm_envs.world.real import Answer, rm_scores
+    from llm_envs.world.real import Answer, chat_task_tokenizer, rm_scores
 
     world = micro_real_world
     assert world.is_real and world.lm_source == "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -130,7 +130,7 @@ def test_a_world_around_smollm2_gives_the_suite_its_lm_rm_and_judge(micro_real_w
 
     # The RM shares the LM's tokenizer, so the wrapper feeds it the envs' ids as they are, and
     # scores what the build's own scoring does.
-    lm_tok = load_tokenizer(world.lm_source)
+    lm_tok = chat_task_tokenizer(load_tokenizer(world.lm_source))  # what a chat_template: true task holds
     wrapper = RewardWrapper.build(str(world.rm_dir), lm_tokenizer=lm_tok, device="cpu")
     assert wrapper.fast_path(lm_tok)[0]
     rendered = [lm_tok.apply_chat_template([{"role": "user", "content": s["prompt"]}], tokenize=False,

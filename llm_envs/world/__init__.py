@@ -350,7 +350,8 @@ def _build_real(
     train, test = instruct.split_messages(rng, spec.test_fraction)
     train = train[: spec.train_messages]
     lm = load_causal_lm(spec.lm, device="cpu")
-    tokenizer = load_tokenizer(spec.lm)
+    base_tokenizer = load_tokenizer(spec.lm)
+    tokenizer = real.chat_task_tokenizer(base_tokenizer)
     messages = [m.text for m in train]
     sampled = real.sample_answers(lm, tokenizer, messages, num=spec.samples_per_prompt, do_sample=True, spec=spec,
                                   seed=seed, progress=progress, stage="samples")
@@ -374,7 +375,7 @@ def _build_real(
 
     def fill_files(staging: Path) -> None:
         rm.save_pretrained(staging / "rm")
-        tokenizer.save_pretrained(staging / "rm")
+        base_tokenizer.save_pretrained(staging / "rm")  # the LM's own: the RM shares its ids and template
         _write_jsonl(staging / "prompts_train.jsonl", [_message_row(m) for m in train])
         _write_jsonl(staging / "prompts_test.jsonl", [_message_row(m) for m in test])
         _write_jsonl(staging / "samples.jsonl", [

@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from llm_envs.chat import ChatFormat, chat_format_of, chat_tokenizer
 from llm_envs.world import instruct
 from llm_envs.world.build import Progress, train_bradley_terry
 
@@ -86,10 +87,19 @@ def labeller_score(message: str, response: str, spec: RealWorldSpec) -> float:
 # ---------------------------------------------------------------------------- sampling
 
 
+def chat_task_tokenizer(tokenizer: Any) -> Any:
+    """The LM's tokenizer as a chat task uses it (`llm_envs.chat.chat_tokenizer`: it carries the chat
+    format, and its EOS is the template's end-of-turn token), so the build renders prompts and stops
+    answers exactly as the envs of a `chat_template: true` suite do."""
+    return chat_tokenizer(tokenizer, ChatFormat.learn(tokenizer))
+
+
 def render(tokenizer: Any, message: str) -> str:
-    """A user message through the LM's chat template, ready for the assistant's turn."""
-    return tokenizer.apply_chat_template([{"role": "user", "content": message}], tokenize=False,
-                                         add_generation_prompt=True)
+    """A user message through the chat task tokenizer's template, ready for the assistant's turn."""
+    fmt = chat_format_of(tokenizer)
+    if fmt is None:
+        raise ValueError("render() needs the chat task's tokenizer (chat_task_tokenizer(tokenizer)).")
+    return fmt.render(message)
 
 
 @dataclass(frozen=True)
