@@ -702,3 +702,19 @@ def test_result_files_name_world_models_by_build_not_path(source, shown):
     from benchmarks.bench.suite import display_name
 
     assert display_name(source) == shown
+
+
+def test_a_trained_run_is_reused_only_on_the_world_it_was_trained_on(tmp_path):
+    """Run directories are named by config and task; the world's bytes are checked on reuse."""
+    from benchmarks.bench.methods import TRAIN_INFO, _timed_training
+
+    trained: list[str] = []
+    _timed_training(tmp_path, lambda: trained.append("first"), "a" * 64)
+    assert json.loads((tmp_path / TRAIN_INFO).read_text())["world_hash"] == "a" * 64
+    _timed_training(tmp_path, lambda: trained.append("again"), "a" * 64)  # same world: reused
+    assert trained == ["first"]
+    with pytest.raises(RuntimeError, match="trained on world aaaaaaaaaaaa, but the task's world is now bbbbbbbbbbbb"):
+        _timed_training(tmp_path, lambda: trained.append("other world"), "b" * 64)
+    assert trained == ["first"]
+    (tmp_path / TRAIN_INFO).write_text(json.dumps({"train_seconds": 1.5}))  # recorded before hashes were kept
+    assert _timed_training(tmp_path, lambda: trained.append("legacy"), "b" * 64) == 1.5 and trained == ["first"]

@@ -72,15 +72,32 @@ def run_dir(suite: SuiteConfig, kind: str, cfg: Any) -> Path:
     return Path(suite.bench.runs_dir) / "bench" / f"{kind}-{fingerprint(**settings)}"
 
 
-def _timed_training(directory: Path, train: Any) -> float:
-    """Run `train()` unless `directory` holds a finished run; returns the run's training seconds."""
+def _task_world_hash(suite: SuiteConfig) -> str | None:
+    """The hash of the world the suite's task uses (None when it uses none)."""
+    return suite.task.resolve(progress=False).world_hash if suite.task.needs_world() else None
+
+
+def _timed_training(directory: Path, train: Any, world_hash: str | None) -> float:
+    """Run `train()` unless `directory` holds a finished run; returns the run's training seconds.
+
+    A run directory is named by its config and task, not by the world's bytes, so a world rebuilt
+    with other bytes (a changed preset, another machine) would silently reuse a model trained on
+    the old one: the world hash is recorded with the run and a mismatch is refused. Runs recorded
+    before hashes were kept (no `world_hash`) are reused as they are."""
     info = directory / TRAIN_INFO
     if info.is_file():
-        return float(json.loads(info.read_text())["train_seconds"])
+        recorded = json.loads(info.read_text())
+        trained_on = recorded.get("world_hash")
+        if world_hash is not None and trained_on is not None and trained_on != world_hash:
+            raise RuntimeError(
+                f"{directory} was trained on world {trained_on[:12]}, but the task's world is now "
+                f"{world_hash[:12]} (it was rebuilt with other bytes); delete that directory to retrain, or "
+                "restore the world it was trained on.")
+        return float(recorded["train_seconds"])
     started = time.perf_counter()
     train()
     seconds = time.perf_counter() - started
-    atomic_write_json(info, {"train_seconds": seconds})
+    atomic_write_json(info, {"train_seconds": seconds, "world_hash": world_hash})
     return seconds
 
 
@@ -93,7 +110,7 @@ def train_proxy(suite: SuiteConfig, params: dict[str, Any], kind: str = "proxy")
     cfg = with_overrides(base, params)
     directory = run_dir(suite, kind, cfg)
     cfg = dataclasses.replace(cfg, output_dir=str(directory), progress_bar=suite.bench.progress)
-    seconds = _timed_training(directory, lambda: train(cfg, suite.task))
+    seconds = _timed_training(directory, lambda: train(cfg, suite.task), _task_world_hash(suite))
     return cfg, directory / "proxy.zip", seconds
 
 
@@ -141,7 +158,7 @@ def _rrhf(method: MethodConfig, suite: SuiteConfig, ctx: LMContext) -> PreparedM
     directory = run_dir(suite, "rrhf", cfg)
     cfg = dataclasses.replace(cfg, output_dir=str(directory), progress=suite.bench.progress)
     seconds = _timed_training(directory, lambda: run(cfg, suite.task, ("sample", "score", "train"),
-                                                     verbose=suite.bench.progress))
+                                                     verbose=suite.bench.progress), _task_world_hash(suite))
     decoder = GreedyDecoder(str(directory / MODEL_DIR), ctx.tokenizer, device=suite.task.device,
                             batch_size=4 * suite.bench.batch_size, name=method.name)
     params = sum(p.numel() for p in decoder.model.parameters())  # RRHF fine-tunes every weight
