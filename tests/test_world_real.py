@@ -93,7 +93,7 @@ def micro_real_world(world_cache: Path) -> Iterator[object]:
     from llm_envs.world import WORLD_PRESETS, build_world
     from llm_envs.world.real import RealWorldSpec
 
-    spec = RealWorldSpec(train_messages=6, samples_per_prompt=2, nucleus_samples=2, report_stride=11,
+    spec = RealWorldSpec(train_messages=6, samples_per_prompt=2, nucleus_samples=2, report_stride=22,
                          max_answer_tokens=8, rm_layers=1, rm_steps=3, torch_threads=1)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("LLM_ENVS_CACHE", str(world_cache))  # the hub name's dequantised copy goes there too
