@@ -34,9 +34,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from llm_envs.chat import ChatFormat, chat_format_of, chat_tokenizer
+from llm_envs.chat import ChatFormat, chat_format_of, chat_tokenizer, encode_prompt
 from llm_envs.world import instruct
-from llm_envs.world.build import Progress, train_bradley_terry
+from llm_envs.world.build import Progress, _right_pad, train_bradley_terry
 
 DEFAULT_REAL_LM = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
@@ -152,8 +152,8 @@ def training_pairs(
     pairs: list[tuple[Answer, Answer]] = []
     for group in answers:
         scored = [(score(a), a) for a in group]
-        candidates = [(a, b) for (sa, a), (sb, b) in itertools.combinations(scored, 2) if sa != sb]
-        candidates = [(a, b) if score(a) > score(b) else (b, a) for a, b in candidates]
+        candidates = [(a, b) if sa > sb else (b, a)
+                      for (sa, a), (sb, b) in itertools.combinations(scored, 2) if sa != sb]
         for i in rng.permutation(len(candidates))[:per_prompt]:
             pairs.append(candidates[int(i)])
     return pairs
@@ -180,13 +180,11 @@ def make_reward_model(lm: Any, layers: int, seed: int) -> Any:
 def encode_pair_rows(tokenizer: Any, answer: Answer) -> list[int]:
     """What the RM reads: the chat-rendered prompt's ids plus the response ids (no EOS) -- the ids
     the envs hold, so the reward wrapper feeds them to the RM as they are."""
-    return list(tokenizer(render(tokenizer, answer.message), add_special_tokens=False)["input_ids"]) + answer.ids
+    return encode_prompt(tokenizer, render(tokenizer, answer.message)) + answer.ids
 
 
 @torch.inference_mode()
 def rm_scores(rm: Any, tokenizer: Any, answers: Sequence[Answer], batch_size: int = 64) -> list[float]:
-    from llm_envs.world.build import _right_pad
-
     out: list[float] = []
     for start in range(0, len(answers), batch_size):
         rows = [encode_pair_rows(tokenizer, a) for a in answers[start : start + batch_size]]
