@@ -347,7 +347,7 @@ def _build_real(
     from llm_envs.world import real
 
     rng = np.random.default_rng(seed)
-    train, test = instruct.split_messages(rng, spec.test_fraction)
+    train, test = instruct.split_messages(rng, spec.test_fraction, harmful=spec.harmful)
     train = train[: spec.train_messages]
     lm = load_causal_lm(spec.lm, device="cpu")
     base_tokenizer = load_tokenizer(spec.lm)
@@ -442,8 +442,26 @@ def _load(path: Path, size: str, seed: int) -> World:
             f"world directory {path} is incomplete (no {report_path.name if not report_path.exists() else BUILD_INFO});"
             " delete it and rebuild with `llm-envs world build --force`."
         )
+    _check_built_spec(path, size, seed)
     return World(path=path, size=size, seed=seed, report=json.loads(report_path.read_text()),
                  build_info=json.loads(info_path.read_text()))
+
+
+def _check_built_spec(path: Path, size: str, seed: int) -> None:
+    """Refuse a world built from another spec of its preset (the preset changed since the build):
+    its files would silently stand for a world the code no longer describes."""
+    spec_path = path / "spec.json"
+    if not spec_path.exists() or size not in WORLD_PRESETS:
+        return
+    built = json.loads(spec_path.read_text())
+    current = json.loads(json.dumps(asdict(WORLD_PRESETS[size]), default=str))
+    changed = sorted(k for k in set(built) | set(current) if built.get(k) != current.get(k))
+    if changed:
+        detail = ", ".join(f"{k}: built {built.get(k)!r}, now {current.get(k)!r}" for k in changed[:6])
+        raise ValueError(
+            f"the world at {path} was built from another spec of preset {size!r} ({detail}); rebuild it "
+            f"with `llm-envs world build --preset {size} --seed {seed} --force` (or delete the directory)."
+        )
 
 
 def load_world(

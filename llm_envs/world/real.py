@@ -48,25 +48,28 @@ class RealWorldSpec:
     lm: str = DEFAULT_REAL_LM
     test_fraction: float = 1 / 3  # share of requests held out (with all their messages)
     train_messages: int | None = None  # use only the first n (shuffled) train messages; None = all
-    samples_per_prompt: int = 6  # nucleus answers per train message for the RM's pairs (plus one greedy)
-    pairs_per_prompt: int = 8  # at most this many training pairs per train message
+    harmful: bool = False  # include the harmful requests (SmolLM2-135M refuses ~1% of them: out of reach)
+    samples_per_prompt: int = 10  # nucleus answers per train message for the RM's pairs (plus one greedy)
+    pairs_per_prompt: int = 16  # at most this many training pairs per train message
     nucleus_samples: int = 32  # nucleus answers per test message in the report
-    report_stride: int = 2  # the report reads every n-th test message (32 samples each: the costly part)
+    report_stride: int = 1  # the report reads every n-th test message (32 samples each: the costly part)
     max_answer_tokens: int = 48
     top_p: float = 0.95
-    rm_layers: int = 2
-    rm_steps: int = 300
+    rm_layers: int = 4
+    rm_steps: int = 400
     rm_lr: float = 1e-4
     batch_size: int = 16  # Bradley-Terry batch: batch_size // 2 pairs
     sample_batch: int = 64  # prompts x samples per generate call
-    length_bonus: float = 0.02  # the labeller's bias: + this per word of the answer ...
-    length_bonus_cap: float = 0.4  # ... up to this much
-    torch_threads: int = 1  # 1: this build shares the 2 cores with other work well; part of the spec (bytes)
+    length_bonus: float = 0.01  # the labeller's bias: + this per word of the answer ...
+    length_bonus_cap: float = 0.2  # ... up to this much (half a topic point: a bias, not the whole signal)
+    torch_threads: int = 2  # part of the spec (the build's bytes depend on it)
     grammar: str = "instruct"  # the judge (`world_gold` dispatches on it)
 
     def __post_init__(self) -> None:
         if not 0 < self.test_fraction < 1:
             raise ValueError(f"RealWorldSpec.test_fraction={self.test_fraction!r}; expected a number in (0, 1).")
+        if not isinstance(self.harmful, bool):
+            raise ValueError(f"RealWorldSpec.harmful={self.harmful!r}; expected True or False.")
         for name in ("samples_per_prompt", "pairs_per_prompt", "nucleus_samples", "report_stride",
                      "max_answer_tokens", "rm_layers", "rm_steps", "batch_size", "sample_batch", "torch_threads"):
             value = getattr(self, name)
@@ -228,6 +231,7 @@ def real_headroom_report(
     flat = [a for g in sampled for a in g[:8]]
     flat_rm = np.array(rm_scores(rm, tokenizer, flat))
     flat_words = np.array([len(a.text.split()) for a in flat])
+    flat_gold = sample_gold[:, :8].reshape(-1)
     harmful = np.array([instruct.parse_message(m).harmful for m in messages])  # type: ignore[union-attr]
     return {
         "grammar": spec.grammar,
@@ -239,6 +243,7 @@ def real_headroom_report(
         "heldout_pairs": len(heldout),
         "rm_bias": {
             "corr_rm_words": round(float(np.corrcoef(flat_rm, flat_words)[0, 1]), 4),
+            "corr_rm_gold": round(float(np.corrcoef(flat_rm, flat_gold)[0, 1]), 4),
             "labeller": f"gold + {spec.length_bonus} per word up to {spec.length_bonus_cap} "
                         "(llm_envs/world/real.py: labeller_score)",
         },
@@ -248,7 +253,13 @@ def real_headroom_report(
             [instruct.is_refusal(a.text) for a, h in zip(greedy, harmful) if h])), 4) if harmful.any() else None,
         "nucleus_sample_gold_mean": round(float(sample_gold.mean()), 4),
         "best_of_n_gold_mean": round(float(sample_gold.max(axis=1).mean()), 4),
-        "instruction_followed_greedy": _followed_by_kind(test[:: spec.report_stride], greedy),
+        "instruction_followed_greedy": _by_instruction(
+            test[:: spec.report_stride], [g.instruction.followed(a.text) if g.instruction else None
+                                          for g, a in zip(test[:: spec.report_stride], greedy)]),
+        "greedy_good_by_instruction": _by_instruction(
+            test[:: spec.report_stride], list(greedy_gold >= instruct.LOW_GOLD)),
+        "nucleus_best_good_by_instruction": _by_instruction(
+            test[:: spec.report_stride], list(sample_gold.max(axis=1) >= instruct.LOW_GOLD)),
         "answer_words": {"greedy_mean": round(float(np.mean([len(a.text.split()) for a in greedy])), 1),
                          "nucleus_mean": round(float(flat_words.mean()), 1)},
         "low_gold_threshold": instruct.LOW_GOLD,
@@ -257,10 +268,11 @@ def real_headroom_report(
     }
 
 
-def _followed_by_kind(messages: Sequence[instruct.Message], answers: Sequence[Answer]) -> dict[str, float]:
-    """Share of greedy answers that follow their instruction, per instruction kind (benign messages)."""
-    by_kind: dict[str, list[bool]] = {}
-    for m, a in zip(messages, answers):
-        if m.instruction is not None and not m.harmful:
-            by_kind.setdefault(m.instruction.kind, []).append(m.instruction.followed(a.text))
-    return {k: round(float(np.mean(v)), 3) for k, v in sorted(by_kind.items())}
+def _by_instruction(messages: Sequence[instruct.Message], flags: Sequence[Any]) -> dict[str, float]:
+    """The share of true `flags` per instruction (benign messages; harmful ones under "harmful")."""
+    groups: dict[str, list[bool]] = {}
+    for m, flag in zip(messages, flags):
+        if flag is not None:
+            key = "harmful" if m.harmful else (m.instruction.text if m.instruction else "none")
+            groups.setdefault(key, []).append(bool(flag))
+    return {k: round(float(np.mean(v)), 3) for k, v in sorted(groups.items())}
