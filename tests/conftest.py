@@ -15,10 +15,21 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
 
 
+XDIST_WORKER = os.environ.get("PYTEST_XDIST_WORKER")  # "gw0", "gw1", ... under `pytest -n N`; None otherwise
+
+
 @pytest.fixture(scope="session")
 def world_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A cache root private to this test session (the user's ~/.cache is never written)."""
-    return tmp_path_factory.mktemp("llm_envs_cache")
+    """A cache root private to this test run (the user's ~/.cache is never written).
+
+    Under pytest-xdist the workers share one (in the run's common temp root): the test world and
+    SmolLM2's dequantised copy are then built once, the other workers waiting on the build's file
+    lock (`build_world`, `dequantize_gguf`) instead of building their own."""
+    if XDIST_WORKER is None:
+        return tmp_path_factory.mktemp("llm_envs_cache")
+    shared = tmp_path_factory.getbasetemp().parent / "llm_envs_cache"
+    shared.mkdir(exist_ok=True)
+    return shared
 
 
 REBUILD_TEST = "test_a_rebuild_of_the_test_world_is_byte_identical"  # in tests/test_world.py
@@ -75,10 +86,11 @@ def test_world(world_cache: Path, request: pytest.FixtureRequest, tmp_path_facto
     """The 'test' preset of the embedded world (same grammar, small models; about a minute to build).
 
     When the session will run the rebuild check, a second build of the same preset starts in
-    another process first, so that the two builds overlap (see `BackgroundBuild`)."""
+    another process first, so that the two builds overlap (see `BackgroundBuild`). Not under
+    pytest-xdist: every worker lists every test, and the other workers already use the second core."""
     from llm_envs.world import load_world
 
-    if any(item.name == REBUILD_TEST for item in request.session.items):
+    if XDIST_WORKER is None and any(item.name == REBUILD_TEST for item in request.session.items):
         rebuild_dir = tmp_path_factory.mktemp("world_rebuild")
         _background_rebuild["build"] = BackgroundBuild(rebuild_dir / "cache", rebuild_dir / "build.log")
     return load_world("test", seed=0, cache_dir=world_cache, progress=False)

@@ -262,3 +262,14 @@ def test_cli_world_info_shows_the_hash(test_world, world_cache, capsys):
     assert main(["world", "info", "--preset", "test", "--cache-dir", str(world_cache)]) == 0
     out = capsys.readouterr().out
     assert f"hash {test_world.hash}" in out and "warning" not in out
+
+
+def test_a_world_built_from_another_spec_of_its_preset_is_refused(test_world, world_cache, monkeypatch):
+    """A preset changed since its world was built: loading the stale world would silently stand
+    for a world the code no longer describes, so it is refused with the rebuild command."""
+    import dataclasses
+
+    changed = dataclasses.replace(WORLD_PRESETS["test"], rm_steps=WORLD_PRESETS["test"].rm_steps + 1)
+    monkeypatch.setitem(WORLD_PRESETS, "test", changed)
+    with pytest.raises(ValueError, match=r"rm_steps: built 200, now 201.*world build --preset test --seed 0 --force"):
+        world_module.load_world("test", 0, world_cache, build=False)

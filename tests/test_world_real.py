@@ -124,7 +124,8 @@ def test_a_world_around_smollm2_gives_the_suite_its_lm_rm_and_judge(micro_real_w
     with pytest.raises(AttributeError, match="no LM of its own"):
         _ = world.lm_dir
     report = world.summary()
-    for key in ("greedy_low_gold_frac", "nucleus_best_gold_frac", "rm_gold_agreement", "rm_bias", "sizes"):
+    for key in ("greedy_low_gold_frac", "nucleus_best_gold_frac", "rm_gold_agreement", "rm_bias", "sizes",
+                "greedy_good_by_instruction", "nucleus_best_good_by_instruction"):
         assert key in report, key
     assert report["sizes"]["train_prompts"] == 6 and report["hash_matches_build"]
     assert world_gold("smollm2") is instruct.gold_reward

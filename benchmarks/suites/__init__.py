@@ -1,6 +1,8 @@
 """The shipped benchmark suites, installed as package data so they run by name from any directory.
 
 - `tiny`: every method on the embedded offline world (the default of `llm-envs bench`).
+- `v2`: every method on world v2, where methods separate and reward hacking shows (3 seeds).
+- `smollm2`: every method on a real pretrained chat LM offline (SmolLM2-135M-Instruct, world `smollm2`).
 - `hh_gpu`: the same suite on hub models (GPT-2-large, a DeBERTa reward model, HH-RLHF) on a GPU.
 
 `suite_path("tiny")` is the shipped file; `suite_path("my_suite.yaml")` is a user's own file. Copy a
