@@ -375,11 +375,15 @@ def test_the_package_layers_flow_one_way() -> None:
         return {name for name in found if name.startswith("llm_envs")}
 
     assert imports("rewards/text.py") == set()
-    assert imports("rewards/wrapper.py") == {"llm_envs.chat", "llm_envs.models", "llm_envs.rewards.text"}
+    assert imports("rewards/wrapper.py") == {"llm_envs.chat", "llm_envs.models", "llm_envs.rewards.text",
+                                             "llm_envs.score_model"}
     assert imports("chat.py") == set()  # the chat format is data: it reads no other llm_envs module
     assert imports("rewards/candidates.py") == {
-        "llm_envs.kv_cache", "llm_envs.models", "llm_envs.rewards.text", "llm_envs.rewards.wrapper"
+        "llm_envs.kv_cache", "llm_envs.models", "llm_envs.rewards.text", "llm_envs.rewards.wrapper",
+        "llm_envs.score_model",
     }
-    # models reads only the lowest layer, io (the cache root and atomic directory swaps for GGUF conversions)
-    assert imports("kv_cache.py") == set() and imports("models.py") == {"llm_envs.io"}
+    # models reads only io (the cache root and atomic directory swaps for GGUF conversions) and the
+    # score-model loader below it, which reads none
+    assert imports("kv_cache.py") == set() and imports("models.py") == {"llm_envs.io", "llm_envs.score_model"}
+    assert imports("score_model.py") == set()
     assert imports("engine.py") == {"llm_envs.kv_cache", "llm_envs.models"}

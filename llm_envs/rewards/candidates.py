@@ -34,6 +34,7 @@ from llm_envs.rewards.text import (
     strip_template,
 )
 from llm_envs.rewards.wrapper import RewardWrapper
+from llm_envs.score_model import ScoreModel
 
 __all__ = ["CandidateScorer", "Scoring", "prefix_cache_verdict", "score_candidates"]
 
@@ -82,13 +83,16 @@ class _PrefixKV:
     (the chosen token), that slot is made visible instead of feeding the token again, so a
     decoding step costs one reward-model forward of k tokens per row.
 
-    Scores follow HF's sequence-classification pooling (the last token that is not padding), so
-    they equal a fresh forward of the whole sequence.
+    Scores follow the model's end rule, so they equal a fresh forward of the whole sequence: HF's
+    sequence-classification pooling (the last token whose id is not the pad id), or a safe-rlhf score
+    model's (`llm_envs.score_model.ScoreModel`: the last token, whatever its id).
     """
 
-    def __init__(self, model: PreTrainedModel, num_rows: int, compact_slack: int) -> None:
+    def __init__(self, model: PreTrainedModel | ScoreModel, num_rows: int, compact_slack: int) -> None:
         self.model, self.base, self.head = model, model.base_model, model.score
         self.pad = int(model.config.get_text_config().pad_token_id)
+        # The id that pooling skips (its score is the prefix's): HF's pad id; none for a score model.
+        self.skip: int | None = None if isinstance(model, ScoreModel) else self.pad
         self.device, self.dtype = model.device, model.dtype
         self.num_rows = num_rows
         self.slots = SlotKVCache(model, num_rows, compact_slack=compact_slack)
@@ -129,7 +133,7 @@ class _PrefixKV:
     def _pool(self, row: int, token: int, score: float) -> None:
         """Record the sequence score after the row's newest visible token."""
         pooled = self.pooled[row]  # HF pooling: the last non-pad token (position 0 if none)
-        pooled.append(score if token != self.pad or not pooled else pooled[-1])
+        pooled.append(score if token != self.skip or not pooled else pooled[-1])
 
     @torch.inference_mode()
     def run(
@@ -145,7 +149,7 @@ class _PrefixKV:
             scores = self._forward(rows, pending, candidates, wp, width)
         out = []
         for i, (row, cands) in enumerate(zip(rows, candidates)):
-            cand_scores = [self.pooled[row][-1] if c == self.pad else float(scores[i][j]) for j, c in enumerate(cands)]
+            cand_scores = [self.pooled[row][-1] if c == self.skip else float(scores[i][j]) for j, c in enumerate(cands)]
             out.append((cand_scores, self.pooled[row][-1]))
         return out
 

@@ -2,8 +2,10 @@
 
 Backends:
 
-- a HF sequence-classification reward model (``num_labels=1``), by hub name, local
-  directory or loaded model: `RewardWrapper.from_model`;
+- a reward model, by hub name, local directory or loaded model: `RewardWrapper.from_model`. A HF
+  sequence classifier (``num_labels=1``), or a safe-rlhf score model (``LlamaForScore``: a
+  ``score_head`` read at the last token, `llm_envs.score_model`), told apart by the checkpoint; a
+  checkpoint whose head would be initialised at random is refused (`llm_envs.models.load_reward_model`);
 - a programmatic function ``fn(prompts, responses) -> list[float]`` (the embedded world's
   gold judge is one): `RewardWrapper.from_callable`.
 
@@ -60,7 +62,14 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from llm_envs.chat import ChatFormat, chat_format_of, chat_tokenizer, render_exchange
-from llm_envs.models import ModelSpec, context_length, load_reward_model, load_tokenizer, model_source_name
+from llm_envs.models import (
+    RewardModel,
+    RewardModelSpec,
+    context_length,
+    load_reward_model,
+    load_tokenizer,
+    model_source_name,
+)
 from llm_envs.rewards.text import (
     DEFAULT_TURN_MARKERS,
     SpecialTemplate,
@@ -74,6 +83,7 @@ from llm_envs.rewards.text import (
     strip_template,
     tokenizers_match,
 )
+from llm_envs.score_model import ScoreModel
 
 __all__ = ["RewardFn", "RewardWrapper", "Template"]
 
@@ -97,7 +107,7 @@ class RewardWrapper:
         self,
         *,
         name: str,
-        model: PreTrainedModel | None = None,
+        model: RewardModel | None = None,
         tokenizer: PreTrainedTokenizerBase | None = None,
         fn: RewardFn | None = None,
         lm_tokenizer: PreTrainedTokenizerBase | None = None,
@@ -146,7 +156,7 @@ class RewardWrapper:
     @classmethod
     def from_model(
         cls,
-        spec: ModelSpec,
+        spec: RewardModelSpec,
         *,
         tokenizer: PreTrainedTokenizerBase | str | os.PathLike | None = None,
         lm_tokenizer: PreTrainedTokenizerBase | None = None,
@@ -158,7 +168,8 @@ class RewardWrapper:
         turn_markers: Sequence[str] = DEFAULT_TURN_MARKERS,
         chat: ChatFormat | None = None,
     ) -> RewardWrapper:
-        """A HF sequence-classification reward model (hub name, local dir or loaded model).
+        """A reward model (hub name, local dir or loaded model): a HF sequence classifier or a
+        safe-rlhf score model (`llm_envs.models.load_reward_model` tells them apart).
 
         `tokenizer` defaults to the one saved beside the model. `lm_tokenizer` is the policy
         LM's tokenizer, the default for `score_ids`. `max_length` defaults to the model's
@@ -224,7 +235,7 @@ class RewardWrapper:
 
         A RewardWrapper is returned as is (`kw` ignored), except that on chat-rendered prompts (a
         ``chat`` format, or an ``lm_tokenizer`` that carries one) a wrapper that knows no format is
-        returned as a copy that knows it (`with_chat`); a str/PathLike/PreTrainedModel goes
+        returned as a copy that knows it (`with_chat`); a str/PathLike/PreTrainedModel/ScoreModel goes
         to `from_model`; any other callable to `from_callable`. Keywords that do not apply to
         the chosen backend (e.g. ``device`` for a function) are ignored; unknown ones raise.
         """
@@ -241,13 +252,13 @@ class RewardWrapper:
             if chat is None or reward.chat is not None:
                 return reward
             return reward.with_chat(chat, lm_tokenizer=kw.get("lm_tokenizer"))
-        if isinstance(reward, (str, os.PathLike, PreTrainedModel)):
+        if isinstance(reward, (str, os.PathLike, PreTrainedModel, ScoreModel)):
             return cls.from_model(reward, **{k: v for k, v in kw.items() if k in cls._MODEL_KW})
         if callable(reward):
             return cls.from_callable(reward, **{k: v for k, v in kw.items() if k in cls._CALLABLE_KW})
         raise TypeError(
             f"reward={reward!r} ({type(reward).__name__}) is not a reward; expected a RewardWrapper, a "
-            "reward-model hub name or directory, a loaded PreTrainedModel (num_labels=1), or a function "
+            "reward-model hub name or directory, a loaded PreTrainedModel (num_labels=1) or ScoreModel, or a function "
             "fn(prompts, responses) -> list[float]. For the offline default use "
             "`llm_envs.world.load_world().rm_dir`."
         )
