@@ -1,4 +1,4 @@
-"""safe-rlhf score models as reward models, and refusing heads that would be random.
+"""safe-rlhf score models as reward models, refusing heads that would be random, and reward − cost sums.
 
 Tiny checkpoints are written offline in safe-rlhf's layout (config.json with ``architectures`` and the
 score fields, safetensors holding ``model.*`` backbone weights and ``score_head.*``), so the loader is
@@ -24,7 +24,9 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from llm_envs.config import ConfigError, load_config, to_dict
 from llm_envs.models import load_reward_model
+from llm_envs.reward_spec import RewardTerm, reward_label
 from llm_envs.rewards import (
     CandidateScorer,
     RewardWrapper,
@@ -32,6 +34,7 @@ from llm_envs.rewards import (
     prefix_cache_verdict,
 )
 from llm_envs.score_model import ScoreModel
+from llm_envs.task import Task, build_context
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -259,6 +262,96 @@ def test_candidates_on_a_score_model_use_the_prefix_cache_and_its_end_rule(rewar
     scored, _ = scorer.score([0, 1], prompts, responses, [c[:2] for c in cands])
     fresh = [[wrapper.score_ids([p], [r + [c]])[0] for c in cs[:2]] for p, r, cs in zip(prompts, responses, cands)]
     np.testing.assert_allclose(scored, fresh, atol=1e-4)
+
+
+# ----------------------------------------------------------------------------- reward − cost
+
+
+def test_reward_minus_cost_is_the_weighted_sum_of_the_models_scores(reward_ckpt, cost_ckpt, tok) -> None:
+    spec = [{"model": str(reward_ckpt.path), "weight": 1.0}, {"model": str(cost_ckpt.path), "weight": -1.0}]
+    combined = RewardWrapper.build(spec, lm_tokenizer=tok, device="cpu")
+    reward = RewardWrapper.build(str(reward_ckpt.path), lm_tokenizer=tok, device="cpu")
+    cost = RewardWrapper.build(str(cost_ckpt.path), lm_tokenizer=tok, device="cpu")
+    assert combined.kind == "combination" and combined.name == f"1*{reward_ckpt.path} - 1*{cost_ckpt.path}"
+    expected = np.subtract(reward.score(PROMPTS, RESPONSES), cost.score(PROMPTS, RESPONSES))
+    np.testing.assert_allclose(combined.score(PROMPTS, RESPONSES), expected, atol=1e-6)
+    hand = [reward_ckpt.end_score(text_ids(tok, p, r)) - cost_ckpt.end_score(text_ids(tok, p, r))
+            for p, r in zip(PROMPTS, RESPONSES)]
+    np.testing.assert_allclose(expected, hand, atol=1e-5)
+    assert (combined.calls, combined.pairs_scored) == (2, 2 * len(PROMPTS))  # one batch per model
+    prompt_ids = [tok(p)["input_ids"] for p in PROMPTS]
+    response_ids = [tok(r, add_special_tokens=False)["input_ids"] for r in RESPONSES]
+    np.testing.assert_allclose(combined.score_ids(prompt_ids, response_ids), expected, atol=1e-5)
+    assert combined.last_path == "ids" and combined.fast_path(tok) == (True, "")
+    assert [t["weight"] for t in combined.describe()["terms"]] == [1.0, -1.0]
+
+
+def test_candidates_of_a_weighted_sum_are_the_weighted_sum_of_each_models(reward_ckpt, cost_ckpt, tok) -> None:
+    combined = RewardWrapper.combine([(RewardWrapper.build(reward_ckpt.path, lm_tokenizer=tok, device="cpu"), 2.0),
+                                      (RewardWrapper.build(cost_ckpt.path, lm_tokenizer=tok, device="cpu"), -0.5)])
+    scorer = CandidateScorer(combined, 2, tok)
+    assert scorer.uses_prefix_cache
+    prompts = [tok(p)["input_ids"] for p in PROMPTS[:2]]
+    responses = [tok("fine", add_special_tokens=False)["input_ids"], []]
+    cands = [[tok.convert_tokens_to_ids(w) for w in ("good", "bad")]] * 2
+    out, own = scorer.score([0, 1], prompts, responses, cands, prefix=True)
+    fresh = [[combined.score_ids([p], [r + [c]])[0] for c in cs] for p, r, cs in zip(prompts, responses, cands)]
+    np.testing.assert_allclose(out, fresh, atol=1e-4)
+    np.testing.assert_allclose(own, combined.score_ids(prompts, responses), atol=1e-4)
+    assert combined.calls > 0 and combined.calls == sum(t.calls for t, _ in combined.terms)
+
+
+def test_a_task_reward_can_be_a_weighted_sum_from_yaml_to_context(reward_ckpt, cost_ckpt, tok, tmp_path) -> None:
+    torch.manual_seed(0)
+    LlamaForCausalLM(llama_config()).save_pretrained(tmp_path / "lm")
+    tok.save_pretrained(tmp_path / "lm")
+    config = tmp_path / "suite.yaml"
+    config.write_text(f"task:\n  lm: {tmp_path / 'lm'}\n  reward:\n    - {{model: {reward_ckpt.path}, weight: 1.0}}\n"
+                      f"    - {{model: {cost_ckpt.path}, weight: -1}}\n")
+    task = load_config(Task, config, section="task")
+    assert task.reward == (RewardTerm(str(reward_ckpt.path), 1.0), RewardTerm(str(cost_ckpt.path), -1.0))
+    assert to_dict(task)["reward"] == [{"model": str(reward_ckpt.path), "weight": 1.0},
+                                       {"model": str(cost_ckpt.path), "weight": -1.0}]
+    assert Task(**to_dict(task)) == task and reward_label(task.reward).endswith(f"- 1*{cost_ckpt.path}")
+    ctx = build_context(lm=task.lm, reward=task.reward, prompts=PROMPTS, device="cpu")
+    assert ctx.reward.kind == "combination" and len(ctx.reward.terms) == 2
+    assert ctx.reward.lm_tokenizer is ctx.tokenizer
+
+
+@pytest.mark.parametrize("reward, message", [
+    ([], "empty list"),
+    (["some/model"], "expected a mapping"),
+    ([{"model": "a"}], "has no 'weight'"),
+    ([{"model": "a", "wieght": 1.0}], "Did you mean 'weight'"),
+    ([{"model": "a", "weight": 0}], "drop the term"),
+    ([{"model": "a", "weight": "minus one"}], "expected a finite number"),
+    ([{"model": "a", "weight": float("nan")}], "expected a finite number"),
+    ([{"model": "", "weight": 1.0}], "non-empty string"),
+    ([{"model": "a", "weight": 1.0}, {"model": "a", "weight": -1.0}], "twice"),
+    (3, "task.reward=3"),
+])
+def test_bad_combination_specs_raise_clear_errors(reward, message) -> None:
+    with pytest.raises(ValueError, match=message):
+        Task(reward=reward)
+
+
+def test_bad_specs_in_a_yaml_file_name_the_file_and_the_term(tmp_path) -> None:
+    config = tmp_path / "suite.yaml"
+    config.write_text("task:\n  reward:\n    - {model: a, weight: 1}\n    - {model: b, weigth: -1}\n")
+    with pytest.raises(ConfigError, match=r"suite.yaml.*task.reward\[1\] has an unknown key 'weigth'"):
+        load_config(Task, config, section="task")
+
+
+def test_combine_checks_its_terms(reward_ckpt, tok) -> None:
+    wrapper = RewardWrapper.build(reward_ckpt.path, lm_tokenizer=tok, device="cpu")
+    with pytest.raises(ValueError, match="non-empty list"):
+        RewardWrapper.combine([])
+    with pytest.raises(ValueError, match="weight 0"):
+        RewardWrapper.combine([(wrapper, 0.0)])
+    with pytest.raises(ValueError, match=r"terms\[0\]"):
+        RewardWrapper.combine([(str(reward_ckpt.path), 1.0)])  # type: ignore[list-item]
+    with pytest.raises(ValueError, match="weighted sum"):
+        RewardWrapper.combine([(wrapper, 1.0)]).score_model_inputs([[3, 4]])
 
 
 def test_the_world_reward_model_still_loads_with_its_head(test_world) -> None:
