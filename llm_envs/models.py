@@ -10,6 +10,11 @@ The small facts every caller needs about a loaded model live here too, written o
 with an `lm=` argument), and the KV-cache keyword of ``forward`` (`cache_kwargs`,
 `output_cache`), which transformers renamed from ``past_key_values`` to ``cache`` in 5.24.
 
+Reward models are sequence classifiers (num_labels=1) or safe-rlhf score models (``*ForScore``:
+a backbone plus a ``score_head``, read at the last token; `llm_envs.score_model`), told apart by the
+checkpoint; a checkpoint that lacks some of the weights its model needs (a causal LM given as a
+reward model: a random ``score`` head) is refused, naming them (`load_reward_model`).
+
 GGUF files (llama.cpp's format) load too, so a real pretrained LM runs with no hub: a ``.gguf``
 path (or a directory plus ``gguf_file=``) is dequantised once by transformers (needs the ``gguf``
 package) and cached as float32 safetensors plus its tokenizer under the llm_envs cache
@@ -38,6 +43,7 @@ from urllib.parse import urlparse
 
 import torch
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
     AutoTokenizer,
@@ -46,6 +52,7 @@ from transformers import (
 )
 
 from llm_envs.io import atomic_replace_dir, default_cache_root
+from llm_envs.score_model import ScoreModel, is_score_checkpoint, load_score_model
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -57,6 +64,8 @@ DTYPES: dict[str, torch.dtype] = {
 }
 
 ModelSpec = str | os.PathLike | PreTrainedModel
+RewardModel = PreTrainedModel | ScoreModel  # a sequence classifier, or a safe-rlhf score model
+RewardModelSpec = str | os.PathLike | PreTrainedModel | ScoreModel
 
 
 class ModelNotFoundError(OSError):
@@ -406,26 +415,18 @@ def _load_model(
     allow_gguf: bool = True,
     **extra: Any,
 ) -> PreTrainedModel:
-    target_device = resolve_device(device)
-    target_dtype = resolve_dtype(dtype, target_device)
     if isinstance(spec, PreTrainedModel):
-        model = spec
-        if dtype is not None and dtype != "auto":
-            model = model.to(dtype=target_dtype)
-        if device is not None:
-            model = model.to(target_device)
-    else:
-        source, local_only = _resolve_source(spec, what, gguf_file=gguf_file, allow_gguf=allow_gguf)
-        model = auto_cls.from_pretrained(
-            source,
-            local_files_only=local_only,
-            trust_remote_code=trust_remote_code,
-            dtype=target_dtype,
-            **extra,
-        ).to(target_device)
-    model.eval()
-    model.requires_grad_(False)
-    return model
+        return _frozen(spec, device, dtype)
+    target_device = resolve_device(device)
+    source, local_only = _resolve_source(spec, what, gguf_file=gguf_file, allow_gguf=allow_gguf)
+    model = auto_cls.from_pretrained(
+        source,
+        local_files_only=local_only,
+        trust_remote_code=trust_remote_code,
+        dtype=resolve_dtype(dtype, target_device),
+        **extra,
+    )
+    return _frozen(model.to(target_device), None, None)
 
 
 def load_causal_lm(
@@ -450,28 +451,72 @@ def load_causal_lm(
 
 
 def load_reward_model(
-    spec: ModelSpec,
+    spec: RewardModelSpec,
     *,
     device: str | torch.device | None = "auto",
     dtype: str | torch.dtype | None = "auto",
     trust_remote_code: bool = False,
-) -> PreTrainedModel:
-    """A frozen sequence-classification reward model with one output (num_labels=1)."""
-    model = _load_model(
-        AutoModelForSequenceClassification,
-        spec,
-        "reward model",
-        device=device,
-        dtype=dtype,
-        trust_remote_code=trust_remote_code,
-        allow_gguf=False,
+) -> RewardModel:
+    """A frozen reward model with one output: a sequence classifier (num_labels=1), or a safe-rlhf score
+    model (`llm_envs.score_model`), recognised from its checkpoint's config or weights.
+
+    A checkpoint that lacks weights the model needs (a causal LM or base model given as a reward model:
+    transformers would initialise its ``score`` head at random) is refused, naming the missing weights.
+    """
+    if isinstance(spec, ScoreModel):
+        return _frozen(spec, device, dtype)
+    if isinstance(spec, PreTrainedModel):
+        return _check_one_label(_frozen(spec, device, dtype))
+    source, local_only = _resolve_source(spec, "reward model", allow_gguf=False)
+    target_device = resolve_device(device)
+    target_dtype = resolve_dtype(dtype, target_device)
+    config = AutoConfig.from_pretrained(source, local_files_only=local_only, trust_remote_code=trust_remote_code)
+    if is_score_checkpoint(source, config, local_only=local_only):
+        return load_score_model(source, config, local_only=local_only, device=target_device,
+                                dtype=target_dtype, trust_remote_code=trust_remote_code)
+    model, info = AutoModelForSequenceClassification.from_pretrained(
+        source, local_files_only=local_only, trust_remote_code=trust_remote_code, dtype=target_dtype,
+        output_loading_info=True,
     )
+    _refuse_fresh_weights(source, model, sorted(info["missing_keys"]))
+    return _check_one_label(_frozen(model.to(target_device), None, None))
+
+
+def _frozen(model: Any, device: str | torch.device | None, dtype: str | torch.dtype | None) -> Any:
+    """A loaded model moved to `device`/`dtype` when given, in eval mode, with no gradients."""
+    if dtype is not None and dtype != "auto":
+        model = model.to(dtype=resolve_dtype(dtype, resolve_device(device)))
+    if device is not None:
+        model = model.to(resolve_device(device))
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+def _check_one_label(model: PreTrainedModel) -> PreTrainedModel:
     if model.config.num_labels != 1:
         raise ValueError(
             f"reward model {model.config.name_or_path!r} has num_labels={model.config.num_labels}; "
             "a reward model must output one scalar (num_labels=1)."
         )
     return model
+
+
+def _refuse_fresh_weights(source: str, model: PreTrainedModel, missing: list[str]) -> None:
+    """Refuse a sequence classifier some of whose weights the checkpoint lacks (transformers would
+    initialise them at random, e.g. the ``score`` head of a causal-LM checkpoint): wrong numbers, silently."""
+    if not missing:
+        return
+    architectures = getattr(model.config, "architectures", None) or ["no architectures in config.json"]
+    shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
+    raise ValueError(
+        f"reward model {source!r} ({', '.join(map(str, architectures))}) lacks weights that "
+        f"{type(model).__name__} needs: {shown}. transformers would initialise them at random, so every reward "
+        "would be meaningless. Expected a reward-model checkpoint with its head: a sequence classifier with "
+        "num_labels=1 saved with its score/classifier weights, or a safe-rlhf score model (architectures "
+        "'*ForScore' with score_head.* weights). A causal LM or base model is not a reward model: pass a trained "
+        "reward model's directory or hub name, or a function fn(prompts, responses) -> scores."
+    )
 
 
 def load_encoder(
@@ -483,8 +528,10 @@ def load_encoder(
     return _load_model(AutoModel, spec, "encoder", device=device, dtype=dtype, trust_remote_code=False)
 
 
-def model_source_name(spec: ModelSpec) -> str:
+def model_source_name(spec: RewardModelSpec) -> str:
     """Where a model came from (for tokenizer loading and result provenance)."""
+    if isinstance(spec, ScoreModel):
+        return str(spec.config.name_or_path or spec.architecture)
     if isinstance(spec, PreTrainedModel):
         return str(spec.config.name_or_path or type(spec).__name__)
     return str(spec)

@@ -19,6 +19,9 @@ one task by construction.
     sources = task.resolve()                       # the embedded world fills every unset part
     sources.lm, sources.reward, sources.eval_prompts, sources.gold, sources.world_hash
 
+A task's reward may be a weighted sum of models (`llm_envs.reward_spec`, MARA's reward − cost): ``reward:
+[{model: REWARD, weight: 1.0}, {model: COST, weight: -1.0}]``, held as a tuple of `RewardTerm`s.
+
 `resolve()` loads (or builds) the embedded world only when some part needs it: an unset `lm` or
 `reward`, or a `"world:train"` / `"world:test"` prompt source (the world's gold judge is a function
 of the text alone). Worlds live in `$LLM_ENVS_CACHE` (default `~/.cache/llm_envs`).
@@ -26,6 +29,7 @@ of the text alone). Worlds live in `$LLM_ENVS_CACHE` (default `~/.cache/llm_envs
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Literal, Sequence
@@ -34,6 +38,7 @@ import numpy as np
 
 from llm_envs.chat import ChatFormat, chat_format_of, encode_prompt
 from llm_envs.data import PromptSet, load_prompts
+from llm_envs.reward_spec import RewardTerm, is_combination, reward_terms
 
 if TYPE_CHECKING:  # loaded lazily: a task's config needs no torch
     import torch
@@ -55,8 +60,10 @@ class Task:
 
     lm: str | None = field(default=None, metadata=_help(
         "frozen causal LM: hub name or save_pretrained directory; null = the embedded world's SFT LM"))
-    reward: str | None = field(default=None, metadata=_help(
-        "reward model (sequence classifier, num_labels=1): hub name or directory; null = the world's RM"))
+    reward: str | Sequence[Mapping[str, Any] | RewardTerm] | None = field(default=None, metadata=_help(
+        "reward model: hub name or directory of a sequence classifier (num_labels=1) or a safe-rlhf score model "
+        "(e.g. PKU-Alignment/beaver-7b-v1.0-reward); or a weighted sum of models, [{model: NAME, weight: 1.0}, "
+        "{model: COST_MODEL, weight: -1.0}] (MARA: reward - cost); null = the world's RM"))
     train_prompts: Any = field(default="world:train", metadata=_help(
         "prompts methods train on: a list, a .jsonl file, a dataset name/dir or {dataset, split, column} "
         "mapping (see llm_envs.data.load_prompts), or world:train"))
@@ -80,6 +87,12 @@ class Task:
         "chat_template only: a system turn rendered before every message; null = the template's default"))
 
     def __post_init__(self) -> None:
+        if is_combination(self.reward):  # held as a tuple of RewardTerm: hashable, validated once
+            object.__setattr__(self, "reward", reward_terms(self.reward, where="task.reward"))
+        elif self.reward is not None and not isinstance(self.reward, str):
+            raise ValueError(f"task.reward={self.reward!r}; expected a reward model's hub name or directory, a list "
+                             "of {model, weight} terms (e.g. [{model: REWARD, weight: 1.0}, {model: COST, weight: "
+                             "-1.0}]), or null for the embedded world's reward model.")
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
             raise ValueError(f"task.max_new_tokens={self.max_new_tokens!r}; expected a positive int (e.g. 32).")
         if self.max_prompt_tokens is not None and self.max_prompt_tokens < 1:
@@ -131,7 +144,7 @@ class TaskSources:
 
     task: Task
     lm: str
-    reward: str
+    reward: str | tuple[RewardTerm, ...]  # one model, or a weighted sum (`llm_envs.reward_spec`)
     train_prompts: Any
     eval_prompts: Any
     gold: GoldFn | None

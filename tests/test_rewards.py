@@ -361,7 +361,7 @@ def test_public_seams_for_candidate_scoring(wrapper: RewardWrapper, rm, tok) -> 
 
 
 def test_the_package_layers_flow_one_way() -> None:
-    """text <- wrapper <- candidates, none of them lazily backwards; kv_cache/models stay below."""
+    """text | combination <- wrapper <- candidates, none of them lazily backwards; kv_cache/models stay below."""
     import ast
 
     import llm_envs
@@ -374,12 +374,17 @@ def test_the_package_layers_flow_one_way() -> None:
         found |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
         return {name for name in found if name.startswith("llm_envs")}
 
-    assert imports("rewards/text.py") == set()
-    assert imports("rewards/wrapper.py") == {"llm_envs.chat", "llm_envs.models", "llm_envs.rewards.text"}
+    assert imports("rewards/text.py") == set() and imports("rewards/combination.py") == set()
+    assert imports("rewards/wrapper.py") == {"llm_envs.chat", "llm_envs.models", "llm_envs.reward_spec",
+                                             "llm_envs.rewards.combination", "llm_envs.rewards.text",
+                                             "llm_envs.score_model"}
     assert imports("chat.py") == set()  # the chat format is data: it reads no other llm_envs module
     assert imports("rewards/candidates.py") == {
-        "llm_envs.kv_cache", "llm_envs.models", "llm_envs.rewards.text", "llm_envs.rewards.wrapper"
+        "llm_envs.kv_cache", "llm_envs.models", "llm_envs.rewards.text", "llm_envs.rewards.wrapper",
+        "llm_envs.score_model",
     }
-    # models reads only the lowest layer, io (the cache root and atomic directory swaps for GGUF conversions)
-    assert imports("kv_cache.py") == set() and imports("models.py") == {"llm_envs.io"}
+    # models reads only io (the cache root and atomic directory swaps for GGUF conversions) and the
+    # score-model loader below it, which reads none; a reward spec is plain data over the config layer
+    assert imports("kv_cache.py") == set() and imports("models.py") == {"llm_envs.io", "llm_envs.score_model"}
+    assert imports("score_model.py") == set() and imports("reward_spec.py") == {"llm_envs.config"}
     assert imports("engine.py") == {"llm_envs.kv_cache", "llm_envs.models"}

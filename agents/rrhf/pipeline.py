@@ -23,6 +23,7 @@ from agents.rrhf.stages import SAMPLES_FILE, SCORED_FILE, Sources, resolve_sourc
 from agents.rrhf.training import CHECKPOINT_DIR, DONE_FILE, MODEL_DIR, model_is_complete, train
 from llm_envs.config import ConfigError, read_yaml, to_dict
 from llm_envs.io import atomic_write_json, atomic_write_text
+from llm_envs.reward_spec import reward_label
 from llm_envs.task import Task
 
 STAGES = ("sample", "score", "train", "eval")
@@ -98,7 +99,7 @@ def evaluate(cfg: RRHFConfig, sources: Sources, task: Task) -> dict[str, Any]:
                                       seed=cfg.seed, chunk=len(prompts), warmup=False)
         methods[name] = summarize(evaluation)
     return {"num_prompts": len(prompts), "max_new_tokens": task.max_new_tokens, "seed": cfg.seed,
-            "reward": sources.reward, "gold": "world gold judge" if gold else None, "methods": methods}
+            "reward": reward_label(sources.reward), "gold": "world gold judge" if gold else None, "methods": methods}
 
 
 def _print_eval(result: dict[str, Any]) -> None:
@@ -155,7 +156,7 @@ def run(cfg: RRHFConfig, task: Task | None = None, stages: Sequence[str] = STAGE
     sources = resolve_sources(cfg, task, with_eval=with_eval) if state.is_main_process else None
     state.wait_for_everyone()  # the main process builds the world if needed, the others then load it
     sources = sources or resolve_sources(cfg, task, with_eval=with_eval)
-    summary: dict[str, Any] = {"output_dir": str(out), "lm": sources.lm, "reward": sources.reward,
+    summary: dict[str, Any] = {"output_dir": str(out), "lm": sources.lm, "reward": reward_label(sources.reward),
                                "train_prompts": len(sources.train_prompts), "world": sources.world_path,
                                "world_hash": sources.world_hash}
     outputs = {"sample": out / SAMPLES_FILE, "score": out / SCORED_FILE,

@@ -21,6 +21,7 @@ from agents.rrhf.config import RRHFConfig
 from llm_envs.chat import chat_format_of
 from llm_envs.data import load_prompts
 from llm_envs.models import load_causal_lm, load_tokenizer
+from llm_envs.reward_spec import RewardTerm
 from llm_envs.rewards import RewardWrapper, cut_at_turn
 from llm_envs.task import Task, lm_chat_tokenizer
 
@@ -32,7 +33,7 @@ class Sources:
     """The task resolved for RRHF: models, the sampled train prompts, the dataset's own responses."""
 
     lm: str
-    reward: str
+    reward: str | tuple[RewardTerm, ...]  # one model, or a weighted sum (`llm_envs.reward_spec`)
     train_prompts: list[str]
     dataset_responses: str | None  # path of a {prompt, response} JSONL, or None
     eval_prompts: list[str] | None

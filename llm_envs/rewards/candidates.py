@@ -34,6 +34,7 @@ from llm_envs.rewards.text import (
     strip_template,
 )
 from llm_envs.rewards.wrapper import RewardWrapper
+from llm_envs.score_model import ScoreModel
 
 __all__ = ["CandidateScorer", "Scoring", "prefix_cache_verdict", "score_candidates"]
 
@@ -82,13 +83,16 @@ class _PrefixKV:
     (the chosen token), that slot is made visible instead of feeding the token again, so a
     decoding step costs one reward-model forward of k tokens per row.
 
-    Scores follow HF's sequence-classification pooling (the last token that is not padding), so
-    they equal a fresh forward of the whole sequence.
+    Scores follow the model's end rule, so they equal a fresh forward of the whole sequence: HF's
+    sequence-classification pooling (the last token whose id is not the pad id), or a safe-rlhf score
+    model's (`llm_envs.score_model.ScoreModel`: the last token, whatever its id).
     """
 
-    def __init__(self, model: PreTrainedModel, num_rows: int, compact_slack: int) -> None:
+    def __init__(self, model: PreTrainedModel | ScoreModel, num_rows: int, compact_slack: int) -> None:
         self.model, self.base, self.head = model, model.base_model, model.score
         self.pad = int(model.config.get_text_config().pad_token_id)
+        # The id that pooling skips (its score is the prefix's): HF's pad id; none for a score model.
+        self.skip: int | None = None if isinstance(model, ScoreModel) else self.pad
         self.device, self.dtype = model.device, model.dtype
         self.num_rows = num_rows
         self.slots = SlotKVCache(model, num_rows, compact_slack=compact_slack)
@@ -129,7 +133,7 @@ class _PrefixKV:
     def _pool(self, row: int, token: int, score: float) -> None:
         """Record the sequence score after the row's newest visible token."""
         pooled = self.pooled[row]  # HF pooling: the last non-pad token (position 0 if none)
-        pooled.append(score if token != self.pad or not pooled else pooled[-1])
+        pooled.append(score if token != self.skip or not pooled else pooled[-1])
 
     @torch.inference_mode()
     def run(
@@ -145,7 +149,7 @@ class _PrefixKV:
             scores = self._forward(rows, pending, candidates, wp, width)
         out = []
         for i, (row, cands) in enumerate(zip(rows, candidates)):
-            cand_scores = [self.pooled[row][-1] if c == self.pad else float(scores[i][j]) for j, c in enumerate(cands)]
+            cand_scores = [self.pooled[row][-1] if c == self.skip else float(scores[i][j]) for j, c in enumerate(cands)]
             out.append((cand_scores, self.pooled[row][-1]))
         return out
 
@@ -209,6 +213,9 @@ class CandidateScorer:
     at the RM's length limit, a tokenizer suffix template) and other backends (functions,
     ``template="pair"``, a different RM tokenizer: decoded and re-tokenized) are scored from
     scratch in one extra batched call. The wrapper's ``calls``/``pairs_scored`` count it all.
+
+    A weighted sum (`RewardWrapper.combine`, e.g. reward − cost) is scored by one scorer per term,
+    each with its own paths and prefix cache, and the scores are added with the terms' weights.
     """
 
     def __init__(
@@ -226,13 +233,20 @@ class CandidateScorer:
         if lm_tok is None:
             raise ValueError("candidate scoring needs the LM's tokenizer: pass lm_tokenizer= here or to the wrapper.")
         self.wrapper, self.num_rows, self.lm_tokenizer = wrapper, num_rows, lm_tok
+        self.parts: list[tuple[CandidateScorer, float]] | None = None  # a weighted sum: one scorer per term
+        if wrapper.terms is not None:
+            self.parts = [(CandidateScorer(t, num_rows, lm_tok, prefix_cache=prefix_cache, compact_slack=compact_slack),
+                           w) for t, w in wrapper.terms]
         self.ids_path, why = wrapper.fast_path(lm_tok)
         self.lm_template = special_template(lm_tok) if self.ids_path else None
         self.eos = wrapper.response_end_id(lm_tok)  # the chat template's end of turn on chat prompts
         self.specials = response_special_ids(lm_tok) | ({self.eos} if self.eos is not None else set())
         self._kv: _PrefixKV | None = None
         self.cache_off_reason = why or ("prefix_cache=False" if not prefix_cache else "")
-        if prefix_cache and self.ids_path:
+        if self.parts is not None:  # each term's scorer holds its own cache
+            self.cache_off_reason = "; ".join(f"term {p.wrapper.name!r}: {p.cache_off_reason}" for p, _ in self.parts
+                                              if p.cache_off_reason)
+        elif prefix_cache and self.ids_path:
             self._kv = self._make_kv(compact_slack)
 
     def _make_kv(self, compact_slack: int) -> _PrefixKV | None:
@@ -256,11 +270,16 @@ class CandidateScorer:
 
     def forget(self, rows: Sequence[int]) -> None:
         """Drop the cached prefixes of `rows` (a new episode starts there)."""
+        for part, _ in self.parts or []:
+            part.forget(rows)
         if self._kv is not None:
             self._kv.forget([int(r) for r in rows])
 
     @property
     def uses_prefix_cache(self) -> bool:
+        """Whether candidates are scored on the reward model's prefix cache (every term's, for a weighted sum)."""
+        if self.parts is not None:
+            return all(part.uses_prefix_cache for part, _ in self.parts)
         return self._kv is not None
 
     def score(
@@ -278,6 +297,8 @@ class CandidateScorer:
         ``rows`` name the cache row of each entry (in [0, num_rows)); a row whose prefix changed
         in any other way than growing (a new episode) is re-synced automatically.
         """
+        if self.parts is not None:
+            return self._weighted(rows, prompt_ids, response_ids, candidates, scoring, prefix)
         rows = [int(r) for r in rows]
         batch = len(rows)
         prompts = [list(map(int, p)) for p in as_id_rows(prompt_ids)]
@@ -320,6 +341,28 @@ class CandidateScorer:
                 self._plan_wrapper(plan, i, prompts[i], responses[i], cands[i], prefix)
         self._execute(plan, rows, out, pref)
         return out, (pref if prefix else None)
+
+    def _weighted(
+        self,
+        rows: Sequence[int],
+        prompt_ids: Sequence[Sequence[int]],
+        response_ids: Sequence[Sequence[int]],
+        candidates: Sequence[Sequence[int]],
+        scoring: Scoring,
+        prefix: bool,
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """A weighted sum's scores: each term's scorer on the same rows, added with the terms' weights."""
+        assert self.parts is not None
+        out: np.ndarray | None = None
+        pref: np.ndarray | None = None
+        with self.wrapper.counting_terms():
+            for part, weight in self.parts:
+                values, own = part.score(rows, prompt_ids, response_ids, candidates, scoring=scoring, prefix=prefix)
+                out = weight * values if out is None else out + weight * values
+                if own is not None:
+                    pref = weight * own if pref is None else pref + weight * own
+        assert out is not None
+        return out, pref
 
     # ------------------------------------------------------------------ planning
     def _fits(self, seq_len: int) -> bool:

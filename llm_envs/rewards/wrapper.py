@@ -2,12 +2,17 @@
 
 Backends:
 
-- a HF sequence-classification reward model (``num_labels=1``), by hub name, local
-  directory or loaded model: `RewardWrapper.from_model`;
+- a reward model, by hub name, local directory or loaded model: `RewardWrapper.from_model`. A HF
+  sequence classifier (``num_labels=1``), or a safe-rlhf score model (``LlamaForScore``: a
+  ``score_head`` read at the last token, `llm_envs.score_model`), told apart by the checkpoint; a
+  checkpoint whose head would be initialised at random is refused (`llm_envs.models.load_reward_model`);
 - a programmatic function ``fn(prompts, responses) -> list[float]`` (the embedded world's
-  gold judge is one): `RewardWrapper.from_callable`.
+  gold judge is one): `RewardWrapper.from_callable`;
+- a weighted sum of wrappers (MARA's reward − cost): `RewardWrapper.combine`. Each term scores the
+  pairs with its own conventions and fast paths; the sum adds ``weight * score``.
 
-`RewardWrapper.build` dispatches on whatever a user passed as ``reward=``.
+`RewardWrapper.build` dispatches on whatever a user passed as ``reward=`` (a list of ``{model, weight}``
+terms, `llm_envs.reward_spec`, builds a weighted sum).
 
 Conventions shared by every backend:
 
@@ -35,7 +40,8 @@ Conventions shared by every backend:
   The response is cut at the LM's end-of-turn token (ids) / text (text) first. A prompt that is
   not a rendering of the format is scored as plain text, as without a template.
 - Scores are finite floats; a non-finite score raises naming the pair and the backend.
-- ``calls`` counts batches sent to the backend, ``pairs_scored`` the pairs (compute accounting).
+- ``calls`` counts batches sent to the backend, ``pairs_scored`` the pairs (compute accounting); a
+  weighted sum counts what its terms count through it (every model's batches and pairs).
 
 Candidate scoring (reward-guided decoding, TokenChoice) builds on this class from the module
 above it: `llm_envs.rewards.candidates.CandidateScorer(wrapper, num_rows, lm_tokenizer)` scores
@@ -60,7 +66,16 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from llm_envs.chat import ChatFormat, chat_format_of, chat_tokenizer, render_exchange
-from llm_envs.models import ModelSpec, context_length, load_reward_model, load_tokenizer, model_source_name
+from llm_envs.models import (
+    RewardModel,
+    RewardModelSpec,
+    context_length,
+    load_reward_model,
+    load_tokenizer,
+    model_source_name,
+)
+from llm_envs.reward_spec import is_combination, reward_terms, weighted_name
+from llm_envs.rewards.combination import WeightedSum, check_terms
 from llm_envs.rewards.text import (
     DEFAULT_TURN_MARKERS,
     SpecialTemplate,
@@ -74,22 +89,24 @@ from llm_envs.rewards.text import (
     strip_template,
     tokenizers_match,
 )
+from llm_envs.score_model import ScoreModel
 
 __all__ = ["RewardFn", "RewardWrapper", "Template"]
 
 Template = Literal["concat", "pair"]
 RewardFn = Callable[[list[str], list[str]], Sequence[float]]
 ChatReading = Literal["message", "same", "own"]  # how a backend reads a chat-rendered prompt
+Term = tuple["RewardWrapper", float]  # one wrapper of a weighted sum and its weight
 
 
 def _short(text: str, limit: int = 200) -> str:
     return repr(text if len(text) <= limit else text[:limit] + "...")
 
 
-class RewardWrapper:
+class RewardWrapper(WeightedSum):
     """Scores (prompt, response) pairs in batches; see the module docstring for conventions.
 
-    Build it with `from_model`, `from_callable` or `build`, then call `score` (texts) or
+    Build it with `from_model`, `from_callable`, `combine` or `build`, then call `score` (texts) or
     `score_ids` (LM token ids). ``calls``/``pairs_scored`` count backend batches and pairs.
     """
 
@@ -97,9 +114,10 @@ class RewardWrapper:
         self,
         *,
         name: str,
-        model: PreTrainedModel | None = None,
+        model: RewardModel | None = None,
         tokenizer: PreTrainedTokenizerBase | None = None,
         fn: RewardFn | None = None,
+        terms: Sequence[Term] | None = None,
         lm_tokenizer: PreTrainedTokenizerBase | None = None,
         batch_size: int | None = 32,
         max_length: int | None = None,
@@ -107,8 +125,10 @@ class RewardWrapper:
         turn_markers: Sequence[str] = DEFAULT_TURN_MARKERS,
         chat: ChatFormat | None = None,
     ) -> None:
-        if (model is None) == (fn is None):
-            raise ValueError("RewardWrapper needs exactly one backend: model= or fn=.")
+        if sum(x is not None for x in (model, fn, terms)) != 1:
+            raise ValueError("RewardWrapper needs exactly one backend: model=, fn= or terms=.")
+        if terms is not None:
+            check_terms(terms, RewardWrapper)
         if model is not None and tokenizer is None:
             raise ValueError("a reward-model backend needs its tokenizer (tokenizer=).")
         if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
@@ -121,6 +141,7 @@ class RewardWrapper:
         self.model = model
         self.tokenizer = tokenizer
         self.fn = fn
+        self.terms: tuple[Term, ...] | None = tuple((t, float(w)) for t, w in terms) if terms is not None else None
         self.lm_tokenizer = lm_tokenizer
         self.batch_size = batch_size
         self.template: Template = template
@@ -146,7 +167,7 @@ class RewardWrapper:
     @classmethod
     def from_model(
         cls,
-        spec: ModelSpec,
+        spec: RewardModelSpec,
         *,
         tokenizer: PreTrainedTokenizerBase | str | os.PathLike | None = None,
         lm_tokenizer: PreTrainedTokenizerBase | None = None,
@@ -158,7 +179,8 @@ class RewardWrapper:
         turn_markers: Sequence[str] = DEFAULT_TURN_MARKERS,
         chat: ChatFormat | None = None,
     ) -> RewardWrapper:
-        """A HF sequence-classification reward model (hub name, local dir or loaded model).
+        """A reward model (hub name, local dir or loaded model): a HF sequence classifier or a
+        safe-rlhf score model (`llm_envs.models.load_reward_model` tells them apart).
 
         `tokenizer` defaults to the one saved beside the model. `lm_tokenizer` is the policy
         LM's tokenizer, the default for `score_ids`. `max_length` defaults to the model's
@@ -213,6 +235,24 @@ class RewardWrapper:
             chat=chat,
         )
 
+    @classmethod
+    def combine(cls, terms: Sequence[Term], name: str | None = None) -> RewardWrapper:
+        """A weighted sum of wrappers, ``sum(weight * wrapper.score(...))`` (MARA: reward − cost):
+        ``RewardWrapper.combine([(reward_rm, 1.0), (cost_rm, -1.0)])``.
+
+        Each term scores through its own code path (tokenizer, template, turn cutting, ids fast path,
+        candidate prefix cache), so the sum is exactly the weighted sum of the terms' scores. `name`
+        defaults to the sum written out (``1*reward - 1*cost``).
+        """
+        terms = tuple(terms)
+        check_terms(terms, RewardWrapper)
+        if name is None:
+            name = weighted_name([(float(w), t.name) for t, w in terms])
+        chats = {t.chat for t, _ in terms if t.chat is not None}
+        lm_toks = [t.lm_tokenizer for t, _ in terms if t.lm_tokenizer is not None]
+        return cls(name=name, terms=terms, lm_tokenizer=lm_toks[0] if lm_toks else None, batch_size=None,
+                   chat=next(iter(chats)) if len(chats) == 1 else None)
+
     _MODEL_KW = (
         "tokenizer", "lm_tokenizer", "device", "dtype", "batch_size", "max_length", "template", "turn_markers", "chat"
     )
@@ -224,8 +264,9 @@ class RewardWrapper:
 
         A RewardWrapper is returned as is (`kw` ignored), except that on chat-rendered prompts (a
         ``chat`` format, or an ``lm_tokenizer`` that carries one) a wrapper that knows no format is
-        returned as a copy that knows it (`with_chat`); a str/PathLike/PreTrainedModel goes
-        to `from_model`; any other callable to `from_callable`. Keywords that do not apply to
+        returned as a copy that knows it (`with_chat`); a str/PathLike/PreTrainedModel/ScoreModel goes
+        to `from_model`; a list of ``{model, weight}`` terms (`llm_envs.reward_spec`) to `combine`, each
+        model built with `kw`; any other callable to `from_callable`. Keywords that do not apply to
         the chosen backend (e.g. ``device`` for a function) are ignored; unknown ones raise.
         """
         known = set(cls._MODEL_KW) | set(cls._CALLABLE_KW)
@@ -241,14 +282,17 @@ class RewardWrapper:
             if chat is None or reward.chat is not None:
                 return reward
             return reward.with_chat(chat, lm_tokenizer=kw.get("lm_tokenizer"))
-        if isinstance(reward, (str, os.PathLike, PreTrainedModel)):
+        if is_combination(reward):
+            terms = reward_terms(reward)
+            return cls.combine([(cls.build(t.model, **kw), t.weight) for t in terms])
+        if isinstance(reward, (str, os.PathLike, PreTrainedModel, ScoreModel)):
             return cls.from_model(reward, **{k: v for k, v in kw.items() if k in cls._MODEL_KW})
         if callable(reward):
             return cls.from_callable(reward, **{k: v for k, v in kw.items() if k in cls._CALLABLE_KW})
         raise TypeError(
             f"reward={reward!r} ({type(reward).__name__}) is not a reward; expected a RewardWrapper, a "
-            "reward-model hub name or directory, a loaded PreTrainedModel (num_labels=1), or a function "
-            "fn(prompts, responses) -> list[float]. For the offline default use "
+            "reward-model hub name or directory, a loaded PreTrainedModel (num_labels=1) or ScoreModel, a list of "
+            "{model, weight} terms, or a function fn(prompts, responses) -> list[float]. For the offline default use "
             "`llm_envs.world.load_world().rm_dir`."
         )
 
@@ -259,13 +303,16 @@ class RewardWrapper:
         other = copy.copy(self)
         other.chat, other._chat_reading, other._match_cache = chat, {}, None
         other.lm_tokenizer = self.lm_tokenizer if self.lm_tokenizer is not None else lm_tokenizer
+        if self.terms is not None:  # each term reads the conversation in its own terms
+            other.terms = tuple((t if t.chat is not None else t.with_chat(chat, lm_tokenizer), w)
+                                for t, w in self.terms)
         other.reset_counters()
         return other
 
     # ------------------------------------------------------------------ provenance
     @property
     def kind(self) -> str:
-        return "model" if self.model is not None else "callable"
+        return "model" if self.model is not None else "callable" if self.fn is not None else "combination"
 
     def describe(self) -> dict[str, Any]:
         """Provenance for result files: backend, name, template, batching, counters."""
@@ -277,8 +324,10 @@ class RewardWrapper:
             "calls": self.calls,
             "pairs_scored": self.pairs_scored,
         }
-        if self.chat is not None:
+        if self.chat is not None and self.terms is None:
             info["chat"] = {"lm_format": self.chat.tokenizer_name, "reads": self.chat_reading(self.chat)}
+        if self.terms is not None:
+            info["terms"] = [{"weight": w, **t.describe()} for t, w in self.terms]
         if self.model is not None:
             info.update(
                 template=self.template,
@@ -307,6 +356,8 @@ class RewardWrapper:
         """Score text pairs (responses cut at the next turn marker first; chat-rendered prompts read
         as the module docstring says)."""
         prompts, responses = self._check_pairs(prompts, responses, str, "score")
+        if self.terms is not None:
+            return self._summed(lambda t: t.score(prompts, responses), prompts, responses)
         return self._score_text(prompts, responses, self.chat)
 
     def _score_text(self, prompts: list[str], responses: list[str], chat: ChatFormat | None) -> list[float]:
@@ -384,6 +435,10 @@ class RewardWrapper:
         if not prompt_ids:
             return []
         lm_tok = lm_tokenizer if lm_tokenizer is not None else self.lm_tokenizer
+        if self.terms is not None:  # each term on its own path; "ids" when every term took the ids path
+            out = self._summed(lambda t: t.score_ids(prompt_ids, response_ids, lm_tok, fast=fast), None, None)
+            self.last_path = "ids" if all(t.last_path == "ids" for t, _ in self.terms) else "text"
+            return out
         if lm_tok is None:
             raise ValueError(
                 "score_ids needs the LM's tokenizer to read token ids: pass lm_tokenizer= here or "
@@ -429,6 +484,10 @@ class RewardWrapper:
     def fast_path(self, lm_tokenizer: PreTrainedTokenizerBase) -> tuple[bool, str]:
         """Whether `score_ids` can feed `lm_tokenizer`'s ids to the reward model as they are
         (the ids fast path), and if not, why (a sentence for messages)."""
+        if self.terms is not None:
+            reasons = [f"term {t.name!r}: {why}" for t, _ in self.terms for ok, why in [t.fast_path(lm_tokenizer)]
+                       if not ok]
+            return not reasons, "; ".join(reasons)
         if self.model is None or self.tokenizer is None:
             return False, f"the backend of {self.name!r} is a function, which scores text"
         if self.template != "concat":
@@ -455,7 +514,8 @@ class RewardWrapper:
         """The reward model's scores of exact input id sequences (specials included, no cutting or
         truncation), batched; counted in ``calls``/``pairs_scored``. Model backend only."""
         if self.model is None:
-            raise ValueError(f"score_model_inputs needs a reward-model backend; {self.name!r} is a function.")
+            what = "a function" if self.fn is not None else "a weighted sum (score each term's model apart)"
+            raise ValueError(f"score_model_inputs needs a reward-model backend; {self.name!r} is {what}.")
         return self._model_scores(seqs, None, None, None)
 
     def fit_to_max_length(self, ids: list[int]) -> list[int]:
@@ -472,6 +532,15 @@ class RewardWrapper:
         self.pairs_scored += int(pairs)
 
     # ------------------------------------------------------------------ internals
+    def _summed(
+        self, score: Callable[[RewardWrapper], list[float]], prompts: list[str] | None, responses: list[str] | None
+    ) -> list[float]:
+        """A weighted sum's scores (`WeightedSum.weighted_scores`): each term checks its own scores and names
+        a bad pair; the sum is checked too (`prompts`/`responses` name pairs in its error)."""
+        out = self.weighted_scores(score)
+        self._check_finite(out, prompts, responses, None)
+        return out
+
     def _score_pair_template(self, prompts: list[str], cut: list[str], responses: list[str]) -> list[float]:
         assert self.tokenizer is not None
         tok = self.tokenizer
