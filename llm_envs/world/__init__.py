@@ -481,7 +481,7 @@ def load_world(
             f"the embedded world ({size}, seed {seed}) is not built at {target}; run "
             f"`llm-envs world build --size {size} --seed {seed}` or call load_world(build=True)."
         )
-    took = ("samples a real LM's answers and trains a reward model on them: about 20 minutes"
+    took = ("samples a real LM's answers and trains a reward model on them: about 40 minutes"
             if isinstance(WORLD_PRESETS[size], RealWorldSpec) else "about two to five minutes")
     print(f"llm_envs: building the embedded world ({size}, seed {seed}) into {target} "
           f"(first use only; {took} on 2 CPU cores)", file=sys.stderr)
