@@ -25,8 +25,8 @@ from typing import Sequence
 
 HEADROOM_KEYS = ("greedy_low_gold_frac", "nucleus_best_gold_frac", "rm_gold_agreement")
 WORLD_PRESET_NAMES = ("default", "v2", "smollm2", "test")  # llm_envs.world.WORLD_PRESETS, named here to keep --help light
-CONFIG_HELP = ("suite: a shipped suite's name (tiny, v2, smollm2, hh_gpu) or a YAML file; `llm-envs config show` "
-               "lists its fields")
+CONFIG_HELP = ("suite: a shipped suite's name (tiny, v2, smollm2, hh_gpu; the papers' protocols proxy_rlhf, args) or "
+               "a YAML file; `llm-envs config show` lists its fields")
 
 
 def _add_world_args(parser: argparse.ArgumentParser) -> None:

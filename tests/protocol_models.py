@@ -50,7 +50,7 @@ QUESTIONS = [
 ]
 ANSWERS = ["sure , here is how .", "i am not sure .", "you can try this .", "no , sorry ."]
 WORDS = sorted({w for text in QUESTIONS + ANSWERS for w in text.split()}
-               | set("Human: Assistant: human: USER: ASSISTANT: BEGINNING OF CONVERSATION: thanks more please".split()))
+               | set("Human: Assistant: human: USER: ASSISTANT: BEGINNING OF CONVERSATION: thanks more please :".split()))
 WORDS = ["<unk>", "<pad>", "<eos>", "<bos>", *WORDS]
 HIDDEN = 16
 
@@ -132,7 +132,7 @@ def save_bert_encoder(path: Path, *, seed: int = 3) -> BertModel:
     path.mkdir(parents=True)
     (path / "vocab.txt").write_text("\n".join(BERT_WORDS) + "\n", encoding="utf-8")
     config = BertConfig(vocab_size=len(BERT_WORDS), hidden_size=HIDDEN, num_hidden_layers=1, num_attention_heads=2,
-                        intermediate_size=32, max_position_embeddings=512)
+                        intermediate_size=32, max_position_embeddings=512, initializer_range=0.5)
     model = BertModel(config, add_pooling_layer=True).eval()
     model.save_pretrained(path)
     BertTokenizer(vocab_file=str(path / "vocab.txt"), do_lower_case=True).save_pretrained(path)
@@ -145,11 +145,11 @@ def dialogue(question: str, answer: str, follow_up: bool) -> str:
     return text + "\n\nHuman: thanks , more please\n\nAssistant: sure ." if follow_up else text
 
 
-def write_hh_rlhf(root: Path) -> Path:
+def write_hh_rlhf(root: Path, *, train_rows: int = 4, test_rows: int = 3) -> Path:
     """``Anthropic/hh-rlhf``'s layout: ``{helpful,harmless}-base/{train,test}.jsonl.gz`` of chosen/rejected."""
     for part, offset in (("helpful-base", 0), ("harmless-base", 4)):
         (root / part).mkdir(parents=True)
-        for split, count in (("train", 4), ("test", 3)):
+        for split, count in (("train", train_rows), ("test", test_rows)):
             rows = []
             for i in range(count):
                 question = QUESTIONS[(offset + i + (split == "test")) % len(QUESTIONS)]
@@ -160,13 +160,13 @@ def write_hh_rlhf(root: Path) -> Path:
     return root
 
 
-def write_full_hh_rlhf(root: Path) -> Path:
+def write_full_hh_rlhf(root: Path, *, train_rows: int = 4, test_rows: int = 6) -> Path:
     """``Dahoas/full-hh-rlhf``'s layout: ``data/{train,test}-00000-of-00001.parquet`` with prompt, response,
     chosen and rejected (the prompt is the dialogue up to the last ``Assistant:``)."""
     import pandas as pd
 
     (root / "data").mkdir(parents=True)
-    for split, count in (("train", 4), ("test", 6)):
+    for split, count in (("train", train_rows), ("test", test_rows)):
         rows = []
         for i in range(count):
             question = QUESTIONS[(i + 3 * (split == "test")) % len(QUESTIONS)]

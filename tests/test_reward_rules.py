@@ -119,6 +119,27 @@ def test_candidates_under_append_eos_equal_scoring_each_continuation(models):
     np.testing.assert_allclose(got[0], expected, atol=1e-5)
 
 
+def test_candidates_under_args_rules_keep_the_prefix_cache_and_equal_scoring_each_continuation(models):
+    """Responses the rules strip (': ...') or may strip (too short to tell) are scored as text; the others on
+    the reward model's prefix cache; every candidate's score equals scoring prompt + response + candidate."""
+    tok = models["tok"]
+    wrapper = RewardWrapper.from_model(str(models["seq_dir"]), tokenizer=str(models["lm"]), lm_tokenizer=tok,
+                                       device="cpu", rules=ARGS_RULES)
+    scorer = CandidateScorer(wrapper, 3, tok)
+    assert scorer.uses_prefix_cache
+    prompt_ids = [tok(p)["input_ids"] for p in ("\n\nHuman: why ?\n\nAssistant:",) * 3]
+    words = lambda text: tok(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    responses = [words(": sure ,"), [], words("sure , here")]
+    cands = [words("here you no human:")] * 3
+    for step in range(2):  # the second call reuses the cache of the first
+        got, own = scorer.score([0, 1, 2], prompt_ids, responses, cands, scoring="wrapper", prefix=True)
+        for row in range(3):
+            expected = wrapper.score_ids([prompt_ids[row]] * 4, [responses[row] + [c] for c in cands[row]])
+            np.testing.assert_allclose(got[row], expected, atol=1e-5)
+            assert own[row] == pytest.approx(wrapper.score_ids([prompt_ids[row]], [responses[row]])[0], abs=1e-5)
+        responses = [r + words("sure") for r in responses]
+
+
 def test_args_rules_on_a_sequence_classifier_scored_with_the_sft_tokenizer(models):
     """ARGS's RM (no tokenizer beside it) read with the SFT model's tokenizer and ARGS's rules: the score of
     ``<bos> prompt response-cut`` by hand, and the input length the 1334-token skip rule checks."""

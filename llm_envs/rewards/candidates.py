@@ -253,7 +253,6 @@ class CandidateScorer:
         reasons = [
             (prefix_cache_verdict(self.wrapper) is False, "the prefix cache disagreed with scoring from scratch"),
             (bool(template and template[1]), "the RM tokenizer (or rules.append_eos) appends tokens after the text"),
-            (bool(self.wrapper.rules.strip_prefix), "rules.strip_prefix rewrites the start of a response"),
             (not isinstance(getattr(model, "score", None), torch.nn.Module) or model.base_model is model,
              f"{type(model).__name__} has no `score` head over a base model"),
             (bool(getattr(model.config, "is_encoder_decoder", False)), "the RM is an encoder-decoder"),
@@ -382,12 +381,18 @@ class CandidateScorer:
         frozen = self.eos is not None and self.eos in r
         body = response_content_ids(r, self.eos, self.specials)
         rules = wrapper.rules
-        markers = rules.turn_markers
+        markers, prefix_rule = rules.turn_markers, rules.strip_prefix
+        text = tok.decode(body, skip_special_tokens=False) if (markers or prefix_rule) and not frozen else ""
         if not frozen and markers:
-            text = tok.decode(body, skip_special_tokens=False)
             frozen = rules.marker_cut(text) != text
         if frozen:  # the response is already cut: every continuation scores as the response itself
             plan.pairs.append((i, -2, p, r))
+            return
+        if prefix_rule and (len(text) < len(prefix_rule) or text.startswith(prefix_rule)):
+            # the rules strip the response's start (or a candidate may complete what they strip): scored as text
+            plan.pairs += [(i, j, p, r + [c]) for j, c in enumerate(cands)]
+            if prefix:
+                plan.pairs.append((i, -1, p, r))
             return
         seq = (wrapper.template_ids or ([], []))[0] + content + body
         regular: list[tuple[int, int]] = []
