@@ -35,18 +35,23 @@ def words(text: str) -> list[str]:
 _NLTK_FIX = "pip install nltk (or 'llm-envs[protocols]'), then python -m nltk.downloader punkt_tab"
 
 
+class MissingMetricToolError(OSError):
+    """A package or data file a metric needs is not installed (an OSError: what the machine lacks, which the
+    command line reports as one line with the fix)."""
+
+
 def nltk_words(text: str) -> list[str]:
     """``nltk.word_tokenize(text)``: ARGS's diversity words (punkt sentences, then Treebank words). NLTK or its
-    ``punkt_tab`` data missing is a RuntimeError naming the fix."""
+    ``punkt_tab`` data missing is a `MissingMetricToolError` naming the fix."""
     try:
         import nltk
     except ImportError as error:
-        raise RuntimeError(f"diversity_tokenizer='nltk' needs the nltk package: {_NLTK_FIX} (or set "
+        raise MissingMetricToolError(f"diversity_tokenizer='nltk' needs the nltk package: {_NLTK_FIX} (or set "
                            "bench.metrics.diversity_tokenizer=regex, which needs no download).") from error
     try:
         return list(nltk.word_tokenize(text))
     except LookupError as error:
-        raise RuntimeError(f"diversity_tokenizer='nltk' needs NLTK's punkt_tab data, which is not installed: "
+        raise MissingMetricToolError(f"diversity_tokenizer='nltk' needs NLTK's punkt_tab data, which is not installed: "
                            f"{_NLTK_FIX} (offline: copy an nltk_data folder and set NLTK_DATA, or set "
                            "bench.metrics.diversity_tokenizer=regex).") from error
 

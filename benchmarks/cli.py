@@ -108,7 +108,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     cfg = load_suite_config(args.config, args.overrides)
     summary = evaluate_agent(cfg.task, cfg.train.env, args.agent, num_prompts=args.num_prompts,
-                             num_envs=cfg.train.num_envs, seed=cfg.train.seed)
+                             num_envs=cfg.train.num_envs, seed=cfg.train.seed, metrics=cfg.bench.metrics)
     if args.json:
         print(json.dumps(summary))
     else:

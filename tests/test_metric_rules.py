@@ -17,7 +17,7 @@ import torch
 from agents.base import Generation
 from agents.harness import Evaluation, Scorer, score_episodes, summarize
 from agents.metric_rules import MetricRules
-from agents.metrics import SentenceEncoder, diversity, nltk_words
+from agents.metrics import MissingMetricToolError, SentenceEncoder, diversity, nltk_words
 from benchmarks.bench.config import load_suite_config
 from benchmarks.bench.leaderboard import method_row, skip_notes
 from llm_envs.config import ConfigError
@@ -74,10 +74,10 @@ def test_nltk_missing_or_without_its_data_fails_before_any_method(monkeypatch, f
 
     fake_nltk.word_tokenize = no_punkt
     rm = RewardWrapper.from_callable(lambda p, r: [0.0] * len(p))
-    with pytest.raises(RuntimeError, match="punkt_tab data, which is not installed: pip install nltk"):
+    with pytest.raises(MissingMetricToolError, match="punkt_tab data, which is not installed: pip install nltk"):
         Scorer(rm, rules=MetricRules(diversity_tokenizer="nltk"))
     monkeypatch.setitem(sys.modules, "nltk", None)  # import nltk -> ImportError
-    with pytest.raises(RuntimeError, match="needs the nltk package: pip install nltk"):
+    with pytest.raises(MissingMetricToolError, match="needs the nltk package: pip install nltk"):
         Scorer(rm, rules=MetricRules(diversity_tokenizer="nltk"))
     Scorer(rm)  # regex needs nothing
 
