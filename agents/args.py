@@ -16,7 +16,8 @@ Two faces of the same rule (`args_select`):
 
 Against the reference code (deeplearning-wisc/args): with ``scoring="raw"`` (the default) the
 reward model reads exactly the ids the reference feeds it, ``prompt_ids + response + [candidate]``,
-so with ``stop_at_eos=False`` the tokens equal the reference's (for ARGS-stochastic, a given
+so with ``stop_at_eos=False`` (a constructor setting, the default of `generate`'s; the ARGS protocol
+suite sets it, as the reference always decodes ``max_new_tokens`` tokens) the tokens equal the reference's (for ARGS-stochastic, a given
 ``torch.manual_seed(s)`` before a single-prompt ``generate(seed=None)``, or ``seed=s``, draws the
 same samples). Beyond it: batches of prompts in both modes, stopping at EOS (default), and reward
 models with a different tokenizer (their text is re-tokenized and scored under the reward
@@ -106,9 +107,13 @@ class ARGS:
         dtype: str | torch.dtype | None = "auto",
         batch_size: int = 16,
         prefix_cache: bool = True,
+        stop_at_eos: bool = True,
         name: str | None = None,
     ) -> None:
         _check_args(k, w, mode, temperature, scoring)
+        if not isinstance(stop_at_eos, bool):
+            raise ValueError(f"stop_at_eos={stop_at_eos!r}; expected true (a response ends at EOS) or false (always "
+                             "max_new_tokens tokens, as the reference code decodes).")
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size={batch_size!r}; expected a positive int (prompts decoded at once).")
         if lm is None or reward is None:
@@ -122,7 +127,7 @@ class ARGS:
         self.reward = RewardWrapper.build(reward, lm_tokenizer=self.tokenizer, device=device, dtype=dtype)
         self.k, self.w, self.mode, self.temperature = k, float(w), mode, float(temperature)
         self.scoring: Scoring = scoring
-        self.batch_size, self.prefix_cache = batch_size, prefix_cache
+        self.batch_size, self.prefix_cache, self.stop_at_eos = batch_size, prefix_cache, stop_at_eos
         self.name = name or f"args-{mode}"
         self.last_stats: dict[str, Any] = {}
 
@@ -134,15 +139,17 @@ class ARGS:
         self,
         prompts: Sequence[str],
         max_new_tokens: int = 128,
-        stop_at_eos: bool = True,
+        stop_at_eos: bool | None = None,
         seed: int | None = None,
     ) -> list[Generation]:
-        """Decode every prompt; per prompt, the response ids (EOS included when reached) and text.
+        """Decode every prompt; per prompt, the response ids (EOS included when reached) and text (special
+        tokens skipped). `stop_at_eos=None` takes the constructor's setting.
 
         ``seed``: prompt i samples with its own generator seeded ``seed + i``, so a prompt gets the
         same tokens alone or in a batch; ``None`` samples from torch's global generator (seed it
         with ``torch.manual_seed`` to reproduce the reference on one prompt).
         """
+        stop_at_eos = self.stop_at_eos if stop_at_eos is None else stop_at_eos
         prompt_ids = encode_prompts(self.tokenizer, prompts)
         check_context(self.model, prompt_ids, max_new_tokens)
         n = min(self.batch_size, len(prompt_ids))

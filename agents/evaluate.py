@@ -15,6 +15,7 @@ import numpy as np
 
 from agents.base import Decoder, PolicyDecoder
 from agents.harness import Scorer, evaluate_decoder, summarize, unscored
+from agents.metric_rules import MetricRules
 from agents.sb3_agent import load_proxy
 from llm_envs.data import load_prompts
 from llm_envs.task import LMContext
@@ -77,13 +78,14 @@ def agent_decoder(agent: str, ctx: LMContext, env: TokenAcceptParams, *, num_env
 
 
 def evaluate_agent(task: Task, env: TokenAcceptParams, agent: str, *, num_prompts: int | None = None,
-                   num_envs: int = 16, seed: int = 0) -> dict[str, Any]:
-    """Decode the task's held-out prompts with the agent; the harness's summary plus the env's stats."""
+                   num_envs: int = 16, seed: int = 0, metrics: MetricRules | None = None) -> dict[str, Any]:
+    """Decode the task's held-out prompts with the agent; the harness's summary plus the env's stats, under the
+    suite's metric rules (`metrics`: its skip rule, diversity's stop strings and words; no coherence here)."""
     sources = task.resolve()
     prompts = load_prompts(sources.eval_prompts, num_prompts=num_prompts, seed=seed).prompts
     ctx = sources.context(prompts)
     decoder, policy = agent_decoder(agent, ctx, env, num_envs=num_envs, device=task.device, seed=seed)
-    scorer = Scorer(ctx.reward, ctx.gold)
+    scorer = Scorer(ctx.reward, ctx.gold, rules=metrics or MetricRules())
     evaluation = evaluate_decoder(decoder, list(ctx.prompts), scorer, max_new_tokens=task.max_new_tokens,
                                   seed=seed, chunk=max(len(prompts), 1), warmup=False)
     summary: dict[str, Any] = {"agent": agent, **summarize(evaluation)}

@@ -7,7 +7,9 @@
 2. generation of every prompt, a chunk at a time (prompt i keeps seed `seed + i`), timed, with the
    peak memory of the block;
 3. every response scored by the task's one reward wrapper (and gold judge), plus ARGS's diversity,
-   coherence (when an encoder is given) and the irregular-output check (`agents.metrics`).
+   coherence (when an encoder is given) and the irregular-output check (`agents.metrics`), under the
+   protocol's metric rules (`agents.metric_rules.MetricRules`: a pair whose reward-model input is too long
+   is skipped and counted, diversity and coherence read the response up to its stop strings).
 
 A record is a plain dict (`EPISODE_KEYS`); `summarize` turns records into the means every command
 prints. The leaderboard (`benchmarks.bench.leaderboard`) aggregates the same records.
@@ -27,21 +29,30 @@ import torch
 from tqdm.auto import tqdm
 
 from agents.base import Decoder, Generation
-from agents.metrics import SentenceEncoder, diversity, is_irregular, mean_ci95
+from agents.metric_rules import MetricRules
+from agents.metrics import SentenceEncoder, check_word_tokenizer, diversity, is_irregular, mean_ci95
 from llm_envs.task import LMContext
 from llm_envs.rewards import RewardWrapper
 
 EPISODE_KEYS = ("index", "prompt", "response", "response_ids", "response_len", "reward", "gold", "diversity",
                 "coherence", "irregular", "lm_forwards", "rm_calls", "extra")
+# With a skip rule (MetricRules.reward_skip_tokens) every record also has "reward_skipped" (bool) and
+# "reward_input_tokens" (int); a skipped record's "reward" is None.
+SKIP_KEYS = ("reward_skipped", "reward_input_tokens")
 
 
 @dataclass(frozen=True)
 class Scorer:
-    """What every method's responses are scored by: the reward wrapper, the gold judge, the encoder."""
+    """What every method's responses are scored by: the reward wrapper, the gold judge, the encoder, and the
+    protocol's metric rules (checked when built: a diversity tokenizer that cannot run fails before any method)."""
 
     reward: RewardWrapper
     gold: RewardWrapper | None = None
     encoder: SentenceEncoder | None = None
+    rules: MetricRules = MetricRules()
+
+    def __post_init__(self) -> None:
+        check_word_tokenizer(self.rules.diversity_tokenizer)
 
 
 @dataclass(frozen=True)
@@ -111,23 +122,44 @@ def generate_all(decoder: Decoder, prompts: Sequence[str], *, max_new_tokens: in
     return generations
 
 
+def score_rewards(scorer: Scorer, prompts: list[str], texts: list[str]) -> tuple[list[float | None], list[int] | None]:
+    """The reward of every pair, None for the pairs the skip rule leaves unscored; and the reward-model input
+    lengths when a skip rule is set (else None)."""
+    if scorer.rules.reward_skip_tokens is None:
+        return list(scorer.reward.score(prompts, texts)), None
+    lengths = scorer.reward.input_lengths(prompts, texts)
+    keep = [i for i, skip in enumerate(scorer.rules.skipped(lengths)) if not skip]
+    values = scorer.reward.score([prompts[i] for i in keep], [texts[i] for i in keep]) if keep else []
+    rewards: list[float | None] = [None] * len(texts)
+    for i, value in zip(keep, values):
+        rewards[i] = float(value)
+    return rewards, lengths
+
+
 def score_episodes(scorer: Scorer, prompts: Sequence[str], generations: Sequence[Generation]) -> list[dict[str, Any]]:
-    """Per-episode records: every response scored by the one reward wrapper and gold judge."""
+    """Per-episode records: every response scored by the one reward wrapper and gold judge, under the metric
+    rules (`Scorer.rules`)."""
     prompts = list(prompts)
+    rules = scorer.rules
     texts = [g.response_text for g in generations]
-    rewards = scorer.reward.score(prompts, texts)
+    rewards, lengths = score_rewards(scorer, prompts, texts)
+    metric_texts = [rules.metric_text(t) for t in texts]
     golds = scorer.gold.score(prompts, texts) if scorer.gold is not None else [None] * len(texts)
-    coherence = scorer.encoder.coherence(prompts, texts) if scorer.encoder is not None else [None] * len(texts)
+    coherence = (scorer.encoder.coherence(prompts, metric_texts) if scorer.encoder is not None
+                 else [None] * len(texts))
     episodes = []
     for i, (g, reward, gold, coh) in enumerate(zip(generations, rewards, golds, coherence)):
         extra = {k: v for k, v in g.extra.items() if k != "reward_parts"}  # the env ran unscored
-        episodes.append({
+        episode = {
             "index": i, "prompt": g.prompt, "response": g.response_text, "response_ids": list(g.response_ids),
-            "response_len": len(g.response_ids), "reward": float(reward), "gold": gold,
-            "diversity": diversity(g.response_text), "coherence": coh,
+            "response_len": len(g.response_ids), "reward": reward, "gold": gold,
+            "diversity": diversity(metric_texts[i], rules.diversity_tokenizer), "coherence": coh,
             "irregular": bool(is_irregular(g.response_text)), "lm_forwards": g.lm_forwards,
             "rm_calls": g.rm_calls, "extra": extra,
-        })
+        }
+        if lengths is not None:
+            episode.update(reward_skipped=reward is None, reward_input_tokens=int(lengths[i]))
+        episodes.append(episode)
     return episodes
 
 
@@ -150,8 +182,11 @@ def evaluate_decoder(decoder: Decoder, prompts: Sequence[str], scorer: Scorer, *
 def summarize(evaluation: Evaluation) -> dict[str, Any]:
     """The means every command prints: reward and gold (± 95% CI), length, costs per response."""
     episodes = evaluation.episodes
-    reward, reward_ci = mean_ci95([e["reward"] for e in episodes])
+    scored = [e["reward"] for e in episodes if e["reward"] is not None]
+    reward, reward_ci = mean_ci95(scored) if scored else (float("nan"), float("nan"))
     summary: dict[str, Any] = {"episodes": len(episodes), "reward_mean": reward, "reward_ci95": reward_ci}
+    if any("reward_skipped" in e for e in episodes):
+        summary["reward_skipped"] = sum(bool(e.get("reward_skipped")) for e in episodes)
     if all(e["gold"] is not None for e in episodes):
         summary["gold_mean"], summary["gold_ci95"] = mean_ci95([e["gold"] for e in episodes])
     summary.update(

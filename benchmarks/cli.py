@@ -25,8 +25,8 @@ from typing import Sequence
 
 HEADROOM_KEYS = ("greedy_low_gold_frac", "nucleus_best_gold_frac", "rm_gold_agreement")
 WORLD_PRESET_NAMES = ("default", "v2", "smollm2", "test")  # llm_envs.world.WORLD_PRESETS, named here to keep --help light
-CONFIG_HELP = ("suite: a shipped suite's name (tiny, v2, smollm2, hh_gpu) or a YAML file; `llm-envs config show` "
-               "lists its fields")
+CONFIG_HELP = ("suite: a shipped suite's name (tiny, v2, smollm2, hh_gpu; the papers' protocols proxy_rlhf, args) or "
+               "a YAML file; `llm-envs config show` lists its fields")
 
 
 def _add_world_args(parser: argparse.ArgumentParser) -> None:
@@ -108,7 +108,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     cfg = load_suite_config(args.config, args.overrides)
     summary = evaluate_agent(cfg.task, cfg.train.env, args.agent, num_prompts=args.num_prompts,
-                             num_envs=cfg.train.num_envs, seed=cfg.train.seed)
+                             num_envs=cfg.train.num_envs, seed=cfg.train.seed, metrics=cfg.bench.metrics)
     if args.json:
         print(json.dumps(summary))
     else:

@@ -520,12 +520,28 @@ def _refuse_fresh_weights(source: str, model: PreTrainedModel, missing: list[str
 
 
 def load_encoder(
-    spec: ModelSpec, *, device: str | torch.device | None = "auto", dtype: str | torch.dtype | None = "auto"
+    spec: ModelSpec, *, device: str | torch.device | None = "auto", dtype: str | torch.dtype | None = "auto",
+    refuse_missing: bool = False,
 ) -> PreTrainedModel:
-    """A frozen base model (`AutoModel`, no head), e.g. a sentence encoder for the coherence metric."""
+    """A frozen base model (`AutoModel`, no head), e.g. a sentence encoder for the coherence metric. With
+    `refuse_missing`, a checkpoint that lacks weights the model has (e.g. a BERT saved without its pooler, which
+    transformers would initialise at random) is refused, naming them."""
     from transformers import AutoModel
 
-    return _load_model(AutoModel, spec, "encoder", device=device, dtype=dtype, trust_remote_code=False)
+    if not refuse_missing or isinstance(spec, PreTrainedModel):
+        return _load_model(AutoModel, spec, "encoder", device=device, dtype=dtype, trust_remote_code=False)
+    source, local_only = _resolve_source(spec, "encoder", allow_gguf=False)
+    target_device = resolve_device(device)
+    model, info = AutoModel.from_pretrained(source, local_files_only=local_only, dtype=resolve_dtype(dtype, target_device),
+                                            output_loading_info=True)
+    missing = sorted(info["missing_keys"])
+    if missing:
+        shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
+        raise ValueError(f"encoder {source!r} lacks weights that {type(model).__name__} needs: {shown}; transformers "
+                         "would initialise them at random, so every embedding would be meaningless. Pass an encoder "
+                         "saved with them (SimCSE's checkpoints hold their pooler), or use coherence pooling 'cls' "
+                         "or 'mean', which read no pooler.")
+    return _frozen(model.to(target_device), None, None)
 
 
 def model_source_name(spec: RewardModelSpec) -> str:

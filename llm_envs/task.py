@@ -22,6 +22,12 @@ one task by construction.
 A task's reward may be a weighted sum of models (`llm_envs.reward_spec`, MARA's reward − cost): ``reward:
 [{model: REWARD, weight: 1.0}, {model: COST, weight: -1.0}]``, held as a tuple of `RewardTerm`s.
 
+How the reward model reads a response is the task's too (``reward_rules``, `llm_envs.reward_rules.RewardRules`):
+the turn markers a response is cut at and their case, the whitespace at the cut, a prefix to strip, and
+whether the RM's EOS is appended (safe-rlhf score models). Every method is trained, guided and scored under
+them. ``reward_tokenizer`` names the RM's tokenizer when its checkpoint ships none (ARGS's RM is scored with
+the SFT model's tokenizer).
+
 `resolve()` loads (or builds) the embedded world only when some part needs it: an unset `lm` or
 `reward`, or a `"world:train"` / `"world:test"` prompt source (the world's gold judge is a function
 of the text alone). Worlds live in `$LLM_ENVS_CACHE` (default `~/.cache/llm_envs`).
@@ -38,6 +44,7 @@ import numpy as np
 
 from llm_envs.chat import ChatFormat, chat_format_of, encode_prompt
 from llm_envs.data import PromptSet, load_prompts
+from llm_envs.reward_rules import RewardRules, as_reward_rules
 from llm_envs.reward_spec import RewardTerm, is_combination, reward_terms
 
 if TYPE_CHECKING:  # loaded lazily: a task's config needs no torch
@@ -85,6 +92,14 @@ class Task:
         "stop at the template's end-of-turn token); needs an LM tokenizer with a chat template"))
     system_prompt: str | None = field(default=None, metadata=_help(
         "chat_template only: a system turn rendered before every message; null = the template's default"))
+    reward_rules: RewardRules = field(default_factory=RewardRules, metadata=_help(
+        "how the reward model reads a response (llm_envs.reward_rules): turn_markers it is cut at, case_sensitive, "
+        "rstrip (the whitespace before a cut), strip_prefix, append_eos (the RM's EOS after the response, as "
+        "safe-rlhf score models were trained); applies to every method's training, guidance and score"))
+    reward_tokenizer: str | None = field(default=None, metadata=_help(
+        "the reward model's tokenizer (hub name or directory) when its checkpoint has none (ARGS scores its RM "
+        "with the SFT model's tokenizer); every model of a weighted sum uses it. null = the one saved beside "
+        "the reward model"))
 
     def __post_init__(self) -> None:
         if is_combination(self.reward):  # held as a tuple of RewardTerm: hashable, validated once
@@ -100,6 +115,11 @@ class Task:
         if self.gold not in ("auto", "world", "none"):
             raise ValueError(f"task.gold={self.gold!r}; expected 'auto', 'world' or 'none'.")
         check_chat_keywords(self.chat_template, self.system_prompt, where="task.")
+        object.__setattr__(self, "reward_rules", as_reward_rules(self.reward_rules, where="task.reward_rules"))
+        if self.reward_tokenizer is not None and (not isinstance(self.reward_tokenizer, str)
+                                                  or not self.reward_tokenizer.strip()):
+            raise ValueError(f"task.reward_tokenizer={self.reward_tokenizer!r}; expected a tokenizer's hub name or "
+                             "directory, or null for the one saved beside the reward model.")
         for name in ("train_prompts", "eval_prompts"):
             source = getattr(self, name)
             if isinstance(source, str) and source.startswith("world:") and source not in WORLD_SPLITS:
@@ -156,7 +176,16 @@ class TaskSources:
         task = self.task
         return {"lm": self.lm, "reward": self.reward, "prompts": prompts, "gold": self.gold, "device": task.device,
                 "dtype": task.dtype, "max_prompt_tokens": task.max_prompt_tokens,
-                "chat_template": task.chat_template, "system_prompt": task.system_prompt}
+                "chat_template": task.chat_template, "system_prompt": task.system_prompt,
+                "reward_rules": task.reward_rules, "reward_tokenizer": task.reward_tokenizer}
+
+    def reward_kwargs(self) -> dict[str, Any]:
+        """The task's keywords of `RewardWrapper.build` beyond the LM tokenizer and device: its rules and, when
+        set, the reward tokenizer (for the methods that build the task's reward wrapper themselves)."""
+        kwargs: dict[str, Any] = {"rules": self.task.reward_rules}
+        if self.task.reward_tokenizer is not None:
+            kwargs["tokenizer"] = self.task.reward_tokenizer
+        return kwargs
 
     def context(self, prompts: Any = None) -> LMContext:
         """The loaded LM, tokenizer, reward wrapper and gold judge, with `prompts` (default: the
@@ -260,11 +289,15 @@ def build_context(
     reward_kwargs: dict[str, Any] | None = None,
     chat_template: bool = False,
     system_prompt: str | None = None,
+    reward_rules: RewardRules | Mapping[str, Any] | None = None,
+    reward_tokenizer: str | None = None,
 ) -> LMContext:
     """Load an env's world keywords into one `LMContext`. Unset `lm`, `reward` and `prompts` come
     from the default task (the embedded world: its SFT LM, reward model and train prompts; its gold
     judge too when the LM is the world's). `chat_template=True` renders the prompts through the LM's
-    chat template (see the module docstring)."""
+    chat template (see the module docstring). `reward_rules` (`RewardRules` or a mapping of its fields)
+    say how the reward model reads a response; `reward_tokenizer` is its tokenizer when its checkpoint has
+    none."""
     from llm_envs.models import load_causal_lm, model_source_name, resolve_tokenizer
     from llm_envs.rewards import RewardWrapper
 
@@ -279,8 +312,11 @@ def build_context(
     tok = resolve_tokenizer(tokenizer, lm, model)
     if chat_template:
         tok = lm_chat_tokenizer(tok, system_prompt)
+    extra: dict[str, Any] = {"rules": as_reward_rules(reward_rules, where="reward_rules")}
+    if reward_tokenizer is not None:
+        extra["tokenizer"] = reward_tokenizer
     reward_wrapper = RewardWrapper.build(
-        reward, **{"lm_tokenizer": tok, "device": device, "dtype": dtype, **(reward_kwargs or {})}
+        reward, **{"lm_tokenizer": tok, "device": device, "dtype": dtype, **extra, **(reward_kwargs or {})}
     )
     prompt_set = load_prompts(
         prompts,

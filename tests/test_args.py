@@ -71,6 +71,20 @@ def test_args_equals_a_cache_free_reference(world, mode, k, w):
     assert stats["prefix_cache"] and stats["lm_forwards"] == 20 and stats["rm_calls"] <= 20 + 2  # + first check
 
 
+def test_decoding_past_eos_as_the_reference_is_a_constructor_setting(world):
+    """The ARGS protocol suite's rows (`stop_at_eos: false` in their params) decode max_new_tokens tokens, as the
+    reference does; `generate`'s own keyword still wins."""
+    tok, _, _, prompts = world
+    past = _decoder(world, stop_at_eos=False).generate(prompts, max_new_tokens=24)
+    assert [g.response_ids for g in past] == [
+        g.response_ids for g in _decoder(world).generate(prompts, max_new_tokens=24, stop_at_eos=False)]
+    assert all(len(g.response_ids) == 24 for g in past)
+    stopped = _decoder(world, stop_at_eos=False).generate(prompts, max_new_tokens=24, stop_at_eos=True)
+    assert any(g.response_ids[-1] == tok.eos_token_id for g in stopped)
+    with pytest.raises(ValueError, match="stop_at_eos='no'; expected true"):
+        _decoder(world, stop_at_eos="no")
+
+
 def test_global_seed_reproduces_the_reference_on_one_prompt(world):
     tok, lm, rm, prompts = world
     torch.manual_seed(3)

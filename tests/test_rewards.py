@@ -374,10 +374,12 @@ def test_the_package_layers_flow_one_way() -> None:
         found |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
         return {name for name in found if name.startswith("llm_envs")}
 
-    assert imports("rewards/text.py") == set() and imports("rewards/combination.py") == set()
-    assert imports("rewards/wrapper.py") == {"llm_envs.chat", "llm_envs.models", "llm_envs.reward_spec",
-                                             "llm_envs.rewards.combination", "llm_envs.rewards.text",
-                                             "llm_envs.score_model"}
+    # the text conventions read only the reading rules (plain data over the config layer)
+    assert imports("rewards/text.py") == {"llm_envs.reward_rules"} and imports("rewards/combination.py") == set()
+    assert imports("reward_rules.py") == {"llm_envs.config"}
+    assert imports("rewards/wrapper.py") == {"llm_envs.chat", "llm_envs.models", "llm_envs.reward_rules",
+                                             "llm_envs.reward_spec", "llm_envs.rewards.combination",
+                                             "llm_envs.rewards.text", "llm_envs.score_model"}
     assert imports("chat.py") == set()  # the chat format is data: it reads no other llm_envs module
     assert imports("rewards/candidates.py") == {
         "llm_envs.kv_cache", "llm_envs.models", "llm_envs.rewards.text", "llm_envs.rewards.wrapper",

@@ -21,7 +21,7 @@ SAMPLE_FIELDS = (
     "task.chat_template", "task.system_prompt", "dataset_responses", "responses_per_prompt", "sampling", "num_samples",
     "max_new_tokens", "temperature", "top_p", "diversity_penalty", "sample_batch_size", "cut_at_turn", "seed",
 )
-SCORE_FIELDS = SAMPLE_FIELDS + ("task.reward",)
+SCORE_FIELDS = SAMPLE_FIELDS + ("task.reward", "task.reward_rules", "task.reward_tokenizer")
 TRAIN_FIELDS = SCORE_FIELDS + (
     "epochs", "max_steps", "queries_per_batch", "grad_accum", "lr", "warmup_ratio", "weight_decay",
     "max_grad_norm", "rank_weight", "sft_weight", "sft_normalization", "max_length", "mixed_precision",

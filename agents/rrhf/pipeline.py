@@ -84,7 +84,7 @@ def evaluate(cfg: RRHFConfig, sources: Sources, task: Task) -> dict[str, Any]:
     prompts, device = sources.eval_prompts, sources.device
     tokenizer = sources.lm_tokenizer()  # on a chat task: the chat tokenizer (rendering, end of turn)
     reward = RewardWrapper.build(sources.reward, lm_tokenizer=tokenizer, device=device,
-                                 batch_size=cfg.score_batch_size)
+                                 batch_size=cfg.score_batch_size, **sources.reward_kwargs)
     gold = RewardWrapper.from_callable(sources.gold, name="gold", lm_tokenizer=tokenizer) if sources.gold else None
     decoders: dict[str, Any] = {
         "base_greedy": lambda: GreedyDecoder(sources.lm, tokenizer, device=device),

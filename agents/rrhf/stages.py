@@ -45,6 +45,7 @@ class Sources:
     chat_template: bool = False  # prompts are rendered through the LM's chat template (task.chat_template)
     system_prompt: str | None = None
     train_messages: list[str] | None = None  # the user messages of rendered train prompts (dataset lookups)
+    reward_kwargs: dict[str, Any] = field(default_factory=dict)  # the task's reward rules / tokenizer (build)
 
     def lm_tokenizer(self, padding_side: str = "left") -> Any:
         """The LM's tokenizer as every stage uses it: on a chat task the chat tokenizer (rendered prompts get
@@ -77,7 +78,8 @@ def resolve_sources(cfg: RRHFConfig, task: Task, *, with_eval: bool = True) -> S
                    dataset_responses=responses, eval_prompts=eval_prompts, device=task.device, gold=resolved.gold,
                    world_path=resolved.world_path, world_hash=resolved.world_hash,
                    notes={"dropped_too_long": prompt_set.dropped_too_long}, chat_template=task.chat_template,
-                   system_prompt=task.system_prompt, train_messages=prompt_set.messages)
+                   system_prompt=task.system_prompt, train_messages=prompt_set.messages,
+                   reward_kwargs=resolved.reward_kwargs())
 
 
 def load_dataset_responses(path: str, prompts: list[str], per_prompt: int) -> dict[str, list[str]]:
@@ -177,7 +179,7 @@ def score(cfg: RRHFConfig, sources: Sources) -> Path:
         return out
     tokenizer = sources.lm_tokenizer()  # a chat tokenizer tells the wrapper how prompts are rendered
     reward = RewardWrapper.build(sources.reward, lm_tokenizer=tokenizer, device=sources.device,
-                                 batch_size=cfg.score_batch_size)
+                                 batch_size=cfg.score_batch_size, **sources.reward_kwargs)
     chunk = max(1, 4 * cfg.score_batch_size // max(1, len(samples[0]["responses"])))
     bar = _progress(len(samples), len(done), "rrhf score", cfg.progress)
     for start in range(len(done), len(samples), chunk):

@@ -22,6 +22,7 @@ from typing import Any, Literal, Sequence
 
 
 from agents.configs import TrainConfig
+from agents.metric_rules import MetricRules
 from agents.rrhf.config import RRHFConfig
 from benchmarks.suites import suite_path
 from llm_envs.config import ConfigError, did_you_mean, from_dict, parse_override, read_yaml, set_key, to_dict
@@ -160,7 +161,15 @@ class BenchConfig:
         "greedy and ARGS greedy run once. A row is the mean over seeds of each seed's mean, with their spread"))
     batch_size: int = field(default=16, metadata=_help("prompts decoded side by side (env rows for RL agents)"))
     coherence_encoder: str | None = field(default=None, metadata=_help(
-        "sentence encoder for coherence (hub name or dir, mean-pooled); null = the suite's LM, mean-pooled"))
+        "sentence encoder for coherence (hub name or dir; pooled as bench.metrics.coherence_pooling says); null = "
+        "the suite's LM, mean-pooled"))
+    protocol: str | None = field(default=None, metadata=_help(
+        "the published evaluation protocol the suite follows (e.g. 'ARGS (Khanov et al. 2024)'), written into "
+        "leaderboard.md/.json and the records' fingerprint: rows of different protocols are not comparable"))
+    metrics: MetricRules = field(default_factory=MetricRules, metadata=_help(
+        "the protocol's metric rules beyond the reward wrapper (agents/metric_rules.py): skip-and-count of long "
+        "reward-model inputs, the stop strings of diversity and coherence, diversity's word tokenizer, "
+        "coherence's pooling and truncation"))
     sweep: SweepConfig = field(default_factory=SweepConfig, metadata=_help(
         "llm-envs bench --sweep p_t | temperature (the proxy) | best_of_n | args_w (over-optimisation)"))
     results_dir: str = field(default="results", metadata=_help(
@@ -189,6 +198,12 @@ class BenchConfig:
         check_seeds("bench.seeds", self.seeds)
         if self.torch_threads is not None and self.torch_threads < 1:
             raise ValueError(f"bench.torch_threads={self.torch_threads}; expected a positive int or null.")
+        if self.protocol is not None and (not isinstance(self.protocol, str) or not self.protocol.strip()):
+            raise ValueError(f"bench.protocol={self.protocol!r}; expected a non-empty name of the protocol, or null.")
+        if self.metrics.coherence_pooling == "pooler" and self.coherence_encoder is None:
+            raise ValueError("bench.metrics.coherence_pooling='pooler' but bench.coherence_encoder is null (the LM, "
+                             "which has no pooler); name a sentence encoder with one (ARGS: "
+                             "princeton-nlp/sup-simcse-bert-base-uncased) or use pooling 'mean'.")
 
     def method(self, name: str) -> MethodConfig:
         for m in self.methods:

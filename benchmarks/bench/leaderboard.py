@@ -11,7 +11,8 @@ Row keys (leaderboard.json `rows`, also the columns of leaderboard.md):
 | `method`, `kind` | the row's name and what it is (greedy, args, proxy, rrhf, ...) |
 | `seeds` | the seeds run (leaderboard.md shows how many) |
 | `episodes` | records: held-out prompts answered x seeds |
-| `reward_mean`, `reward_ci95` | mean reward-model score and the half-width of its 95% CI **over prompts** (each prompt's score averaged over the seeds, then 1.96 sd / sqrt(prompts)) |
+| `reward_mean`, `reward_ci95` | mean reward-model score and the half-width of its 95% CI **over prompts** (each prompt's score averaged over the seeds, then 1.96 sd / sqrt(prompts)); under a skip rule (`bench.metrics.reward_skip_tokens`, ARGS's protocol) over the responses scored |
+| `reward_skipped` | responses the skip rule left unscored (their reward-model input reached `bench.metrics.reward_skip_tokens`), all seeds; 0 without a rule (json only; a note names them) |
 | `seed_reward_means`, `seed_reward_sd` | each seed's mean, and their sample standard deviation (ddof=1; null with one seed): the **seed-to-seed spread**, shown as "sd" beside the CI |
 | `gold_mean`, `gold_ci95`, `seed_gold_means`, `seed_gold_sd` | the same for the gold judge (null without a gold judge) |
 | `rank_gold`, `rank_rm` | the row's rank by `gold_mean` and by `reward_mean` (1 = best; ties share the better rank): where they differ, the reward model and the judge disagree on the ordering |
@@ -98,7 +99,8 @@ def method_row(episodes: Sequence[dict[str, Any]], meta: dict[str, Any],
                            "episodes": len(episodes), "reward_mean": reward.mean, "reward_ci95": reward.ci95,
                            "seed_reward_means": reward.seed_means, "seed_reward_sd": reward.seed_sd,
                            "gold_mean": None, "gold_ci95": None, "seed_gold_means": None, "seed_gold_sd": None,
-                           "gold_win_rate_vs_greedy": None}
+                           "gold_win_rate_vs_greedy": None,
+                           "reward_skipped": sum(bool(e.get("reward_skipped")) for e in episodes)}
     if all(e.get("gold") is not None for e in episodes):
         gold = seed_stat(episodes, "gold")
         row.update(gold_mean=gold.mean, gold_ci95=gold.ci95, seed_gold_means=gold.seed_means,
@@ -184,7 +186,14 @@ def build_leaderboard(suite_dir: Path, method_names: Sequence[str], fingerprint:
     rows = [method_row(eps, meta, reference) for eps, meta in loaded.values()]
     rows.sort(key=lambda r: -(r["gold_mean"] if r["gold_mean"] is not None else r["reward_mean"]))
     add_ranks(rows)
-    return rows, notes + _seed_notes(loaded, seeds)
+    return rows, notes + _seed_notes(loaded, seeds) + skip_notes(rows)
+
+
+def skip_notes(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """A note for every row some of whose responses the protocol's skip rule left unscored."""
+    return [f"{r['method']}: {r['reward_skipped']} of {r['episodes']} responses were not scored (their reward-model "
+            "input reached bench.metrics.reward_skip_tokens, as ARGS's evaluation skips them); its RM reward is the "
+            "mean over the rest" for r in rows if r.get("reward_skipped")]
 
 
 def with_spread(text: str, ci: float | None, sd: float | None) -> str:
@@ -232,7 +241,10 @@ def write_leaderboard(suite_dir: Path, rows: Sequence[dict[str, Any]], header: d
           f"tokens, LM `{header['lm']}`, reward model `{header['reward']}`{world}, "
           f"gold judge: {header['gold'] or 'none'}. "
           "Every method's responses are scored by the same reward wrapper. Generated from `records/` by "
-          "`llm-envs bench`; do not edit.", "", markdown_table(rows), "",
+          "`llm-envs bench`; do not edit.", "",
+          *([f"Protocol: {header['protocol']}. Compare these rows with results of the same protocol only.", ""]
+            if header.get("protocol") else []),
+          markdown_table(rows), "",
           "Columns are defined in `benchmarks/bench/leaderboard.py`. A row is the mean over its seeds of each seed's "
           "mean; ± is the half-width of the 95% CI over prompts (each prompt averaged over the seeds); (sd x) is the "
           "seed-to-seed spread, the sample standard deviation of the seed means (rows with one seed have none). "

@@ -68,6 +68,10 @@ def run_dir(suite: SuiteConfig, kind: str, cfg: Any) -> Path:
     if not task.get("chat_template"):  # fields added with chat templates: at their defaults the hash stays the same
         task.pop("chat_template", None)
         task.pop("system_prompt", None)
+    if suite.task.reward_rules.is_default:  # fields added with the protocol suites: likewise
+        task.pop("reward_rules", None)
+    if suite.task.reward_tokenizer is None:
+        task.pop("reward_tokenizer", None)
     settings["task"] = task
     return Path(suite.bench.runs_dir) / "bench" / f"{kind}-{fingerprint(**settings)}"
 

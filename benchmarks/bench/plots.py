@@ -40,7 +40,7 @@ def plot_reward_distribution(path: Path, rows: Sequence[dict[str, Any]],
     names = [r["method"] for r in rows if r["method"] in episodes]
     fig, (left, right) = plt.subplots(1, 2, figsize=(13, 0.45 * len(names) + 2.5),
                                       gridspec_kw={"width_ratios": [3, 2]})
-    data = [[e["reward"] for e in episodes[n]] for n in names]
+    data = [[e["reward"] for e in episodes[n] if e["reward"] is not None] or [float("nan")] for n in names]
     left.violinplot(data, orientation="horizontal", showmeans=True)
     left.set_yticks(range(1, len(names) + 1), names)
     left.invert_yaxis()
@@ -49,7 +49,7 @@ def plot_reward_distribution(path: Path, rows: Sequence[dict[str, Any]],
     kinds = {r["method"]: r["kind"] for r in rows}
     pair = [n for n in names if kinds[n] == "greedy"][:1] + [n for n in names if kinds[n] == "proxy"][:1]
     for name in pair or names[:2]:
-        right.hist([e["reward"] for e in episodes[name]], bins=30, alpha=0.55, label=name)
+        right.hist([e["reward"] for e in episodes[name] if e["reward"] is not None], bins=30, alpha=0.55, label=name)
     right.set_xlabel("reward-model score")
     right.set_ylabel("responses")
     right.set_title("Greedy (the SFT model) vs the proxy")

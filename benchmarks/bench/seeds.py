@@ -14,7 +14,9 @@ Aggregation (`seed_stat`): the value of a row is the mean over seeds of each see
 the spread is the sample standard deviation (ddof=1) of those seed means (None with one seed: no
 spread can be estimated); the 95% CI is over prompts: each prompt's score averaged over the seeds,
 then `mean_ci95` (1.96 * sd / sqrt(prompts)) of those per-prompt means. The CI says how sure the
-mean is given these prompts; the spread says how much a rerun with another seed moves it.
+mean is given these prompts; the spread says how much a rerun with another seed moves it. A value of
+None (a reward the protocol's skip rule left unscored, `agents.metric_rules`) does not count: a mean is
+over the values there are (nan when a seed has none).
 """
 
 from __future__ import annotations
@@ -90,9 +92,13 @@ def by_seed(episodes: Sequence[dict[str, Any]]) -> dict[int, list[dict[str, Any]
     return dict(sorted(groups.items()))
 
 
+def _mean(values: Sequence[float]) -> float:
+    return float(np.mean(values)) if len(values) else float("nan")
+
+
 def seed_means(episodes: Sequence[dict[str, Any]], key: str) -> list[float]:
-    """Each seed's mean of `key`, seeds in ascending order."""
-    return [float(np.mean([e[key] for e in group])) for group in by_seed(episodes).values()]
+    """Each seed's mean of `key` over the episodes that have a value, seeds in ascending order."""
+    return [_mean([e[key] for e in group if e[key] is not None]) for group in by_seed(episodes).values()]
 
 
 def seed_mean(episodes: Sequence[dict[str, Any]], key: str) -> float:
@@ -110,6 +116,7 @@ def seed_stat(episodes: Sequence[dict[str, Any]], key: str) -> SeedStat:
     means = seed_means(episodes, key)
     per_prompt: dict[int, list[float]] = defaultdict(list)
     for episode in episodes:
-        per_prompt[episode["index"]].append(episode[key])
-    _, half = mean_ci95([float(np.mean(v)) for v in per_prompt.values()])
+        if episode[key] is not None:
+            per_prompt[episode["index"]].append(episode[key])
+    _, half = mean_ci95([float(np.mean(v)) for v in per_prompt.values()]) if per_prompt else (0.0, float("nan"))
     return SeedStat(float(np.mean(means)), half, means, seed_sd(means))

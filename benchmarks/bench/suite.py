@@ -67,18 +67,40 @@ def suite_context(cfg: SuiteConfig) -> SuiteContext:
     prompts = list(ctx.prompts.prompts)
     gold = (RewardWrapper.from_callable(sources.gold, name="world-gold", lm_tokenizer=ctx.tokenizer)
             if sources.gold is not None else None)  # on chat prompts the judge reads the user message
-    encoder = (SentenceEncoder.load(bench.coherence_encoder, device=task.device) if bench.coherence_encoder
-               else SentenceEncoder(ctx.model, ctx.tokenizer))
+    metrics = bench.metrics
+    encoder = (SentenceEncoder.load(bench.coherence_encoder, device=task.device, pooling=metrics.coherence_pooling,
+                                    max_length=metrics.coherence_max_length) if bench.coherence_encoder
+               else SentenceEncoder(ctx.model, ctx.tokenizer, pooling=metrics.coherence_pooling,
+                                    max_length=metrics.coherence_max_length))
+    scorer = Scorer(ctx.reward, gold, encoder, metrics)  # checks the rules can run before any method does
     lm, reward = display_name(ctx.lm_name), display_name(ctx.reward.name)
     settings = dict(prompts=prompts, lm=lm, reward=reward, max_new_tokens=task.max_new_tokens,
                     seed=bench.seed, gold=gold.name if gold else None, coherence=bench.coherence_encoder)
+    settings.update(protocol_settings(cfg))
     if sources.world_hash is not None:  # records made on another build of the world are not comparable
         settings["world_hash"] = sources.world_hash
     header = {"suite": bench.suite, "num_prompts": len(prompts), "prompts": source.source or "a list",
               "max_new_tokens": task.max_new_tokens, "chat_template": task.chat_template,
               "lm": lm, "reward": reward, "gold": gold.name if gold else None, "seed": bench.seed,
-              "seeds": list(bench.seeds), "world_hash": sources.world_hash}
-    return SuiteContext(ctx, prompts, Scorer(ctx.reward, gold, encoder), fingerprint(**settings), header)
+              "seeds": list(bench.seeds), "world_hash": sources.world_hash, **protocol_settings(cfg)}
+    return SuiteContext(ctx, prompts, scorer, fingerprint(**settings), header)
+
+
+def protocol_settings(cfg: SuiteConfig) -> dict[str, Any]:
+    """The protocol's settings that change what a number means (the suite's protocol name, the reward
+    wrapper's rules and tokenizer, the metric rules), each only when it is not the default: records made
+    before these were settings keep their fingerprints."""
+    task, bench = cfg.task, cfg.bench
+    out: dict[str, Any] = {}
+    if bench.protocol is not None:
+        out["protocol"] = bench.protocol
+    if not task.reward_rules.is_default:
+        out["reward_rules"] = to_dict(task.reward_rules)
+    if task.reward_tokenizer is not None:
+        out["reward_tokenizer"] = task.reward_tokenizer
+    if not bench.metrics.is_default:
+        out["metrics"] = to_dict(bench.metrics)
+    return out
 
 
 def run_seed(cfg: SuiteConfig, sc: SuiteContext, method: MethodConfig, seed: int

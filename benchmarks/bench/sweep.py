@@ -182,8 +182,9 @@ def _best_of_n_points(sweep_cfg: SuiteConfig, sc: SuiteContext, verbose: bool) -
 
 
 def _stat_keys(episodes: list[dict[str, Any]], key: str) -> dict[str, Any]:
-    """A point's `<key>_mean`, `<key>_ci95`, `seed_<key>_means`, `seed_<key>_sd` (None without gold)."""
-    if any(e[key] is None for e in episodes):
+    """A point's `<key>_mean`, `<key>_ci95`, `seed_<key>_means`, `seed_<key>_sd` (None without gold; rewards a
+    skip rule left unscored do not count)."""
+    if all(e[key] is None for e in episodes):
         return {f"{key}_mean": None, f"{key}_ci95": None, f"seed_{key}_means": None, f"seed_{key}_sd": None}
     stat = seed_stat(episodes, key)
     return {f"{key}_mean": stat.mean, f"{key}_ci95": stat.ci95, f"seed_{key}_means": stat.seed_means,

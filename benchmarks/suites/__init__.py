@@ -4,6 +4,9 @@
 - `v2`: every method on world v2, where methods separate and reward hacking shows (3 seeds).
 - `smollm2`: every method on a real pretrained chat LM offline (SmolLM2-135M-Instruct, world `smollm2`).
 - `hh_gpu`: the same suite on hub models (GPT-2-large, a DeBERTa reward model, HH-RLHF) on a GPU.
+- `proxy_rlhf`: the Proxy-RLHF / MARA protocol on a GPU (alpaca-7b-reproduced, the beaver-7b-v1.0-reward
+  score model, HH single-turn prompts in safe-rlhf's template).
+- `args`: the ARGS protocol on a GPU (argsearch's LLaMA-7B SFT and RM, Dahoas/full-hh-rlhf, ARGS's metrics).
 
 `suite_path("tiny")` is the shipped file; `suite_path("my_suite.yaml")` is a user's own file. Copy a
 shipped suite to start one of your own: `llm-envs config path tiny`.

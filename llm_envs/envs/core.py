@@ -99,6 +99,8 @@ class BatchedCore(Generic[P, Row]):
         max_prompt_tokens: int | None = None,
         chat_template: bool = False,
         system_prompt: str | None = None,
+        reward_rules: Any = None,
+        reward_tokenizer: str | None = None,
         context: LMContext | None = None,
         params: P | None = None,
         **param_kwargs: Any,
@@ -108,7 +110,8 @@ class BatchedCore(Generic[P, Row]):
         self.params: P = resolve_params(self.params_class, params, param_kwargs, type(self).__name__)
         self.ctx = context_for_env(context, lm=lm, tokenizer=tokenizer, reward=reward, prompts=prompts,
                                    gold=gold, device=device, dtype=dtype, max_prompt_tokens=max_prompt_tokens,
-                                   chat_template=chat_template, system_prompt=system_prompt)
+                                   chat_template=chat_template, system_prompt=system_prompt,
+                                   reward_rules=reward_rules, reward_tokenizer=reward_tokenizer)
         self.num_rows = int(num_rows)
         self._check_sizes()
         self.engine = DecodeEngine(self.ctx.model, self.num_rows, hidden_layer=self.params.hidden_layer)

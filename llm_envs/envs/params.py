@@ -25,7 +25,7 @@ P = TypeVar("P")
 
 # Constructor keywords that pick the world an env runs in; every other keyword is an MDP parameter.
 WORLD_KEYWORDS = ("lm", "reward", "prompts", "tokenizer", "gold", "device", "dtype", "max_prompt_tokens",
-                  "chat_template", "system_prompt", "context")
+                  "chat_template", "system_prompt", "reward_rules", "reward_tokenizer", "context")
 
 
 class UnknownArgumentError(TypeError, ValueError):

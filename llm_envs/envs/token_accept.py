@@ -357,6 +357,9 @@ class TokenAcceptEnv(SingleRowEnv):
       template (`system_prompt=None`: an optional system turn); episodes then end at the template's
       end-of-turn token and the reward backend reads the conversation in its own format (README,
       "Chat templates"). A tokenizer without a template is an error.
+    - `reward_rules`: how the reward model reads a response (`llm_envs.reward_rules.RewardRules` or a
+      mapping of its fields: turn markers and their case, the whitespace at a cut, a prefix to strip,
+      an appended EOS); `reward_tokenizer`: the reward model's tokenizer when its checkpoint has none.
     - `device="auto"` (cuda when present), `dtype="auto"` (float32; "bfloat16"/"float16" on GPU);
       `context`: an `LMContext` to share between envs instead of all of the above.
 

@@ -1,6 +1,8 @@
 """The reward wrapper shared by every method: scores (prompt, response) pairs, and candidate tokens.
 
-Three modules, each importing only the ones before it:
+Three modules, each importing only the ones before it, over `llm_envs.reward_rules` (below this package,
+no torch: `RewardRules`, how a response is read before scoring -- turn markers, their case, the whitespace
+at a cut, a prefix to strip, an appended EOS):
 
 - `llm_envs.rewards.text`: the conventions as plain functions -- turn cutting (`cut_at_turn`,
   `DEFAULT_TURN_MARKERS`), joining a prompt and a response, special-token templates, response
@@ -13,6 +15,7 @@ Three modules, each importing only the ones before it:
 Everything public is importable from here: ``from llm_envs.rewards import RewardWrapper``.
 """
 
+from llm_envs.reward_rules import RewardRules
 from llm_envs.rewards.candidates import CandidateScorer, Scoring, prefix_cache_verdict, score_candidates
 from llm_envs.rewards.text import (
     DEFAULT_TURN_MARKERS,
@@ -34,6 +37,7 @@ __all__ = [
     "DEFAULT_TURN_MARKERS",
     "CandidateScorer",
     "RewardFn",
+    "RewardRules",
     "RewardWrapper",
     "Scoring",
     "SpecialTemplate",

@@ -27,7 +27,6 @@ from llm_envs.kv_cache import SlotKVCache
 from llm_envs.models import cache_kwargs
 from llm_envs.rewards.text import (
     as_id_rows,
-    cut_at_turn,
     response_content_ids,
     response_special_ids,
     special_template,
@@ -253,7 +252,7 @@ class CandidateScorer:
         model, template = self.wrapper.model, self.wrapper.template_ids
         reasons = [
             (prefix_cache_verdict(self.wrapper) is False, "the prefix cache disagreed with scoring from scratch"),
-            (bool(template and template[1]), "the RM tokenizer appends tokens after the text"),
+            (bool(template and template[1]), "the RM tokenizer (or rules.append_eos) appends tokens after the text"),
             (not isinstance(getattr(model, "score", None), torch.nn.Module) or model.base_model is model,
              f"{type(model).__name__} has no `score` head over a base model"),
             (bool(getattr(model.config, "is_encoder_decoder", False)), "the RM is an encoder-decoder"),
@@ -381,12 +380,19 @@ class CandidateScorer:
         content = strip_template(p, self.lm_template)
         frozen = self.eos is not None and self.eos in r
         body = response_content_ids(r, self.eos, self.specials)
-        markers = wrapper.turn_markers
+        rules = wrapper.rules
+        markers, prefix_rule = rules.turn_markers, rules.strip_prefix
+        text = tok.decode(body, skip_special_tokens=False) if (markers or prefix_rule) and not frozen else ""
         if not frozen and markers:
-            text = tok.decode(body, skip_special_tokens=False)
-            frozen = cut_at_turn(text, markers) != text
+            frozen = rules.marker_cut(text) != text
         if frozen:  # the response is already cut: every continuation scores as the response itself
             plan.pairs.append((i, -2, p, r))
+            return
+        if prefix_rule and (len(text) < len(prefix_rule) or text.startswith(prefix_rule)):
+            # the rules strip the response's start (or a candidate may complete what they strip): scored as text
+            plan.pairs += [(i, j, p, r + [c]) for j, c in enumerate(cands)]
+            if prefix:
+                plan.pairs.append((i, -1, p, r))
             return
         seq = (wrapper.template_ids or ([], []))[0] + content + body
         regular: list[tuple[int, int]] = []
@@ -398,7 +404,7 @@ class CandidateScorer:
                 regular.append((j, c))
         if regular and markers:
             texts = tok.batch_decode([body + [c] for _, c in regular], skip_special_tokens=False)
-            cut = {j for (j, _), t in zip(regular, texts) if cut_at_turn(t, markers) != t}
+            cut = {j for (j, _), t in zip(regular, texts) if rules.marker_cut(t) != t}
             plan.pairs += [(i, j, p, r + [c]) for j, c in regular if j in cut]
             regular = [(j, c) for j, c in regular if j not in cut]
         plan.copies[i] = copies

@@ -22,6 +22,8 @@ from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
+from llm_envs.reward_rules import DEFAULT_TURN_MARKERS, RewardRules
+
 __all__ = [
     "DEFAULT_TURN_MARKERS",
     "SpecialTemplate",
@@ -37,7 +39,6 @@ __all__ = [
     "tokenizers_match",
 ]
 
-DEFAULT_TURN_MARKERS: tuple[str, ...] = ("Human:", "Assistant:", "USER:")
 SpecialTemplate = tuple[list[int], list[int]]  # the ids a tokenizer adds (before, after) one sequence
 _PROBE_TEXT = "hello world"
 
@@ -46,15 +47,11 @@ def cut_at_turn(response: str, markers: Sequence[str] = DEFAULT_TURN_MARKERS) ->
     """Cut `response` at the first occurrence of any turn marker (HH convention).
 
     The text before the marker is kept, with trailing whitespace removed (the ``"\\n\\n"``
-    that precedes an HH turn belongs to the next turn). No marker: returned unchanged.
+    that precedes an HH turn belongs to the next turn). No marker: returned unchanged. The default
+    rules of `llm_envs.reward_rules.RewardRules` (`RewardRules.marker_cut`), whose settings (case, the
+    whitespace, a stripped prefix, an appended EOS) a reward wrapper takes as ``rules=``.
     """
-    cut = len(response)
-    for marker in markers:
-        if marker:
-            idx = response.find(marker, 0, cut)
-            if idx != -1:
-                cut = idx
-    return response if cut == len(response) else response[:cut].rstrip()
+    return RewardRules(turn_markers=tuple(m for m in markers if m)).marker_cut(response)
 
 
 def join_prompt_response(prompt: str, response: str) -> str:

@@ -16,10 +16,17 @@ terms, `llm_envs.reward_spec`, builds a weighted sum).
 
 Conventions shared by every backend:
 
-- **Turn cutting (HH convention).** Before scoring, a response is cut at the first turn
-  marker (default ``"Human:"``, ``"Assistant:"``, ``"USER:"``), see
-  `llm_envs.rewards.text.cut_at_turn`; a model that keeps talking past its own turn is scored on
-  its own turn only. The text and special-token rules are functions of `llm_envs.rewards.text`.
+- **Reading a response (`llm_envs.reward_rules.RewardRules`, ``rules=``).** Before scoring, a response
+  is cut at the first turn marker (default ``"Human:"``, ``"Assistant:"``, ``"USER:"``, trailing
+  whitespace dropped); a model that keeps talking past its own turn is scored on its own turn only.
+  The rules also say whether markers match in any case, whether the whitespace before a cut stays, a
+  prefix to strip (ARGS's ``": "``), and whether the reward model's EOS follows the response
+  (``append_eos``: safe-rlhf score models were trained on prompt + answer + EOS). One set of rules per
+  wrapper, applied on every path (text, ids, candidates). The text and special-token rules are
+  functions of `llm_envs.rewards.text`.
+- **Input lengths.** `input_lengths` gives how many tokens the reward model would read for each pair
+  (its specials and an appended EOS included, before truncation to ``max_length``): what a protocol's
+  skip rule (ARGS: pairs of >= 1334 tokens are not scored) is checked against.
 - **Special tokens.** A response is its text content: on the token-id path it ends at the
   first EOS and pad/BOS ids are dropped; on the text path the EOS/pad/BOS strings are treated
   the same way. Prompts keep their special tokens (chat templates need them).
@@ -53,12 +60,13 @@ It uses the public seams of this class (`fast_path`, `template_ids`, `score_mode
 from __future__ import annotations
 
 import copy
+import dataclasses
 import difflib
 import math
 import numbers
 import os
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
 import numpy as np
@@ -74,14 +82,13 @@ from llm_envs.models import (
     load_tokenizer,
     model_source_name,
 )
+from llm_envs.reward_rules import RewardRules, as_reward_rules
 from llm_envs.reward_spec import is_combination, reward_terms, weighted_name
 from llm_envs.rewards.combination import WeightedSum, check_terms
 from llm_envs.rewards.text import (
-    DEFAULT_TURN_MARKERS,
     SpecialTemplate,
     as_id_rows,
     clean_response_text,
-    cut_at_turn,
     join_prompt_response,
     response_content_ids,
     response_special_ids,
@@ -103,6 +110,20 @@ def _short(text: str, limit: int = 200) -> str:
     return repr(text if len(text) <= limit else text[:limit] + "...")
 
 
+def _merged_rules(rules: RewardRules | Mapping[str, Any] | None, turn_markers: Sequence[str] | None) -> RewardRules:
+    """A wrapper's rules: `rules` (default `RewardRules()`), with `turn_markers` when given on its own (the
+    keyword that predates the rules); both, disagreeing, is an error naming them."""
+    merged = as_reward_rules(rules, "rules")
+    if turn_markers is None:
+        return merged
+    if isinstance(turn_markers, str) or not all(isinstance(m, str) for m in turn_markers):
+        raise TypeError(f"turn_markers={turn_markers!r}; expected a tuple of strings.")
+    if rules is not None and tuple(turn_markers) != merged.turn_markers:
+        raise ValueError(f"turn_markers={tuple(turn_markers)!r} disagrees with rules.turn_markers="
+                         f"{merged.turn_markers!r}; give the markers once, in rules=RewardRules(turn_markers=...).")
+    return dataclasses.replace(merged, turn_markers=tuple(m for m in turn_markers if m))
+
+
 class RewardWrapper(WeightedSum):
     """Scores (prompt, response) pairs in batches; see the module docstring for conventions.
 
@@ -122,8 +143,9 @@ class RewardWrapper(WeightedSum):
         batch_size: int | None = 32,
         max_length: int | None = None,
         template: Template = "concat",
-        turn_markers: Sequence[str] = DEFAULT_TURN_MARKERS,
+        turn_markers: Sequence[str] | None = None,
         chat: ChatFormat | None = None,
+        rules: RewardRules | Mapping[str, Any] | None = None,
     ) -> None:
         if sum(x is not None for x in (model, fn, terms)) != 1:
             raise ValueError("RewardWrapper needs exactly one backend: model=, fn= or terms=.")
@@ -135,8 +157,7 @@ class RewardWrapper(WeightedSum):
             raise ValueError(f"batch_size={batch_size!r}; expected a positive int (or None).")
         if template not in ("concat", "pair"):
             raise ValueError(f"template={template!r}; expected 'concat' or 'pair'.")
-        if isinstance(turn_markers, str) or not all(isinstance(m, str) for m in turn_markers):
-            raise TypeError(f"turn_markers={turn_markers!r}; expected a tuple of strings.")
+        self.rules: RewardRules = _merged_rules(rules, turn_markers)
         self.name = name
         self.model = model
         self.tokenizer = tokenizer
@@ -145,12 +166,16 @@ class RewardWrapper(WeightedSum):
         self.lm_tokenizer = lm_tokenizer
         self.batch_size = batch_size
         self.template: Template = template
-        self.turn_markers: tuple[str, ...] = tuple(turn_markers)
         self.max_length: int | None = None
         # The LM's chat format (its prompts are rendered through it): given, or the LM tokenizer's.
         self.chat: ChatFormat | None = chat if chat is not None else chat_format_of(lm_tokenizer)
         self._chat_reading: dict[ChatFormat, tuple[ChatReading, PreTrainedTokenizerBase | None]] = {}
         self._template_ids: SpecialTemplate | None = None
+        self._eos_ids: list[int] = []  # the RM's EOS id when the rules append it (model backend)
+        if fn is not None and self.rules.append_eos:
+            raise ValueError(f"rules.append_eos=True for the function backend {name!r}; a function reads text, not a "
+                             "reward model's tokens, so there is no EOS to append. Set append_eos only for reward "
+                             "models (e.g. safe-rlhf score models).")
         self._match_cache: tuple[weakref.ref[Any], bool] | None = None
         self.last_path: str | None = None  # "ids" or "text": which path the last score_ids took
         if model is not None and tokenizer is not None:
@@ -158,6 +183,7 @@ class RewardWrapper(WeightedSum):
                 pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
                 model.config.pad_token_id = int(pad) if pad is not None else 0
             self._template_ids = special_template(tokenizer)
+            self._eos_ids = self._appended_eos(tokenizer, template)
             self.max_length = max_length if max_length is not None else self._model_max_length()
             if self.max_length is not None and self.max_length < 2:
                 raise ValueError(f"max_length={self.max_length!r}; expected at least 2 tokens.")
@@ -176,15 +202,17 @@ class RewardWrapper(WeightedSum):
         batch_size: int = 32,
         max_length: int | None = None,
         template: Template = "concat",
-        turn_markers: Sequence[str] = DEFAULT_TURN_MARKERS,
+        turn_markers: Sequence[str] | None = None,
         chat: ChatFormat | None = None,
+        rules: RewardRules | Mapping[str, Any] | None = None,
     ) -> RewardWrapper:
         """A reward model (hub name, local dir or loaded model): a HF sequence classifier or a
         safe-rlhf score model (`llm_envs.models.load_reward_model` tells them apart).
 
         `tokenizer` defaults to the one saved beside the model. `lm_tokenizer` is the policy
         LM's tokenizer, the default for `score_ids`. `max_length` defaults to the model's
-        context size; longer inputs lose their oldest prompt tokens (counted in ``truncated``).
+        context size; longer inputs lose their oldest prompt tokens (counted in ``truncated``). `rules`
+        (`llm_envs.reward_rules.RewardRules`) say how a response is read (cut, stripped, EOS appended).
         """
         model = load_reward_model(spec, device=device, dtype=dtype)
         if tokenizer is None:
@@ -208,6 +236,7 @@ class RewardWrapper(WeightedSum):
             template=template,
             turn_markers=turn_markers,
             chat=chat,
+            rules=rules,
         )
 
     @classmethod
@@ -218,8 +247,9 @@ class RewardWrapper(WeightedSum):
         *,
         lm_tokenizer: PreTrainedTokenizerBase | None = None,
         batch_size: int | None = None,
-        turn_markers: Sequence[str] = DEFAULT_TURN_MARKERS,
+        turn_markers: Sequence[str] | None = None,
         chat: ChatFormat | None = None,
+        rules: RewardRules | Mapping[str, Any] | None = None,
     ) -> RewardWrapper:
         """A programmatic reward ``fn(prompts, responses) -> list[float]``.
 
@@ -232,7 +262,7 @@ class RewardWrapper(WeightedSum):
             name = getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None) or type(fn).__name__
         return cls(
             name=str(name), fn=fn, lm_tokenizer=lm_tokenizer, batch_size=batch_size, turn_markers=turn_markers,
-            chat=chat,
+            chat=chat, rules=rules,
         )
 
     @classmethod
@@ -254,15 +284,17 @@ class RewardWrapper(WeightedSum):
                    chat=next(iter(chats)) if len(chats) == 1 else None)
 
     _MODEL_KW = (
-        "tokenizer", "lm_tokenizer", "device", "dtype", "batch_size", "max_length", "template", "turn_markers", "chat"
+        "tokenizer", "lm_tokenizer", "device", "dtype", "batch_size", "max_length", "template", "turn_markers", "chat",
+        "rules",
     )
-    _CALLABLE_KW = ("name", "lm_tokenizer", "batch_size", "turn_markers", "chat")
+    _CALLABLE_KW = ("name", "lm_tokenizer", "batch_size", "turn_markers", "chat", "rules")
 
     @classmethod
     def build(cls, reward: Any, **kw: Any) -> RewardWrapper:
         """What envs call with their ``reward=`` kwarg.
 
-        A RewardWrapper is returned as is (`kw` ignored), except that on chat-rendered prompts (a
+        A RewardWrapper is returned as is (`kw` ignored; non-default ``rules`` other than its own are an
+        error), except that on chat-rendered prompts (a
         ``chat`` format, or an ``lm_tokenizer`` that carries one) a wrapper that knows no format is
         returned as a copy that knows it (`with_chat`); a str/PathLike/PreTrainedModel/ScoreModel goes
         to `from_model`; a list of ``{model, weight}`` terms (`llm_envs.reward_spec`) to `combine`, each
@@ -278,6 +310,11 @@ class RewardWrapper(WeightedSum):
                     f"RewardWrapper.build got an unknown keyword {key!r}; expected one of {sorted(known)}.{extra}"
                 )
         if isinstance(reward, RewardWrapper):
+            rules = as_reward_rules(kw.get("rules"), "rules")
+            if not rules.is_default and rules != reward.rules:
+                raise ValueError(f"reward is the ready-made wrapper {reward.name!r}, read under rules {reward.rules}, "
+                                 f"but rules {rules} were asked for; build the wrapper with those rules "
+                                 "(RewardWrapper.from_model(..., rules=...)) or pass the model's name instead.")
             chat = kw.get("chat") or chat_format_of(kw.get("lm_tokenizer"))
             if chat is None or reward.chat is not None:
                 return reward
@@ -311,6 +348,11 @@ class RewardWrapper(WeightedSum):
 
     # ------------------------------------------------------------------ provenance
     @property
+    def turn_markers(self) -> tuple[str, ...]:
+        """The markers a response is cut at (``rules.turn_markers``)."""
+        return self.rules.turn_markers
+
+    @property
     def kind(self) -> str:
         return "model" if self.model is not None else "callable" if self.fn is not None else "combination"
 
@@ -324,6 +366,9 @@ class RewardWrapper(WeightedSum):
             "calls": self.calls,
             "pairs_scored": self.pairs_scored,
         }
+        if not self.rules.is_default and self.terms is None:
+            info["rules"] = {k: (list(v) if isinstance(v, tuple) else v)
+                             for k, v in dataclasses.asdict(self.rules).items()}
         if self.chat is not None and self.terms is None:
             info["chat"] = {"lm_format": self.chat.tokenizer_name, "reads": self.chat_reading(self.chat)}
         if self.terms is not None:
@@ -363,32 +408,68 @@ class RewardWrapper(WeightedSum):
     def _score_text(self, prompts: list[str], responses: list[str], chat: ChatFormat | None) -> list[float]:
         if not prompts:
             return []  # (transformers 5 tokenizers raise IndexError on an empty batch)
+        if self.fn is not None:
+            texts, cut = self._read_text(prompts, responses, chat)
+            return self._callable_scores(texts, cut, shown=(prompts, responses))
+        seqs, types = self._text_inputs(prompts, responses, chat, fit=True)
+        return self._model_scores(seqs, types, prompts, responses)
+
+    def _read_text(self, prompts: list[str], responses: list[str], chat: ChatFormat | None
+                   ) -> tuple[list[str], list[str]]:
+        """What a function backend reads: the prompts (user messages on chat prompts) and the responses cut at
+        the LM's end of turn and read by the rules."""
+        if chat is not None:  # the LM's turn ends at its end-of-turn text
+            responses = [r.split(chat.end_of_turn, 1)[0] if chat.end_of_turn else r for r in responses]
+        messages = [chat.message_of(p) if chat is not None else None for p in prompts]
+        return [p if m is None else m for p, m in zip(prompts, messages)], [self.rules.read(r) for r in responses]
+
+    def _text_inputs(self, prompts: list[str], responses: list[str], chat: ChatFormat | None, *, fit: bool
+                     ) -> tuple[list[list[int]], list[list[int]] | None]:
+        """The reward model's input ids of text pairs (and token types for the 'pair' template): the response
+        cleaned of special strings and read by the rules, the prompt read per the chat reading, the RM's
+        specials (and an appended EOS) around. `fit=True` truncates to ``max_length`` (counted in
+        ``truncated``), `fit=False` gives the full lengths (`input_lengths`)."""
+        assert self.tokenizer is not None
         if chat is not None:  # the LM's turn ends at its end-of-turn text, whatever the RM's EOS
             responses = [r.split(chat.end_of_turn, 1)[0] if chat.end_of_turn else r for r in responses]
         messages = [chat.message_of(p) if chat is not None else None for p in prompts]
         reading = self.chat_reading(chat) if chat is not None else "same"
-        if self.fn is not None:
-            cut = [cut_at_turn(r, self.turn_markers) for r in responses]
-            return self._callable_scores([p if m is None else m for p, m in zip(prompts, messages)], cut,
-                                         shown=(prompts, responses))
-        assert self.tokenizer is not None
         tok = self.tokenizer
-        cut = [cut_at_turn(clean_response_text(r, tok), self.turn_markers) for r in responses]
+        cut = [self.rules.read(clean_response_text(r, tok)) for r in responses]
         if self.template == "pair":
             firsts = [p if m is None or reading == "same" else m for p, m in zip(prompts, messages)]
-            return self._score_pair_template(firsts, cut, responses)
+            return self._pair_inputs(firsts, cut, fit=fit)
         seqs = []
         for p, m, r in zip(prompts, messages, cut):
             if m is not None and reading == "own":  # the RM's own template around the exchange
-                seqs.append(self.fit_to_max_length(list(tok(render_exchange(tok, m, r), add_special_tokens=False)
-                                                        ["input_ids"])))
+                ids = list(tok(render_exchange(tok, m, r), add_special_tokens=False)["input_ids"]) + self._eos_ids
+                seqs.append(self.fit_to_max_length(ids) if fit else ids)
                 continue
             body = list(tok(join_prompt_response(p if m is None or reading == "same" else m, r),
                             add_special_tokens=False)["input_ids"])
             if m is not None and reading == "same":  # the rendered prompt holds the template's BOS already
                 body = strip_template(body, self._template_ids)
-            seqs.append(self._wrap(body))
-        return self._model_scores(seqs, None, prompts, responses)
+            seqs.append(self._wrap(body, fit=fit))
+        return seqs, None
+
+    def input_lengths(self, prompts: Sequence[str], responses: Sequence[str]) -> list[int]:
+        """How many tokens the reward model reads for each (prompt, response) text pair, as `score` builds its
+        input (the rules applied, the RM's specials and an appended EOS included), before truncation to
+        ``max_length``: what a skip rule such as ARGS's (pairs of >= 1334 tokens are not scored) checks. A
+        weighted sum gives each pair's longest input over its models; a function reads no tokens (an error)."""
+        prompts, responses = self._check_pairs(prompts, responses, str, "input_lengths")
+        if self.terms is not None:
+            lengths = [t.input_lengths(prompts, responses) for t, _ in self.terms if t.kind != "callable"]
+            if not lengths:
+                raise ValueError(f"input_lengths: no term of {self.name!r} is a reward model; functions read no "
+                                 "tokens, so a token-length rule cannot apply.")
+            return [max(column) for column in zip(*lengths)] if prompts else []
+        if self.model is None:
+            raise ValueError(f"input_lengths: {self.name!r} is a function, which reads no tokens; a token-length rule "
+                             "(e.g. ARGS's reward_skip_tokens) needs a reward-model backend.")
+        if not prompts:
+            return []
+        return [len(ids) for ids in self._text_inputs(prompts, responses, self.chat, fit=False)[0]]
 
     def chat_reading(self, chat: ChatFormat) -> ChatReading:
         """How this backend reads a prompt rendered by the LM's format `chat`: "message" (a function, or a
@@ -465,10 +546,11 @@ class RewardWrapper(WeightedSum):
         assert self.tokenizer is not None
         tok = self.tokenizer
         seqs: list[list[int]] = []
+        reads = bool(self.rules.turn_markers or self.rules.strip_prefix)
         for p, r in zip(prompt_content, response_content):
-            if self.turn_markers:
+            if reads:
                 text = tok.decode(r, skip_special_tokens=False)
-                cut = cut_at_turn(text, self.turn_markers)
+                cut = self.rules.read(text)
                 if cut != text:
                     r = list(tok(cut, add_special_tokens=False)["input_ids"])
             seqs.append(self._wrap(p + r))
@@ -478,8 +560,11 @@ class RewardWrapper(WeightedSum):
     @property
     def template_ids(self) -> SpecialTemplate | None:
         """The special ids the reward tokenizer adds (before, after) one sequence, e.g.
-        ``([bos], [])``; None for a function backend or when unknowable."""
-        return self._template_ids
+        ``([bos], [])``; None for a function backend or when unknowable. With ``rules.append_eos`` the suffix
+        starts with the RM's EOS (so the candidate scorer's prefix cache, which cannot append it, stands aside)."""
+        if self._template_ids is None or not self._eos_ids:
+            return self._template_ids
+        return self._template_ids[0], self._eos_ids + self._template_ids[1]
 
     def fast_path(self, lm_tokenizer: PreTrainedTokenizerBase) -> tuple[bool, str]:
         """Whether `score_ids` can feed `lm_tokenizer`'s ids to the reward model as they are
@@ -541,19 +626,20 @@ class RewardWrapper(WeightedSum):
         self._check_finite(out, prompts, responses, None)
         return out
 
-    def _score_pair_template(self, prompts: list[str], cut: list[str], responses: list[str]) -> list[float]:
+    def _pair_inputs(self, prompts: list[str], cut: list[str], *, fit: bool
+                     ) -> tuple[list[list[int]], list[list[int]] | None]:
         assert self.tokenizer is not None
         tok = self.tokenizer
         with_types = "token_type_ids" in tok.model_input_names
         ids, types = [], []
         for p, r in zip(prompts, cut):
             enc = tok(p, r)
-            if self.max_length is not None and len(enc["input_ids"]) > self.max_length:
+            if fit and self.max_length is not None and len(enc["input_ids"]) > self.max_length:
                 self.truncated += 1  # the prompt gives way (tokenizer's truncation_side)
                 enc = tok(p, r, truncation="only_first", max_length=self.max_length)
             ids.append(list(enc["input_ids"]))
             types.append(list(enc.get("token_type_ids") or []))
-        return self._model_scores(ids, types if with_types else None, prompts, responses)
+        return ids, (types if with_types else None)
 
     def _check_pairs(
         self, prompts: Any, responses: Any, item_type: type, where: str
@@ -585,15 +671,31 @@ class RewardWrapper(WeightedSum):
         valid = [int(x) for x in limits if isinstance(x, int) and 0 < x < 1_000_000]
         return min(valid) if valid else None
 
-    def _wrap(self, body: list[int]) -> list[int]:
-        """RM template specials around a body of content ids, truncating the oldest tokens."""
+    def _wrap(self, body: list[int], *, fit: bool = True) -> list[int]:
+        """RM template specials around a body of content ids (and the RM's EOS after it when the rules append
+        it), truncating the oldest tokens (`fit`)."""
         prefix, suffix = self._template_ids or ([], [])
-        if self.max_length is not None:
+        suffix = self._eos_ids + suffix
+        if fit and self.max_length is not None:
             room = self.max_length - len(prefix) - len(suffix)
             if len(body) > room:
                 self.truncated += 1
                 body = body[len(body) - room :]
         return prefix + body + suffix
+
+    def _appended_eos(self, tokenizer: PreTrainedTokenizerBase, template: Template) -> list[int]:
+        """``[eos]`` when the rules append the RM's EOS (checked: a concat template, a tokenizer with an EOS)."""
+        if not self.rules.append_eos:
+            return []
+        if template != "concat":
+            raise ValueError(f"rules.append_eos=True with template={template!r} for reward model {self.name!r}; an "
+                             "EOS is appended to the 'concat' text (prompt + response + EOS). Use template='concat'.")
+        eos = tokenizer.eos_token_id
+        if not isinstance(eos, int):
+            raise ValueError(f"rules.append_eos=True but the tokenizer of reward model {self.name!r} has no EOS token; "
+                             "pass a reward tokenizer with an EOS (safe-rlhf's Llama tokenizers have '</s>'), or set "
+                             "append_eos: false.")
+        return [int(eos)]
 
     def _model_scores(
         self,
