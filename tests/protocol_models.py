@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import gzip
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -55,9 +56,10 @@ WORDS = ["<unk>", "<pad>", "<eos>", "<bos>", *WORDS]
 HIDDEN = 16
 
 
-def word_tokenizer() -> PreTrainedTokenizerFast:
-    """Word-level over `WORDS`, splitting on whitespace, with a leading ``<bos>`` (as Llama's)."""
-    vocab = {w: i for i, w in enumerate(WORDS)}
+def word_tokenizer(words: Sequence[str] = WORDS) -> PreTrainedTokenizerFast:
+    """Word-level over `words` (the first four: unk, pad, eos, bos), splitting on whitespace, with a
+    leading ``<bos>`` (as Llama's)."""
+    vocab = {w: i for i, w in enumerate(words)}
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     backend.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 3)])
@@ -65,8 +67,9 @@ def word_tokenizer() -> PreTrainedTokenizerFast:
                                    pad_token="<pad>", unk_token="<unk>")
 
 
-def llama_config(**extra: Any) -> LlamaConfig:
-    config = LlamaConfig(vocab_size=len(WORDS), hidden_size=HIDDEN, intermediate_size=32, num_hidden_layers=2,
+def llama_config(words: Sequence[str] = WORDS, **extra: Any) -> LlamaConfig:
+    """A tiny Llama config over `word_tokenizer(words)`'s ids; `extra` sets more fields (a score model's)."""
+    config = LlamaConfig(vocab_size=len(words), hidden_size=HIDDEN, intermediate_size=32, num_hidden_layers=2,
                          num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256,
                          pad_token_id=1, bos_token_id=3, eos_token_id=2, initializer_range=0.5)
     for key, value in extra.items():

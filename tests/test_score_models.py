@@ -13,10 +13,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import protocol_models
 import pytest
 import torch
+from protocol_models import word_tokenizer
 from safetensors.torch import save_file
-from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import (
     LlamaConfig,
     LlamaForCausalLM,
@@ -45,22 +46,11 @@ RESPONSES = ["fine thanks !", "sure", "bad bad world"]
 
 
 def make_tokenizer() -> PreTrainedTokenizerFast:
-    """A word-level tokenizer that prepends <bos>, as a Llama tokenizer does."""
-    vocab = {w: i for i, w in enumerate(WORDS)}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    backend.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 3)])
-    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<bos>", eos_token="<eos>",
-                                   pad_token="<pad>", unk_token="<unk>")
+    return word_tokenizer(WORDS)
 
 
 def llama_config(**extra: Any) -> LlamaConfig:
-    config = LlamaConfig(vocab_size=len(WORDS), hidden_size=HIDDEN, intermediate_size=32, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
-                         pad_token_id=1, bos_token_id=3, eos_token_id=2, initializer_range=0.5)
-    for key, value in extra.items():
-        setattr(config, key, value)
-    return config
+    return protocol_models.llama_config(WORDS, **extra)
 
 
 class Checkpoint:
