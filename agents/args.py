@@ -1,6 +1,7 @@
 """ARGS: alignment as reward-guided search (Khanov et al., 2024), greedy and stochastic.
 
-At each step ARGS takes the top-k candidates of the raw next-token logits, `torch.topk(logits, k)`,
+At each step ARGS takes the top-k candidates of the raw next-token logits, `torch.topk(logits, k)`
+(ties by lower token id, `llm_envs.envs.pools.top_k_by_id`, so bf16 ties give one order everywhere),
 scores each as `logit_j + w * r_j`, where `r_j` is the reward model's score of prompt + response +
 candidate j, and keeps the argmax (ARGS-greedy) or samples one candidate from
 `softmax(score / temperature)` with one `torch.multinomial(probs, 1)` per step (ARGS-stochastic).
@@ -35,6 +36,7 @@ import torch
 from agents.base import Generation
 from agents.decoding import check_context, encode_prompts
 from llm_envs.engine import DecodeEngine
+from llm_envs.envs.pools import top_k_by_id
 from llm_envs.models import ModelSpec, load_causal_lm, resolve_tokenizer
 from llm_envs.rewards import CandidateScorer, RewardWrapper, Scoring
 
@@ -69,14 +71,15 @@ def args_select(
     """The ARGS rule on [B, k] candidate logits and rewards (in topk order): one slot per row.
 
     ``score = rewards * w + logits`` (as the reference computes it, in the logits' dtype). Greedy:
-    ``torch.topk(score, 1)``. Stochastic: per row, ``torch.multinomial(softmax(score / temperature),
+    ``torch.topk(score, 1)``, the first (lowest) slot on ties (``argmax``; topk's tie pick is
+    arbitrary). Stochastic: per row, ``torch.multinomial(softmax(score / temperature),
     1, generator=generators[i])`` (None = torch's global generator). `valid` masks slots out.
     """
     scores = rewards.to(logits.dtype) * w + logits
     if valid is not None:
         scores = scores.masked_fill(~valid, float("-inf"))
     if mode == "greedy":
-        return torch.topk(scores, 1, dim=-1).indices[:, 0].tolist()
+        return scores.argmax(dim=-1).tolist()  # documented: the first maximum on ties
     gens = list(generators) if generators is not None else [None] * scores.shape[0]
     probs = torch.softmax(scores / temperature, dim=-1)
     return [int(torch.multinomial(probs[i], 1, generator=gens[i])) for i in range(scores.shape[0])]
@@ -181,7 +184,7 @@ class ARGS:
         fill(list(range(n)))
         while any(s is not None for s in slot):
             live = [r for r in range(n) if slot[r] is not None]
-            top_logits, top_ids = torch.topk(logits[live], k, dim=-1)
+            top_logits, top_ids = top_k_by_id(logits[live], k)
             before = self.reward.calls
             rewards, _ = scorer.score(live, [prompt_ids[slot[r]] for r in live], [responses[r] for r in live],
                                       top_ids.tolist(), scoring=self.scoring)

@@ -420,8 +420,9 @@ class BestOfNDecoder(NucleusDecoder):
         self.n, self.keep_candidates = n, bool(keep_candidates)
         kw.setdefault("name", f"best_of_{n}")
         super().__init__(lm, tokenizer, top_p=top_p, temperature=temperature, **kw)
-        device = kw.get("device", "auto")
-        self.reward = RewardWrapper.build(reward, lm_tokenizer=self.tokenizer, device=device)
+        # The RM gets the LM's device and dtype (its score head computes in float32 either way).
+        device, dtype = kw.get("device", "auto"), kw.get("dtype", "auto")
+        self.reward = RewardWrapper.build(reward, lm_tokenizer=self.tokenizer, device=device, dtype=dtype)
 
     def candidates(self, prompt_ids: list[list[int]], max_new_tokens: int, seed: int | None
                    ) -> list[list[list[int]]]:

@@ -30,9 +30,21 @@ import torch
 from transformers import DynamicCache, PreTrainedModel
 
 from llm_envs.kv_cache import SlotKVCache
-from llm_envs.models import cache_kwargs, context_length
+from llm_envs.models import cache_kwargs, context_length, enable_tf32
 
-__all__ = ["DecodeEngine", "StepOutput"]
+__all__ = ["DecodeEngine", "NonFiniteLogitsError", "StepOutput"]
+
+
+class NonFiniteLogitsError(FloatingPointError):
+    """The LM's next-token logits hold NaN or +inf (or no finite value) for some rows.
+
+    Raised instead of building pools from garbage (a NaN row's nucleus would collapse to one
+    arbitrary token and PPO would see NaN features). ``rows`` are the engine (= env) row indices.
+    """
+
+    def __init__(self, message: str, rows: list[int]) -> None:
+        super().__init__(message)
+        self.rows = rows
 
 
 @dataclass(frozen=True)
@@ -40,7 +52,8 @@ class StepOutput:
     """Next-token logits and the chosen layer's hidden state at each returned row's last slot.
 
     Both are float32 whatever the model dtype, so envs can build observations and
-    probabilities without caring how the LM was loaded.
+    probabilities without caring how the LM was loaded: a bf16 LM head's output is upcast before
+    any softmax, top-k or sort. The logits are checked finite (`NonFiniteLogitsError`).
     """
 
     logits: torch.Tensor  # [B, V] float32
@@ -71,6 +84,46 @@ def _length_groups(lengths: list[int], overhead_tokens: float) -> list[list[int]
     return [by_length[:cut], by_length[cut:]] if cut else [list(range(len(lengths)))]
 
 
+@dataclass(frozen=True)
+class _Prefill:
+    """A prefill forward not yet spliced into the shared cache (see `DecodeEngine.reset_rows`)."""
+
+    rows: list[int]
+    prompts: list[list[int]]
+    cache: DynamicCache
+    attn: torch.Tensor
+    logits: torch.Tensor
+    hidden: torch.Tensor
+
+
+def _check_finite_logits(logits: torch.Tensor, rows: list[int], model: torch.nn.Module) -> None:
+    """Raise `NonFiniteLogitsError` naming the rows whose logits hold NaN, +inf, or no finite value.
+
+    Cheap on the hot path: one max-reduction over [B, V] (NaN and +inf propagate through the max,
+    and a row of only -inf has max -inf; a -inf entry alone is a legitimately banned token) and
+    one host sync for the verdict; the per-row diagnosis runs only when it fails.
+    """
+    bad = ~torch.isfinite(logits.amax(dim=-1))
+    if not bool(bad.any()):
+        return
+    found = []
+    for i in bad.nonzero().squeeze(1).tolist():
+        row_logits = logits[i]
+        what = ("NaN" if bool(row_logits.isnan().any()) else
+                "+inf" if bool(row_logits.isposinf().any()) else "no finite value (all -inf)")
+        found.append((rows[i], what))
+    shown = ", ".join(f"row {row}: {what}" for row, what in found[:8])
+    more = f" and {len(found) - 8} more rows" if len(found) > 8 else ""
+    dtype = getattr(model, "dtype", None)
+    fix = ("float16 overflows past 65504: load the LM with dtype='bfloat16' (same range as float32) or "
+           "'float32'" if dtype == torch.float16 else
+           "check the model's weights for NaN/inf and the input ids; load it with dtype='float32' to rule out "
+           "a half-precision overflow")
+    raise NonFiniteLogitsError(
+        f"{type(model).__name__} ({dtype}) returned non-finite next-token logits, expected finite values "
+        f"(-inf only for banned tokens): {shown}{more}. Likely fix: {fix}.", [row for row, _ in found])
+
+
 class DecodeEngine:
     """N independent decoding rows over one frozen causal LM, one batched forward per step.
 
@@ -99,6 +152,7 @@ class DecodeEngine:
         self.config = model.config.get_text_config(decoder=True)
         self.num_rows = num_rows
         self.device = self._kv.device
+        enable_tf32(self.device)  # a model placed on CUDA by the caller, not through llm_envs.models
         n_layers = int(self.config.num_hidden_layers)
         if not -(n_layers + 1) <= hidden_layer <= n_layers:
             raise ValueError(
@@ -161,7 +215,8 @@ class DecodeEngine:
         """Replace what ``rows`` hold with new prompts, prefilled in one batched forward.
 
         Returns, in the order of ``rows``, the logits and hidden state at each prompt's last
-        token. Other rows are untouched.
+        token. Other rows are untouched. Non-finite logits raise `NonFiniteLogitsError` naming
+        the rows, before any row is replaced.
         """
         rows = _as_int_list(rows)
         prompts = [_as_int_list(p) for p in prompt_ids]
@@ -183,25 +238,29 @@ class DecodeEngine:
                     "or use a model with a longer context."
                 )
             self._check_ids(row, prompt)
+        order, prefills = [], []
+        for group in _length_groups([len(p) for p in prompts], self._prefill_overhead_tokens):
+            prefills.append(self._prefill_forward([rows[i] for i in group], [prompts[i] for i in group]))
+            order += group
+        logits, hidden = (torch.cat([pf.logits for pf in prefills]), torch.cat([pf.hidden for pf in prefills]))
+        # Checked before anything is spliced: a non-finite prefill leaves every row as it was.
+        _check_finite_logits(logits, [rows[i] for i in order], self.model)
         if len(rows) == self.num_rows:
             # Every row starts over: drop the old cache, so the layout (and with it the float
             # rounding of attention sums) depends only on the new prompts. This makes a single
             # env bit-for-bit reproducible across resets with the same seed.
             self._kv.clear()
-        order, outputs = [], []
-        for group in _length_groups([len(p) for p in prompts], self._prefill_overhead_tokens):
-            outputs.append(self._prefill([rows[i] for i in group], [prompts[i] for i in group]))
-            order += group
-        logits, hidden = (torch.cat(parts) for parts in zip(*outputs))
-        if len(outputs) > 1:  # back to the caller's row order
+        for pf in prefills:
+            self._splice(pf)
+        if len(prefills) > 1:  # back to the caller's row order
             back = torch.empty(len(order), dtype=torch.long)
             back[torch.tensor(order)] = torch.arange(len(order))
             logits, hidden = logits[back.to(logits.device)], hidden[back.to(hidden.device)]
         self._kv.maybe_compact()
         return StepOutput(logits, hidden)
 
-    def _prefill(self, rows: list[int], prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        """One left-padded batched forward of `prompts` in a fresh cache, spliced into `rows`."""
+    def _prefill_forward(self, rows: list[int], prompts: list[list[int]]) -> _Prefill:
+        """One left-padded batched forward of `prompts` in a fresh cache (spliced later, `_splice`)."""
         batch, width = len(rows), max(len(p) for p in prompts)
         ids = torch.zeros(batch, width, dtype=torch.long)
         attn = torch.zeros(batch, width, dtype=torch.bool)
@@ -214,13 +273,16 @@ class DecodeEngine:
         ids, attn, pos = (t.to(self.device) for t in (ids, attn, pos))
         fresh = self._kv.new_cache()
         logits, hidden = self._forward(ids, attn, pos, fresh)
-        self._kv.splice(rows, prompts, fresh, attn)
-        for row, prompt in zip(rows, prompts):
-            self._prompt_len[row] = len(prompt)
-            self._row_forwards[row] = 1
         self.forward_calls += 1
         self.tokens_forwarded += batch * width
-        return logits, hidden
+        return _Prefill(rows, prompts, fresh, attn, logits, hidden)
+
+    def _splice(self, prefill: _Prefill) -> None:
+        """Put a prefilled batch into its rows of the shared cache."""
+        self._kv.splice(prefill.rows, prefill.prompts, prefill.cache, prefill.attn)
+        for row, prompt in zip(prefill.rows, prefill.prompts):
+            self._prompt_len[row] = len(prompt)
+            self._row_forwards[row] = 1
 
     @torch.inference_mode()
     def append(
@@ -233,7 +295,8 @@ class DecodeEngine:
         Each active row's token gets a new cache slot at its next position; ``drop_last`` undoes
         it. Returns logits [N, V] and hidden [N, D] at the new slot; rows not active get
         meaningless (but finite) outputs and their slot is hidden at once; their token may be
-        any placeholder (it is not validated or fed to the model).
+        any placeholder (it is not validated or fed to the model). Non-finite logits raise
+        `NonFiniteLogitsError` naming the rows; no row keeps its token then.
         """
         toks = _as_int_list(tokens)
         if len(toks) != self.num_rows:
@@ -261,6 +324,11 @@ class DecodeEngine:
         # it is hidden after.
         logits, hidden = self._forward(ids, self._kv.attention_mask(1), pos, self._kv.cache)
         kept = {row: (0, [toks[row]]) for row in range(self.num_rows) if act[row]}
+        try:
+            _check_finite_logits(logits, list(range(self.num_rows)), self.model)
+        except NonFiniteLogitsError:
+            self._kv.extend(1, {})  # the forward wrote a slot to every row: account for it, hidden
+            raise
         self._kv.extend(1, kept)
         for row in kept:
             self._row_forwards[row] += 1

@@ -86,7 +86,7 @@ class Task:
         "embedded world preset that fills every unset part (llm-envs world build --preset ...)"))
     world_seed: int = field(default=0, metadata=_help("seed of the embedded world"))
     device: str = field(default="auto", metadata=_help("'auto' = cuda when present, else cpu; or 'cpu', 'cuda:1'"))
-    dtype: str = field(default="auto", metadata=_help("LM dtype: auto (float32), float32, bfloat16, float16"))
+    dtype: str = field(default="auto", metadata=_help("LM dtype: auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16, float16"))
     chat_template: bool = field(default=False, metadata=_help(
         "render every prompt as a user message through the LM's chat template (episodes and decoders then "
         "stop at the template's end-of-turn token); needs an LM tokenizer with a chat template"))

@@ -205,6 +205,21 @@ def _softmax64(logits: torch.Tensor, temperature: float, ws: PoolWorkspace) -> t
     return torch.ops.aten._softmax.out(scaled, -1, False, out=ws.buffer("probs", logits, torch.float64))
 
 
+def top_k_by_id(values: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The `k` largest entries of each row of `values` [B, V] and their ids, by descending value,
+    ties by lower id: `torch.sort(values, descending=True, stable=True)[:, :k]` without the full sort.
+
+    Why not `torch.topk`: it orders ties arbitrarily (differently on CPU and CUDA, and between
+    CUDA kernels), and bf16 logits tie often (8 significant bits: at a 128k vocabulary ~40% of
+    rows tie at rank 32/33), so candidate order -- and with it the actions an agent's slots
+    mean -- would change from run to run and device to device. A tie at the k-th place is settled
+    by id too (the lowest ids of the tie get in).
+    """
+    if not 1 <= k <= values.shape[-1]:
+        raise ValueError(f"k={k} must lie in 1..{values.shape[-1]} (the row length).")
+    return _sorted_head(values, k)
+
+
 def _sorted_head(probs: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The `width` most probable tokens of each row, by descending p, ties by lower id.
 

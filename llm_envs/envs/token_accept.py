@@ -360,7 +360,8 @@ class TokenAcceptEnv(SingleRowEnv):
     - `reward_rules`: how the reward model reads a response (`llm_envs.reward_rules.RewardRules` or a
       mapping of its fields: turn markers and their case, the whitespace at a cut, a prefix to strip,
       an appended EOS); `reward_tokenizer`: the reward model's tokenizer when its checkpoint has none.
-    - `device="auto"` (cuda when present), `dtype="auto"` (float32; "bfloat16"/"float16" on GPU);
+    - `device="auto"` (cuda when present), `dtype="auto"` (bfloat16 on CUDA, float32 on CPU; or "float32", "bfloat16",
+      "float16" on GPU: logits, probabilities and rewards are float32 whatever the model runs in);
       `context`: an `LMContext` to share between envs instead of all of the above.
 
     MDP parameters (`TokenAcceptParams`): pass them as keywords, or `params=TokenAcceptParams(...)`

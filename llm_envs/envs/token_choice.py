@@ -19,7 +19,7 @@ import torch
 from llm_envs.engine import DecodeEngine, StepOutput
 from llm_envs.envs.core import BatchedCore, RowState
 from llm_envs.envs.params import TokenChoiceParams
-from llm_envs.envs.pools import nucleus_pools
+from llm_envs.envs.pools import nucleus_pools, top_k_by_id
 from llm_envs.envs.single import SingleRowEnv
 from llm_envs.rewards import CandidateScorer, Scoring
 
@@ -32,7 +32,7 @@ LOGPROB_FLOOR = -100.0  # observed log-probs are clamped here
 class _Row(RowState):
     """A row's position state: the candidate arrays describe the current position."""
 
-    cand_ids: torch.Tensor | None = None  # [k'] long, k' = min(k, vocab), by descending logit
+    cand_ids: torch.Tensor | None = None  # [k'] long, k' = min(k, vocab), by descending logit, ties by id
     cand_logits: torch.Tensor | None = None  # [k'] float32, the raw logits
     cand_logprobs: torch.Tensor | None = None  # [k'] float64, log softmax(logits / temperature)
     valid: int = 1  # slots [0, valid) are legal (the top-p nucleus, capped at k')
@@ -69,9 +69,10 @@ class TokenChoiceCore(BatchedCore[TokenChoiceParams, _Row]):
 
     # ------------------------------------------------------------------ positions
     def _set_positions(self, rows: list[int], out: StepOutput) -> None:
-        """Candidates of each row's next position: torch.topk of the raw logits (as ARGS does)."""
+        """Candidates of each row's next position: the top-k of the raw logits (as ARGS does), ties
+        by lower token id (`top_k_by_id`: bf16 logits tie, and topk's tie order is arbitrary)."""
         logits, p = out.logits, self.params
-        top_logits, top_ids = torch.topk(logits, min(self.k, logits.shape[-1]), dim=-1)
+        top_logits, top_ids = top_k_by_id(logits, min(self.k, logits.shape[-1]))
         logprobs = torch.log_softmax(logits.double() / p.temperature, dim=-1).gather(1, top_ids)
         sizes = nucleus_pools(logits, top_p=p.top_p, top_k=self.k, temperature=p.temperature).size.tolist()
         for i, row in enumerate(rows):
@@ -230,7 +231,8 @@ class TokenChoiceEnv(SingleRowEnv):
 
     ## Action Space
     `Discrete(k)`: the slot of the chosen candidate. Slots are ordered by probability: slot j holds
-    the (j+1)-th token of `torch.topk(logits, k)` of the raw next-token logits. `action_masks()`
+    the (j+1)-th token of `torch.topk(logits, k)` of the raw next-token logits (ties by lower token id,
+    so the order is the same on every run and device). `action_masks()`
     returns a `(k,)` bool array: slots inside the top-p nucleus of `softmax(logits / temperature)`
     (smallest prefix reaching `top_p`; all k slots with the default `top_p=1.0`) are legal; slot 0
     always is. A masked slot is replaced by slot 0
