@@ -8,11 +8,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 FILES = {"environment.json", "cuda_tests.log", "throughput_quick.json", "throughput_quick.md", "ppo.json",
          "gpu_check.json", "gpu_check.md", "gpu_check.log"}
 
 
+@pytest.mark.slow  # ~40 s (six Python processes): .ci/run runs it after the test command
 def test_dry_run_writes_every_result_file(tmp_path: Path) -> None:
     env = {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     done = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--dry-run", "--out", str(tmp_path)],
