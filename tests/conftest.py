@@ -24,7 +24,13 @@ def world_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     Under pytest-xdist the workers share one (in the run's common temp root): the test world and
     SmolLM2's dequantised copy are then built once, the other workers waiting on the build's file
-    lock (`build_world`, `dequantize_gguf`) instead of building their own."""
+    lock (`build_world`, `dequantize_gguf`) instead of building their own. A developer iterating
+    on a few tests may set LLM_ENVS_TEST_CACHE to a directory of their own to keep the test world
+    between runs (CI never sets it)."""
+    if os.environ.get("LLM_ENVS_TEST_CACHE"):
+        kept = Path(os.environ["LLM_ENVS_TEST_CACHE"])
+        kept.mkdir(parents=True, exist_ok=True)
+        return kept
     if XDIST_WORKER is None:
         return tmp_path_factory.mktemp("llm_envs_cache")
     shared = tmp_path_factory.getbasetemp().parent / "llm_envs_cache"

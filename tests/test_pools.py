@@ -6,10 +6,19 @@ import numpy as np
 import pytest
 import torch
 
-from llm_envs.envs.pools import Pool, nucleus_pools, reference_pool
+from llm_envs.envs import pools as pools_module
+from llm_envs.envs.pools import Pool, nucleus_pools, reference_pool, top_k_by_id
 from llm_envs.envs.token_accept import skam_allows_reject
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+@pytest.fixture(autouse=True, params=["host_checks", "sync_free"])
+def pool_path(request, monkeypatch):
+    """Every test here runs on both paths: the CPU one (host checks of the rare cases) and the
+    accelerator one (static shapes, no host read), forced on the CPU."""
+    monkeypatch.setattr(pools_module, "SYNC_FREE_ON_CPU", request.param == "sync_free")
+    return request.param
 
 
 def _logits(kind: str, rows: int, vocab: int, seed: int) -> torch.Tensor:
@@ -80,7 +89,7 @@ def test_gpt2_sized_flat_rows_use_the_histogram_and_match():
     pools = nucleus_pools(logits, top_p=0.9, top_k=None, temperature=1.0, head_min_prob=0.01).rows()
     for row, pool in enumerate(pools):
         ref = reference_pool(logits[row], top_p=0.9, top_k=None, temperature=1.0)
-        assert len(ref) > 40000 and pool.head_width < 100
+        assert len(ref) > 40000 and pool.head_width <= 102  # floor(1 / p_t) + 2: the sync-free static head
         _check_row(pool, ref, 0.01)
 
 
@@ -132,3 +141,25 @@ def test_batched_tensors_agree_with_the_row_views():
     for row, pool in enumerate(batch.rows()):
         assert int(batch.size[row]) == len(pool)
         assert batch.ids[row, pool.head_width:].eq(-1).all() and batch.probs[row, pool.head_width:].eq(0).all()
+
+
+def test_both_paths_give_the_same_pools_under_bf16_ties(monkeypatch):
+    """bf16-rounded logits tie often, also at the head's edge: the sync-free path's vectorised tie
+    settlement, static head and masked sort give the host path's pools exactly."""
+    g = torch.Generator().manual_seed(3)
+    logits = (2.0 * torch.randn(16, 4000, generator=g)).to(torch.bfloat16).float()
+    logits[3, :50] = logits[3, 0]  # a 50-way tie at the top
+    logits[5] = 0.0  # a flat row: every token ties
+    out = {}
+    for path in (False, True):
+        monkeypatch.setattr(pools_module, "SYNC_FREE_ON_CPU", path)
+        pools = nucleus_pools(logits, top_p=0.9, top_k=None, temperature=1.0, head_min_prob=0.01).rows()
+        out[path] = (pools, top_k_by_id(logits, 33))
+    for host, free in zip(out[False][0], out[True][0]):
+        width = min(host.head_width, free.head_width)
+        assert host.size == free.size
+        assert host.ids[:width].tolist() == free.ids[:width].tolist()
+        np.testing.assert_array_equal(host.probs[:width], free.probs[:width])
+        np.testing.assert_allclose(host.suffix_mass[:width + 1], free.suffix_mass[:width + 1], rtol=1e-9, atol=1e-15)
+    for a, b in zip(out[False][1], out[True][1]):
+        assert torch.equal(a, b)

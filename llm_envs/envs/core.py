@@ -1,15 +1,22 @@
 """The batched episode machinery every LM env shares; each env module adds only its MDP.
 
-A core runs N rows (N envs) on one `DecodeEngine`. `BatchedCore` owns what does not depend
-on the MDP: the world (`LMContext`), the params, per-row episode bookkeeping (`RowState`),
-drawing prompts and prefilling them, validating a step's actions before any row changes,
-scoring finished rows (one batched reward-model call and one gold call per step), the final
-infos, and autoresets inside a step (`Restart`), so that new rows share the step's forward.
+A core runs N rows (N envs) on one `DecodeEngine`. `BatchedCore` owns what does not depend on the
+MDP: the world (`LMContext`), the params, the rows' episode bookkeeping as host arrays (`RowArrays`:
+prompt, response tokens, steps, coerced actions, costs, liveness), drawing prompts and prefilling
+them, validating a step's actions before any row changes, scoring finished rows (one batched
+reward-model call and one gold call per step), the final infos, and autoresets inside a step
+(`Restart`), so that new rows share the step's forward.
 
-A subclass sets `params_class` / `row_class` and implements the MDP hooks: `_set_positions`
-(the first position after a prompt), `_allowed` / `_masked_message` (the action mask),
-`_act` (one action's bookkeeping), `_advance` (the next position of every continuing row,
-one batched forward), `_observations`, `_candidate_info`, `_reward_parts`, `_episode_stats`.
+Why host arrays and no per-row objects: everything an action changes is known on the host (the
+candidate it accepts was copied back with the last step's observation), so a step's bookkeeping is a
+few vectorised numpy operations whatever N is, and the device is read once per step, by the MDP's
+`_advance` (its one `pack_rows` copy), never row by row.
+
+A subclass sets `params_class` and implements the MDP hooks, all batched over row index arrays:
+`_row_fields` (its host arrays), `_set_positions` (the first position after a prompt), `_masks` (the
+host mirror of the action masks), `_masked_message`, `_act` (the actions' bookkeeping: rewards and
+the tokens they append), `_advance` (the next position of every continuing row, one batched forward,
+one host copy), `_observations`, `_info_columns`, `_reward_parts`, `_episode_stats`.
 """
 
 from __future__ import annotations
@@ -17,7 +24,7 @@ from __future__ import annotations
 import functools
 import inspect
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, make_dataclass
 from typing import Any, ClassVar, Generic, NamedTuple, TypeVar
 
 import gymnasium as gym
@@ -25,11 +32,23 @@ import numpy as np
 import torch
 
 from llm_envs.engine import DecodeEngine, StepOutput
-from llm_envs.task import LMContext, context_for_env
 from llm_envs.envs.params import params_fields, resolve_params
+from llm_envs.envs.rows import RowArrays, StepInfos
+from llm_envs.task import LMContext, context_for_env
 
 P = TypeVar("P")
-Row = TypeVar("Row", bound="RowState")
+
+# Every core's host arrays: name -> (dtype, trailing shape); `response` gets (max_new_tokens,).
+COMMON_FIELDS: dict[str, tuple[Any, tuple[int, ...]]] = {
+    "prompt": (object, ()),
+    "prompt_index": (object, ()),
+    "prompt_ids": (object, ()),
+    "response_len": (np.int64, ()),
+    "steps": (np.int64, ()),
+    "forced": (np.int64, ()),  # masked actions coerced to the fallback action
+    "deviation_cost": (np.float64, ()),
+    "live": (np.bool_, ()),
+}
 
 
 @dataclass(frozen=True)
@@ -41,20 +60,6 @@ class Restart:
     options: list[dict[str, Any] | None]
 
 
-@dataclass
-class RowState:
-    """One row's episode bookkeeping; env modules subclass it with their position state."""
-
-    prompt: str = ""
-    prompt_index: int | None = None
-    prompt_ids: list[int] = field(default_factory=list)
-    response: list[int] = field(default_factory=list)
-    steps: int = 0
-    forced: int = 0  # masked actions coerced to the fallback action
-    deviation_cost: float = 0.0
-    live: bool = False
-
-
 class Final(NamedTuple):
     """A finished row: its reward-model score and the infos the final step adds."""
 
@@ -62,15 +67,14 @@ class Final(NamedTuple):
     info: dict[str, Any]
 
 
-StepResult = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, list[dict[str, Any]]]
+StepResult = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, StepInfos]
 
 
-class BatchedCore(Generic[P, Row]):
+class BatchedCore(Generic[P]):
     """N rows of one MDP on one engine. `step` moves every active row with at most one batched
     LM forward (plus one prefill when rows start over inside it)."""
 
     params_class: ClassVar[type]
-    row_class: ClassVar[type[RowState]]
     # Env methods with a leading row axis (e.g. TokenChoice's candidate_rewards); the single env
     # and the vector views expose each of them, so every face of an env id has the same methods.
     row_methods: ClassVar[tuple[str, ...]] = ()
@@ -116,7 +120,9 @@ class BatchedCore(Generic[P, Row]):
         self._check_sizes()
         self.engine = DecodeEngine(self.ctx.model, self.num_rows, hidden_layer=self.params.hidden_layer)
         self.hidden_size = self.engine.hidden_size
-        self.rows: list[Row] = [self.row_class() for _ in range(self.num_rows)]
+        self.device = self.engine.device
+        fields = {**COMMON_FIELDS, "response": (np.int64, (self.params.max_new_tokens,)), **self._row_fields()}
+        self.state = RowArrays(self.num_rows, fields)
         # Read once (a tokenizer attribute lookup per row per step adds up); on a chat task it is the
         # template's end-of-turn token (`llm_envs.chat.chat_tokenizer`).
         self._eos_token_id = self.ctx.eos_token_id
@@ -143,25 +149,54 @@ class BatchedCore(Generic[P, Row]):
             raise ValueError(f"hidden_layer={self.params.hidden_layer} is not a hidden state of this {layers}-layer LM; "
                              f"use an index in [-{layers + 1}, {layers}] (-1 = the last layer).")
 
+    # ------------------------------------------------------------------ rows, for reading
+    @property
+    def rows(self) -> _RowsView:
+        """Read-only snapshots of the rows (`core.rows[i].response`, `.steps`, ...): for tests,
+        renders and debugging; the step itself works on `state`'s arrays."""
+        return _RowsView(self)
+
+    def row_snapshot(self, row: int) -> Any:
+        """Row `row` as a frozen dataclass: every host field, `response` as a list of the ids so
+        far, plus the MDP's `_row_extras` (e.g. TokenAccept's current `candidate`)."""
+        s = self.state
+        values = {name: getattr(s, name)[row] for name in s._fields if name != "response"}
+        values = {k: (v.item() if isinstance(v, np.generic) else v) for k, v in values.items()}
+        values["prompt_ids"] = list(values["prompt_ids"] or [])
+        values["response"] = s.response[row, : s.response_len[row]].tolist()
+        values.update(self._row_extras(row))
+        return _snapshot_class(type(self), tuple(values))(**values)
+
+    def _row_extras(self, row: int) -> dict[str, Any]:
+        return {}
+
     # ------------------------------------------------------------------ reset
     def reset_rows(
         self,
         rows: Sequence[int],
         rngs: Sequence[np.random.Generator],
         options: Sequence[dict[str, Any] | None],
-    ) -> tuple[np.ndarray, list[dict[str, Any]]]:
-        """Start new episodes on `rows`; returns their observations [len(rows), D] and infos."""
-        rows = list(rows)
+    ) -> tuple[np.ndarray, StepInfos]:
+        """Start new episodes on `rows`; returns their observations [len(rows), D] and their infos
+        (`infos[i]` is row `rows[i]`'s)."""
+        rows = [int(r) for r in rows]
         self._start(Restart(rows, list(rngs), list(options)))
-        self._advance([], rows, np.zeros(self.num_rows, dtype=np.int64))
-        return self._observations(rows), [self._info(r) for r in rows]
+        self._advance(np.zeros(0, dtype=np.int64), rows, np.zeros(self.num_rows, dtype=np.int64))
+        present = np.zeros(self.num_rows, dtype=bool)
+        present[rows] = True
+        infos = self._step_infos(present, np.zeros(self.num_rows, dtype=bool))
+        return self._observations(rows), _Reordered(infos, rows)
 
     def _start(self, restart: Restart) -> None:
         """Draw each row's prompt and prefill them all in one batched forward."""
-        for row, rng, opts in zip(restart.rows, restart.rngs, restart.options):
-            prompt, index, prompt_ids = self.ctx.pick_prompt(rng, opts or {}, self.params.max_new_tokens)
-            self.rows[row] = self.row_class(prompt=prompt, prompt_index=index, prompt_ids=prompt_ids, live=True)
-        out = self.engine.reset_rows(restart.rows, [self.rows[r].prompt_ids for r in restart.rows])
+        picked = [self.ctx.pick_prompt(rng, opts or {}, self.params.max_new_tokens)
+                  for rng, opts in zip(restart.rngs, restart.options)]  # may raise: before any row changes
+        out = self.engine.reset_rows(restart.rows, [ids for _, _, ids in picked])
+        s = self.state
+        s.clear(restart.rows)
+        for row, (prompt, index, prompt_ids) in zip(restart.rows, picked):
+            s.prompt[row], s.prompt_index[row], s.prompt_ids[row] = prompt, index, prompt_ids
+        s.live[restart.rows] = True
         self._set_positions(restart.rows, out)
 
     # ------------------------------------------------------------------ step
@@ -187,62 +222,86 @@ class BatchedCore(Generic[P, Row]):
         """
         n = self.num_rows
         active = np.ones(n, dtype=bool) if active is None else np.asarray(active, dtype=bool).reshape(-1)
-        actions = self._action_array(actions)
         if active.shape[0] != n:
             raise ValueError(f"got {active.shape[0]} active flags for {n} envs; pass one per env.")
-        stepped = np.flatnonzero(active).tolist()
-        chosen, forced = self._check_actions(actions, stepped)
-        rewards = np.zeros(n, dtype=np.float64)
+        stepped = np.flatnonzero(active)
+        chosen, forced = self._check_actions(self._action_array(actions), stepped)
+        saved = self.state.copy()
+        try:
+            return self._step(stepped, chosen, forced, restart, restart_done)
+        except BaseException:
+            self.state.restore(saved)  # host bookkeeping as before the step; the MDP restores its own
+            raise
+
+    def _step(self, stepped: np.ndarray, chosen: np.ndarray, forced: np.ndarray, restart: Restart | None,
+              restart_done: Callable[[list[int]], Restart] | None) -> StepResult:
+        n, s = self.num_rows, self.state
+        rewards, tokens = self._act(chosen, stepped)
+        s.steps[stepped] += 1
+        s.forced[stepped] += forced[stepped]
+        appended = stepped[tokens[stepped] >= 0]
+        s.response[appended, s.response_len[appended]] = tokens[appended]
+        s.response_len[appended] += 1
         terminated, truncated = np.zeros(n, dtype=bool), np.zeros(n, dtype=bool)
-        for row in stepped:
-            rewards[row], terminated[row], truncated[row] = self._apply(self.rows[row], int(chosen[row]), forced[row])
-        done = np.flatnonzero(terminated | truncated).tolist()
-        continuing = [row for row in stepped if not (terminated[row] or truncated[row])]
+        terminated[appended] = tokens[appended] == self._eos_token_id
+        truncated[stepped] = ~terminated[stepped] & ((s.response_len[stepped] >= self.params.max_new_tokens)
+                                                     | (s.steps[stepped] >= self.max_steps))
+        ended = terminated | truncated
+        done = np.flatnonzero(ended)
+        continuing = stepped[~ended[stepped]]
         # Ended rows' rewards, infos and last obs, taken before a same-step restart overwrites them.
-        finals = self._finish(done)
-        done_infos = {}
-        for row in done:
-            rewards[row] += self._final_reward(self.rows[row], finals[row].score)
-            done_infos[row] = {**self._info(row, forced[row]), **finals[row].info}
-        final_obs = self._observations(done) if done and restart_done is not None else None
+        done_infos: dict[int, dict[str, Any]] = {}
+        final_obs = None
+        if done.size:
+            columns = self._columns(forced)
+            finals = self._finish(done.tolist())
+            rewards[done] += self._final_rewards(done, np.array([finals[r].score for r in done.tolist()]))
+            for row in done.tolist():
+                done_infos[row] = {**{k: _scalar(v[row]) for k, v in columns.items()}, **finals[row].info}
+            if restart_done is not None:
+                final_obs = self._observations(done)
         batches = [restart] if restart is not None and restart.rows else []
         if final_obs is not None:
-            batches.append(restart_done(done))
+            batches.append(restart_done(done.tolist()))
         for batch in batches:
             self._start(batch)
         started = [row for batch in batches for row in batch.rows]
         self._advance(continuing, started, chosen)
-        infos: list[dict[str, Any]] = [{} for _ in range(n)]
-        for row in continuing:
-            rewards[row] += self._shaping_reward(self.rows[row])
-            infos[row] = self._info(row, forced[row])
-        for row in done:
-            infos[row] = done_infos[row]
-        for row in started:
-            infos[row] = self._info(row)
+        rewards[continuing] += self._shaping_rewards(continuing)
+        present = np.zeros(n, dtype=bool)
+        present[stepped] = True
+        present[started] = True
+        step_forced = forced.copy()
+        step_forced[started] = False
+        infos = self._step_infos(present, step_forced)
+        for row, info in done_infos.items():
+            if final_obs is None:
+                infos.extra[row] = {k: v for k, v in info.items() if k not in infos.columns}
+                for key in infos.columns:  # the ended episode's last values (a NEXT_STEP row keeps them)
+                    infos.columns[key][row] = info[key]
         if final_obs is not None:
-            for i, row in enumerate(done):
-                infos[row] = {**infos[row], "final_obs": final_obs[i], "final_info": done_infos[row]}
-        return self._observations(range(n)), rewards, terminated, truncated, infos
+            for i, row in enumerate(done.tolist()):
+                infos.extra[row] = {"final_obs": final_obs[i], "final_info": done_infos[row]}
+        return self._observations(np.arange(n)), rewards, terminated, truncated, infos
 
-    def _check_actions(self, actions: np.ndarray, stepped: list[int]) -> tuple[np.ndarray, list[bool]]:
+    def _check_actions(self, actions: np.ndarray, stepped: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The action each stepped row takes (masked ones coerced to 0 or raising, as the params
         say) and whether it was coerced; raises before any row has changed."""
+        dead = stepped[~self.state.live[stepped]]
+        if dead.size:
+            raise RuntimeError(
+                f"env {dead[0]}: step() called before reset() or after the episode ended; call reset() first."
+            )
+        values = self._action_values(actions, stepped)
         chosen = np.zeros(self.num_rows, dtype=np.int64)
-        forced = [False] * self.num_rows
-        for row in stepped:
-            state = self.rows[row]
-            if not state.live:
-                raise RuntimeError(
-                    f"env {row}: step() called before reset() or after the episode ended; call reset() first."
-                )
-            action = self._action_value(actions[row], row)
-            if not self._allowed(state, action):
-                if self.params.invalid_action == "raise":
-                    raise ValueError(f"env {row}: {self._masked_message(state, action)}")
-                chosen[row], forced[row] = 0, True
-            else:
-                chosen[row] = action
+        forced = np.zeros(self.num_rows, dtype=bool)
+        chosen[stepped] = values[stepped]
+        masked = stepped[~self._masks()[stepped, values[stepped]]]
+        if masked.size:
+            if self.params.invalid_action == "raise":
+                row = int(masked[0])
+                raise ValueError(f"env {row}: {self._masked_message(row, int(values[row]))}")
+            chosen[masked], forced[masked] = 0, True
         return chosen, forced
 
     def _action_array(self, actions: Any) -> np.ndarray:
@@ -254,98 +313,163 @@ class BatchedCore(Generic[P, Row]):
                              f"one action per env, each {self.action_help}.")
         return array
 
-    def _action_value(self, raw: Any, row: int) -> int:
-        """An action of the space: a Python or numpy integer (not a bool, float or string) in range."""
-        if isinstance(raw, (bool, np.bool_)) or not isinstance(raw, (int, np.integer)):
-            raise ValueError(f"env {row}: action {raw!r} ({type(raw).__name__}) is outside the action space: not "
-                             f"an integer; expected {self.action_help}.")
-        if not 0 <= raw < self.action_space.n:
-            raise ValueError(f"env {row}: action {raw!r} is outside the action space; expected {self.action_help}.")
-        return int(raw)
-
-    def _apply(self, state: Row, action: int, forced: bool) -> tuple[float, bool, bool]:
-        """One action's bookkeeping; returns (step reward so far, terminated, truncated)."""
-        state.steps += 1
-        state.forced += int(forced)
-        reward, token = self._act(state, action)
-        if token is not None:
-            state.response.append(token)
-            if token == self._eos_token_id:
-                return reward, True, False
-        return reward, False, len(state.response) >= self.params.max_new_tokens or state.steps >= self.max_steps
+    def _action_values(self, actions: np.ndarray, stepped: np.ndarray) -> np.ndarray:
+        """Each stepped row's action as an int64, checked to be an integer of the space (not a bool,
+        float or string; in range); raises naming the first bad row. An integer array is checked at
+        once; other arrays (lists, objects) element by element."""
+        values = np.zeros(self.num_rows, dtype=np.int64)
+        if actions.dtype.kind in "iu":
+            values[stepped] = actions[stepped]
+            bad = stepped[(actions[stepped] < 0) | (actions[stepped] >= self.action_space.n)]
+            if bad.size:
+                row = int(bad[0])
+                raise ValueError(f"env {row}: action {actions[row]!r} is outside the action space; "
+                                 f"expected {self.action_help}.")
+            return values
+        for row in stepped.tolist():
+            raw = actions[row]
+            if isinstance(raw, (bool, np.bool_)) or not isinstance(raw, (int, np.integer)):
+                raise ValueError(f"env {row}: action {raw!r} ({type(raw).__name__}) is outside the action space: "
+                                 f"not an integer; expected {self.action_help}.")
+            if not 0 <= raw < self.action_space.n:
+                raise ValueError(f"env {row}: action {raw!r} is outside the action space; expected {self.action_help}.")
+            values[row] = int(raw)
+        return values
 
     # ------------------------------------------------------------------ episode end
     def _finish(self, rows: list[int]) -> dict[int, Final]:
         """Score finished rows in one batched reward call (and one gold call)."""
-        if not rows:
-            return {}
-        states = [self.rows[r] for r in rows]
-        scores = self.ctx.reward.score_ids([s.prompt_ids for s in states], [s.response for s in states],
-                                           self.ctx.tokenizer)
-        texts = [self.ctx.tokenizer.decode(s.response, skip_special_tokens=True) for s in states]
-        golds = self.ctx.gold.score([s.prompt for s in states], texts) if self.ctx.gold else None
+        s = self.state
+        prompt_ids = [list(s.prompt_ids[r]) for r in rows]
+        responses = [s.response[r, : s.response_len[r]].tolist() for r in rows]
+        scores = self.ctx.reward.score_ids(prompt_ids, responses, self.ctx.tokenizer)
+        texts = [self.ctx.tokenizer.decode(ids, skip_special_tokens=True) for ids in responses]
+        golds = self.ctx.gold.score([s.prompt[r] for r in rows], texts) if self.ctx.gold else None
         finals = {}
-        for i, (row, state) in enumerate(zip(rows, states)):
-            state.live = False
+        s.live[rows] = False
+        for i, row in enumerate(rows):
             score = float(scores[i])
-            parts = self._reward_parts(state, score)
+            parts = self._reward_parts(row, score)
             if golds is not None:
                 parts["gold"] = float(golds[i])
-            stats = {"steps": state.steps, "response_len": len(state.response), **self._episode_stats(state),
+            stats = {"steps": int(s.steps[row]), "response_len": int(s.response_len[row]), **self._episode_stats(row),
                      "lm_forwards": self.engine.row_forwards(row)}
-            finals[row] = Final(score, {"response_ids": list(state.response), "response_text": texts[i],
+            finals[row] = Final(score, {"response_ids": responses[i], "response_text": texts[i],
                                         "reward_parts": parts, "episode_stats": stats})
         return finals
 
-    def _final_reward(self, state: Row, score: float) -> float:
-        """What the final step adds to the step reward: the reward model's score."""
-        return score
+    def _final_rewards(self, rows: np.ndarray, scores: np.ndarray) -> np.ndarray:
+        """What the final step adds to the step reward of `rows`: the reward model's scores."""
+        return scores
 
-    def _shaping_reward(self, state: Row) -> float:
+    def _shaping_rewards(self, rows: np.ndarray) -> np.ndarray:
         """What a step that does not end the episode adds (after `_advance`): nothing by default."""
-        return 0.0
+        return np.zeros(len(rows))
 
-    def _reward_parts(self, state: Row, score: float) -> dict[str, float]:
-        return {"reward_model": score, "deviation_cost": -state.deviation_cost}
+    def _reward_parts(self, row: int, score: float) -> dict[str, float]:
+        return {"reward_model": score, "deviation_cost": -float(self.state.deviation_cost[row])}
 
-    def _episode_stats(self, state: Row) -> dict[str, Any]:
-        return {self.forced_stat_key: state.forced}
+    def _episode_stats(self, row: int) -> dict[str, Any]:
+        return {self.forced_stat_key: int(self.state.forced[row])}
 
     # ------------------------------------------------------------------ infos
-    def _info(self, row: int, forced: bool = False) -> dict[str, Any]:
-        state = self.rows[row]
-        return {**self._candidate_info(state), "prompt": state.prompt, "prompt_index": state.prompt_index,
-                "position": len(state.response), self.forced_info_key: bool(forced)}
+    def _columns(self, forced: np.ndarray) -> dict[str, np.ndarray]:
+        """Every row's per-step info values, by key (in the order a single env's info has them)."""
+        s = self.state
+        return {**self._info_columns(), "prompt": s.prompt.copy(), "prompt_index": s.prompt_index.copy(),
+                "position": s.response_len.copy(), self.forced_info_key: forced.copy()}
+
+    def _step_infos(self, present: np.ndarray, forced: np.ndarray) -> StepInfos:
+        infos = StepInfos(self.num_rows, present)
+        infos.columns = self._columns(forced)
+        return infos
 
     # ------------------------------------------------------------------ the MDP (subclasses)
+    def _row_fields(self) -> dict[str, tuple[Any, tuple[int, ...]]]:
+        """The MDP's own host arrays (name -> (dtype, trailing shape)), beside `COMMON_FIELDS`."""
+        return {}
+
     def action_masks(self) -> np.ndarray:
+        """[N, n_actions] bool: the legal actions of every row (a fresh array)."""
+        return self._masks().copy()
+
+    def _masks(self) -> np.ndarray:
+        """The host mirror of the action masks, [N, n_actions] bool (not a copy)."""
         raise NotImplementedError
 
     def _set_positions(self, rows: list[int], out: StepOutput) -> None:
         """The position after a prefix: `out` holds the rows' next-token logits and hidden states."""
         raise NotImplementedError
 
-    def _allowed(self, state: Row, action: int) -> bool:
+    def _masked_message(self, row: int, action: int) -> str:
         raise NotImplementedError
 
-    def _masked_message(self, state: Row, action: int) -> str:
+    def _act(self, chosen: np.ndarray, stepped: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The stepped rows' actions' MDP bookkeeping: (step rewards [N], the token each appends [N],
+        -1 where none)."""
         raise NotImplementedError
 
-    def _act(self, state: Row, action: int) -> tuple[float, int | None]:
-        """An action's MDP bookkeeping: (step reward, the token it appends or None)."""
-        raise NotImplementedError
-
-    def _advance(self, continuing: list[int], started: list[int], actions: np.ndarray) -> None:
+    def _advance(self, continuing: np.ndarray, started: list[int], actions: np.ndarray) -> None:
         """The next position of every continuing row and the first of every started one (whose
-        prefill `_set_positions` has seen), with at most one batched LM forward."""
+        prefill `_set_positions` has seen), with at most one batched LM forward and one host copy."""
         raise NotImplementedError
 
-    def _observations(self, rows: Sequence[int]) -> np.ndarray:
+    def _observations(self, rows: Sequence[int] | np.ndarray) -> np.ndarray:
         """Observations of `rows` [len(rows), D] float32, a fresh array."""
         raise NotImplementedError
 
-    def _candidate_info(self, state: Row) -> dict[str, Any]:
+    def observation_tensor(self) -> torch.Tensor:
+        """Every row's observation [N, D] float32 on the engine's device (the torch face)."""
         raise NotImplementedError
+
+    def action_mask_tensor(self) -> torch.Tensor:
+        """`action_masks()` as a bool tensor on the engine's device (the torch face)."""
+        raise NotImplementedError
+
+    def _info_columns(self) -> dict[str, np.ndarray]:
+        """The MDP's per-step info values of every row, by key (fresh arrays)."""
+        raise NotImplementedError
+
+
+class _RowsView(Sequence):
+    """`core.rows`: row i is `core.row_snapshot(i)`."""
+
+    def __init__(self, core: BatchedCore) -> None:
+        self._core = core
+
+    def __len__(self) -> int:
+        return self._core.num_rows
+
+    def __getitem__(self, i: int) -> Any:  # type: ignore[override]
+        if not -self._core.num_rows <= i < self._core.num_rows:
+            raise IndexError(i)
+        return self._core.row_snapshot(i % self._core.num_rows)
+
+
+@functools.cache
+def _snapshot_class(core_class: type, names: tuple[str, ...]) -> type:
+    return make_dataclass(f"{core_class.__name__}Row", list(names), frozen=True)
+
+
+class _Reordered(StepInfos):
+    """Infos of `rows` in that order (what `reset_rows` returns: `infos[i]` is row `rows[i]`'s)."""
+
+    def __init__(self, infos: StepInfos, rows: list[int]) -> None:
+        super().__init__(infos.num_rows, infos.present)
+        self.columns, self.extra, self._rows = infos.columns, infos.extra, rows
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return self.row(self._rows[i])
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def as_list(self) -> list[dict[str, Any]]:
+        return [self.row(r) for r in self._rows]
+
+
+def _scalar(value: Any) -> Any:
+    return value.item() if isinstance(value, np.generic) else value
 
 
 def core_signature(params_class: type, *, lead: Sequence[inspect.Parameter] | None = None) -> inspect.Signature:

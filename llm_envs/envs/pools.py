@@ -15,6 +15,15 @@ are counted and summed, and only the boundary bin is sorted (`_nucleus_by_histog
 
 Order: descending probability, ties broken by lower token id first (deterministic; it is also
 what a stable full sort gives, the reference in the tests).
+
+Two paths, one result. On the CPU, the rare cases (a head that must widen, a tie at the head's
+edge, a nucleus longer than the head) are detected with a host check and handled only for the
+rows that need them: reading a CPU tensor costs nothing. On an accelerator, a host check is a
+synchronisation that stalls the step, so the *sync-free* path computes them for every row with
+static shapes (a head wide enough for every reachable candidate from the start, a vectorised tie
+settlement, the histogram for every row, a masked sort of the boundary bin) and never reads the
+device. `sync_free(device)` picks the path; tests force the sync-free one on the CPU
+(`SYNC_FREE_ON_CPU`) to check both give the same pools.
 """
 
 from __future__ import annotations
@@ -27,6 +36,24 @@ import torch
 HISTOGRAM_BINS = 4096  # bins over each row's logit range; only the boundary bin gets sorted
 MAX_SPREAD = 64.0  # logit range (in units of temperature) the bins cover below each row's top
 DEFAULT_HEAD = 32  # head width tried first: peaked rows usually reach top_p inside it
+SYNC_FREE_ON_CPU = False  # tests set it to run the accelerator path on the CPU
+
+
+def sync_free(device: torch.device) -> bool:
+    """Whether pools on `device` take the path that never reads the device from the host."""
+    return device.type != "cpu" or SYNC_FREE_ON_CPU
+
+
+def static_head_width(head: int, head_min_prob: float | None, limit: int) -> int:
+    """The head the sync-free path sorts: wide enough for every candidate SKAM can reach, decided
+    without looking at the row. At most 1/p tokens have probability >= p, so floor(1/p) + 2 (the
+    margin the widening test uses, plus the one more token) hold every pool token with p >= p_t and
+    the next one; p_t = 0 lets a row reject through its whole pool."""
+    if head_min_prob is None:
+        return min(max(head, 1), limit)
+    if head_min_prob <= 0:
+        return limit
+    return min(limit, max(head, int(np.floor(1.0 / (head_min_prob * (1 - 1e-9)))) + 2))
 
 
 @dataclass(frozen=True)
@@ -144,11 +171,14 @@ def nucleus_pools(
     """
     vocab = logits.shape[-1]
     ws = workspace if workspace is not None else PoolWorkspace()
+    no_sync = sync_free(logits.device)
     probs = _softmax64(logits, temperature, ws)
     limit = vocab if top_k is None else min(top_k, vocab)
     width = limit if top_k is not None else min(max(head, 1), vocab)
+    if no_sync and top_k is None:
+        width = static_head_width(head, head_min_prob, limit)
     head_p, head_ids = _sorted_head(probs, width)
-    if head_min_prob is not None and width < limit:
+    if head_min_prob is not None and width < limit and not no_sync:
         # Widen until the head's last token is below head_min_prob (rare: needs many likely tokens).
         # The margin keeps float rounding of the SKAM sum from reaching one token past the head.
         while width < limit and bool((head_p[:, -1] >= head_min_prob * (1 - 1e-9)).any()):
@@ -186,6 +216,10 @@ def _size_and_mass(
     longer = (size >= width) & (width < limit)
     if top_p >= 1.0:
         return size, torch.where(longer, probs.sum(-1), mass)
+    if sync_free(probs.device):  # every row through the histogram, kept where the nucleus is longer
+        top_logit = logits.gather(1, head_ids[:, :1]).squeeze(1)
+        row_size, row_mass = _nucleus_by_histogram(logits, probs, top_logit, top_p, temperature, ws)
+        return torch.where(longer, row_size, size), torch.where(longer, row_mass, mass)
     if bool(longer.any()):
         rows = longer.nonzero().squeeze(1)
         every = rows.numel() == probs.shape[0]  # skip the copy when every row needs it (a flat LM)
@@ -232,10 +266,28 @@ def _sorted_head(probs: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.T
     p, ids = p.gather(1, by_id), ids.gather(1, by_id)
     order = torch.sort(p, dim=-1, descending=True, stable=True).indices
     p, ids = p.gather(1, order), ids.gather(1, order)
-    if width < vocab:
+    if width < vocab and sync_free(probs.device):
+        ids = _settle_edge_ties(probs, p, ids, width)
+    elif width < vocab:
         for row in (p[:, width] == p[:, width - 1]).nonzero().squeeze(1).tolist():
             ids[row] = _settle_edge_tie(probs[row], p[row], ids[row], width)
     return p[:, :width], ids[:, :width]
+
+
+def _settle_edge_ties(probs: torch.Tensor, head_p: torch.Tensor, head_ids: torch.Tensor, width: int) -> torch.Tensor:
+    """`_settle_edge_tie` for every row at once, with static shapes (the sync-free path): in rows
+    whose head edge ties with tokens outside it, the tied slots take the lowest ids of the tie."""
+    edge = head_p[:, width - 1 : width]
+    tie = (head_p[:, width : width + 1] == edge).squeeze(1)
+    above = (head_p[:, :width] > edge).sum(1, keepdim=True)
+    tied = probs == edge  # [B, V]
+    rank = tied.cumsum(1, dtype=torch.int32) - 1  # each tied token's place among the row's tied, by id
+    take = tied & (rank < width - above)
+    slot = torch.where(take, above + rank, width).long()  # slot `width` collects what is not taken
+    settled = torch.cat([head_ids[:, :width], head_ids.new_zeros(head_ids.shape[0], 1)], 1)
+    vocab_ids = torch.arange(probs.shape[1], device=probs.device).expand_as(tied)
+    settled = settled.scatter(1, slot, vocab_ids)  # ids not taken all land in the dropped last column
+    return torch.where(tie[:, None], settled[:, :width], head_ids[:, :width])
 
 
 def _settle_edge_tie(probs: torch.Tensor, head_p: torch.Tensor, head_ids: torch.Tensor, width: int) -> torch.Tensor:
@@ -266,9 +318,13 @@ def _nucleus_by_histogram(
     real = torch.addcmul(top_logit[:, None] * scale, logits, logits.new_tensor(-scale),
                          out=ws.buffer("bin_real", logits, logits.dtype)).clamp_(0, bins - 1)
     index = ws.buffer("bin", logits, torch.int32).copy_(real)  # truncates: floor of values >= 0
+    index.clamp_(0, bins - 1)  # a NaN logit (raised on later, from the step's finite flags) must not index out
     offsets = bins * torch.arange(n, device=probs.device, dtype=torch.int32)[:, None]
     flat = torch.add(index, offsets, out=ws.buffer("bin_flat", logits, torch.int32))
-    bin_mass = torch.bincount(flat.view(-1), weights=probs.reshape(-1), minlength=n * bins)
+    if sync_free(probs.device):  # bincount reads its input's max on the host; scatter_add does not
+        bin_mass = probs.new_zeros(n * bins).scatter_add_(0, flat.view(-1).long(), probs.reshape(-1))
+    else:
+        bin_mass = torch.bincount(flat.view(-1), weights=probs.reshape(-1), minlength=n * bins)
     bin_mass = bin_mass.view(n, bins)
     mass_through = bin_mass.cumsum(-1)
     edge = (mass_through < top_p).sum(-1).clamp(max=bins - 1)  # the boundary bin of each row
@@ -289,6 +345,8 @@ def _sorted_bin(probs: torch.Tensor, members: torch.Tensor) -> tuple[torch.Tenso
     """Per row, the probabilities where `members` [B, V] is True, descending, zero-padded [B, m];
     and how many each row has. Only the members are touched (a few dozen per row)."""
     n = probs.shape[0]
+    if sync_free(probs.device):  # a masked sort of the whole row: static shapes, no host read
+        return probs.where(members, 0.0).sort(-1, descending=True).values, members.sum(-1)
     rows, cols = members.nonzero(as_tuple=True)  # by row, then column
     count = torch.bincount(rows, minlength=n)
     slot = torch.arange(rows.numel(), device=probs.device) - (count.cumsum(0) - count)[rows]

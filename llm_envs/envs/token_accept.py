@@ -8,7 +8,6 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import gymnasium as gym
@@ -16,9 +15,10 @@ import numpy as np
 import torch
 
 from llm_envs.engine import DecodeEngine, StepOutput
-from llm_envs.envs.core import BatchedCore, RowState
+from llm_envs.envs.core import BatchedCore
 from llm_envs.envs.params import TokenAcceptParams
-from llm_envs.envs.pools import Pool, PoolWorkspace, nucleus_pools
+from llm_envs.envs.pools import NucleusPools, Pool, PoolWorkspace, nucleus_pools
+from llm_envs.envs.rows import RowArrays, pack_rows, to_device
 from llm_envs.envs.single import SingleRowEnv
 
 __all__ = [
@@ -91,30 +91,60 @@ def reject_allowed(pool: Pool, rejections: int, params: TokenAcceptParams) -> bo
                                                                    params.max_rejections)
 
 
-@dataclass
-class _Row(RowState):
-    """A row's position state. `pool[rejections]` is always the current candidate."""
+class _DevicePools:
+    """Every row's candidate pool on the engine's device, padded to one head width `W`.
 
-    pool: Pool | None = None
-    rejections: int = 0  # at the current position
-    hidden: torch.Tensor | None = None  # obs hidden state
-    next_logits: torch.Tensor | None = None  # candidate mode: distribution after the candidate
-    total_rejections: int = 0
-    decisions: int = 0  # steps taken where reject was legal (the proxy had a choice)
-    rejection_cost: float = 0.0
-    deviation_nats: float = 0.0  # sum of log p(top1) - log p(accepted), before deviation_beta
+    `ids[r, :w]` is row r's head (w = min(|T|, W); -1 after), `probs` their p, `suffix[r, j]` the
+    pool's mass without its first j tokens, `size` |T|, `entropy` H(p) (with the entropy gate).
+    Rows are written in batches (`write`), never one by one.
+    """
+
+    def __init__(self, num_rows: int, device: torch.device) -> None:
+        self.ids = torch.full((num_rows, 1), -1, dtype=torch.long, device=device)
+        self.probs = torch.zeros(num_rows, 1, dtype=torch.float64, device=device)
+        self.suffix = torch.zeros(num_rows, 2, dtype=torch.float64, device=device)
+        self.size = torch.ones(num_rows, dtype=torch.long, device=device)
+        self.entropy = torch.full((num_rows,), float("nan"), dtype=torch.float64, device=device)
 
     @property
-    def candidate(self) -> int:
-        return int(self.pool.ids[self.rejections])
+    def width(self) -> int:
+        return int(self.ids.shape[1])
+
+    def write(self, rows: torch.Tensor, pools: NucleusPools) -> None:
+        """Rows `rows` (a device index tensor) take `pools` (one per row, in order)."""
+        width = pools.ids.shape[1]
+        if width > self.width:  # a wider head than any before: pad every row (rare; heads grow, never shrink)
+            grow = width - self.width
+            self.ids = torch.nn.functional.pad(self.ids, (0, grow), value=-1)
+            self.probs = torch.nn.functional.pad(self.probs, (0, grow))
+            self.suffix = torch.nn.functional.pad(self.suffix, (0, grow))
+        pad = self.width - width
+        self.ids[rows] = torch.nn.functional.pad(pools.ids, (0, pad), value=-1)
+        self.probs[rows] = torch.nn.functional.pad(pools.probs, (0, pad))
+        self.suffix[rows] = torch.nn.functional.pad(pools.suffix_mass, (0, pad))
+        self.size[rows] = pools.size
+        if pools.entropy is not None:
+            self.entropy[rows] = pools.entropy
+
+    def save(self) -> tuple[torch.Tensor, ...]:
+        return tuple(t.clone() for t in (self.ids, self.probs, self.suffix, self.size, self.entropy))
+
+    def restore(self, saved: tuple[torch.Tensor, ...]) -> None:
+        self.ids, self.probs, self.suffix, self.size, self.entropy = saved
 
 
-class TokenAcceptCore(BatchedCore[TokenAcceptParams, _Row]):
-    """The batched accept/reject MDP. See `TokenAcceptEnv` for the env card."""
+class TokenAcceptCore(BatchedCore[TokenAcceptParams]):
+    """The batched accept/reject MDP. See `TokenAcceptEnv` for the env card.
+
+    Device state: the pools (`_DevicePools`), each row's observed hidden state and, in candidate
+    mode, the next-token logits after its candidate (the next position's distribution once it is
+    accepted). Host state: `state`'s arrays (rejections here, costs, counts) and the mirror of what
+    the last step copied back (`_mirror`: candidate id and p, the SKAM inputs, the reject mask, the
+    observed hidden state), from which the host builds observations and infos and checks actions.
+    """
 
     params_class = TokenAcceptParams
     vocab_bounded = ("top_k",)
-    row_class = _Row
     action_help = "0 (accept) or 1 (reject)"
     forced_info_key, forced_stat_key = "forced_accept", "forced_accepts"
 
@@ -123,11 +153,37 @@ class TokenAcceptCore(BatchedCore[TokenAcceptParams, _Row]):
         params = self.params
         self.max_steps = params.max_steps if params.max_steps is not None else 8 * params.max_new_tokens
         self._embeddings = self.ctx.model.get_input_embeddings()
-        self.obs_dim = self.hidden_size * (2 if params.obs_mode == "prefix" else 1) + NUM_FEATURES
+        self._obs_hidden = self.hidden_size * (2 if params.obs_mode == "prefix" else 1)
+        self.obs_dim = self._obs_hidden + NUM_FEATURES
         self.observation_space = gym.spaces.Box(-np.inf, np.inf, (self.obs_dim,), np.float32)
         self.action_space = gym.spaces.Discrete(2)
         self._pool_workspace = PoolWorkspace()
         self._check_entropy_threshold()
+        n, device = self.num_rows, self.device
+        self._pools = _DevicePools(n, device)
+        self._hidden = torch.zeros(n, self.hidden_size, dtype=torch.float32, device=device)
+        self._next_logits = (torch.zeros(n, self.engine.vocab_size, dtype=torch.float32, device=device)
+                             if params.obs_mode == "candidate" else None)
+        # What the torch face reads (observation_tensor, action_mask_tensor): the device side of the mirror.
+        self._device_view = {"obs_hidden": torch.zeros(n, self._obs_hidden, dtype=torch.float32, device=device),
+                             "candidate_prob": torch.zeros(n, dtype=torch.float64, device=device),
+                             "mean_left": torch.zeros(n, dtype=torch.float64, device=device),
+                             "reject_ok": torch.zeros(n, dtype=torch.bool, device=device)}
+        self._mirror = RowArrays(n, {
+            "candidate": (np.int64, ()), "candidate_prob": (np.float64, ()), "top_prob": (np.float64, ()),
+            "mean_left": (np.float64, ()), "size": (np.int64, ()), "entropy": (np.float64, ()),
+            "reject_ok": (np.bool_, ()), "hidden": (np.float32, (self._obs_hidden,)),
+        })
+
+    def _row_fields(self) -> dict[str, tuple[Any, tuple[int, ...]]]:
+        return {"rejections": (np.int64, ()),  # at the current position
+                "total_rejections": (np.int64, ()),
+                "decisions": (np.int64, ()),  # steps taken where reject was legal (the proxy had a choice)
+                "rejection_cost": (np.float64, ()),
+                "deviation_nats": (np.float64, ())}  # sum of log p(top1) - log p(accepted), before deviation_beta
+
+    def _row_extras(self, row: int) -> dict[str, Any]:
+        return {"candidate": int(self._mirror.candidate[row])}
 
     def _check_entropy_threshold(self) -> None:
         """No distribution over V tokens has more than ln V nats: a higher gate never opens (the
@@ -143,136 +199,207 @@ class TokenAcceptCore(BatchedCore[TokenAcceptParams, _Row]):
     def action_masks(self) -> np.ndarray:
         """[N, 2] bool: accept is always legal; reject is legal where the decision mask (the position
         gate of `decision_mask`, and SKAM) allows it."""
+        return self._masks().copy()
+
+    def _masks(self) -> np.ndarray:
         masks = np.ones((self.num_rows, 2), dtype=bool)
-        for row, state in enumerate(self.rows):
-            masks[row, REJECT] = state.live and self._reject_allowed(state)
+        masks[:, REJECT] = self._mirror.reject_ok & self.state.live
         return masks
 
-    def _reject_allowed(self, state: _Row) -> bool:
-        return reject_allowed(state.pool, state.rejections, self.params)
-
-    def _allowed(self, state: _Row, action: int) -> bool:
-        return action == ACCEPT or self._reject_allowed(state)
-
-    def _masked_message(self, state: _Row, action: int) -> str:
-        p = self.params
+    def _masked_message(self, row: int, action: int) -> str:
+        p, m = self.params, self._mirror
         gate = "" if p.decision_mask == "skam" else (
-            f"; the {p.decision_mask} gate is {'open' if gate_allows_reject(state.pool, p) else 'closed'}: "
-            + (f"entropy {state.pool.entropy:.3f} nats vs entropy_threshold={p.entropy_threshold}"
+            f"; the {p.decision_mask} gate is {'open' if self._gate_open(row) else 'closed'}: "
+            + (f"entropy {m.entropy[row]:.3f} nats vs entropy_threshold={p.entropy_threshold}"
                if p.decision_mask == "entropy" else
-               f"top-1 p {state.pool.top_prob:.3f} vs confidence_threshold={p.confidence_threshold}"))
-        return (f"reject is masked here (SKAM: {len(state.pool) - state.rejections} candidates left, "
+               f"top-1 p {m.top_prob[row]:.3f} vs confidence_threshold={p.confidence_threshold}"))
+        return (f"reject is masked here (SKAM: {m.size[row] - self.state.rejections[row]} candidates left, "
                 f"p_t={p.p_t}{gate}); use action_masks(), or pass invalid_action='accept' to coerce "
                 "masked rejects to accept.")
 
-    def _act(self, state: _Row, action: int) -> tuple[float, int | None]:
-        state.decisions += int(self._reject_allowed(state))  # the state the action was taken in
-        if action == REJECT:
-            cost = self.params.rejection_cost
-            state.rejections += 1
-            state.total_rejections += 1
-            state.rejection_cost += cost
-            return 0.0 - cost, None
-        nats = state.pool.top_logprob - float(np.log(state.pool.probs[state.rejections]))
-        cost = self.params.deviation_beta * nats
-        state.deviation_nats += nats
-        state.deviation_cost += cost
-        return 0.0 - cost, state.candidate
+    def _gate_open(self, row: int) -> bool:
+        p, m = self.params, self._mirror
+        if p.decision_mask == "entropy":
+            return bool(m.entropy[row] >= p.entropy_threshold)
+        return bool(m.top_prob[row] < p.confidence_threshold)
+
+    def _act(self, chosen: np.ndarray, stepped: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        s, m, p = self.state, self._mirror, self.params
+        rewards = np.zeros(self.num_rows)
+        tokens = np.full(self.num_rows, -1, dtype=np.int64)
+        s.decisions[stepped] += m.reject_ok[stepped]  # the state the action was taken in
+        rejects = stepped[chosen[stepped] == REJECT]
+        s.rejections[rejects] += 1
+        s.total_rejections[rejects] += 1
+        s.rejection_cost[rejects] += p.rejection_cost
+        rewards[rejects] = 0.0 - p.rejection_cost
+        accepts = stepped[chosen[stepped] == ACCEPT]
+        nats = np.log(m.top_prob[accepts]) - np.log(m.candidate_prob[accepts])
+        cost = p.deviation_beta * nats
+        s.deviation_nats[accepts] += nats
+        s.deviation_cost[accepts] += cost
+        rewards[accepts] = 0.0 - cost
+        tokens[accepts] = m.candidate[accepts]
+        return rewards, tokens
 
     # ------------------------------------------------------------------ positions
     def _set_positions(self, rows: list[int], out: StepOutput) -> None:
-        for i, (row, pool) in enumerate(zip(rows, self._pools(out.logits))):
-            self.rows[row].pool, self.rows[row].hidden = pool, out.hidden[i]
+        index = to_device(np.asarray(rows, dtype=np.int64), self.device)
+        self._pools.write(index, self._pool_batch(out.logits))
+        self._hidden[index] = out.hidden
 
-    def _advance(self, continuing: list[int], started: list[int], actions: np.ndarray) -> None:
-        """Propose the next candidate on each continuing row, with at most one batched forward.
+    def _advance(self, continuing: np.ndarray, started: list[int], actions: np.ndarray) -> None:
+        """Propose the next candidate on each continuing row, with at most one batched forward, and
+        copy what the host needs of every row that moved (`_refresh`, one copy).
 
         `started` rows have their first pool already (from their prefill); in candidate mode
         their first candidate rides along in the same forward.
         """
-        accepted = [row for row in continuing if actions[row] == ACCEPT]
-        if self.params.obs_mode == "candidate":
-            # The proposed candidate sits in the cache: a reject hides it; an accept keeps it,
-            # and its forward already gave the next position's distribution.
-            self.engine.drop_last([row for row in continuing if actions[row] == REJECT])
-            if accepted:
-                pools = self._pools(torch.stack([self.rows[r].next_logits for r in accepted]))
-                for row, pool in zip(accepted, pools):
-                    self.rows[row].pool, self.rows[row].rejections = pool, 0
-            self._forward_candidates(sorted(continuing + started))
-        elif accepted:
-            # Prefix mode: only an accept changes the prefix; a reject needs no forward.
-            tokens = [0] * self.num_rows
-            for row in accepted:
-                tokens[row] = self.rows[row].response[-1]
-            out = self.engine.append(tokens, [r in accepted for r in range(self.num_rows)])
-            for row, pool in zip(accepted, self._pools(out.logits[accepted])):
-                state = self.rows[row]
-                state.pool, state.rejections, state.hidden = pool, 0, out.hidden[row]
+        s = self.state
+        accepted = continuing[actions[continuing] == ACCEPT]
+        s.rejections[accepted] = 0
+        # Pools are rewritten before the forward, which may raise (non-finite logits): undo them then.
+        # Hidden states and logits are written only after it succeeded.
+        saved = self._pools.save()
+        try:
+            if self.params.obs_mode == "candidate":
+                # The proposed candidate sits in the cache: a reject hides it; an accept keeps it,
+                # and its forward already gave the next position's distribution.
+                self.engine.drop_last(continuing[actions[continuing] == REJECT].tolist())
+                if accepted.size:
+                    index = to_device(accepted, self.device)
+                    self._pools.write(index, self._pool_batch(self._next_logits[index]))
+                self._forward_candidates(np.union1d(continuing, np.asarray(started, dtype=np.int64)))
+            elif accepted.size:
+                # Prefix mode: only an accept changes the prefix; a reject needs no forward.
+                tokens = np.zeros(self.num_rows, dtype=np.int64)
+                tokens[accepted] = s.response[accepted, s.response_len[accepted] - 1]
+                mask = np.zeros(self.num_rows, dtype=bool)
+                mask[accepted] = True
+                out = self.engine.append(tokens.tolist(), mask.tolist())
+                index = to_device(accepted, self.device)
+                self._pools.write(index, self._pool_batch(out.logits[index]))
+                self._hidden[index] = out.hidden[index]
+            self._refresh(np.union1d(continuing, np.asarray(started, dtype=np.int64)))
+        except BaseException:
+            self._pools.restore(saved)
+            raise
 
-    def _forward_candidates(self, rows: list[int]) -> None:
+    def _candidates(self) -> torch.Tensor:
+        """[N] the token each row proposes now: its pool's rank `rejections` (on the device)."""
+        rank = to_device(self.state.rejections, self.device)
+        return self._pools.ids.gather(1, rank[:, None]).squeeze(1)
+
+    def _forward_candidates(self, rows: np.ndarray) -> None:
         """Candidate mode: forward each row's candidate in context (one batched forward)."""
-        if not rows:
+        if not rows.size:
             return
-        tokens = [0] * self.num_rows
-        active = [False] * self.num_rows
-        for r in rows:
-            tokens[r], active[r] = self.rows[r].candidate, True
-        out = self.engine.append(tokens, active)
-        for r in rows:
-            self.rows[r].hidden, self.rows[r].next_logits = out.hidden[r], out.logits[r]
+        active = np.zeros(self.num_rows, dtype=bool)
+        active[rows] = True
+        tokens = self._candidates().clamp_min(0)  # rows not active may hold -1 (never fed to the model)
+        out = self.engine.append(tokens.tolist(), active.tolist())
+        index = to_device(rows, self.device)
+        self._hidden[index] = out.hidden[index]
+        self._next_logits[index] = out.logits[index]
 
-    def _pools(self, logits: torch.Tensor) -> list[Pool]:
+    def _pool_batch(self, logits: torch.Tensor) -> NucleusPools:
         # head_min_prob=p_t: the head then holds every candidate SKAM can let a row reach.
         # with_entropy: the entropy gate's H(p), from the same batched softmax (no per-row work).
         p = self.params
         return nucleus_pools(logits, top_p=p.top_p, top_k=p.top_k, temperature=p.temperature,
                              head_min_prob=p.p_t, with_entropy=p.decision_mask == "entropy",
-                             workspace=self._pool_workspace).rows()
+                             workspace=self._pool_workspace)
+
+    def _refresh(self, rows: np.ndarray) -> None:
+        """The mask inputs and observation of `rows` computed on the device for all of them at once,
+        then copied to the host mirror in one transfer (`pack_rows`)."""
+        if not rows.size:
+            return
+        p, pools = self.params, self._pools
+        index = to_device(rows, self.device)
+        rank = to_device(self.state.rejections[rows], self.device)[:, None]
+        ids, probs, size = pools.ids[index], pools.probs[index], pools.size[index]
+        candidate = ids.gather(1, rank).squeeze(1)
+        left = pools.suffix[index].gather(1, rank).squeeze(1)  # mass of T', the pool minus the rejected
+        remaining = size - rank.squeeze(1)
+        # SKAM: |T'| > 1 and the mean p left above p_t (and, with a cap, fewer rejections here).
+        allowed = (remaining > 1) & (left > p.p_t * remaining)
+        if p.max_rejections is not None:
+            allowed &= rank.squeeze(1) < p.max_rejections
+        entropy, top_prob = pools.entropy[index], probs[:, 0]
+        if p.decision_mask == "entropy":
+            allowed &= entropy >= p.entropy_threshold
+        elif p.decision_mask == "confidence":
+            allowed &= top_prob < p.confidence_threshold
+        # `nucleus_pools(head_min_prob=p_t)` keeps every reachable candidate in the head.
+        past_head = allowed & (rank.squeeze(1) + 1 >= (ids >= 0).sum(1))
+        hidden = self._hidden[index]
+        if p.obs_mode == "prefix":
+            with torch.inference_mode():
+                hidden = torch.cat([hidden, self._embeddings(candidate.clamp_min(0)).float()], 1)
+        view = {"obs_hidden": hidden, "candidate_prob": probs.gather(1, rank).squeeze(1),
+                "mean_left": left / remaining.clamp_min(1), "reject_ok": allowed}
+        for name, values in view.items():
+            self._device_view[name][index] = values
+        host = pack_rows({"candidate": candidate, "candidate_prob": view["candidate_prob"], "top_prob": top_prob,
+                          "mean_left": view["mean_left"], "size": size, "entropy": entropy, "reject_ok": allowed,
+                          "past_head": past_head, "hidden": hidden})
+        if host["past_head"].any():
+            raise RuntimeError(
+                f"SKAM allows a reject at rank {int(self.state.rejections[rows][host['past_head']][0])}, past the "
+                "pool's head; build pools with nucleus_pools(..., head_min_prob=p_t) so the head covers every "
+                "reachable rank.")
+        m = self._mirror
+        for name in ("candidate", "candidate_prob", "top_prob", "mean_left", "size", "entropy", "reject_ok", "hidden"):
+            getattr(m, name)[rows] = host[name]
 
     # ------------------------------------------------------------------ rewards, infos
-    def _reward_parts(self, state: _Row, score: float) -> dict[str, float]:
-        return {"reward_model": score, "rejection_cost": -state.rejection_cost,
-                "deviation_cost": -state.deviation_cost}
+    def _reward_parts(self, row: int, score: float) -> dict[str, float]:
+        s = self.state
+        return {"reward_model": score, "rejection_cost": -float(s.rejection_cost[row]),
+                "deviation_cost": -float(s.deviation_cost[row])}
 
-    def _episode_stats(self, state: _Row) -> dict[str, Any]:
-        return {"rejections": state.total_rejections, "forced_accepts": state.forced,
-                "deviation_nats": state.deviation_nats, "decisions": state.decisions}
+    def _episode_stats(self, row: int) -> dict[str, Any]:
+        s = self.state
+        return {"rejections": int(s.total_rejections[row]), "forced_accepts": int(s.forced[row]),
+                "deviation_nats": float(s.deviation_nats[row]), "decisions": int(s.decisions[row])}
 
-    def _candidate_info(self, state: _Row) -> dict[str, Any]:
-        return {"candidate_id": state.candidate, "candidate_prob": float(state.pool.probs[state.rejections]),
-                "rejections_here": state.rejections}
+    def _info_columns(self) -> dict[str, np.ndarray]:
+        m = self._mirror
+        return {"candidate_id": m.candidate.copy(), "candidate_prob": m.candidate_prob.copy(),
+                "rejections_here": self.state.rejections.copy()}
 
     # ------------------------------------------------------------------ observation
-    def _observations(self, rows: Sequence[int]) -> np.ndarray:
-        """Observations of `rows` [len(rows), D] float32, a fresh array (hidden states batched)."""
-        rows = list(rows)
-        out = np.zeros((len(rows), self.obs_dim), dtype=np.float32)
-        have = [i for i, r in enumerate(rows) if self.rows[r].pool is not None]
-        if not have:
-            return out
-        states = [self.rows[rows[i]] for i in have]
-        hidden = torch.stack([s.hidden for s in states]).float()
-        parts = [hidden]
-        if self.params.obs_mode == "prefix":
-            with torch.inference_mode():
-                tokens = torch.tensor([s.candidate for s in states], device=self._embeddings.weight.device)
-                parts.append(self._embeddings(tokens).float())
-        out[have, : self.obs_dim - NUM_FEATURES] = torch.cat(parts, 1).cpu().numpy()
-        out[have, self.obs_dim - NUM_FEATURES:] = [self._features(s) for s in states]
-        return out
+    def observation_tensor(self) -> torch.Tensor:
+        """Every row's observation [N, D] float32 on the engine's device: what `_observations` gives,
+        built from the device tensors (the torch face), equal to it bit for bit."""
+        s, view = self.state, self._device_view
+        live = to_device(s.live, self.device)
+        features = torch.stack([view["candidate_prob"], view["mean_left"],
+                                to_device(s.rejections, self.device).double(),
+                                to_device(s.response_len / self.params.max_new_tokens, self.device),
+                                (view["reject_ok"] & live).double()], 1).float()
+        return torch.cat([view["obs_hidden"], features], 1)
 
-    def _features(self, state: _Row) -> tuple[float, ...]:
-        """The 5 scalar features (FEATURE_NAMES) of a row's current candidate."""
-        r = state.rejections
-        remaining = len(state.pool) - r
-        return (
-            float(state.pool.probs[r]),
-            float(state.pool.suffix_mass[r]) / max(remaining, 1),
-            float(r),
-            len(state.response) / self.params.max_new_tokens,
-            float(state.live and self._reject_allowed(state)),
-        )
+    def action_mask_tensor(self) -> torch.Tensor:
+        """`action_masks()` as a [N, 2] bool tensor on the engine's device."""
+        masks = torch.ones(self.num_rows, 2, dtype=torch.bool, device=self.device)
+        masks[:, REJECT] = self._device_view["reject_ok"] & to_device(self.state.live, self.device)
+        return masks
+
+    def _observations(self, rows: Sequence[int] | np.ndarray) -> np.ndarray:
+        """Observations of `rows` [len(rows), D] float32, a fresh array, from the host mirror."""
+        rows = np.asarray(rows, dtype=np.int64)
+        s, m = self.state, self._mirror
+        out = np.empty((len(rows), self.obs_dim), dtype=np.float32)
+        out[:, : self._obs_hidden] = m.hidden[rows]
+        features = out[:, self._obs_hidden:]
+        features[:, 0] = m.candidate_prob[rows]
+        features[:, 1] = m.mean_left[rows]
+        features[:, 2] = s.rejections[rows]
+        features[:, 3] = s.response_len[rows] / self.params.max_new_tokens
+        features[:, 4] = m.reject_ok[rows] & s.live[rows]
+        return out
 
 
 class TokenAcceptEnv(SingleRowEnv):

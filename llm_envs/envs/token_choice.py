@@ -9,7 +9,6 @@ vector views (`gym.make_vec`, `llm_envs.make_sb3_vec_env`) are the core with N r
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import gymnasium as gym
@@ -17,9 +16,10 @@ import numpy as np
 import torch
 
 from llm_envs.engine import DecodeEngine, StepOutput
-from llm_envs.envs.core import BatchedCore, RowState
+from llm_envs.envs.core import BatchedCore
 from llm_envs.envs.params import TokenChoiceParams
 from llm_envs.envs.pools import nucleus_pools, top_k_by_id
+from llm_envs.envs.rows import RowArrays, pack_rows, to_device
 from llm_envs.envs.single import SingleRowEnv
 from llm_envs.rewards import CandidateScorer, Scoring
 
@@ -28,28 +28,16 @@ __all__ = ["LOGPROB_FLOOR", "TokenChoiceCore", "TokenChoiceEnv", "TokenChoicePar
 LOGPROB_FLOOR = -100.0  # observed log-probs are clamped here
 
 
-@dataclass
-class _Row(RowState):
-    """A row's position state: the candidate arrays describe the current position."""
+class TokenChoiceCore(BatchedCore[TokenChoiceParams]):
+    """The batched pick-one-of-k MDP. See `TokenChoiceEnv` for the env card.
 
-    cand_ids: torch.Tensor | None = None  # [k'] long, k' = min(k, vocab), by descending logit, ties by id
-    cand_logits: torch.Tensor | None = None  # [k'] float32, the raw logits
-    cand_logprobs: torch.Tensor | None = None  # [k'] float64, log softmax(logits / temperature)
-    valid: int = 1  # slots [0, valid) are legal (the top-p nucleus, capped at k')
-    decisions: int = 0  # steps taken with more than one legal slot (the agent had a choice)
-    rm_calls: int = 0  # reward-model calls that scored this row's candidates or prefix (compute accounting)
-    hidden: torch.Tensor | None = None  # prefix hidden state h(x, y_<t)
-    rewards: dict[str, np.ndarray] = field(default_factory=dict)  # candidate rewards by scoring mode
-    last_score: float = 0.0  # dense shaping: R(x, y) of the response so far
-    prev_score: float = 0.0  # dense shaping: R(x, y_<t) before the last step
-    start_score: float = 0.0  # dense shaping: R(x, empty response)
-
-
-class TokenChoiceCore(BatchedCore[TokenChoiceParams, _Row]):
-    """The batched pick-one-of-k MDP. See `TokenChoiceEnv` for the env card."""
+    Device state: each row's k candidates (ids, raw logits, log-probs), its legal slot count and
+    prefix hidden state, written for all new positions at once. Host state: `state`'s arrays and
+    the mirror of those candidate arrays (`_mirror`), copied back once per step (`_refresh`), from
+    which the host builds observations, masks, infos and reward-model calls.
+    """
 
     params_class = TokenChoiceParams
-    row_class = _Row
     row_methods = ("candidate_rewards", "candidate_logits", "candidate_ids")
     vocab_bounded = ("k",)
     forced_info_key, forced_stat_key = "forced_action", "forced_actions"
@@ -66,56 +54,109 @@ class TokenChoiceCore(BatchedCore[TokenChoiceParams, _Row]):
         self.obs_dim = self.hidden_size + self.k * (2 if params.obs_rewards else 1) + 1
         self.observation_space = gym.spaces.Box(-np.inf, np.inf, (self.obs_dim,), np.float32)
         self.action_space = gym.spaces.Discrete(self.k)
+        n, width, device = self.num_rows, min(self.k, self.engine.vocab_size), self.device
+        self._width = width  # k' = min(k, vocabulary): slots past it never hold a token
+        self._device_state = {
+            "ids": torch.zeros(n, width, dtype=torch.long, device=device),
+            "logits": torch.zeros(n, width, dtype=torch.float32, device=device),
+            "logprobs": torch.zeros(n, width, dtype=torch.float64, device=device),
+            "valid": torch.ones(n, dtype=torch.long, device=device),
+            "hidden": torch.zeros(n, self.hidden_size, dtype=torch.float32, device=device),
+        }
+        self._mirror = RowArrays(n, {
+            "ids": (np.int64, (width,)), "logits": (np.float32, (width,)), "logprobs": (np.float64, (width,)),
+            "valid": (np.int64, ()), "hidden": (np.float32, (self.hidden_size,)),
+        })
+        # Candidate rewards of the current positions, by scoring mode; `_scored[mode][r]` says row r's are in.
+        self._rewards: dict[str, np.ndarray] = {}
+        self._scored: dict[str, np.ndarray] = {}
+
+    def _row_fields(self) -> dict[str, tuple[Any, tuple[int, ...]]]:
+        return {"decisions": (np.int64, ()),  # steps taken with more than one legal slot (the agent had a choice)
+                "rm_calls": (np.int64, ()),  # reward-model calls that scored this row's candidates or prefix
+                "last_score": (np.float64, ()),  # dense shaping: R(x, y) of the response so far
+                "prev_score": (np.float64, ()),  # dense shaping: R(x, y_<t) before the last step
+                "start_score": (np.float64, ())}  # dense shaping: R(x, empty response)
+
+    def _row_extras(self, row: int) -> dict[str, Any]:
+        m = self._mirror
+        return {"cand_ids": m.ids[row].copy(), "cand_logits": m.logits[row].copy(),
+                "cand_logprobs": m.logprobs[row].copy(), "valid": int(m.valid[row])}
 
     # ------------------------------------------------------------------ positions
     def _set_positions(self, rows: list[int], out: StepOutput) -> None:
         """Candidates of each row's next position: the top-k of the raw logits (as ARGS does), ties
         by lower token id (`top_k_by_id`: bf16 logits tie, and topk's tie order is arbitrary)."""
-        logits, p = out.logits, self.params
-        top_logits, top_ids = top_k_by_id(logits, min(self.k, logits.shape[-1]))
-        logprobs = torch.log_softmax(logits.double() / p.temperature, dim=-1).gather(1, top_ids)
-        sizes = nucleus_pools(logits, top_p=p.top_p, top_k=self.k, temperature=p.temperature).size.tolist()
-        for i, row in enumerate(rows):
-            state = self.rows[row]
-            state.cand_ids, state.cand_logits = top_ids[i].cpu(), top_logits[i].cpu()
-            state.cand_logprobs, state.hidden = logprobs[i].cpu(), out.hidden[i]
-            state.valid, state.rewards = int(sizes[i]), {}
+        logits, p, state = out.logits, self.params, self._device_state
+        top_logits, top_ids = top_k_by_id(logits, self._width)
+        index = to_device(np.asarray(rows, dtype=np.int64), self.device)
+        state["ids"][index], state["logits"][index] = top_ids, top_logits
+        state["logprobs"][index] = torch.log_softmax(logits.double() / p.temperature, dim=-1).gather(1, top_ids)
+        state["valid"][index] = nucleus_pools(logits, top_p=p.top_p, top_k=self.k, temperature=p.temperature).size
+        state["hidden"][index] = out.hidden
+        for scored in self._scored.values():
+            scored[rows] = False
 
-    def _advance(self, continuing: list[int], started: list[int], actions: np.ndarray) -> None:
-        """Append each continuing row's token (one batched forward), then score the new positions
-        of continuing and started rows together (one reward call, when the params need it)."""
+    def _advance(self, continuing: np.ndarray, started: list[int], actions: np.ndarray) -> None:
+        """Append each continuing row's token (one batched forward), copy the new positions to the
+        host (one copy), then score the new positions of continuing and started rows together (one
+        reward call, when the params need it)."""
+        s = self.state
         if started:
             self.scorer.forget(started)
-        if continuing:
-            tokens = [self.rows[r].response[-1] if r in continuing else 0 for r in range(self.num_rows)]
-            out = self.engine.append(tokens, [r in continuing for r in range(self.num_rows)])
-            self._set_positions(continuing, StepOutput(out.logits[continuing], out.hidden[continuing]))
-        self._score_new_positions(sorted(continuing + started))
-        for row in started:
-            self.rows[row].start_score = self.rows[row].last_score
+        if continuing.size:
+            tokens = np.zeros(self.num_rows, dtype=np.int64)
+            tokens[continuing] = s.response[continuing, s.response_len[continuing] - 1]
+            mask = np.zeros(self.num_rows, dtype=bool)
+            mask[continuing] = True
+            out = self.engine.append(tokens.tolist(), mask.tolist())
+            index = to_device(continuing, self.device)
+            self._set_positions(continuing.tolist(), StepOutput(out.logits[index], out.hidden[index]))
+        rows = np.union1d(continuing, np.asarray(started, dtype=np.int64))
+        self._refresh(rows)
+        self._score_new_positions(rows)
+        s.start_score[started] = s.last_score[started]
 
-    def _score_new_positions(self, rows: list[int]) -> None:
+    def _refresh(self, rows: np.ndarray) -> None:
+        """The candidate arrays of `rows`, copied to the host mirror in one transfer."""
+        if not rows.size:
+            return
+        index = to_device(rows, self.device)
+        host = pack_rows({name: tensor[index] for name, tensor in self._device_state.items()})
+        for name in self._device_state:
+            getattr(self._mirror, name)[rows] = host[name]
+
+    def _score_new_positions(self, rows: np.ndarray) -> None:
         """Candidate rewards (obs_rewards) and R(x, y) (dense_reward) in one reward call."""
         p = self.params
-        if not rows or not (p.obs_rewards or p.dense_reward):
+        if not rows.size or not (p.obs_rewards or p.dense_reward):
             return
-        cands = [self.rows[r].cand_ids.tolist() if p.obs_rewards else [] for r in rows]
+        cands = self._mirror.ids[rows].tolist() if p.obs_rewards else [[] for _ in rows]
         scores, prefix = self._score(rows, cands, "wrapper", prefix=p.dense_reward)
-        for i, row in enumerate(rows):
-            if p.obs_rewards:
-                self.rows[row].rewards["wrapper"] = scores[i]
-            if p.dense_reward:
-                self.rows[row].last_score = float(prefix[i])
+        if p.obs_rewards:
+            self._store_rewards("wrapper", rows, scores)
+        if p.dense_reward:
+            self.state.last_score[rows] = np.asarray(prefix, dtype=np.float64)
+
+    def _store_rewards(self, scoring: Scoring, rows: np.ndarray, scores: Sequence[np.ndarray]) -> None:
+        if scoring not in self._rewards:
+            self._rewards[scoring] = np.zeros((self.num_rows, self.k))
+            self._scored[scoring] = np.zeros(self.num_rows, dtype=bool)
+        for row, values in zip(rows.tolist(), scores):
+            self._rewards[scoring][row] = 0.0
+            self._rewards[scoring][row, : len(values)] = values
+        self._scored[scoring][rows] = True
 
     def _score(
-        self, rows: list[int], cands: list[list[int]], scoring: Scoring, prefix: bool = False
+        self, rows: np.ndarray, cands: list[list[int]], scoring: Scoring, prefix: bool = False
     ) -> tuple[np.ndarray, np.ndarray | None]:
-        states = [self.rows[r] for r in rows]
+        s = self.state
         before = self.ctx.reward.calls
-        out = self.scorer.score(rows, [s.prompt_ids for s in states], [s.response for s in states], cands,
+        out = self.scorer.score(rows.tolist(), [list(s.prompt_ids[r]) for r in rows],
+                                [s.response[r, : s.response_len[r]].tolist() for r in rows], cands,
                                 scoring=scoring, prefix=prefix)
-        for state in states:  # a batched call is billed to every row it served, as ARGS counts them
-            state.rm_calls += self.ctx.reward.calls - before
+        # A batched call is billed to every row it served, as ARGS counts them.
+        s.rm_calls[rows] += self.ctx.reward.calls - before
         return out
 
     # ------------------------------------------------------------------ candidates (row_methods)
@@ -127,98 +168,126 @@ class TokenChoiceCore(BatchedCore[TokenChoiceParams, _Row]):
         not in an episode (ended, about to reset), and slots past the vocabulary, read 0. Cached
         until the next step.
         """
-        missing = [r for r, s in enumerate(self.rows) if s.live and scoring not in s.rewards]
-        if missing:
-            scores, _ = self._score(missing, [self.rows[r].cand_ids.tolist() for r in missing], scoring)
-            for i, row in enumerate(missing):
-                self.rows[row].rewards[scoring] = scores[i]
+        live = self.state.live
+        scored = self._scored.get(scoring)
+        missing = np.flatnonzero(live & ~scored) if scored is not None else np.flatnonzero(live)
+        if missing.size:
+            scores, _ = self._score(missing, self._mirror.ids[missing].tolist(), scoring)
+            self._store_rewards(scoring, missing, scores)
         out = np.zeros((self.num_rows, self.k))
-        for row, state in enumerate(self.rows):
-            if state.live:
-                values = state.rewards[scoring]
-                out[row, : len(values)] = values
+        if scoring in self._rewards:
+            out[live] = self._rewards[scoring][live]
         return out
 
     def candidate_logits(self) -> np.ndarray:
         """[N, k] float32 raw LM logits of the candidates (-inf past the vocabulary or off-episode)."""
         out = np.full((self.num_rows, self.k), -np.inf, dtype=np.float32)
-        for row, state in enumerate(self.rows):
-            if state.live:
-                out[row, : len(state.cand_logits)] = state.cand_logits.numpy()
+        live = self.state.live
+        out[live, : self._width] = self._mirror.logits[live]
         return out
 
     def candidate_ids(self) -> np.ndarray:
         """[N, k] int64 candidate token ids (-1 past the vocabulary or off-episode)."""
         out = np.full((self.num_rows, self.k), -1, dtype=np.int64)
-        for row, state in enumerate(self.rows):
-            if state.live:
-                out[row, : len(state.cand_ids)] = state.cand_ids.numpy()
+        live = self.state.live
+        out[live, : self._width] = self._mirror.ids[live]
         return out
 
     # ------------------------------------------------------------------ actions
-    def action_masks(self) -> np.ndarray:
+    def _masks(self) -> np.ndarray:
         """[N, k] bool: slots inside the top-p nucleus (and the vocabulary); slot 0 always."""
-        masks = np.zeros((self.num_rows, self.k), dtype=bool)
+        masks = np.arange(self.k)[None, :] < np.where(self.state.live, self._mirror.valid, 1)[:, None]
         masks[:, 0] = True
-        for row, state in enumerate(self.rows):
-            if state.live:
-                masks[row, : state.valid] = True
         return masks
 
-    def _allowed(self, state: _Row, slot: int) -> bool:
-        return slot < state.valid
+    def action_masks(self) -> np.ndarray:
+        """[N, k] bool: slots inside the top-p nucleus (and the vocabulary); slot 0 always."""
+        return self._masks()
 
-    def _masked_message(self, state: _Row, slot: int) -> str:
-        return (f"slot {slot} is masked here (only slots [0, {state.valid}) are in the top-p nucleus and the "
+    def _masked_message(self, row: int, slot: int) -> str:
+        valid = int(self._mirror.valid[row])
+        return (f"slot {slot} is masked here (only slots [0, {valid}) are in the top-p nucleus and the "
                 "vocabulary); use action_masks(), or pass invalid_action='top' to replace masked slots by slot 0.")
 
-    def _act(self, state: _Row, slot: int) -> tuple[float, int | None]:
-        state.decisions += int(state.valid > 1)
-        cost = self.params.deviation_beta * float(state.cand_logprobs[0] - state.cand_logprobs[slot])
-        state.deviation_cost += cost
-        state.prev_score = state.last_score
-        return -cost, int(state.cand_ids[slot])
+    def _act(self, chosen: np.ndarray, stepped: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        s, m = self.state, self._mirror
+        rewards = np.zeros(self.num_rows)
+        tokens = np.full(self.num_rows, -1, dtype=np.int64)
+        slots = chosen[stepped]
+        s.decisions[stepped] += m.valid[stepped] > 1
+        cost = self.params.deviation_beta * (m.logprobs[stepped, 0] - m.logprobs[stepped, slots])
+        s.deviation_cost[stepped] += cost
+        s.prev_score[stepped] = s.last_score[stepped]
+        rewards[stepped] = -cost
+        tokens[stepped] = m.ids[stepped, slots]
+        return rewards, tokens
 
     # ------------------------------------------------------------------ rewards
-    def _final_reward(self, state: _Row, score: float) -> float:
+    def _final_rewards(self, rows: np.ndarray, scores: np.ndarray) -> np.ndarray:
         # Dense shaping ends on the terminal score: R(x, y) - R(x, y_<T).
-        return score - state.prev_score if self.params.dense_reward else score
+        return scores - self.state.prev_score[rows] if self.params.dense_reward else scores
 
-    def _shaping_reward(self, state: _Row) -> float:
+    def _shaping_rewards(self, rows: np.ndarray) -> np.ndarray:
         # R(x, y_<=t) - R(x, y_<t), with R(x, y_<=t) scored by `_advance`.
-        return state.last_score - state.prev_score if self.params.dense_reward else 0.0
+        s = self.state
+        return s.last_score[rows] - s.prev_score[rows] if self.params.dense_reward else np.zeros(len(rows))
 
-    def _reward_parts(self, state: _Row, score: float) -> dict[str, float]:
-        parts = {"reward_model": score, "deviation_cost": -state.deviation_cost}
+    def _reward_parts(self, row: int, score: float) -> dict[str, float]:
+        parts = {"reward_model": score, "deviation_cost": -float(self.state.deviation_cost[row])}
         if self.params.dense_reward:
-            parts["prompt_baseline"] = -state.start_score
+            parts["prompt_baseline"] = -float(self.state.start_score[row])
         return parts
 
-    def _episode_stats(self, state: _Row) -> dict[str, Any]:
-        return {self.forced_stat_key: state.forced, "decisions": state.decisions, "rm_calls": state.rm_calls}
+    def _episode_stats(self, row: int) -> dict[str, Any]:
+        s = self.state
+        return {self.forced_stat_key: int(s.forced[row]), "decisions": int(s.decisions[row]),
+                "rm_calls": int(s.rm_calls[row])}
 
     # ------------------------------------------------------------------ observation, infos
-    def _observations(self, rows: Sequence[int]) -> np.ndarray:
-        return np.stack([self._observation(r) for r in rows])
+    def _observations(self, rows: Sequence[int] | np.ndarray) -> np.ndarray:
+        rows = np.asarray(rows, dtype=np.int64)
+        s, m, k, h = self.state, self._mirror, self.k, self.hidden_size
+        out = np.zeros((len(rows), self.obs_dim), dtype=np.float32)
+        started = s.prompt_ids[rows] != None
+        out[:, :h] = m.hidden[rows]
+        out[:, h:h + k] = LOGPROB_FLOOR
+        out[:, h:h + self._width] = np.maximum(m.logprobs[rows], LOGPROB_FLOOR)
+        if self.params.obs_rewards and "wrapper" in self._rewards:
+            scored = self._scored["wrapper"][rows]
+            out[scored, h + k:h + 2 * k] = self._rewards["wrapper"][rows[scored]]
+        out[:, -1] = s.response_len[rows] / self.params.max_new_tokens
+        out[~started] = 0.0
+        return out
 
-    def _observation(self, row: int) -> np.ndarray:
-        state = self.rows[row]
-        if state.cand_ids is None:
-            return np.zeros(self.obs_dim, dtype=np.float32)
-        logprobs = torch.full((self.k,), LOGPROB_FLOOR, dtype=torch.float32)
-        logprobs[: len(state.cand_logprobs)] = state.cand_logprobs.clamp(min=LOGPROB_FLOOR).float()
-        parts = [state.hidden.float().cpu(), logprobs]
-        if self.params.obs_rewards:
-            rewards = torch.zeros(self.k, dtype=torch.float32)
-            values = state.rewards.get("wrapper")
-            if values is not None:
-                rewards[: len(values)] = torch.as_tensor(values, dtype=torch.float32)
-            parts.append(rewards)
-        parts.append(torch.tensor([len(state.response) / self.params.max_new_tokens], dtype=torch.float32))
-        return torch.cat(parts).numpy().astype(np.float32, copy=True)
+    def observation_tensor(self) -> torch.Tensor:
+        """Every row's observation [N, D] float32 on the engine's device (the torch face), equal to
+        `_observations` bit for bit."""
+        s, state, k, h = self.state, self._device_state, self.k, self.hidden_size
+        out = torch.zeros(self.num_rows, self.obs_dim, dtype=torch.float32, device=self.device)
+        out[:, :h] = state["hidden"]
+        out[:, h:h + k] = LOGPROB_FLOOR
+        out[:, h:h + self._width] = state["logprobs"].clamp_min(LOGPROB_FLOOR).float()
+        if self.params.obs_rewards and "wrapper" in self._rewards:
+            scored = self._scored["wrapper"]
+            rewards = np.where(scored[:, None], self._rewards["wrapper"], 0.0).astype(np.float32)
+            out[:, h + k:h + 2 * k] = to_device(rewards, self.device)
+        out[:, -1] = to_device(s.response_len / self.params.max_new_tokens, self.device).float()
+        started = np.asarray([ids is not None for ids in s.prompt_ids])
+        return out * to_device(started, self.device)[:, None]
 
-    def _candidate_info(self, state: _Row) -> dict[str, Any]:
-        return {"candidate_ids": state.cand_ids.tolist(), "valid_slots": state.valid}
+    def action_mask_tensor(self) -> torch.Tensor:
+        """`action_masks()` as a [N, k] bool tensor on the engine's device."""
+        live = to_device(self.state.live, self.device)
+        valid = torch.where(live, self._device_state["valid"], 1)
+        masks = torch.arange(self.k, device=self.device)[None, :] < valid[:, None]
+        masks[:, 0] = True
+        return masks
+
+    def _info_columns(self) -> dict[str, np.ndarray]:
+        ids = np.empty(self.num_rows, dtype=object)
+        for row, values in enumerate(self._mirror.ids.tolist()):
+            ids[row] = values
+        return {"candidate_ids": ids, "valid_slots": self._mirror.valid.copy()}
 
 
 class TokenChoiceEnv(SingleRowEnv):

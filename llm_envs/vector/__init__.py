@@ -1,6 +1,8 @@
 """Vector views of the batched MDP cores: N envs as N rows of one core, one LM forward per step.
 
 - `make_vector_env` / `gym.make_vec`: a Gymnasium `VectorEnv` (`llm_envs.vector.vector_env`).
+- `make_torch_vector_env`: the same with torch tensors on the engine's device in and out
+  (`llm_envs.vector.torch_face`), for agents on the GPU.
 - `make_sb3_vec_env` / `llm_envs.make_sb3_vec_env`: a Stable-Baselines3 `VecEnv`
   (`llm_envs.vector.sb3`), imported only when asked for: stable-baselines3 stays unimported
   otherwise.
@@ -13,6 +15,7 @@ from __future__ import annotations
 from typing import Any
 
 from llm_envs.vector.registry import core_class, env_class
+from llm_envs.vector.torch_face import TorchVectorEnv, make_torch_vector_env
 from llm_envs.vector.vector_env import (
     LMVectorEnv,
     make_vector_env,
@@ -30,5 +33,6 @@ def make_sb3_vec_env(env_id: str, num_envs: int, **kwargs: Any) -> Any:
     return make(env_id, num_envs, **kwargs)
 
 
-__all__ = ["LMVectorEnv", "core_class", "env_class", "make_sb3_vec_env", "make_vector_env", "merge_infos",
+__all__ = ["LMVectorEnv", "TorchVectorEnv", "core_class", "env_class", "make_sb3_vec_env", "make_torch_vector_env",
+           "make_vector_env", "merge_infos",
            "token_accept_vector_env", "token_choice_vector_env", "vector_env_class"]

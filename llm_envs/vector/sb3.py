@@ -46,7 +46,7 @@ class LMSb3VecEnv(VecEnv):
         rows = list(range(self.num_envs))
         options = [opt or None for opt in self._options]
         obs, infos = self.core.reset_rows(rows, self._rngs, options)
-        self.reset_infos = infos
+        self.reset_infos = infos.as_list()
         self._reset_seeds()
         self._reset_options()
         return obs
@@ -55,7 +55,8 @@ class LMSb3VecEnv(VecEnv):
         self._actions = np.asarray(actions)
 
     def step_wait(self) -> VecEnvStepReturn:
-        obs, rewards, terminated, truncated, infos = self.core.step(self._actions, restart_done=self._restart)
+        obs, rewards, terminated, truncated, step_infos = self.core.step(self._actions, restart_done=self._restart)
+        infos = step_infos.as_list()  # SB3's layout: one dict per env
         dones = terminated | truncated
         for row in np.flatnonzero(dones).tolist():
             new_info = infos[row]
