@@ -114,7 +114,9 @@ class BatchedCore(Generic[P, Row]):
                                    reward_rules=reward_rules, reward_tokenizer=reward_tokenizer)
         self.num_rows = int(num_rows)
         self._check_sizes()
-        self.engine = DecodeEngine(self.ctx.model, self.num_rows, hidden_layer=self.params.hidden_layer)
+        # The reserve: a response of max_new_tokens, plus the slot a finished row still writes while idle.
+        self.engine = DecodeEngine(self.ctx.model, self.num_rows, hidden_layer=self.params.hidden_layer,
+                                   reserve_tokens=self.params.max_new_tokens + 1)
         self.hidden_size = self.engine.hidden_size
         self.rows: list[Row] = [self.row_class() for _ in range(self.num_rows)]
         # Read once (a tokenizer attribute lookup per row per step adds up); on a chat task it is the
