@@ -158,7 +158,7 @@ class ARGS:
         n = min(self.batch_size, len(prompt_ids))
         if n == 0:
             return []
-        engine = DecodeEngine(self.model, n)
+        engine = DecodeEngine(self.model, n, reserve_tokens=max_new_tokens + 1)
         scorer = CandidateScorer(self.reward, n, self.tokenizer, prefix_cache=self.prefix_cache)
         gens = [None if seed is None else torch.Generator().manual_seed(seed + i) for i in range(len(prompts))]
         eos, k = self.tokenizer.eos_token_id, min(self.k, engine.vocab_size)

@@ -5,17 +5,20 @@ candidates, and reset at different moments. This engine serves all of them with 
 batched forward per env step, and it knows only token ids: candidate pools, masks and rewards
 live in the envs.
 
-Cache layout (why it is built this way): transformers' `DynamicCache` can only crop every row
-at once, so a per-row rollback is done with masking instead of deletion, on the append-only
-`llm_envs.kv_cache.SlotKVCache` (a [N, L] visibility mask over physical slots, explicit per-row
-``position_ids``, compaction when hidden slots pile up; its docstring has the details).
+Cache layout (why it is built this way): transformers' `DynamicCache` can only crop every row at
+once and copies the whole cache at every step (``torch.cat``). The engine's rows live instead in
+`llm_envs.length_cache.LengthKVCache`, preallocated per layer as [N, kv_heads, capacity, head_dim],
+with a length per row (its docstring has the details):
 
-* ``append`` feeds one token per row into a new slot; ``drop_last`` hides a row's last slot.
-* ``reset_rows`` prefills the new prompts in their own left-padded batch (fresh cache), then
-  splices that K/V into slots ``[0, P)`` of those rows (growing ``L`` when ``P > L``) and
-  hides the rest of the row.
-* Compaction runs before a forward whenever the physical length exceeds the longest visible row
-  by more than ``compact_slack``.
+* ``append`` writes each row's token at slot ``len[r]`` (explicit position id ``len[r]``) and
+  attends over a bucket of slots; a kept token is ``len[r] += 1``. ``drop_last`` is
+  ``len[r] -= 1``: the next write overwrites the slot, so there are no holes and no compaction.
+* ``reset_rows`` prefills the new prompts in their own left-padded batch (fresh `DynamicCache`),
+  then copies each prompt's K/V into slots ``[0, P)`` of its row.
+* The lengths are kept exact on the host (numpy), so context checks, capacity, the bucket and
+  every per-row query need no device->host sync; each forward sends them to the device in one
+  host->device copy. With token ids already on the device and ``check_finite=False``, ``append``
+  and ``drop_last`` never wait for the device (ready for CUDA graphs and a sync-free env step).
 
 The result equals a fresh no-cache forward of each row's visible sequence to float rounding
 (~1e-6 in float32), for learned-position (GPT-2) and rotary (Llama) models, eager and sdpa.
@@ -23,16 +26,20 @@ The result equals a fresh no-cache forward of each row's visible sequence to flo
 
 from __future__ import annotations
 
+import itertools
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
+import numpy as np
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
-from llm_envs.kv_cache import SlotKVCache
+from llm_envs.length_cache import LengthKVCache, to_device
 from llm_envs.models import cache_kwargs, context_length, enable_tf32
 
-__all__ = ["DecodeEngine", "NonFiniteLogitsError", "StepOutput"]
+__all__ = ["DecodeEngine", "EngineSnapshot", "NonFiniteLogitsError", "StepOutput"]
 
 
 class NonFiniteLogitsError(FloatingPointError):
@@ -53,17 +60,56 @@ class StepOutput:
 
     Both are float32 whatever the model dtype, so envs can build observations and
     probabilities without caring how the LM was loaded: a bf16 LM head's output is upcast before
-    any softmax, top-k or sort. The logits are checked finite (`NonFiniteLogitsError`).
+    any softmax, top-k or sort. ``finite`` ([B] bool, on the device) is True where a row's logits
+    are finite by the rule of `_check_finite_logits`; a caller that passed ``check_finite=False``
+    to `DecodeEngine.append` reads it (without a sync) and decides.
     """
 
     logits: torch.Tensor  # [B, V] float32
     hidden: torch.Tensor  # [B, D] float32
+    finite: torch.Tensor | None = None  # [B] bool
 
 
-def _as_int_list(values: Sequence[int] | torch.Tensor) -> list[int]:
+@dataclass(frozen=True)
+class EngineSnapshot:
+    """The engine's per-row lengths and counters at one moment (`DecodeEngine.save`); opaque.
+
+    Only `DecodeEngine.restore` of the engine that made it reads it. Cache contents are not
+    copied: a restore is valid while no slot below a saved length was written since (checked).
+    """
+
+    owner: int
+    serial: int
+    resets: int
+    lengths: np.ndarray
+    row_forwards: np.ndarray
+    forward_calls: int
+    tokens_forwarded: int
+
+
+def _as_int_list(values: Sequence[int] | np.ndarray | torch.Tensor) -> list[int]:
     if isinstance(values, torch.Tensor):
         return [int(v) for v in values.reshape(-1).tolist()]
     return [int(v) for v in values]
+
+
+def _round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
+
+
+# A forward's fixed cost (Python, dispatch, kernel launches) in seconds, and the matmul throughput
+# (FLOP/s) a token position of a forward gets, per device type; rough, but of the right order: on a
+# CPU ~1 ms and ~20 GFLOP/s, on a datacenter GPU a few ms of launches and ~200 TFLOP/s. Other
+# accelerators are taken to behave like a GPU.
+_FORWARD_COST = {"cpu": (1e-3, 20e9), "cuda": (4e-3, 200e12)}
+
+
+def prefill_overhead_tokens(device: torch.device, num_params: int) -> float:
+    """A forward's fixed cost in token positions of a model of ``num_params`` on ``device`` (~2 FLOPs
+    per parameter per token): whether splitting a prefill in two batches pays off (`_length_groups`).
+    On a GPU it is thousands of positions for a small model (padding is nearly free), tens for 8B."""
+    fixed_s, flops = _FORWARD_COST.get(torch.device(device).type, _FORWARD_COST["cuda"])
+    return fixed_s * flops / (2.0 * max(num_params, 1))
 
 
 def _length_groups(lengths: list[int], overhead_tokens: float) -> list[list[int]]:
@@ -71,7 +117,7 @@ def _length_groups(lengths: list[int], overhead_tokens: float) -> list[list[int]
 
     Padding is computed like real tokens, so a batch of mixed lengths wastes work; a second
     forward pays off when the padding it saves outweighs a forward's fixed cost, expressed as
-    `overhead_tokens` (large for a tiny model, where dispatch dominates; < 1 for a 100M one).
+    `overhead_tokens` (`prefill_overhead_tokens`).
     """
     by_length = sorted(range(len(lengths)), key=lambda i: lengths[i])
     ordered = [lengths[i] for i in by_length]
@@ -86,24 +132,30 @@ def _length_groups(lengths: list[int], overhead_tokens: float) -> list[list[int]
 
 @dataclass(frozen=True)
 class _Prefill:
-    """A prefill forward not yet spliced into the shared cache (see `DecodeEngine.reset_rows`)."""
+    """A prefill forward not yet copied into the engine's cache (see `DecodeEngine.reset_rows`)."""
 
     rows: list[int]
     prompts: list[list[int]]
     cache: DynamicCache
-    attn: torch.Tensor
     logits: torch.Tensor
     hidden: torch.Tensor
 
 
-def _check_finite_logits(logits: torch.Tensor, rows: list[int], model: torch.nn.Module) -> None:
+def _finite_rows(logits: torch.Tensor) -> torch.Tensor:
+    """[B] bool on the device: the row's max logit is finite. NaN and +inf propagate through the
+    max, a row of only -inf has max -inf; a -inf entry alone is a legitimately banned token."""
+    return torch.isfinite(logits.amax(dim=-1))
+
+
+def _check_finite_logits(
+    logits: torch.Tensor, rows: list[int], model: torch.nn.Module, finite: torch.Tensor | None = None
+) -> None:
     """Raise `NonFiniteLogitsError` naming the rows whose logits hold NaN, +inf, or no finite value.
 
-    Cheap on the hot path: one max-reduction over [B, V] (NaN and +inf propagate through the max,
-    and a row of only -inf has max -inf; a -inf entry alone is a legitimately banned token) and
-    one host sync for the verdict; the per-row diagnosis runs only when it fails.
+    Cheap on the hot path: one max-reduction over [B, V] (`_finite_rows`, or ``finite`` when the
+    caller has it) and one host sync for the verdict; the per-row diagnosis runs only when it fails.
     """
-    bad = ~torch.isfinite(logits.amax(dim=-1))
+    bad = ~(_finite_rows(logits) if finite is None else finite)
     if not bool(bad.any()):
         return
     found = []
@@ -124,6 +176,35 @@ def _check_finite_logits(logits: torch.Tensor, rows: list[int], model: torch.nn.
         f"(-inf only for banned tokens): {shown}{more}. Likely fix: {fix}.", [row for row, _ in found])
 
 
+def _head_input_hook(engine: DecodeEngine) -> Any:
+    """A forward pre-hook for the LM head that hands its input (the final normed hidden state) to
+    ``engine`` while the engine runs a forward. It holds the engine weakly, so the hook (registered
+    once, removed when the engine is collected) neither keeps the engine alive nor sees other
+    callers' forwards of the same model."""
+    ref = weakref.ref(engine)
+
+    def hook(_module: torch.nn.Module, args: tuple[Any, ...]) -> None:
+        owner = ref()
+        if owner is not None and owner._capturing:
+            owner._captured = args[0]
+
+    return hook
+
+
+def _attention_kind(model: PreTrainedModel) -> str:
+    """'bool' (sdpa) or 'additive' (eager): the 4-D mask each attention takes as is."""
+    impl = getattr(model.config, "_attn_implementation", None)
+    if impl == "sdpa":
+        return "bool"
+    if impl == "eager":
+        return "additive"
+    raise ValueError(
+        f"{type(model).__name__} runs attn_implementation={impl!r}; the decode engine passes a 4-D attention mask "
+        "over per-row lengths, which transformers' 'sdpa' and 'eager' attention take as is. Load the LM with "
+        "attn_implementation='sdpa' (or 'eager')."
+    )
+
+
 class DecodeEngine:
     """N independent decoding rows over one frozen causal LM, one batched forward per step.
 
@@ -132,25 +213,34 @@ class DecodeEngine:
     hidden states always match a fresh forward of the row's visible tokens (``tokens(row)``).
     """
 
+    _ids = itertools.count()  # a distinct owner id per engine, for `EngineSnapshot`
+
     def __init__(
         self,
         model: PreTrainedModel,
         num_rows: int,
         *,
         hidden_layer: int = -1,
-        compact_slack: int = 32,
+        reserve_tokens: int = 0,
+        bucket_size: int = 32,
     ) -> None:
         """Wrap ``model`` (put in eval mode) for ``num_rows`` rows.
 
         ``hidden_layer`` indexes ``output_hidden_states`` (0 = embeddings, -1 = after the final
         norm, the default, which is read from the LM head's input at no extra cost).
-        ``compact_slack`` is how many hidden slots beyond the longest row are tolerated before
-        the cache is compacted: larger = fewer gathers, more memory.
+        ``reserve_tokens``: slots kept free past the longest prompt when rows are reset, so decoding
+        never has to grow the cache (an env passes ``max_new_tokens + 1``: its response plus the slot
+        a finished row still writes); without it the cache grows on demand (a reallocation and copy).
+        ``bucket_size``: attention runs over the smallest multiple of it that covers the longest row,
+        so shapes change only every ``bucket_size`` tokens (larger = fewer shapes, more masked work).
         """
-        self._kv = SlotKVCache(model, num_rows, compact_slack=compact_slack)  # validates both numbers
+        for name, value, low in (("reserve_tokens", reserve_tokens, 0), ("bucket_size", bucket_size, 1)):
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+                raise ValueError(f"{name}={value!r}; expected an int >= {low}.")
+        self._kv = LengthKVCache(model, num_rows)  # validates num_rows and the model's cache layers
         self.model = model.eval()
         self.config = model.config.get_text_config(decoder=True)
-        self.num_rows = num_rows
+        self.num_rows = self._kv.num_rows
         self.device = self._kv.device
         enable_tf32(self.device)  # a model placed on CUDA by the caller, not through llm_envs.models
         n_layers = int(self.config.num_hidden_layers)
@@ -166,46 +256,62 @@ class DecodeEngine:
         self.vocab_size = int(self.config.vocab_size)
         self.hidden_size = int(self.config.hidden_size)
         self.max_context: int | None = context_length(self.config)
-        self._prompt_len = [0] * num_rows
-        self._row_forwards = [0] * num_rows
+        self.reserve_tokens, self.bucket_size = int(reserve_tokens), int(bucket_size)
+        # The most slots a row can use: its context, plus the slot a full row writes while inactive.
+        self._max_slots = None if self.max_context is None else _round_up(self.max_context + 1, self.bucket_size)
+        self._mask_kind = _attention_kind(model)
+        with torch.inference_mode():
+            dtype = model.dtype
+            self._mask_fill = (torch.zeros((), dtype=dtype, device=self.device),
+                               torch.full((), torch.finfo(dtype).min, dtype=dtype, device=self.device))
+        # Host-side truth (exact, never read back from the device): each row's length (= the slot and
+        # position id its next token gets), prompt length, and forwards since its reset.
+        self._len = np.zeros(num_rows, dtype=np.int64)
+        self._prompt_len = np.zeros(num_rows, dtype=np.int64)
+        self._row_forwards = np.zeros(num_rows, dtype=np.int64)
         self.forward_calls = 0  # batched forwards, prefill included
         self.tokens_forwarded = 0  # token positions computed (padding and inactive rows included)
-        # A forward's fixed cost (Python, dispatch: ~1 ms on CPU) in token positions of this model
-        # (~2 FLOPs per parameter per token at ~20 GFLOP/s): whether splitting a prefill pays off.
-        params = sum(p.numel() for p in model.parameters())
-        self._prefill_overhead_tokens = 1e-3 * 20e9 / (2.0 * params)
+        # Snapshot validity (save / restore): resets so far, the latest snapshot, and the lowest slot
+        # per row (and the highest overall) written since it.
+        self._id, self._resets, self._serial = next(DecodeEngine._ids), 0, 0
+        self._lowest_write = np.full(num_rows, np.iinfo(np.int64).max, dtype=np.int64)
+        self._highest_write = -1
+        self._capturing, self._captured = False, None
+        if self.hidden_layer == -1:  # the LM head's input is the final normed hidden state
+            handle = self._head.register_forward_pre_hook(_head_input_hook(self))
+            weakref.finalize(self, handle.remove)
+        self._prefill_overhead_tokens = prefill_overhead_tokens(
+            self.device, sum(p.numel() for p in model.parameters()))
 
     # ------------------------------------------------------------------ per-row state
     def tokens(self, row: int) -> list[int]:
-        """The row's visible token ids (prompt + kept tokens): what a fresh forward would see."""
-        return self._kv.tokens(row)
+        """The row's visible token ids (prompt + kept tokens): what a fresh forward would see.
+        Reads the device's token buffer (a sync): for checks and final results, not every step."""
+        self._check_row(row)
+        return self._kv.row_tokens(row, int(self._len[row]))
 
     def next_position(self, row: int) -> int:
         """Position id the row's next token gets (= its number of visible tokens)."""
-        return self._kv.num_tokens(row)
+        return int(self._len[row])
 
     def prompt_length(self, row: int) -> int:
         """Length of the prompt the row was last reset with (0 if never reset)."""
-        return self._prompt_len[row]
+        return int(self._prompt_len[row])
 
     def row_forwards(self, row: int) -> int:
         """Forwards that computed something for this row since its last reset (prefill = 1)."""
-        return self._row_forwards[row]
+        return int(self._row_forwards[row])
 
     @property
     def cache_length(self) -> int:
-        """Physical slots per row in the cache (visible + hidden)."""
-        return self._kv.length
+        """Slots allocated per row (the cache's capacity); rows use ``[0, next_position(row))``."""
+        return self._kv.capacity
 
     @property
-    def compact_slack(self) -> int:
-        """Hidden slots tolerated beyond the longest row before the cache is compacted."""
-        return self._kv.compact_slack
-
-    @property
-    def compactions(self) -> int:
-        """How many times the cache was compacted."""
-        return self._kv.compactions
+    def attention_width(self) -> int:
+        """Slots the latest ``append`` attended over: a bucket, the smallest multiple of
+        ``bucket_size`` that covers the longest row (0 before the first append)."""
+        return self._kv.width
 
     # ------------------------------------------------------------------ operations
     @torch.inference_mode()
@@ -218,6 +324,40 @@ class DecodeEngine:
         token. Other rows are untouched. Non-finite logits raise `NonFiniteLogitsError` naming
         the rows, before any row is replaced.
         """
+        rows, prompts = self._checked_prompts(rows, prompt_ids)
+        order, prefills = [], []
+        for group in _length_groups([len(p) for p in prompts], self._prefill_overhead_tokens):
+            prefills.append(self._prefill_forward([rows[i] for i in group], [prompts[i] for i in group]))
+            order += group
+        logits, hidden = (torch.cat([pf.logits for pf in prefills]), torch.cat([pf.hidden for pf in prefills]))
+        finite = _finite_rows(logits)
+        # Checked before anything is copied: a non-finite prefill leaves every row as it was.
+        _check_finite_logits(logits, [rows[i] for i in order], self.model, finite)
+        need = max(len(p) for p in prompts) + self.reserve_tokens
+        if len(rows) == self.num_rows:
+            # Every row starts over: a cache as if new, sized by the new prompts alone, so the layout
+            # (and with it the float rounding of attention sums) depends only on them. This makes a
+            # single env bit-for-bit reproducible across resets with the same seed.
+            self._kv.clear(self._capacity_for(need))
+        else:
+            self._ensure_capacity(need)
+        for pf in prefills:
+            self._kv.load(pf.rows, pf.prompts, pf.cache)
+            for row, prompt in zip(pf.rows, pf.prompts):
+                self._len[row] = self._prompt_len[row] = len(prompt)
+                self._row_forwards[row] = 1
+        self._resets += 1
+        if len(prefills) > 1:  # back to the caller's row order
+            back = torch.empty(len(order), dtype=torch.long)
+            back[torch.tensor(order)] = torch.arange(len(order))
+            back = back.to(logits.device)
+            logits, hidden, finite = logits[back], hidden[back], finite[back]
+        return StepOutput(logits, hidden, finite)
+
+    def _checked_prompts(
+        self, rows: Sequence[int], prompt_ids: Sequence[Sequence[int] | torch.Tensor]
+    ) -> tuple[list[int], list[list[int]]]:
+        """`reset_rows`' arguments as int lists, after every check (nothing has run yet)."""
         rows = _as_int_list(rows)
         prompts = [_as_int_list(p) for p in prompt_ids]
         if len(rows) != len(prompts):
@@ -238,127 +378,141 @@ class DecodeEngine:
                     "or use a model with a longer context."
                 )
             self._check_ids(row, prompt)
-        order, prefills = [], []
-        for group in _length_groups([len(p) for p in prompts], self._prefill_overhead_tokens):
-            prefills.append(self._prefill_forward([rows[i] for i in group], [prompts[i] for i in group]))
-            order += group
-        logits, hidden = (torch.cat([pf.logits for pf in prefills]), torch.cat([pf.hidden for pf in prefills]))
-        # Checked before anything is spliced: a non-finite prefill leaves every row as it was.
-        _check_finite_logits(logits, [rows[i] for i in order], self.model)
-        if len(rows) == self.num_rows:
-            # Every row starts over: drop the old cache, so the layout (and with it the float
-            # rounding of attention sums) depends only on the new prompts. This makes a single
-            # env bit-for-bit reproducible across resets with the same seed.
-            self._kv.clear()
-        for pf in prefills:
-            self._splice(pf)
-        if len(prefills) > 1:  # back to the caller's row order
-            back = torch.empty(len(order), dtype=torch.long)
-            back[torch.tensor(order)] = torch.arange(len(order))
-            logits, hidden = logits[back.to(logits.device)], hidden[back.to(hidden.device)]
-        self._kv.maybe_compact()
-        return StepOutput(logits, hidden)
+        return rows, prompts
 
     def _prefill_forward(self, rows: list[int], prompts: list[list[int]]) -> _Prefill:
-        """One left-padded batched forward of `prompts` in a fresh cache (spliced later, `_splice`)."""
+        """One left-padded batched forward of `prompts` in a fresh cache (copied to the rows later)."""
         batch, width = len(rows), max(len(p) for p in prompts)
-        ids = torch.zeros(batch, width, dtype=torch.long)
-        attn = torch.zeros(batch, width, dtype=torch.bool)
-        pos = torch.zeros(batch, width, dtype=torch.long)
+        inputs = np.zeros((3, batch, width), dtype=np.int64)  # ids, attention mask, position ids
         for i, prompt in enumerate(prompts):  # left padding: every prompt ends at slot width-1
             n = len(prompt)
-            ids[i, width - n :] = torch.tensor(prompt)
-            attn[i, width - n :] = True
-            pos[i, width - n :] = torch.arange(n)
-        ids, attn, pos = (t.to(self.device) for t in (ids, attn, pos))
-        fresh = self._kv.new_cache()
+            inputs[:, i, width - n :] = (prompt, np.ones(n), np.arange(n))
+        ids, attn, pos = to_device(inputs, self.device)
+        fresh = DynamicCache(config=self.model.config)
         logits, hidden = self._forward(ids, attn, pos, fresh)
         self.forward_calls += 1
         self.tokens_forwarded += batch * width
-        return _Prefill(rows, prompts, fresh, attn, logits, hidden)
-
-    def _splice(self, prefill: _Prefill) -> None:
-        """Put a prefilled batch into its rows of the shared cache."""
-        self._kv.splice(prefill.rows, prefill.prompts, prefill.cache, prefill.attn)
-        for row, prompt in zip(prefill.rows, prefill.prompts):
-            self._prompt_len[row] = len(prompt)
-            self._row_forwards[row] = 1
+        return _Prefill(rows, prompts, fresh, logits, hidden)
 
     @torch.inference_mode()
     def append(
         self,
-        tokens: torch.Tensor | Sequence[int],
-        active: torch.Tensor | Sequence[bool] | None = None,
+        tokens: torch.Tensor | np.ndarray | Sequence[int],
+        active: np.ndarray | Sequence[bool] | None = None,
+        *,
+        check_finite: bool = True,
     ) -> StepOutput:
         """Feed one token per row in ONE batched forward; active rows keep it (tentatively).
 
-        Each active row's token gets a new cache slot at its next position; ``drop_last`` undoes
-        it. Returns logits [N, V] and hidden [N, D] at the new slot; rows not active get
-        meaningless (but finite) outputs and their slot is hidden at once; their token may be
-        any placeholder (it is not validated or fed to the model). Non-finite logits raise
-        `NonFiniteLogitsError` naming the rows; no row keeps its token then.
+        Each active row's token goes to the slot at its next position; ``drop_last`` undoes it.
+        Returns logits [N, V] and hidden [N, D] at that slot; rows not active get meaningless
+        (but finite) outputs and keep nothing; their token may be any placeholder (it is not fed).
+
+        ``tokens``: host ids (a sequence or numpy array; active rows' ids are checked against the
+        vocabulary), or a [N] integer tensor already on the engine's device, taken as is: not
+        checked and never read back (ids from the LM's own pools). ``active`` is host-side (None =
+        all rows): it decides the bookkeeping, which stays on the host.
+
+        ``check_finite=True``: non-finite logits raise `NonFiniteLogitsError` naming the rows, and
+        no row keeps its token. ``check_finite=False``: no check (and no sync); ``finite`` in the
+        output says which rows are fine, and a caller that dislikes it undoes the append with
+        `restore` of a `save` taken just before. With device tokens and ``check_finite=False`` the
+        call never waits for the device.
         """
-        toks = _as_int_list(tokens)
-        if len(toks) != self.num_rows:
-            raise ValueError(f"got {len(toks)} tokens for {self.num_rows} rows; pass one per row.")
-        act = [True] * self.num_rows if active is None else [bool(a) for a in _as_int_list(active)]
-        if len(act) != self.num_rows:
-            raise ValueError(f"active has {len(act)} entries for {self.num_rows} rows.")
-        for row in (r for r in range(self.num_rows) if act[r]):
-            if self._prompt_len[row] == 0:
-                raise ValueError(f"row {row} has no prompt; call reset_rows([{row}], ...) first.")
-            position = self._kv.num_tokens(row)
-            if self.max_context is not None and position >= self.max_context:
-                raise ValueError(
-                    f"row {row}: appending a token at position {position} exceeds the model's maximum "
-                    f"context of {self.max_context} positions (prompt {self._prompt_len[row]} + "
-                    f"{position - self._prompt_len[row]} kept tokens); end the episode earlier (cap "
-                    "max_new_tokens at context minus prompt length) or use shorter prompts."
-                )
-            self._check_ids(row, [toks[row]])
-        self._kv.maybe_compact()
-        ids = torch.tensor([[t if a else 0] for t, a in zip(toks, act)], device=self.device)
-        positions = [[self._kv.num_tokens(r) if a else 0] for r, a in enumerate(act)]
-        pos = torch.tensor(positions, device=self.device)
-        # Inactive rows see their new slot during this forward (see SlotKVCache.attention_mask);
-        # it is hidden after.
-        logits, hidden = self._forward(ids, self._kv.attention_mask(1), pos, self._kv.cache)
-        kept = {row: (0, [toks[row]]) for row in range(self.num_rows) if act[row]}
-        try:
-            _check_finite_logits(logits, list(range(self.num_rows)), self.model)
-        except NonFiniteLogitsError:
-            self._kv.extend(1, {})  # the forward wrote a slot to every row: account for it, hidden
-            raise
-        self._kv.extend(1, kept)
-        for row in kept:
-            self._row_forwards[row] += 1
+        act = self._active_mask(active)
+        self._check_can_append(act)
+        on_device = isinstance(tokens, torch.Tensor) and tokens.device == self.device
+        host_ids = None if on_device else self._host_ids(tokens, act)
+        if on_device:
+            self._check_token_tensor(tokens)
+        slots = self._len.copy()  # every row writes at its length; only active rows keep it
+        need = int(slots.max()) + 1
+        self._ensure_capacity(need)
+        width = min(_round_up(need, self.bucket_size), self._kv.capacity)
+        columns = [slots, np.where(act, slots, 0), act.astype(np.int64)]
+        packed = to_device(np.stack(columns if host_ids is None else [*columns, host_ids]), self.device)
+        slots_d, pos_d, active_d = packed[0], packed[1], packed[2].bool()
+        ids = packed[3] if host_ids is not None else torch.where(active_d, tokens.reshape(-1).long(), 0)
+        self._kv.begin(slots_d, width)
+        logits, hidden = self._forward(ids[:, None], self._attention_mask(slots_d, width), pos_d[:, None], self._kv)
+        self._kv.write_tokens(ids)
+        finite = _finite_rows(logits)
+        np.minimum(self._lowest_write, slots, out=self._lowest_write)
+        self._highest_write = max(self._highest_write, need - 1)
+        if check_finite:
+            try:
+                _check_finite_logits(logits, list(range(self.num_rows)), self.model, finite)
+            except NonFiniteLogitsError:
+                self._kv.zero_from(slots_d, width)  # nothing kept: scrub what this forward wrote
+                raise
+        self._len += act
+        self._row_forwards += act
         self.forward_calls += 1
         self.tokens_forwarded += self.num_rows
-        return StepOutput(logits, hidden)
+        return StepOutput(logits, hidden, finite)
 
-    @torch.inference_mode()
-    def drop_last(self, rows: Sequence[int]) -> None:
-        """Hide each row's most recent kept token (a rejected candidate); no forward needed.
+    def drop_last(self, rows: Sequence[int] | np.ndarray) -> None:
+        """Take back each row's most recent kept token (a rejected candidate); no forward needed.
 
         Later forwards behave exactly as if that token was never there and the row's next
-        position goes back by one. A row listed twice drops two tokens. Prompt tokens cannot be
-        dropped (reset the row instead).
+        position goes back by one (the next append overwrites its slot). A row listed twice drops
+        two tokens. Prompt tokens cannot be dropped (reset the row instead). Host-only bookkeeping.
         """
-        rows = _as_int_list(rows)
-        remaining = {row: self._kv.num_tokens(row) for row in rows if 0 <= row < self.num_rows}
+        rows = self._host_rows(rows, "rows")
+        left: dict[int, int] = {}
         for row in rows:  # validate every row (a row listed twice drops two) before any moves
             self._check_row(row)
-            if remaining[row] <= self._prompt_len[row]:
+            length = left.get(row, int(self._len[row]))
+            if length <= self._prompt_len[row]:
                 raise ValueError(
                     f"row {row} holds only its prompt ({self._prompt_len[row]} tokens); there is "
                     "no appended token to drop. Use reset_rows to replace the prompt."
                 )
-            remaining[row] -= 1
-        self._kv.pop(rows)
+            left[row] = length - 1
+        for row, length in left.items():
+            self._len[row] = length
 
-    def compact(self) -> None:
-        """Gather each row's visible slots to the front; the cache shrinks to the longest row."""
-        self._kv.compact()
+    # ------------------------------------------------------------------ undo
+    def save(self) -> EngineSnapshot:
+        """A snapshot of every row's length and the counters, for `restore` (host-only, cheap).
+
+        Take it right before an ``append(..., check_finite=False)`` that may have to be undone.
+        Only the latest snapshot can be restored.
+        """
+        self._serial += 1
+        self._lowest_write.fill(np.iinfo(np.int64).max)
+        self._highest_write = -1
+        return EngineSnapshot(self._id, self._serial, self._resets, self._len.copy(), self._row_forwards.copy(),
+                              self.forward_calls, self.tokens_forwarded)
+
+    @torch.inference_mode()
+    def restore(self, snapshot: EngineSnapshot) -> None:
+        """Put every row's length and the counters back as `save` found them: the appends since are
+        undone atomically, as if they never ran. Slots written since are zeroed (they may hold
+        non-finite K/V); slots below the saved lengths were not written, which is checked."""
+        if not isinstance(snapshot, EngineSnapshot) or snapshot.owner != self._id:
+            raise ValueError(f"got {type(snapshot).__name__}, expected a snapshot from this engine's save().")
+        if snapshot.serial != self._serial:
+            raise ValueError(f"snapshot {snapshot.serial} is not the latest ({self._serial}); only the latest "
+                             "save() can be restored. Call save() right before the append you may undo.")
+        if snapshot.resets != self._resets:
+            raise ValueError("rows were reset (reset_rows) since this snapshot was saved; it no longer describes "
+                             "the cache. Call save() after reset_rows, right before the append you may undo.")
+        clobbered = np.flatnonzero(self._lowest_write < snapshot.lengths)
+        if clobbered.size:
+            row = int(clobbered[0])
+            raise ValueError(
+                f"row {row}: slot {int(self._lowest_write[row])}, below its saved length {int(snapshot.lengths[row])}, "
+                "was written since save() (drop_last, then append); the snapshot can no longer be restored. "
+                "Call save() after drop_last, right before the append you may undo.")
+        self._len[:] = snapshot.lengths
+        self._row_forwards[:] = snapshot.row_forwards
+        self.forward_calls, self.tokens_forwarded = snapshot.forward_calls, snapshot.tokens_forwarded
+        if self._highest_write >= 0:
+            width = min(_round_up(self._highest_write + 1, self.bucket_size), self._kv.capacity)
+            self._kv.zero_from(to_device(self._len.copy(), self.device), width)
+        self._lowest_write.fill(np.iinfo(np.int64).max)
+        self._highest_write = -1
 
     # ------------------------------------------------------------------ internals
     def _check_row(self, row: int) -> None:
@@ -367,7 +521,7 @@ class DecodeEngine:
                 f"row {row} is out of range; this engine has rows 0..{self.num_rows - 1}."
             )
 
-    def _check_ids(self, row: int, ids: list[int]) -> None:
+    def _check_ids(self, row: int, ids: Sequence[int]) -> None:
         bad = [t for t in ids if not 0 <= t < self.vocab_size]
         if bad:
             raise ValueError(
@@ -375,18 +529,95 @@ class DecodeEngine:
                 f"[0, {self.vocab_size}); check that the tokenizer matches the model."
             )
 
+    def _host_rows(self, values: Any, name: str) -> list[int]:
+        """Row indices (or flags) given on the host; a device tensor would need a sync to read."""
+        if isinstance(values, torch.Tensor) and values.device.type != "cpu":
+            raise TypeError(f"{name} is a tensor on {values.device}; the engine keeps its bookkeeping on the "
+                            f"host, so pass {name} as a list or numpy array (reading it here would wait for "
+                            "the device).")
+        return _as_int_list(values)
+
+    def _active_mask(self, active: Any) -> np.ndarray:
+        """``active`` as a host bool array [N] (None = every row)."""
+        if active is None:
+            return np.ones(self.num_rows, dtype=bool)
+        if isinstance(active, torch.Tensor) and active.device.type != "cpu":
+            raise TypeError(f"active is a tensor on {active.device}; the engine keeps its bookkeeping on the host, "
+                            "so pass active as a list or numpy array of bools (reading it here would wait for "
+                            "the device).")
+        flags = np.asarray(active).reshape(-1).astype(bool)
+        if flags.shape[0] != self.num_rows:
+            raise ValueError(f"active has {flags.shape[0]} entries for {self.num_rows} rows; pass one per row.")
+        return flags
+
+    def _check_can_append(self, act: np.ndarray) -> None:
+        """Every active row has a prompt and room in the model's context (host lengths only)."""
+        empty = np.flatnonzero(act & (self._prompt_len == 0))
+        if empty.size:
+            row = int(empty[0])
+            raise ValueError(f"row {row} has no prompt; call reset_rows([{row}], ...) first.")
+        if self.max_context is None:
+            return
+        full = np.flatnonzero(act & (self._len >= self.max_context))
+        if full.size:
+            row = int(full[0])
+            position, prompt = int(self._len[row]), int(self._prompt_len[row])
+            raise ValueError(
+                f"row {row}: appending a token at position {position} exceeds the model's maximum "
+                f"context of {self.max_context} positions (prompt {prompt} + {position - prompt} kept tokens); "
+                "end the episode earlier (cap max_new_tokens at context minus prompt length) or use shorter prompts."
+            )
+
+    def _host_ids(self, tokens: Any, act: np.ndarray) -> np.ndarray:
+        """Host token ids as int64 [N], active rows' checked against the vocabulary, 0 elsewhere."""
+        ids = np.asarray(tokens.reshape(-1).tolist() if isinstance(tokens, torch.Tensor) else tokens,
+                         dtype=np.int64).reshape(-1)
+        if ids.shape[0] != self.num_rows:
+            raise ValueError(f"got {ids.shape[0]} tokens for {self.num_rows} rows; pass one per row.")
+        bad = np.flatnonzero(act & ((ids < 0) | (ids >= self.vocab_size)))
+        if bad.size:
+            self._check_ids(int(bad[0]), [int(ids[bad[0]])])
+        return np.where(act, ids, 0)
+
+    def _check_token_tensor(self, tokens: torch.Tensor) -> None:
+        """Shape and dtype of device tokens (metadata only: nothing is read from the device)."""
+        if tokens.numel() != self.num_rows:
+            raise ValueError(f"got {tokens.numel()} tokens for {self.num_rows} rows; pass a [{self.num_rows}] tensor.")
+        if tokens.dtype == torch.bool or tokens.is_floating_point() or tokens.is_complex():
+            raise TypeError(f"tokens is a {tokens.dtype} tensor; pass token ids as an integer tensor "
+                            "(torch.long), e.g. logits.argmax(-1).")
+
+    def _capacity_for(self, need: int) -> int:
+        """Slots to allocate for ``need``: a multiple of the bucket size, no more than a row can use
+        (its context plus the slot a full, inactive row writes)."""
+        if self._max_slots is not None:
+            need = min(need, self._max_slots)
+        return _round_up(max(need, 1), self.bucket_size)
+
+    def _ensure_capacity(self, need: int) -> None:
+        """Grow the cache (a reallocation and copy: rare) when it has fewer than ``need`` slots; by
+        at least half its size, so growth on demand stays amortised."""
+        if need > self._kv.capacity:
+            self._kv.resize(self._capacity_for(max(need, self._kv.capacity * 3 // 2)))
+
+    def _attention_mask(self, slots: torch.Tensor, width: int) -> torch.Tensor:
+        """The [N, 1, 1, width] mask of a decode forward, built on the device: row r sees slots
+        ``0..slots[r]`` (its tokens and the one it writes now; so no row is fully masked)."""
+        visible = (self._kv.slot_range(width)[None, :] <= slots[:, None])[:, None, None, :]
+        if self._mask_kind == "bool":
+            return visible
+        zero, lowest = self._mask_fill
+        return torch.where(visible, zero, lowest)
+
     def _forward(
-        self, ids: torch.Tensor, attn: torch.Tensor, pos: torch.Tensor, cache: DynamicCache
+        self, ids: torch.Tensor, attn: torch.Tensor, pos: torch.Tensor, cache: DynamicCache | LengthKVCache
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """One forward; returns float32 last-position logits [B, V] and hidden state [B, D]."""
-        captured: list[torch.Tensor] = []
-        hook = None
-        if self.hidden_layer == -1:  # the LM head's input is the final normed hidden state
-            hook = self._head.register_forward_pre_hook(lambda _m, args: captured.append(args[0]))
+        self._capturing, self._captured = self.hidden_layer == -1, None
         try:
             out = self.model(
                 input_ids=ids,
-                attention_mask=attn.long(),
+                attention_mask=attn,
                 position_ids=pos,
                 **cache_kwargs(self.model, cache),
                 use_cache=True,
@@ -394,15 +625,15 @@ class DecodeEngine:
                 output_hidden_states=self.hidden_layer != -1,
             )
         finally:
-            if hook is not None:
-                hook.remove()
-        if hook is not None:
-            if not captured:
+            self._capturing = False
+        captured, self._captured = self._captured, None
+        if self.hidden_layer == -1:
+            if captured is None:
                 raise RuntimeError(
                     f"{type(self.model).__name__} did not call its output embeddings module; "
                     f"pass hidden_layer={self.config.num_hidden_layers} to read hidden_states."
                 )
-            hidden = captured[-1][:, -1]
+            hidden = captured[:, -1]
         else:
             hidden = out.hidden_states[self.hidden_layer][:, -1]
         return out.logits[:, -1].float(), hidden.float()

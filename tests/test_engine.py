@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import gc
 import random
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, PreTrainedModel
 
-from llm_envs.engine import DecodeEngine, StepOutput
+from llm_envs.engine import (
+    DecodeEngine,
+    NonFiniteLogitsError,
+    StepOutput,
+    prefill_overhead_tokens,
+)
 
 TOL = 1e-4
 VOCAB = 97
@@ -23,7 +29,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 def make_model(arch: str, attn: str, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
     """A seeded random tiny LM; initializer_range 0.2 so logits are far from uniform."""
     torch.manual_seed(0)
-    common = dict(vocab_size=VOCAB, initializer_range=0.2, bos_token_id=1, eos_token_id=None)
+    common = {"vocab_size": VOCAB, "initializer_range": 0.2, "bos_token_id": 1, "eos_token_id": None}
     if arch == "gpt2":
         config = GPT2Config(n_positions=CONTEXT, n_embd=32, n_layer=2, n_head=4, **common)
     else:
@@ -77,25 +83,30 @@ def random_prompt(rng: random.Random, low: int = 1, high: int = 24) -> list[int]
 @pytest.mark.parametrize("arch", ARCHS)
 def test_random_interleavings_match_fresh_forward(arch: str, attn: str) -> None:
     model = make_model(arch, attn)
-    engine = DecodeEngine(model, 4, compact_slack=3)
+    engine = DecodeEngine(model, 4, bucket_size=8)  # no reserve: the cache grows on demand
     check = Checker(model, engine)
     rng = random.Random(1234)
     rows = list(range(4))
     out = engine.reset_rows(rows, [random_prompt(rng, 1, 12) for _ in rows])
     check(out, rows, [])
     assert engine.forward_calls == 1
+    widths, capacities = set(), {engine.cache_length}
 
     def append(active: list[bool]) -> None:
         before = [engine.tokens(r) for r in rows]
         tokens = [rng.randrange(VOCAB) for _ in rows]
-        out = engine.append(torch.tensor(tokens), torch.tensor(active))
+        as_tensor = rng.random() < 0.5  # device tokens (taken as is) or host ids (checked)
+        out = engine.append(torch.tensor(tokens) if as_tensor else tokens, active)
         assert out.logits.shape == (4, VOCAB) and out.hidden.shape == (4, 32)
-        assert torch.isfinite(out.logits).all() and torch.isfinite(out.hidden).all()
+        assert torch.isfinite(out.logits).all() and torch.isfinite(out.hidden).all() and out.finite.all()
         for r in rows:
             assert engine.tokens(r) == (before[r] + [tokens[r]] if active[r] else before[r])
+        longest = max(len(b) for b in before) + 1
+        assert engine.attention_width % 8 == 0 and longest <= engine.attention_width < longest + 8
+        widths.add(engine.attention_width)
+        capacities.add(engine.cache_length)
         check(out, [r for r in rows if active[r]], [])
 
-    grew = 0
     for _ in range(70):
         op = rng.random()
         room = [engine.next_position(r) < CONTEXT - 4 for r in rows]
@@ -111,20 +122,20 @@ def test_random_interleavings_match_fresh_forward(arch: str, attn: str) -> None:
                 append(chain)
                 engine.drop_last([r for r in rows if chain[r]])
             assert [engine.next_position(r) for r in rows] == positions
-        else:  # resets of one or more rows, prompts of different lengths (some grow the cache)
+        else:  # resets of one or more rows while the others continue (some prompts grow the cache)
             chosen = sorted(rng.sample(rows, rng.randint(1, 3)))
             prompts = [random_prompt(rng, 1, 40) for _ in chosen]
-            grew += max(map(len, prompts)) > engine.cache_length
             out = engine.reset_rows(chosen, prompts)
             assert [engine.tokens(r) for r in chosen] == prompts
+            assert engine.cache_length >= max(map(len, prompts))
+            capacities.add(engine.cache_length)
             check(out, chosen, {r: i for i, r in enumerate(chosen)})
 
-    assert engine.compactions > 0, "compaction was never triggered"
-    assert grew > 0, "no reset spliced a prompt longer than the cache"
-    longest = max(engine.next_position(r) for r in rows)
-    assert engine.cache_length <= longest + engine.compact_slack + 1
+    assert len(capacities) > 1, "the cache never grew"
+    assert len(widths) > 2, f"attention ran over too few buckets: {sorted(widths)}"
+    assert engine.cache_length <= 72  # bounded by the context (64) + the slot a full row writes, in buckets
     assert check.checks > 100
-    print(f"{arch}/{attn}: worst |diff| {check.worst:.2e} over {check.checks} checks")
+    print(f"{arch}/{attn}: worst |diff| {check.worst:.2e} over {check.checks} checks, buckets {sorted(widths)}")
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -133,7 +144,7 @@ def test_greedy_matches_generate(arch: str) -> None:
     rng = random.Random(7)
     prompts = [random_prompt(rng, 2, 9) for _ in range(3)]
     new_tokens = 12
-    engine = DecodeEngine(model, len(prompts), compact_slack=2)
+    engine = DecodeEngine(model, len(prompts), bucket_size=4)
     out = engine.reset_rows(range(len(prompts)), prompts)
     for _ in range(new_tokens):
         out = engine.append(out.logits.argmax(-1))
@@ -147,23 +158,61 @@ def test_greedy_matches_generate(arch: str) -> None:
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_physical_cache_longer_than_context(arch: str) -> None:
-    """Without compaction the cache holds more slots than the model has positions: still exact."""
+def test_rejects_never_grow_the_cache(arch: str) -> None:
+    """A reject is a shorter length and the next write overwrites its slot: 160 appends of which
+    120 are rejected leave the cache at the size the reserve gave it, and every output exact."""
     model = make_model(arch, "sdpa")
-    engine = DecodeEngine(model, 2, compact_slack=1000)
+    engine = DecodeEngine(model, 2, reserve_tokens=41)
     check = Checker(model, engine)
     check(engine.reset_rows([0, 1], [[5, 6, 7], [8] * 10]), [0, 1], [])
+    assert engine.cache_length == 64  # 10 + 41, in buckets of 32
     for step in range(40):  # row 0 rejects 3 candidates per position, row 1 idles half the time
         for candidate in range(4):
             out = engine.append([step + candidate, 3], [True, candidate == 0 and step % 2 == 0])
             check(out, [0] + ([1] if candidate == 0 and step % 2 == 0 else []), [])
             if candidate < 3:
                 engine.drop_last([0])
-    assert engine.cache_length == 10 + 160 > CONTEXT and engine.compactions == 0
+    assert engine.cache_length == 64 and engine.attention_width == 64
     assert engine.next_position(0) == 43 and engine.next_position(1) == 30
-    engine.compact()
-    assert engine.cache_length == 43
     check(engine.append([1, 2]), [0, 1], [])
+
+
+def test_capacity_follows_prompts_reserve_and_growth_on_demand() -> None:
+    model = make_model("llama", "sdpa")
+    engine = DecodeEngine(model, 3, reserve_tokens=5, bucket_size=16)
+    assert engine.cache_length == 0 and engine.attention_width == 0
+    engine.reset_rows([0, 1, 2], [[1] * 20, [2] * 3, [3]])
+    assert engine.cache_length == 32  # 20 + 5, in buckets of 16
+    engine.reset_rows([1], [[4] * 40])  # a longer prompt: growth (at least by half)
+    assert engine.cache_length == 48 and engine.tokens(0) == [1] * 20
+    for _ in range(9):  # row 1 passes its reserve: growth on demand, then the context caps it
+        engine.append([5, 5, 5], [False, True, False])
+    # 48 * 3 // 2 = 72 slots, in buckets: 80, which is also all a row can use (context 64 + 1 slot)
+    assert engine.next_position(1) == 49 and engine.cache_length == 80 and engine.attention_width == 64
+    engine.reset_rows([0, 1, 2], [[6] * 4, [7] * 2, [8]])  # a full reset starts over at the fresh size
+    assert engine.cache_length == 16
+    fresh = DecodeEngine(model, 3, reserve_tokens=5, bucket_size=16)
+    fresh.reset_rows([0, 1, 2], [[6] * 4, [7] * 2, [8]])
+    assert fresh.cache_length == 16
+
+
+def test_a_single_env_is_bit_reproducible_across_full_resets() -> None:
+    """After any history, a full reset gives exactly the outputs of a fresh engine."""
+    model = make_model("gpt2", "sdpa")
+    engine = DecodeEngine(model, 1, bucket_size=8)
+    fresh = DecodeEngine(model, 1, bucket_size=8)
+    engine.reset_rows([0], [[3] * 30])
+    for t in range(12):
+        engine.append([t])
+    engine.drop_last([0])
+
+    def episode(current: DecodeEngine) -> list[StepOutput]:
+        outs = [current.reset_rows([0], [[4, 5, 6]])] + [current.append([t]) for t in (7, 8, 9)]
+        current.drop_last([0])
+        return outs + [current.append([10])]
+
+    for a, b in zip(episode(engine), episode(fresh)):
+        assert torch.equal(a.logits, b.logits) and torch.equal(a.hidden, b.hidden)
 
 
 def test_context_overflow_raises_clear_error() -> None:
@@ -199,12 +248,30 @@ def test_bad_input_errors() -> None:
         engine.drop_last([1])
     with pytest.raises(ValueError, match="hidden_layer"):
         DecodeEngine(model, 1, hidden_layer=5)
+    with pytest.raises(ValueError, match="outside the model's vocabulary"):
+        engine.append([1, VOCAB])
+    engine.append([1, VOCAB], [True, False])  # an inactive row's token is a placeholder: not checked
+    with pytest.raises(ValueError, match=r"got 3 tokens for 2 rows"):
+        engine.append([1, 2, 3])
+    with pytest.raises(ValueError, match=r"active has 3 entries for 2 rows"):
+        engine.append([1, 2], [True, True, False])
+    with pytest.raises(TypeError, match=r"tokens is a torch.float32 tensor.*integer tensor"):
+        engine.append(torch.tensor([1.0, 2.0]))
+    for name, value in (("reserve_tokens", -1), ("bucket_size", 0), ("bucket_size", True)):
+        with pytest.raises(ValueError, match=rf"{name}={value}; expected an int >= "):
+            DecodeEngine(model, 1, **{name: value})
+    with pytest.raises(ValueError, match="num_rows=0"):
+        DecodeEngine(model, 0)
+    flash = make_model("llama", "eager")
+    flash.config._attn_implementation = "flex_attention"
+    with pytest.raises(ValueError, match=r"attn_implementation='flex_attention'.*'sdpa'"):
+        DecodeEngine(flash, 1)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_intermediate_hidden_layer_and_bfloat16(arch: str) -> None:
     model = make_model(arch, "eager")
-    engine = DecodeEngine(model, 2, hidden_layer=1, compact_slack=0)
+    engine = DecodeEngine(model, 2, hidden_layer=1, bucket_size=1)
     check = Checker(model, engine)
     check(engine.reset_rows([0, 1], [[5, 6, 7], [8]]), [0, 1], [])
     check(engine.append([9, 10]), [0, 1], [])
@@ -242,3 +309,134 @@ def test_prefill_split_by_length_matches_fresh_forward(arch: str) -> None:
     out = engine.reset_rows([1, 2], [random_prompt(rng, 2, 3), random_prompt(rng, 20, 24)])
     assert engine.forward_calls == 2 + 3 + 1
     check(out, [1, 2], {1: 0, 2: 1})
+
+
+# ---------------------------------------------------------------------------- the fast path
+SYNCS = ("item", "cpu", "tolist", "nonzero", "__bool__", "__int__", "__float__", "__index__")
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_fast_path_append_and_drop_last_never_read_the_device(arch: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With device tokens and check_finite=False, nothing in append (the forward included) or
+    drop_last reads a tensor back to the host: each read that would sync on CUDA is counted."""
+    model = make_model(arch, "sdpa")
+    engine = DecodeEngine(model, 3, bucket_size=4)
+    out = engine.reset_rows([0, 1], [[5, 6, 7], [8]])  # row 2 is never reset: it idles
+    tokens = out.logits.argmax(-1)
+    tokens = torch.cat([tokens, tokens[:1]])
+    calls: dict[str, int] = {}
+    for name in SYNCS:
+        original = getattr(torch.Tensor, name)
+
+        def counted(self: torch.Tensor, *args: object, _name: str = name, _original: object = original) -> object:
+            calls[_name] = calls.get(_name, 0) + 1
+            return _original(self, *args)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    original_nonzero = torch.nonzero
+    monkeypatch.setattr(torch, "nonzero", lambda *a, **k: calls.update(nonzero=1) or original_nonzero(*a, **k))
+    assert bool(torch.ones(())) and calls == {"__bool__": 1}  # the counting works
+    calls.clear()
+    with torch.inference_mode():
+        for step in range(6):  # crosses bucket edges (4, 8) and grows the cache
+            out = engine.append(tokens, [True, step % 2 == 0, False], check_finite=False)
+            tokens = torch.where(out.finite, out.logits.argmax(-1), 0)
+            if step % 3 == 1:
+                engine.drop_last([0])
+    monkeypatch.undo()
+    assert calls == {}, f"device reads on the fast path: {calls}"
+    assert engine.next_position(0) == 3 + 6 - 2 and engine.next_position(1) == 1 + 3
+    check = Checker(model, engine)
+    check(engine.append([1, 2, 3], [True, True, False]), [0, 1], [])
+
+
+def poison_keys(model: PreTrainedModel, row: int) -> torch.utils.hooks.RemovableHandle:
+    """Make row `row`'s keys in the first layer NaN in every forward (so its logits are NaN too)."""
+    def hook(_m: torch.nn.Module, _a: object, out: torch.Tensor) -> None:
+        out[row] = float("nan")
+    return model.model.layers[0].self_attn.k_proj.register_forward_hook(hook)
+
+
+def test_unchecked_append_reports_finite_rows_and_restore_undoes_it() -> None:
+    model = make_model("llama", "sdpa")
+    engine = DecodeEngine(model, 3, bucket_size=4)
+    engine.reset_rows([0, 1, 2], [[5, 6], [7, 8, 9], [1]])
+    engine.append([1, 2, 3])
+    engine.drop_last([1])
+    before = [engine.tokens(r) for r in range(3)]
+    counters = (engine.forward_calls, engine.tokens_forwarded, [engine.row_forwards(r) for r in range(3)])
+    snapshot = engine.save()
+    engine.append([4, 5, 6])
+    handle = poison_keys(model, 2)
+    out = engine.append([7, 8, 9], check_finite=False)  # NaN K/V past row 2's saved length: scrubbed
+    handle.remove()
+    assert out.finite.tolist() == [True, True, False]
+    assert engine.tokens(2) == before[2] + [6, 9]  # unchecked: kept until the caller decides
+    engine.restore(snapshot)
+    assert [engine.tokens(r) for r in range(3)] == before
+    assert (engine.forward_calls, engine.tokens_forwarded, [engine.row_forwards(r) for r in range(3)]) == counters
+    engine.restore(snapshot)  # still the latest snapshot: restoring again is a no-op
+    clean = engine.append([10, 11, 12])
+    check = Checker(model, engine)
+    check(clean, [0, 1, 2], [])
+
+
+def test_restore_refuses_a_snapshot_it_cannot_honour() -> None:
+    model = make_model("gpt2", "eager")
+    engine = DecodeEngine(model, 2)
+    engine.reset_rows([0, 1], [[5, 6], [7]])
+    engine.append([1, 2])
+    old = engine.save()
+    snapshot = engine.save()
+    with pytest.raises(ValueError, match="not the latest"):
+        engine.restore(old)
+    engine.drop_last([0])
+    engine.append([3, 4])  # row 0 overwrote the slot its saved length covers
+    with pytest.raises(ValueError, match=r"row 0: slot 2, below its saved length 3, was written since save"):
+        engine.restore(snapshot)
+    snapshot = engine.save()
+    engine.reset_rows([1], [[9, 9]])
+    with pytest.raises(ValueError, match=r"reset \(reset_rows\) since this snapshot"):
+        engine.restore(snapshot)
+    with pytest.raises(ValueError, match="expected a snapshot from this engine"):
+        DecodeEngine(model, 2).restore(engine.save())
+
+
+def test_a_checked_append_that_fails_keeps_nothing_and_scrubs_its_slots() -> None:
+    """A NaN written past a row's length must not leak through `0 * NaN` once the row shrinks."""
+    model = make_model("llama", "eager")
+    engine = DecodeEngine(model, 2, bucket_size=8)
+    engine.reset_rows([0, 1], [[5, 6, 7], [8, 9]])
+    engine.append([1, 2])
+    handle = poison_keys(model, 0)
+    with pytest.raises(NonFiniteLogitsError):
+        engine.append([3, 4])  # NaN K/V at row 0's slot 4
+    handle.remove()
+    assert engine.tokens(0) == [5, 6, 7, 1] and engine.tokens(1) == [8, 9, 2]
+    engine.drop_last([0, 1])
+    check = Checker(model, engine)
+    check(engine.append([5, 6]), [0, 1], [])
+
+
+# ---------------------------------------------------------------------------- construction
+def test_the_head_hook_is_registered_once_and_leaves_with_the_engine() -> None:
+    model = make_model("gpt2", "sdpa")
+    head = model.get_output_embeddings()
+    hooks_before = len(head._forward_pre_hooks)
+    engines = [DecodeEngine(model, 1) for _ in range(3)]
+    assert len(head._forward_pre_hooks) == hooks_before + 3
+    engines[0].reset_rows([0], [[1, 2]])
+    with torch.no_grad():
+        model(torch.tensor([[1, 2, 3]]))  # someone else's forward: no engine keeps its hidden state
+    assert all(engine._captured is None for engine in engines)
+    del engines
+    gc.collect()
+    assert len(head._forward_pre_hooks) == hooks_before
+
+
+def test_the_prefill_split_threshold_depends_on_the_device() -> None:
+    small, large = 135e6, 8e9
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert prefill_overhead_tokens(cpu, small) < 1  # a CPU forward's fixed cost is tiny next to 135M params
+    assert prefill_overhead_tokens(cuda, small) > 1000  # on a GPU padding a small model is nearly free
+    assert 10 < prefill_overhead_tokens(cuda, large) < 200

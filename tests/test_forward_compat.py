@@ -85,7 +85,7 @@ def test_forward_path_emits_no_deprecation(world_models) -> None:
     tok, lm, rm, prompts, prompt_ids = world_models
     wrapper = RewardWrapper.from_model(rm, tokenizer=tok, lm_tokenizer=tok, device="cpu")
     with deprecations() as (caught, logged):
-        engine = DecodeEngine(lm, 2, compact_slack=1)  # an episode: prefill, steps, a rejection, compaction
+        engine = DecodeEngine(lm, 2, bucket_size=4)  # an episode: prefill, steps, rejections, bucket changes
         out = engine.reset_rows([0, 1], prompt_ids[:2])
         for step in range(6):
             out = engine.append(out.logits.argmax(-1))

@@ -388,5 +388,6 @@ def test_the_package_layers_flow_one_way() -> None:
     # models reads only io (the cache root and atomic directory swaps for GGUF conversions) and the
     # score-model loader below it, which reads none; a reward spec is plain data over the config layer
     assert imports("kv_cache.py") == set() and imports("models.py") == {"llm_envs.io", "llm_envs.score_model"}
+    assert imports("length_cache.py") == set()
     assert imports("score_model.py") == set() and imports("reward_spec.py") == {"llm_envs.config"}
-    assert imports("engine.py") == {"llm_envs.kv_cache", "llm_envs.models"}
+    assert imports("engine.py") == {"llm_envs.length_cache", "llm_envs.models"}

@@ -118,7 +118,9 @@ class BatchedCore(Generic[P]):
                                    reward_rules=reward_rules, reward_tokenizer=reward_tokenizer)
         self.num_rows = int(num_rows)
         self._check_sizes()
-        self.engine = DecodeEngine(self.ctx.model, self.num_rows, hidden_layer=self.params.hidden_layer)
+        # The reserve: a response of max_new_tokens, plus the slot a finished row still writes while idle.
+        self.engine = DecodeEngine(self.ctx.model, self.num_rows, hidden_layer=self.params.hidden_layer,
+                                   reserve_tokens=self.params.max_new_tokens + 1)
         self.hidden_size = self.engine.hidden_size
         self.device = self.engine.device
         fields = {**COMMON_FIELDS, "response": (np.int64, (self.params.max_new_tokens,)), **self._row_fields()}
