@@ -65,11 +65,12 @@ def test_tiny_benchmark_writes_the_documented_schema(tiny_lm, tmp_path):
 
 
 def test_quick_preset_is_smaller_and_writes_its_own_files(tmp_path):
-    from benchmarks.throughput import Settings, build_report, write_results
+    from benchmarks.throughput import MODEL_NUM_ENVS, Settings, build_report, write_results
 
     full, quick = Settings(), Settings.quick_preset()
     assert quick.quick and not full.quick
     assert quick.env_steps < full.env_steps and quick.naive_samples < full.naive_samples
-    assert full.num_envs == quick.num_envs == [1, 16, 64] and full.max_new_tokens == 64
+    assert full.num_envs is quick.num_envs is None and full.max_new_tokens == 64  # per model: MODEL_NUM_ENVS
+    assert MODEL_NUM_ENVS["world"] == [1, 16, 64, 256] and 64 in MODEL_NUM_ENVS["gpt2-124m"]
     paths = write_results(build_report([], quick, "q"), tmp_path)
     assert [p.name for p in paths] == ["throughput_quick.json", "throughput_quick.md"]

@@ -31,7 +31,7 @@ import gymnasium as gym
 import numpy as np
 import torch
 
-from llm_envs.engine import DecodeEngine, StepOutput
+from llm_envs.engine import DecodeEngine, NonFiniteLogitsError, StepOutput
 from llm_envs.envs.params import params_fields, resolve_params
 from llm_envs.envs.rows import RowArrays, StepInfos
 from llm_envs.task import LMContext, context_for_env
@@ -231,8 +231,13 @@ class BatchedCore(Generic[P]):
         saved = self.state.copy()
         try:
             return self._step(stepped, chosen, forced, restart, restart_done)
-        except BaseException:
+        except BaseException as error:
             self.state.restore(saved)  # host bookkeeping as before the step; the MDP restores its own
+            if isinstance(error, NonFiniteLogitsError):
+                # The forward already overwrote cache slots (a rejected candidate's), so the rows cannot
+                # go back to where they were: every episode ends here, and the next call must reset.
+                self.state.live[:] = False
+                error.add_note("Every env of this batch now needs reset() (the step could not be undone).")
             raise
 
     def _step(self, stepped: np.ndarray, chosen: np.ndarray, forced: np.ndarray, restart: Restart | None,
@@ -472,6 +477,17 @@ class _Reordered(StepInfos):
 
 def _scalar(value: Any) -> Any:
     return value.item() if isinstance(value, np.generic) else value
+
+
+def raise_non_finite(rows: np.ndarray, model: Any) -> None:
+    """Raise `NonFiniteLogitsError` for `rows`, whose last forward gave non-finite logits (found in
+    a step's host copy)."""
+    rows = [int(r) for r in rows]
+    raise NonFiniteLogitsError(
+        f"{type(model).__name__} ({getattr(model, 'dtype', None)}) returned non-finite next-token logits for "
+        f"env rows {rows[:8]}{' and more' if len(rows) > 8 else ''}, expected finite values (-inf only for banned "
+        "tokens). Likely fix: load the LM with dtype='bfloat16' or 'float32' (float16 overflows past 65504), "
+        "and check its weights and the input ids.", rows)
 
 
 def core_signature(params_class: type, *, lead: Sequence[inspect.Parameter] | None = None) -> inspect.Signature:

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from llm_envs.engine import DecodeEngine, StepOutput
-from llm_envs.envs.core import BatchedCore
+from llm_envs.envs.core import BatchedCore, raise_non_finite
 from llm_envs.envs.params import TokenAcceptParams
 from llm_envs.envs.pools import NucleusPools, Pool, PoolWorkspace, nucleus_pools
 from llm_envs.envs.rows import RowArrays, pack_rows, to_device
@@ -162,6 +162,7 @@ class TokenAcceptCore(BatchedCore[TokenAcceptParams]):
         n, device = self.num_rows, self.device
         self._pools = _DevicePools(n, device)
         self._hidden = torch.zeros(n, self.hidden_size, dtype=torch.float32, device=device)
+        self._finite = torch.ones(n, dtype=torch.bool, device=device)
         self._next_logits = (torch.zeros(n, self.engine.vocab_size, dtype=torch.float32, device=device)
                              if params.obs_mode == "candidate" else None)
         # What the torch face reads (observation_tensor, action_mask_tensor): the device side of the mirror.
@@ -261,6 +262,7 @@ class TokenAcceptCore(BatchedCore[TokenAcceptParams]):
         # Pools are rewritten before the forward, which may raise (non-finite logits): undo them then.
         # Hidden states and logits are written only after it succeeded.
         saved = self._pools.save()
+        self._finite.fill_(True)  # the forward's verdict per row, checked in `_refresh`'s copy
         try:
             if self.params.obs_mode == "candidate":
                 # The proposed candidate sits in the cache: a reject hides it; an accept keeps it,
@@ -276,10 +278,11 @@ class TokenAcceptCore(BatchedCore[TokenAcceptParams]):
                 tokens[accepted] = s.response[accepted, s.response_len[accepted] - 1]
                 mask = np.zeros(self.num_rows, dtype=bool)
                 mask[accepted] = True
-                out = self.engine.append(tokens.tolist(), mask.tolist())
+                out = self.engine.append(tokens, mask, check_finite=False)
                 index = to_device(accepted, self.device)
                 self._pools.write(index, self._pool_batch(out.logits[index]))
                 self._hidden[index] = out.hidden[index]
+                self._finite[index] = out.finite[index]
             self._refresh(np.union1d(continuing, np.asarray(started, dtype=np.int64)))
         except BaseException:
             self._pools.restore(saved)
@@ -297,10 +300,11 @@ class TokenAcceptCore(BatchedCore[TokenAcceptParams]):
         active = np.zeros(self.num_rows, dtype=bool)
         active[rows] = True
         tokens = self._candidates().clamp_min(0)  # rows not active may hold -1 (never fed to the model)
-        out = self.engine.append(tokens.tolist(), active.tolist())
+        out = self.engine.append(tokens, active, check_finite=False)  # device ids: no host read
         index = to_device(rows, self.device)
         self._hidden[index] = out.hidden[index]
         self._next_logits[index] = out.logits[index]
+        self._finite[index] = out.finite[index]
 
     def _pool_batch(self, logits: torch.Tensor) -> NucleusPools:
         # head_min_prob=p_t: the head then holds every candidate SKAM can let a row reach.
@@ -343,7 +347,9 @@ class TokenAcceptCore(BatchedCore[TokenAcceptParams]):
             self._device_view[name][index] = values
         host = pack_rows({"candidate": candidate, "candidate_prob": view["candidate_prob"], "top_prob": top_prob,
                           "mean_left": view["mean_left"], "size": size, "entropy": entropy, "reject_ok": allowed,
-                          "past_head": past_head, "hidden": hidden})
+                          "past_head": past_head, "hidden": hidden, "finite": self._finite[index]})
+        if not host["finite"].all():
+            raise_non_finite(rows[~host["finite"]], self.ctx.model)
         if host["past_head"].any():
             raise RuntimeError(
                 f"SKAM allows a reject at rank {int(self.state.rejections[rows][host['past_head']][0])}, past the "

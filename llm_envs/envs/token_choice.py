@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from llm_envs.engine import DecodeEngine, StepOutput
-from llm_envs.envs.core import BatchedCore
+from llm_envs.envs.core import BatchedCore, raise_non_finite
 from llm_envs.envs.params import TokenChoiceParams
 from llm_envs.envs.pools import nucleus_pools, top_k_by_id
 from llm_envs.envs.rows import RowArrays, pack_rows, to_device
@@ -63,6 +63,7 @@ class TokenChoiceCore(BatchedCore[TokenChoiceParams]):
             "valid": torch.ones(n, dtype=torch.long, device=device),
             "hidden": torch.zeros(n, self.hidden_size, dtype=torch.float32, device=device),
         }
+        self._finite = torch.ones(n, dtype=torch.bool, device=device)  # the last forward's verdict per row
         self._mirror = RowArrays(n, {
             "ids": (np.int64, (width,)), "logits": (np.float32, (width,)), "logprobs": (np.float64, (width,)),
             "valid": (np.int64, ()), "hidden": (np.float32, (self.hidden_size,)),
@@ -109,11 +110,13 @@ class TokenChoiceCore(BatchedCore[TokenChoiceParams]):
             tokens[continuing] = s.response[continuing, s.response_len[continuing] - 1]
             mask = np.zeros(self.num_rows, dtype=bool)
             mask[continuing] = True
-            out = self.engine.append(tokens.tolist(), mask.tolist())
+            out = self.engine.append(tokens, mask, check_finite=False)  # checked in `_refresh`'s copy
             index = to_device(continuing, self.device)
             self._set_positions(continuing.tolist(), StepOutput(out.logits[index], out.hidden[index]))
+            self._finite[index] = out.finite[index]
         rows = np.union1d(continuing, np.asarray(started, dtype=np.int64))
         self._refresh(rows)
+        self._finite.fill_(True)
         self._score_new_positions(rows)
         s.start_score[started] = s.last_score[started]
 
@@ -122,7 +125,11 @@ class TokenChoiceCore(BatchedCore[TokenChoiceParams]):
         if not rows.size:
             return
         index = to_device(rows, self.device)
-        host = pack_rows({name: tensor[index] for name, tensor in self._device_state.items()})
+        host = pack_rows({**{name: tensor[index] for name, tensor in self._device_state.items()},
+                          "finite": self._finite[index]})
+        if not host["finite"].all():
+            self._finite.fill_(True)
+            raise_non_finite(rows[~host["finite"]], self.ctx.model)
         for name in self._device_state:
             getattr(self._mirror, name)[rows] = host[name]
 
