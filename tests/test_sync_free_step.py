@@ -95,3 +95,24 @@ def test_a_torch_face_step_reads_the_actions_and_copies_once(monkeypatch, world_
     assert len(per_step) >= 4
     for calls in per_step:
         assert len(calls) <= HOST_COPIES_PER_STEP + 1, calls
+
+
+def test_a_non_finite_forward_raises_naming_the_rows_and_asks_for_a_reset(test_world):
+    """NaN logits found in the step's copy raise `NonFiniteLogitsError` with the rows; the cache was
+    already written, so every row then needs reset() (said in the error and enforced)."""
+    from llm_envs.engine import NonFiniteLogitsError
+    from llm_envs.models import load_causal_lm, load_tokenizer
+
+    model = load_causal_lm(test_world.lm_dir, device="cpu")  # our own copy: its weights get poisoned
+    venv = make_vector_env("llm_envs/TokenAccept-v0", 3, lm=model, tokenizer=load_tokenizer(test_world.lm_dir),
+                           reward=test_world.rm_dir, prompts=test_world.train_prompts[:50], device="cpu",
+                           max_new_tokens=16)
+    venv.reset(seed=0)
+    with torch.no_grad():
+        model.get_output_embeddings().weight[:, 0] = float("nan")
+    with pytest.raises(NonFiniteLogitsError, match=r"env rows \[0, 1, 2\].*bfloat16") as caught:
+        venv.step(np.zeros(3, dtype=np.int64))
+    assert caught.value.rows == [0, 1, 2]
+    assert any("needs reset()" in note for note in caught.value.__notes__)
+    with pytest.raises(RuntimeError, match="call reset"):
+        venv.step(np.zeros(3, dtype=np.int64))
