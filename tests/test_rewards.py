@@ -430,6 +430,7 @@ def test_prefix_cache_builds_every_rows_inputs_at_once_as_row_by_row(wrapper: Re
     cases = [
         ([1, 3], [[14, 15], []], [[9, 10], [11, 12, 13]]),  # pending of 2 and 0, k of 2 and 3
         ([0, 1, 2, 3], [[], [], [], []], [[9]] * 4),  # a plain decoding step: k candidates only
+        ([3, 1], [[], []], [[9, 10], [11, 12, 13]]),  # the same with rows left out and k of 2 and 3
         ([2], [[9, 10, 11]], [[]]),  # pending only
     ]
     for rows, pending, candidates in cases:

@@ -100,6 +100,9 @@ class _PrefixKV:
         # The id that pooling skips (its score is the prefix's): HF's pad id; none for a score model.
         self.skip: int | None = None if isinstance(model, ScoreModel) else self.pad
         self.device, self.dtype = model.device, model.dtype
+        # The additive mask's two values (0-d, so `torch.where` keeps the model's dtype).
+        self._open = torch.zeros((), dtype=self.dtype, device=self.device)
+        self._shut = torch.full((), torch.finfo(self.dtype).min, dtype=self.dtype, device=self.device)
         self.num_rows = num_rows
         self.slots = SlotKVCache(model, num_rows, compact_slack=compact_slack)
         self.pooled: list[list[float]] = [[] for _ in range(num_rows)]  # score of tokens[: i + 1]
@@ -199,17 +202,21 @@ class _PrefixKV:
         ids = packed[: n * width].view(n, width)
         m, k, first = packed[n * width :].view(3, n, 1)
         q = torch.arange(width, device=dev)
-        pend_q = (q >= wp - m) & (q < wp)  # [N, width]: the query is a pending token
-        cand_q = (q >= wp) & (q < wp + k)  # the query is a candidate
-        # Pending tokens at positions first .. first + m - 1, every candidate at first + m, padding at 0.
-        pos = torch.where(pend_q, first + q - (wp - m), torch.where(cand_q, first + m, 0))
-        old = (pend_q | cand_q)[:, :, None] & self.slots.mask[:, None, :]  # real queries see the row's slots
-        causal = q[None, :] <= q[:, None]  # [query, key]
-        new = pend_q[:, None, :] & ((pend_q[:, :, None] & causal) | cand_q[:, :, None])  # keys: the pending tokens
-        new |= torch.eye(width, dtype=torch.bool, device=dev)  # every query sees itself (no fully masked row)
-        allowed = torch.cat([old, new], 2)
-        additive = torch.zeros(allowed.shape, dtype=self.dtype, device=dev)
-        additive.masked_fill_(~allowed, torch.finfo(self.dtype).min)
+        own = torch.eye(width, dtype=torch.bool, device=dev)  # every query sees itself (no fully masked row)
+        if wp:
+            pend_q = (q >= wp - m) & (q < wp)  # [N, width]: the query is a pending token
+            cand_q = (q >= wp) & (q < wp + k)  # the query is a candidate
+            # Pending tokens at positions first .. first + m - 1, every candidate at first + m, padding at 0.
+            pos = torch.where(pend_q, first + q - (wp - m), torch.where(cand_q, first + m, 0))
+            causal = q[None, :] <= q[:, None]  # [query, key]
+            new = own | (pend_q[:, None, :] & ((pend_q[:, :, None] & causal) | cand_q[:, :, None]))  # keys: pending
+            real = pend_q | cand_q
+        else:  # a plain decoding step (nothing pending anywhere): the same, in a third of the kernels
+            real = q < k
+            pos = torch.where(real, first, 0)
+            new = own.expand(n, width, width)
+        allowed = torch.cat([real[:, :, None] & self.slots.mask[:, None, :], new], 2)  # real queries see the row
+        additive = torch.where(allowed, self._open, self._shut)
         return ids, pos, additive
 
 
