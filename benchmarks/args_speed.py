@@ -101,9 +101,10 @@ def _left_padded(prompts: list[list[int]], device: torch.device) -> tuple[torch.
 
 
 @torch.inference_mode()
-def rm_limit_episode(rm: Any, prompts: list[list[int]], k: int, forwards: int) -> tuple[float, float]:
-    """A bare reward-model prefill of `prompts`, then `forwards` batched forwards of k candidates per row
-    on its DynamicCache. Returns (prefill seconds, candidate-forward seconds).
+def rm_limit_episode(rm: Any, prompts: list[list[int]], k: int, forwards: int) -> tuple[float, float, torch.Tensor]:
+    """A bare reward-model prefill of `prompts`, then `forwards` batched forwards of k candidates (ids 0 .. k - 1)
+    per row on its DynamicCache. Returns (prefill seconds, candidate-forward seconds, the last forward's scores
+    [n, k]: of prompt + [0] * (forwards - 1) + [j], so a test can check the limit does the real work).
 
     Each candidate sees its row's prefix and itself (a 4-D additive mask), all k at the prefix's next
     position; the score head reads every candidate. Afterwards the first candidate's slot stays as the
@@ -118,6 +119,7 @@ def rm_limit_episode(rm: Any, prompts: list[list[int]], k: int, forwards: int) -
     ids, attn, pos = _left_padded(prompts, device)
     n = ids.shape[0]
     candidates = torch.arange(k, device=device).expand(n, k)  # any k ids: the cost does not depend on them
+    scores = torch.zeros(n, k, device=device)
     own = torch.eye(k, dtype=torch.bool, device=device).expand(n, k, k)
     cache = DynamicCache(config=rm.config)
     _sync(device)
@@ -133,11 +135,11 @@ def rm_limit_episode(rm: Any, prompts: list[list[int]], k: int, forwards: int) -
         additive = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(~allowed, torch.finfo(dtype).min)
         out = base(input_ids=candidates, attention_mask=additive[:, None], position_ids=position.expand(n, k),
                    **cache_kwargs(base, cache), use_cache=True)
-        head(out.last_hidden_state)
+        scores = head(out.last_hidden_state)[..., 0]
         _keep_slots(cache, seen.shape[1] + 1)
         seen, position = torch.cat([seen, seen.new_ones(n, 1)], 1), position + 1
     _sync(device)
-    return prefill, time.perf_counter() - start
+    return prefill, time.perf_counter() - start, scores
 
 
 def args_limit(model: Any, rm: Any, prompt_ids: list[list[int]], tokens: int, batch: int, k: int) -> dict[str, Any]:
@@ -150,7 +152,7 @@ def args_limit(model: Any, rm: Any, prompt_ids: list[list[int]], tokens: int, ba
     for start in range(0, len(prompt_ids), batch):
         chunk = [list(p) for p in prompt_ids[start : start + batch]]
         lm_prefill, lm_decode, _ = _limit_episode(model, chunk, tokens - 1)
-        rm_prefill, rm_decode = rm_limit_episode(rm, chunk, k, tokens - 1)
+        rm_prefill, rm_decode, _ = rm_limit_episode(rm, chunk, k, tokens - 1)
         lm_s, rm_s = lm_s + lm_prefill + lm_decode, rm_s + rm_prefill + rm_decode
     chunks = -(-len(prompt_ids) // batch)
     return {"lm_forwards": chunks * tokens, "rm_calls": chunks * tokens, "seconds": lm_s + rm_s,
