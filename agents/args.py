@@ -11,7 +11,9 @@ Two faces of the same rule (`args_select`):
 
 - `ARGS`, a batch decoder (`agents.base.Decoder`): ``ARGS(lm, reward, k=10, w=1.5).generate(prompts)``.
   One batched LM forward and one reward-model forward per step for all prompts in flight; the
-  reward model's KV cache of every prefix is kept (`llm_envs.rewards.CandidateScorer`).
+  reward model's KV cache of every prefix is kept (`llm_envs.rewards.CandidateScorer`). The top-k
+  runs on the LM's device and only the [n, k] candidates reach the host, in one copy per step
+  (`top_k_to_host`); the rule itself (`args_select`) runs on the host, on [n, k].
 - `ARGSAgent`, a policy of `llm_envs/TokenChoice-v0` (`agents.base.PolicyAgent`): it reads the
   env's `candidate_logits()` and `candidate_rewards()` (bound by `PolicyDecoder`).
 
@@ -28,7 +30,8 @@ under the wrapper's conventions (response cut at EOS and turn markers) as the en
 
 from __future__ import annotations
 
-from typing import Any, Literal, Sequence
+from collections.abc import Sequence
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -83,6 +86,70 @@ def args_select(
     gens = list(generators) if generators is not None else [None] * scores.shape[0]
     probs = torch.softmax(scores / temperature, dim=-1)
     return [int(torch.multinomial(probs[i], 1, generator=gens[i])) for i in range(scores.shape[0])]
+
+
+def top_k_to_host(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The top-k logits [B, k] (float32) and ids [B, k] (int64) of each row of `logits` [B, V], on the host.
+
+    The top-k runs on the logits' device (`top_k_by_id`: ties by lower id, the same order on every
+    device), and only [B, k] comes back, in ONE device->host copy: ARGS needs k candidates, and the
+    full float32 logits are 0.5 MB a row at a 128k vocabulary. Values and ids travel as one int32
+    block (the float32 bits viewed as int32, ids < 2**31), so the values come back bit for bit.
+    """
+    values, ids = top_k_by_id(logits.float(), k)
+    packed = torch.cat([values.view(torch.int32), ids.to(torch.int32)], dim=1).cpu()
+    return packed[:, :k].view(torch.float32), packed[:, k:].long()
+
+
+class _Rows:
+    """The host-side state of `ARGS.generate`'s decoding rows: the prompt each decodes, its response so
+    far, its reward-model calls, and its current top-k candidates (logits and ids, [n, k] on the host)."""
+
+    def __init__(self, n: int, k: int) -> None:
+        self.slot: list[int | None] = [None] * n  # prompt index each row decodes
+        self.responses: list[list[int]] = [[] for _ in range(n)]
+        self.rm_calls = [0] * n
+        self.top_logits = torch.zeros(n, k)
+        self.top_ids = torch.zeros(n, k, dtype=torch.long)
+
+    def live(self) -> list[int]:
+        """The rows decoding a prompt."""
+        return [r for r, s in enumerate(self.slot) if s is not None]
+
+    def start(self, rows: list[int], prompts: list[int], top_logits: torch.Tensor, top_ids: torch.Tensor) -> None:
+        """`rows` start decoding prompts `prompts` with these first candidates."""
+        for row, index in zip(rows, prompts):
+            self.slot[row], self.responses[row], self.rm_calls[row] = index, [], 0
+        self.set_heads(rows, top_logits, top_ids)
+
+    def heads(self, rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The candidates' logits and ids [len(rows), k] of `rows`."""
+        index = torch.tensor(rows)
+        return self.top_logits[index], self.top_ids[index]
+
+    def set_heads(self, rows: list[int], top_logits: torch.Tensor, top_ids: torch.Tensor) -> None:
+        """New candidates [len(rows), k] for `rows`."""
+        index = torch.tensor(rows)
+        self.top_logits[index], self.top_ids[index] = top_logits, top_ids
+
+    def advance(
+        self, live: list[int], tokens: list[int], rm_calls: int, stop: int | None, max_tokens: int
+    ) -> tuple[list[int], list[int]]:
+        """Append each live row's token and count the step's reward-model calls; returns the rows going
+        on and the rows done (the token is `stop`, or the response has `max_tokens` tokens)."""
+        going, done = [], []
+        for row, token in zip(live, tokens):
+            self.responses[row].append(token)
+            self.rm_calls[row] += rm_calls
+            (done if token == stop or len(self.responses[row]) >= max_tokens else going).append(row)
+        return going, done
+
+    def flags(self, rows: list[int]) -> list[bool]:
+        """[n] flags: True for `rows`."""
+        flags = [False] * len(self.slot)
+        for row in rows:
+            flags[row] = True
+        return flags
 
 
 class ARGS:
@@ -164,53 +231,46 @@ class ARGS:
         eos, k = self.tokenizer.eos_token_id, min(self.k, engine.vocab_size)
         calls_before = self.reward.calls
         results: list[Generation | None] = [None] * len(prompts)
-        slot: list[int | None] = [None] * n  # prompt index each row decodes
-        responses: list[list[int]] = [[] for _ in range(n)]
-        rm_calls = [0] * n
-        logits = torch.zeros(n, engine.vocab_size)
+        rows = _Rows(n, k)
         queue = list(range(len(prompts)))
         steps = 0
 
-        def fill(rows: list[int]) -> None:
-            rows = rows[: len(queue)]
-            if rows:
-                picked = [queue.pop(0) for _ in rows]
-                out = engine.reset_rows(rows, [prompt_ids[i] for i in picked])
-                scorer.forget(rows)
-                for j, (row, index) in enumerate(zip(rows, picked)):
-                    slot[row], responses[row], rm_calls[row] = index, [], 0
-                    logits[row] = out.logits[j].cpu()
+        def fill(free: list[int]) -> None:
+            free = free[: len(queue)]
+            if free:
+                picked = [queue.pop(0) for _ in free]
+                out = engine.reset_rows(free, [prompt_ids[i] for i in picked])
+                scorer.forget(free)
+                rows.start(free, picked, *top_k_to_host(out.logits, k))
 
         fill(list(range(n)))
-        while any(s is not None for s in slot):
-            live = [r for r in range(n) if slot[r] is not None]
-            top_logits, top_ids = top_k_by_id(logits[live], k)
+        while live := rows.live():
+            top_logits, top_ids = rows.heads(live)
+            candidates = top_ids.tolist()
             before = self.reward.calls
-            rewards, _ = scorer.score(live, [prompt_ids[slot[r]] for r in live], [responses[r] for r in live],
-                                      top_ids.tolist(), scoring=self.scoring)
+            rewards, _ = scorer.score(live, [prompt_ids[rows.slot[r]] for r in live],
+                                      [rows.responses[r] for r in live], candidates, scoring=self.scoring)
             picks = args_select(top_logits, torch.from_numpy(rewards), w=self.w, mode=self.mode,
-                                temperature=self.temperature, generators=[gens[slot[r]] for r in live])
-            going, done = [], []
-            for i, row in enumerate(live):
-                token = int(top_ids[i, picks[i]])
-                responses[row].append(token)
-                rm_calls[row] += self.reward.calls - before
-                ended = (stop_at_eos and token == eos) or len(responses[row]) >= max_new_tokens
-                (done if ended else going).append(row)
+                                temperature=self.temperature, generators=[gens[rows.slot[r]] for r in live])
+            tokens = [cands[pick] for cands, pick in zip(candidates, picks)]
+            going, done = rows.advance(live, tokens, self.reward.calls - before, eos if stop_at_eos else None,
+                                       max_new_tokens)
             steps += 1
             if going:
-                tokens = [responses[r][-1] if r in going else 0 for r in range(n)]
-                out = engine.append(tokens, [r in going for r in range(n)])
-                logits[going] = out.logits[going].cpu()
+                flags = rows.flags(going)
+                out = engine.append([r[-1] if f else 0 for r, f in zip(rows.responses, flags)], flags)
+                top_logits, top_ids = top_k_to_host(out.logits, k)  # every row's: no device-side gather
+                rows.set_heads(going, top_logits[going], top_ids[going])
             for row in done:
-                ids = list(responses[row])
-                results[slot[row]] = Generation(
-                    prompt=prompts[slot[row]], response_ids=ids,
+                ids = list(rows.responses[row])
+                index = rows.slot[row]
+                results[index] = Generation(
+                    prompt=prompts[index], response_ids=ids,
                     response_text=self.tokenizer.decode(ids, skip_special_tokens=True),
-                    lm_forwards=engine.row_forwards(row), rm_calls=rm_calls[row],
+                    lm_forwards=engine.row_forwards(row), rm_calls=rows.rm_calls[row],
                     extra={"k": self.k, "w": self.w, "mode": self.mode},
                 )
-                slot[row] = None
+                rows.slot[row] = None
             fill(done)
         self.last_stats = {
             "lm_forwards": engine.forward_calls,

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+from typing import Any
+
 import numpy as np
 import pytest
 import torch
@@ -193,3 +196,32 @@ def test_args_select_and_bad_arguments(world):
         ARGSAgent().predict(np.zeros(3))
     with pytest.raises(ValueError, match="max_new_tokens"):
         _decoder(world).generate(["Human: hi Assistant:"], max_new_tokens=0)
+
+
+def test_a_decoding_step_brings_only_the_top_k_to_the_host(world, monkeypatch):
+    """The top-k runs on the logits' device: of the LM's [n, V] logits only [n, k] values and ids reach
+    the host, in one copy per LM forward (an int32 block [n, 2k]); no transfer is vocabulary-sized.
+    On CPU nothing really moves, so the test records the calls that would copy on a GPU."""
+    _, lm, _, prompts = world
+    vocab = lm.get_output_embeddings().weight.shape[0]
+    k, seen = 4, []
+
+    def recording(name: str) -> Any:  # a Tensor method that records what it is called on
+        original = getattr(torch.Tensor, name)
+
+        def method(self: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+            seen.append((name, tuple(self.shape), self.dtype))
+            return original(self, *args, **kwargs)
+        return method
+
+    decoder = _decoder(world, k=k, w=2.0, batch_size=3)
+    for name in ("cpu", "tolist", "numpy", "item"):  # the ways a tensor reaches the host (not `.to`: on CPU the
+        # model's own `.to(device)` calls would be counted too)
+        monkeypatch.setattr(torch.Tensor, name, recording(name))
+    got = decoder.generate(prompts[:3], max_new_tokens=6, stop_at_eos=False)
+    monkeypatch.undo()
+    assert [len(g.response_ids) for g in got] == [6, 6, 6]
+    largest = max(seen, key=lambda call: math.prod(call[1]))
+    assert math.prod(largest[1]) < vocab, largest
+    top_k_copies = [shape for name, shape, dtype in seen if name == "cpu" and dtype == torch.int32]
+    assert top_k_copies == [(3, 2 * k)] * decoder.last_stats["lm_forwards"]  # the prefill, then one per step

@@ -74,3 +74,33 @@ def test_quick_preset_is_smaller_and_writes_its_own_files(tmp_path):
     assert MODEL_NUM_ENVS["world"] == [1, 16, 64, 256] and 64 in MODEL_NUM_ENVS["gpt2-124m"]
     paths = write_results(build_report([], quick, "q"), tmp_path)
     assert [p.name for p in paths] == ["throughput_quick.json", "throughput_quick.md"]
+
+
+def test_args_limit_scores_the_real_candidates_and_reports_its_ratio(tmp_path):
+    """ARGS's limit (benchmarks/args_speed.py) on a tiny random LM and reward model: its bare reward-model loop
+    scores what ARGS would (prefix + each candidate, against full forwards), and the report shows the ratio."""
+    import torch
+    from transformers import GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel
+
+    from benchmarks import args_speed
+
+    config = {"vocab_size": 40, "n_embd": 16, "n_layer": 2, "n_head": 2, "n_positions": 64}
+    torch.manual_seed(0)
+    lm = GPT2LMHeadModel(GPT2Config(**config)).eval()
+    rm = GPT2ForSequenceClassification(GPT2Config(**config, num_labels=1)).eval()
+    prompts, k, forwards = [[5, 6, 7, 8], [9, 10]], 3, 4
+    prefill, decode, scores = args_speed.rm_limit_episode(rm, prompts, k, forwards)
+    assert prefill > 0 and decode > 0 and scores.shape == (2, k)
+    with torch.no_grad():
+        for row, prompt in enumerate(prompts):
+            for j in range(k):
+                ids = torch.tensor([prompt + [0] * (forwards - 1) + [j]])
+                expected = rm.score(rm.transformer(ids).last_hidden_state)[0, -1, 0]
+                assert float(scores[row, j]) == pytest.approx(float(expected), abs=1e-5)
+
+    limit = args_speed.args_limit(lm, rm, prompts, tokens=5, batch=2, k=k)
+    assert limit["seconds"] == pytest.approx(limit["lm_seconds"] + limit["rm_seconds"]) and limit["lm_forwards"] == 5
+    row = args_speed._limit_row(2, 10, {"args_greedy": ([0.4, 0.2], [{}, {}]), "limit": ([0.3, 0.1], [limit, limit])})
+    assert row["args_over_limit"] == pytest.approx(0.1 / 0.2)
+    lines = args_speed._limit_lines({"limit": [row]})
+    assert lines[-1].startswith("| 2 |") and lines[-1].endswith("| 0.50 |")

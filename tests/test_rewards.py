@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -391,3 +392,51 @@ def test_the_package_layers_flow_one_way() -> None:
     assert imports("length_cache.py") == set()
     assert imports("score_model.py") == set() and imports("reward_spec.py") == {"llm_envs.config"}
     assert imports("engine.py") == {"llm_envs.length_cache", "llm_envs.models"}
+
+
+def _per_row_inputs(kv: Any, rows: list[int], pending: list[list[int]], candidates: list[list[int]], wp: int,
+                    width: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The prefix cache's forward inputs built row by row (as `_PrefixKV` did before it built them at once)."""
+    n, length = kv.num_rows, kv.slots.length
+    ids = torch.full((n, width), kv.pad, dtype=torch.long)
+    pos = torch.zeros((n, width), dtype=torch.long)
+    allowed = torch.zeros((n, width, length + width), dtype=torch.bool)
+    span = torch.arange(width)
+    allowed[:, span, length + span] = True
+    for row, pend, cands in zip(rows, pending, candidates):
+        m, k, start, first = len(pend), len(cands), wp - len(pend), kv.slots.num_tokens(row)
+        ids[row, start:wp] = torch.tensor(pend, dtype=torch.long)
+        ids[row, wp : wp + k] = torch.tensor(cands, dtype=torch.long)
+        pos[row, start:wp] = torch.arange(first, first + m)
+        pos[row, wp : wp + k] = first + m
+        allowed[row, start : wp + k, :length] = kv.slots.mask[row]
+        allowed[row, start:wp, length + start : length + wp] = torch.ones(m, m, dtype=torch.bool).tril()
+        allowed[row, wp : wp + k, length + start : length + wp] = True
+    additive = torch.zeros(allowed.shape, dtype=kv.dtype).masked_fill_(~allowed, torch.finfo(kv.dtype).min)
+    return ids, pos, additive
+
+
+def test_prefix_cache_builds_every_rows_inputs_at_once_as_row_by_row(wrapper: RewardWrapper, tok) -> None:
+    """The reward model's prefix-cache forward gets the same ids, positions and 4-D mask bit for bit as a
+    row-by-row build, with rows of cached prefixes, hidden candidate slots and rows left out of a call."""
+    from llm_envs.rewards import CandidateScorer
+
+    scorer = CandidateScorer(wrapper, 4, tok)
+    prompts = [tok(p)["input_ids"] for p in PROMPTS]
+    scorer.score([0, 1, 2, 3], prompts, [[], [], [], []], [[9, 10, 11]] * 4, scoring="raw")
+    scorer.score([0, 2, 3], [prompts[0], prompts[2], prompts[3]], [[10], [9], [11, 12]], [[12, 13, 14]] * 3,
+                 scoring="raw")  # row 1 sits out; row 3 feeds a pending token besides its chosen one
+    kv = scorer._kv
+    assert kv is not None and kv.slots.length > max(kv.slots.num_tokens(r) for r in range(4))  # hidden slots
+    cases = [
+        ([1, 3], [[14, 15], []], [[9, 10], [11, 12, 13]]),  # pending of 2 and 0, k of 2 and 3
+        ([0, 1, 2, 3], [[], [], [], []], [[9]] * 4),  # a plain decoding step: k candidates only
+        ([3, 1], [[], []], [[9, 10], [11, 12, 13]]),  # the same with rows left out and k of 2 and 3
+        ([2], [[9, 10, 11]], [[]]),  # pending only
+    ]
+    for rows, pending, candidates in cases:
+        wp = max(len(p) for p in pending)
+        width = wp + max(len(c) for c in candidates)
+        got = kv._inputs(rows, pending, candidates, wp, width)
+        for a, b in zip(got, _per_row_inputs(kv, rows, pending, candidates, wp, width)):
+            assert a.dtype == b.dtype and torch.equal(a, b)

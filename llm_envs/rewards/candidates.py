@@ -68,6 +68,13 @@ def score_candidates(
     return scorer.score(range(len(prompt_ids)), prompt_ids, response_ids, candidates, scoring=scoring)[0]
 
 
+def _to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """`host` on `device`; to a GPU from pinned memory without blocking, so the host goes on queueing kernels."""
+    if device.type == "cuda":
+        return host.pin_memory().to(device, non_blocking=True)
+    return host.to(device)
+
+
 class _PrefixKV:
     """The reward model's KV cache of N growing prefixes; scores k candidates per row per forward.
 
@@ -93,6 +100,9 @@ class _PrefixKV:
         # The id that pooling skips (its score is the prefix's): HF's pad id; none for a score model.
         self.skip: int | None = None if isinstance(model, ScoreModel) else self.pad
         self.device, self.dtype = model.device, model.dtype
+        # The additive mask's two values (0-d, so `torch.where` keeps the model's dtype).
+        self._open = torch.zeros((), dtype=self.dtype, device=self.device)
+        self._shut = torch.full((), torch.finfo(self.dtype).min, dtype=self.dtype, device=self.device)
         self.num_rows = num_rows
         self.slots = SlotKVCache(model, num_rows, compact_slack=compact_slack)
         self.pooled: list[list[float]] = [[] for _ in range(num_rows)]  # score of tokens[: i + 1]
@@ -155,29 +165,12 @@ class _PrefixKV:
     def _forward(
         self, rows: list[int], pending: list[list[int]], candidates: list[list[int]], wp: int, width: int
     ) -> list[list[float]]:
-        n, length, dev = self.num_rows, self.slots.length, self.device
-        ids = torch.full((n, width), self.pad, dtype=torch.long)
-        pos = torch.zeros((n, width), dtype=torch.long)
-        allowed = torch.zeros((n, width, length + width), dtype=torch.bool, device=dev)
-        span = torch.arange(width, device=dev)
-        allowed[:, span, length + span] = True  # every query sees itself (no fully masked row)
-        for row, pend, cands in zip(rows, pending, candidates):
-            m, k, start = len(pend), len(cands), wp - len(pend)
-            first = self.slots.num_tokens(row)
-            ids[row, start:wp] = torch.tensor(pend, dtype=torch.long)
-            ids[row, wp : wp + k] = torch.tensor(cands, dtype=torch.long)
-            pos[row, start:wp] = torch.arange(first, first + m)
-            pos[row, wp : wp + k] = first + m
-            allowed[row, start : wp + k, :length] = self.slots.mask[row]
-            allowed[row, start:wp, length + start : length + wp] = torch.ones(m, m, dtype=torch.bool).tril()
-            allowed[row, wp : wp + k, length + start : length + wp] = True
-        additive = torch.zeros(allowed.shape, dtype=self.dtype, device=dev)
-        additive.masked_fill_(~allowed, torch.finfo(self.dtype).min)
-        out = self.base(input_ids=ids.to(dev), attention_mask=additive[:, None], position_ids=pos.to(dev),
+        ids, pos, additive = self._inputs(rows, pending, candidates, wp, width)
+        out = self.base(input_ids=ids, attention_mask=additive[:, None], position_ids=pos,
                         **cache_kwargs(self.base, self.slots.cache), use_cache=True)
         table = self.head(out.last_hidden_state)[..., 0].float().cpu().tolist()  # [N, width]
         # The pending tokens stay visible; the candidates' slots stay hidden (tentative).
-        self.slots.extend(width, {row: (wp - len(pend), pend) for row, pend in zip(rows, pending)})
+        length = self.slots.extend(width, {row: (wp - len(pend), pend) for row, pend in zip(rows, pending)})
         self.forwards += 1
         result = []
         for row, pend, cands in zip(rows, pending, candidates):
@@ -187,6 +180,44 @@ class _PrefixKV:
             self.tentative[row] = {c: (length + wp + j, table[row][wp + j]) for j, c in enumerate(cands)}
             result.append(table[row][wp : wp + len(cands)])
         return result
+
+    def _inputs(
+        self, rows: list[int], pending: list[list[int]], candidates: list[list[int]], wp: int, width: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Input ids and position ids [N, width] and the additive 4-D mask [N, width, L + width] of one forward.
+
+        Row r's queries are its pending tokens at columns ``wp - m .. wp - 1`` and its k candidates
+        at ``wp .. wp + k - 1``; every other column is padding that sees only itself. Built for all
+        rows at once on the model's device from ONE host->device copy of the ids and per-row counts:
+        per-row slicing cost ~6 small kernels (and on a GPU as many copies) per row per step.
+        """
+        n, dev = self.num_rows, self.device
+        flat = [self.pad] * (n * width)  # host: the ids, then per row (pending, candidates, next position)
+        counts = [0] * (3 * n)
+        for row, pend, cands in zip(rows, pending, candidates):
+            at = row * width + wp
+            flat[at - len(pend) : at + len(cands)] = [*pend, *cands]
+            counts[row], counts[n + row], counts[2 * n + row] = len(pend), len(cands), self.slots.num_tokens(row)
+        packed = _to_device(torch.tensor(flat + counts, dtype=torch.long), dev)
+        ids = packed[: n * width].view(n, width)
+        m, k, first = packed[n * width :].view(3, n, 1)
+        q = torch.arange(width, device=dev)
+        own = torch.eye(width, dtype=torch.bool, device=dev)  # every query sees itself (no fully masked row)
+        if wp:
+            pend_q = (q >= wp - m) & (q < wp)  # [N, width]: the query is a pending token
+            cand_q = (q >= wp) & (q < wp + k)  # the query is a candidate
+            # Pending tokens at positions first .. first + m - 1, every candidate at first + m, padding at 0.
+            pos = torch.where(pend_q, first + q - (wp - m), torch.where(cand_q, first + m, 0))
+            causal = q[None, :] <= q[:, None]  # [query, key]
+            new = own | (pend_q[:, None, :] & ((pend_q[:, :, None] & causal) | cand_q[:, :, None]))  # keys: pending
+            real = pend_q | cand_q
+        else:  # a plain decoding step (nothing pending anywhere): the same, in a third of the kernels
+            real = q < k
+            pos = torch.where(real, first, 0)
+            new = own.expand(n, width, width)
+        allowed = torch.cat([real[:, :, None] & self.slots.mask[:, None, :], new], 2)  # real queries see the row
+        additive = torch.where(allowed, self._open, self._shut)
+        return ids, pos, additive
 
 
 class CandidateScorer:
@@ -451,14 +482,15 @@ class CandidateScorer:
         assert kv is not None
         prefixes = [plan.kv[i][0] for i in order]
         cand_lists = [[c for _, c in plan.kv[i][1]] for i in order]
-        seqs = [[*p, c] for p, cs in zip(prefixes, cand_lists) for c in cs] + prefixes
         try:
             results = kv.run([rows[i] for i in order], prefixes, cand_lists)
         except Exception as exc:  # an architecture the 4-D mask trick does not fit
-            return self._disable(f"it failed ({type(exc).__name__}: {exc})", seqs, cand_lists)
+            return self._disable(f"it failed ({type(exc).__name__}: {exc})", _scratch_inputs(prefixes, cand_lists),
+                                 cand_lists)
         wrapper.count_call(sum(len(c) for c in cand_lists))
         if prefix_cache_verdict(wrapper) is None:
             cached = [v for cs, _ in results for v in cs] + [p for _, p in results]
+            seqs = _scratch_inputs(prefixes, cand_lists)
             scratch = wrapper.score_model_inputs(seqs)
             tol = 1e-3 if kv.dtype == torch.float32 else 5e-2
             err = max((abs(a - b) / max(1.0, abs(b)) for a, b in zip(cached, scratch)), default=0.0)
@@ -492,6 +524,12 @@ class CandidateScorer:
             out.append((values[at : at + len(cs)], prefix_value))
             at += len(cs)
         return out
+
+
+def _scratch_inputs(prefixes: list[list[int]], cand_lists: list[list[int]]) -> list[list[int]]:
+    """The reward-model inputs that score the prefix cache's work from scratch: every prefix + [candidate],
+    then every prefix. Built only when needed (the first-use check, a fallback): n * k copies of a prefix."""
+    return [[*p, c] for p, cs in zip(prefixes, cand_lists) for c in cs] + prefixes
 
 
 class _Plan:
