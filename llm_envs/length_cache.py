@@ -1,15 +1,23 @@
-"""A preallocated per-row KV cache with per-row lengths: what the decode engine's rows stand on.
+"""A preallocated per-row KV cache with per-row lengths: the one KV cache of llm_envs.
 
-The decode engine keeps N rows that each advance one token per step, take back a rejected token,
-and restart with a new prompt at their own moments. `LengthKVCache` serves them with no copy of
-the cache on the hot path:
+Two owners keep N growing token sequences in one batched cache and must take tokens back from single
+rows. The decode engine (`llm_envs.engine.DecodeEngine`) advances each row one token per step, takes
+back a rejected token and restarts rows with new prompts at their own moments; the reward model's
+prefix cache of the candidate scorer (`llm_envs.rewards.candidates`) feeds each row a *run* of new
+tokens per forward (the prefix tokens not cached yet, then k tentative candidates) and later keeps
+one candidate. `LengthKVCache` serves both with no copy of the cache on the hot path:
 
 * Layout: per layer, ``keys`` / ``values`` are ``[N, kv_heads, capacity, head_dim]``, allocated
   once (zeroed); `tokens` ``[N, capacity]`` holds the id in each slot. Row r's sequence is slots
   ``[0, len[r])``, its slot j holds its position j, so positions need no bookkeeping of their own.
-* A step writes each row's new K/V at slot ``len[r]`` (a scatter of that one slot per layer, no
-  ``torch.cat`` of the whole cache as in transformers' `DynamicCache`). A rejected token is
-  ``len[r] -= 1``: the next write overwrites its slot, so there are no holes and no compaction.
+* A forward writes each row's new K/V at slots ``start[r] .. start[r] + run - 1`` (one scatter per
+  layer, no ``torch.cat`` of the whole cache as in transformers' `DynamicCache`); the engine writes
+  one slot, ``start[r] = len[r]``. A rejected token is ``len[r] -= 1``: the next write overwrites its
+  slot, so there are no holes and no compaction.
+* Tentative tokens written past a row's length (the scorer's k candidates, each at the same position
+  ``len[r]``) cost nothing until one is kept: `move_slots` copies the kept one's slot to slot
+  ``len[r]`` for all rows at once (one gather and one scatter per tensor per layer) and the owner
+  does ``len[r] += 1``; the others are overwritten by later writes.
 * Attention runs over the first ``width`` slots only, a *bucket* (a multiple of a bucket size
   that covers the longest row), returned as a view: shapes change only when the bucket does,
   which is what CUDA graphs need. The attention mask (slot j visible to row r iff j <= the slot
@@ -18,12 +26,13 @@ the cache on the hot path:
 * Capacity grows by reallocation and copy (`resize`), which is rare: the owner sizes it for a
   prompt plus a reserve of tokens when rows restart.
 
-The lengths themselves live with the owner (`llm_envs.engine.DecodeEngine` keeps them exact on the
-host, so no decision needs a device->host sync); before each forward it calls `begin` with the
-slot each row writes (a device tensor) and the bucket width, then runs the model with this object
-as its cache (`llm_envs.models.cache_kwargs`). Every row writes in every forward, also a row that
-does not keep its token: it writes past its length, where nothing is read, and sees that slot, so
-no query is fully masked (a fully masked softmax can give NaN).
+The lengths themselves live with the owner (both owners keep them exact on the host, so no decision
+needs a device->host sync); before each forward it calls `begin` with the first slot each row writes
+(a device tensor), the bucket width and the run length, then runs the model with this object as its
+cache (`llm_envs.models.cache_kwargs`), with explicit position ids. Every row writes in every
+forward, also a row that does not keep its tokens: it writes past its length, where nothing is read,
+and each query sees at least its own slot, so no query is fully masked (a fully masked softmax can
+give NaN).
 
 Slots past a row's length are never read with weight > 0, but ``0 * NaN`` is NaN, so anything
 non-finite written there (by a step whose logits turned out non-finite) is zeroed (`zero_from`).
@@ -56,13 +65,15 @@ def to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
 
 
 class _Step:
-    """Where the current forward writes (``slots``, [N] on the device) and how many slots it attends
-    over (``width``): set by `LengthKVCache.begin`, read by every layer's `update`."""
+    """Where the current forward writes (``index``: [N, run] slots on the device, each row's ``run``
+    consecutive slots) and how many slots it attends over (``width``): set by `LengthKVCache.begin`,
+    read by every layer's `update`."""
 
-    __slots__ = ("slots", "width")
+    __slots__ = ("index", "run", "width")
 
     def __init__(self) -> None:
-        self.slots: torch.Tensor | None = None
+        self.index: torch.Tensor | None = None
+        self.run = 1
         self.width = 0
 
 
@@ -88,18 +99,20 @@ class LengthLayer(CacheLayerMixin):
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write each row's new K/V at its slot (one scatter per tensor); return views of the first
-        ``width`` slots, which is what attention runs over."""
-        slots, width = self._step.slots, self._step.width
-        if slots is None:
+        """Write each row's run of new K/V at its slots (one scatter per tensor); return views of the
+        first ``width`` slots, which is what attention runs over."""
+        index, run, width = self._step.index, self._step.run, self._step.width
+        if index is None:
             raise RuntimeError("LengthKVCache.update ran before begin(); call begin(slots, width) before the forward.")
-        if key_states.shape[2] != 1:
-            raise ValueError(f"LengthKVCache takes one new token per row per forward, got {key_states.shape[2]}; "
-                             "prefill prompts in a cache of their own and `load` them.")
+        if key_states.shape[2] != run:
+            raise ValueError(
+                f"LengthKVCache got {key_states.shape[2]} new tokens per row in this forward, expected {run} "
+                f"(begin's run={run}); pass the forward's token count per row as begin(..., run=), or prefill "
+                "prompts in a cache of their own and `load` them.")
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         for cache, new in ((self.keys, key_states), (self.values, value_states)):
-            cache.scatter_(2, slots.view(-1, 1, 1, 1).expand(-1, new.shape[1], 1, new.shape[3]), new)
+            cache.scatter_(2, index.view(-1, 1, run, 1).expand(-1, new.shape[1], run, new.shape[3]), new)
         return self.keys[:, :, :width], self.values[:, :, :width]
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
@@ -112,6 +125,13 @@ class LengthLayer(CacheLayerMixin):
 
     def get_max_length(self) -> int:
         return self.capacity
+
+    def move_slots(self, rows: torch.Tensor, sources: torch.Tensor, targets: torch.Tensor) -> None:
+        """For each i, copy slot ``sources[i]`` of row ``rows[i]`` to its slot ``targets[i]`` (keys and
+        values: one gather and one scatter per tensor for all rows); rows distinct."""
+        if self.is_initialized:
+            for cache in (self.keys, self.values):
+                cache[rows, :, targets] = cache[rows, :, sources]
 
     def resize(self, capacity: int) -> None:
         """Reallocate to ``capacity`` slots (zeroed), keeping the first ``min(old, new)`` slots."""
@@ -128,9 +148,10 @@ class LengthLayer(CacheLayerMixin):
 class LengthKVCache(Cache):
     """N rows with lengths of their own in one preallocated transformers cache (module docstring).
 
-    The owner keeps the lengths; it calls `begin` before each decode forward, `write_tokens` after
-    it, `load` to put prompts prefilled in a `DynamicCache` of their own into rows, `resize` to grow,
-    `clear` to start over, and `zero_from` to scrub slots past the lengths.
+    The owner keeps the lengths; it calls `begin` before each forward, `write_tokens` after it,
+    `move_slots` to keep a token written past a row's length, `load` to put prompts prefilled in a
+    `DynamicCache` of their own into rows, `resize` to grow, `clear` to start over, and `zero_from`
+    to scrub slots past the lengths.
     """
 
     def __init__(self, model: PreTrainedModel, num_rows: int) -> None:
@@ -163,17 +184,29 @@ class LengthKVCache(Cache):
         """``arange(width)`` on the device, without allocating one per step."""
         return self._range[:width]
 
-    # ------------------------------------------------------------------ a decode forward
-    def begin(self, slots: torch.Tensor, width: int) -> None:
-        """Set the next forward's write slot per row ([N] long, on the device) and the number of
-        slots it attends over (``width`` <= capacity, covering every slot written)."""
+    # ------------------------------------------------------------------ a forward
+    def begin(self, slots: torch.Tensor, width: int, run: int = 1) -> None:
+        """Set the next forward's first write slot per row (``slots``: [N] long, on the device), the
+        tokens it feeds per row (``run``: row r writes slots ``slots[r] .. slots[r] + run - 1``) and
+        the number of slots it attends over (``width`` <= capacity, covering every slot written)."""
         if width > self.capacity:
             raise ValueError(f"width={width} exceeds the capacity of {self.capacity} slots; resize first.")
-        self._step.slots, self._step.width = slots, width
+        if isinstance(run, bool) or not isinstance(run, (int, np.integer)) or not 1 <= run <= width:
+            raise ValueError(f"run={run!r}; expected an int in [1, width={width}] (the tokens fed per row).")
+        index = slots[:, None] if run == 1 else slots[:, None] + self.slot_range(int(run))[None, :]
+        self._step.index, self._step.run, self._step.width = index, int(run), width
 
     def write_tokens(self, ids: torch.Tensor) -> None:
-        """Record the ids the forward just fed ([N] long, on the device) at their rows' slots."""
-        self.tokens.scatter_(1, self._step.slots[:, None], ids[:, None])
+        """Record the ids the forward just fed ([N] or [N, run] long, on the device) at their rows' slots."""
+        self.tokens.scatter_(1, self._step.index, ids.view(self.num_rows, -1))
+
+    def move_slots(self, rows: torch.Tensor, sources: torch.Tensor, targets: torch.Tensor) -> None:
+        """Copy slot ``sources[i]`` of row ``rows[i]`` to its slot ``targets[i]`` in every layer (and
+        `tokens`), for all i at once (device tensors [R] long, rows distinct): keeps a token written
+        tentatively past a row's length (targets = the lengths; the owner then adds 1 to them)."""
+        for layer in self.layers:
+            layer.move_slots(rows, sources, targets)
+        self.tokens[rows, targets] = self.tokens[rows, sources]
 
     # ------------------------------------------------------------------ whole rows
     def resize(self, capacity: int) -> None:

@@ -7,6 +7,7 @@ import torch
 from transformers import (
     AutoModelForCausalLM,
     DynamicCache,
+    GPT2Config,
     LlamaConfig,
     MistralConfig,
     PreTrainedModel,
@@ -25,6 +26,12 @@ def tiny_llama() -> PreTrainedModel:
     config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
                          initializer_range=0.2)
+    return AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
+
+
+def tiny_gpt2() -> PreTrainedModel:
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=VOCAB, n_positions=64, n_embd=32, n_layer=2, n_head=4, initializer_range=0.2)
     return AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
 
 
@@ -105,8 +112,10 @@ def test_misuse_is_named() -> None:
     with torch.inference_mode():
         kv.resize(4)
         kv.begin(torch.zeros(2, dtype=torch.long), 4)
-        with pytest.raises(ValueError, match="one new token per row per forward, got 3"):
+        with pytest.raises(ValueError, match=r"got 3 new tokens per row in this forward, expected 1 \(begin's run=1\)"):
             kv.layers[0].update(torch.ones(2, 2, 3, 8), torch.ones(2, 2, 3, 8))
+        with pytest.raises(ValueError, match=r"run=5; expected an int in \[1, width=4\]"):
+            kv.begin(torch.zeros(2, dtype=torch.long), 4, run=5)
         with pytest.raises(ValueError, match="prompts of 5 tokens do not fit the capacity of 4 slots"):
             kv.load([0], [[1] * 5], prefill(model, [[1] * 5]))
     with pytest.raises(ValueError, match="num_rows=0"):
@@ -115,3 +124,49 @@ def test_misuse_is_named() -> None:
                            num_attention_heads=4, num_key_value_heads=2, sliding_window=8)
     with pytest.raises(ValueError, match="sliding-window"):
         LengthKVCache(AutoModelForCausalLM.from_config(config), 1)
+
+
+def fresh(model: PreTrainedModel, ids: list[int]) -> torch.Tensor:
+    """The last position's logits of one no-cache forward: what a cached forward must reproduce."""
+    with torch.inference_mode():
+        return model(torch.tensor([ids])).logits[0, -1]
+
+
+def additive(allowed: torch.Tensor) -> torch.Tensor:
+    """A [N, T, W] bool mask as the [N, 1, T, W] additive mask eager attention takes as is."""
+    return torch.zeros(allowed.shape).masked_fill_(~allowed, torch.finfo(torch.float32).min)[:, None]
+
+
+@pytest.mark.parametrize("make", [tiny_gpt2, tiny_llama], ids=["gpt2", "llama"])
+def test_a_run_of_tentative_tokens_then_move_slots_keeps_one_as_if_it_was_fed(make) -> None:
+    """One forward writes a run of k tentative tokens per row (each at the row's next position, seeing the
+    prefix and itself); `move_slots` keeps one per row at the row's length; the next step equals fresh
+    forwards (learned positions and rotary alike)."""
+    model, width = make(), 16
+    kv = LengthKVCache(model, 2)
+    prompts, candidates = [[4, 5, 6], [7, 8]], [[10, 11, 12], [13, 14, 15]]
+    with torch.inference_mode():
+        kv.resize(width)
+        kv.load([0, 1], prompts, prefill(model, prompts))
+        start = torch.tensor([3, 2])
+        kv.begin(start, width, run=3)
+        rel = torch.arange(width)[None, :] - start[:, None]
+        own = rel[:, None, :] == torch.arange(3)[None, :, None]
+        out = model(input_ids=torch.tensor(candidates), attention_mask=additive((rel[:, None, :] < 0) | own),
+                    position_ids=start[:, None].expand(2, 3), **cache_kwargs(model, kv), use_cache=True)
+        kv.write_tokens(torch.tensor(candidates))
+    for row in range(2):
+        for j, c in enumerate(candidates[row]):
+            assert (out.logits[row, j] - fresh(model, prompts[row] + [c])).abs().max() <= 1e-4
+    assert kv.row_tokens(0, 6) == [4, 5, 6, 10, 11, 12] and kv.row_tokens(1, 5) == [7, 8, 13, 14, 15]
+    with torch.inference_mode():
+        kv.move_slots(torch.tensor([0, 1]), torch.tensor([3 + 2, 2 + 1]), torch.tensor([3, 2]))  # keep 12 and 14
+        slots = torch.tensor([4, 3])  # the lengths, one more each; now one token per row
+        kv.begin(slots, width)
+        visible = torch.arange(width)[None, None, :] <= slots[:, None, None]
+        out = model(input_ids=torch.tensor([[20], [21]]), attention_mask=additive(visible),
+                    position_ids=slots[:, None], **cache_kwargs(model, kv), use_cache=True)
+        kv.write_tokens(torch.tensor([20, 21]))
+    assert kv.row_tokens(0, 5) == [4, 5, 6, 12, 20] and kv.row_tokens(1, 4) == [7, 8, 14, 21]
+    for row in range(2):
+        assert (out.logits[row, -1] - fresh(model, kv.row_tokens(row, int(slots[row]) + 1))).abs().max() <= 1e-4
