@@ -362,7 +362,7 @@ def test_public_seams_for_candidate_scoring(wrapper: RewardWrapper, rm, tok) -> 
 
 
 def test_the_package_layers_flow_one_way() -> None:
-    """text | combination <- wrapper <- candidates, none of them lazily backwards; kv_cache/models stay below."""
+    """text | combination <- wrapper <- candidates, none of them lazily backwards; length_cache/models stay below."""
     import ast
 
     import llm_envs
@@ -383,60 +383,86 @@ def test_the_package_layers_flow_one_way() -> None:
                                              "llm_envs.rewards.text", "llm_envs.score_model"}
     assert imports("chat.py") == set()  # the chat format is data: it reads no other llm_envs module
     assert imports("rewards/candidates.py") == {
-        "llm_envs.kv_cache", "llm_envs.models", "llm_envs.rewards.text", "llm_envs.rewards.wrapper",
+        "llm_envs.length_cache", "llm_envs.models", "llm_envs.rewards.text", "llm_envs.rewards.wrapper",
         "llm_envs.score_model",
     }
     # models reads only io (the cache root and atomic directory swaps for GGUF conversions) and the
     # score-model loader below it, which reads none; a reward spec is plain data over the config layer
-    assert imports("kv_cache.py") == set() and imports("models.py") == {"llm_envs.io", "llm_envs.score_model"}
+    assert imports("models.py") == {"llm_envs.io", "llm_envs.score_model"}
     assert imports("length_cache.py") == set()
     assert imports("score_model.py") == set() and imports("reward_spec.py") == {"llm_envs.config"}
     assert imports("engine.py") == {"llm_envs.length_cache", "llm_envs.models"}
 
 
-def _per_row_inputs(kv: Any, rows: list[int], pending: list[list[int]], candidates: list[list[int]], wp: int,
+def _per_row_inputs(kv: Any, rows: list[int], pending: list[list[int]], candidates: list[list[int]],
                     width: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The prefix cache's forward inputs built row by row (as `_PrefixKV` did before it built them at once)."""
-    n, length = kv.num_rows, kv.slots.length
-    ids = torch.full((n, width), kv.pad, dtype=torch.long)
-    pos = torch.zeros((n, width), dtype=torch.long)
-    allowed = torch.zeros((n, width, length + width), dtype=torch.bool)
-    span = torch.arange(width)
-    allowed[:, span, length + span] = True
+    """The prefix cache's forward inputs built row by row from their definition: row r's column q writes
+    slot start[r] + q (a listed row starts at its length; a row left out past its tentative slots); a
+    listed row's pending tokens (columns 0 .. m-1, positions len .. len+m-1) see its prefix and the
+    pending tokens up to themselves, its candidates (columns m .. m+k-1, all at position len + m) see
+    the prefix, every pending token and themselves; any other column sees only its own slot."""
+    n, run = kv.num_rows, max(len(p) + len(c) for p, c in zip(pending, candidates))
+    ids = torch.full((n, run), kv.pad, dtype=torch.long)
+    pos = torch.zeros((n, run), dtype=torch.long)
+    allowed = torch.zeros((n, run, width), dtype=torch.bool)
+    span = torch.arange(run)
+    for row in range(n):
+        allowed[row, span, len(kv.tokens[row]) + kv.held[row] + span] = True
     for row, pend, cands in zip(rows, pending, candidates):
-        m, k, start, first = len(pend), len(cands), wp - len(pend), kv.slots.num_tokens(row)
-        ids[row, start:wp] = torch.tensor(pend, dtype=torch.long)
-        ids[row, wp : wp + k] = torch.tensor(cands, dtype=torch.long)
-        pos[row, start:wp] = torch.arange(first, first + m)
-        pos[row, wp : wp + k] = first + m
-        allowed[row, start : wp + k, :length] = kv.slots.mask[row]
-        allowed[row, start:wp, length + start : length + wp] = torch.ones(m, m, dtype=torch.bool).tril()
-        allowed[row, wp : wp + k, length + start : length + wp] = True
+        m, k, length = len(pend), len(cands), len(kv.tokens[row])
+        assert kv.held[row] == 0  # a listed row's tentative slots were kept or dropped before the forward
+        ids[row, : m + k] = torch.tensor(pend + cands, dtype=torch.long)
+        pos[row, :m] = torch.arange(length, length + m)
+        pos[row, m : m + k] = length + m
+        allowed[row, : m + k, :length] = True
+        allowed[row, :m, length : length + m] = torch.ones(m, m, dtype=torch.bool).tril()
+        allowed[row, m : m + k, length : length + m] = True
     additive = torch.zeros(allowed.shape, dtype=kv.dtype).masked_fill_(~allowed, torch.finfo(kv.dtype).min)
     return ids, pos, additive
 
 
-def test_prefix_cache_builds_every_rows_inputs_at_once_as_row_by_row(wrapper: RewardWrapper, tok) -> None:
-    """The reward model's prefix-cache forward gets the same ids, positions and 4-D mask bit for bit as a
-    row-by-row build, with rows of cached prefixes, hidden candidate slots and rows left out of a call."""
+def test_prefix_cache_scores_equal_full_forwards_and_its_inputs_follow_their_definition(
+    wrapper: RewardWrapper, rm, tok
+) -> None:
+    """Calls with rows of cached prefixes, pending tokens besides a kept candidate, a kept candidate other
+    than the first, a row that sits out a call and then keeps one of its tentative candidates, a pad
+    candidate and a new episode: every score equals a full no-cache forward, each kept candidate is moved
+    (not fed again), and each forward's ids, positions and 4-D mask equal a row-by-row build."""
     from llm_envs.rewards import CandidateScorer
 
     scorer = CandidateScorer(wrapper, 4, tok)
-    prompts = [tok(p)["input_ids"] for p in PROMPTS]
-    scorer.score([0, 1, 2, 3], prompts, [[], [], [], []], [[9, 10, 11]] * 4, scoring="raw")
-    scorer.score([0, 2, 3], [prompts[0], prompts[2], prompts[3]], [[10], [9], [11, 12]], [[12, 13, 14]] * 3,
-                 scoring="raw")  # row 1 sits out; row 3 feeds a pending token besides its chosen one
     kv = scorer._kv
-    assert kv is not None and kv.slots.length > max(kv.slots.num_tokens(r) for r in range(4))  # hidden slots
-    cases = [
-        ([1, 3], [[14, 15], []], [[9, 10], [11, 12, 13]]),  # pending of 2 and 0, k of 2 and 3
-        ([0, 1, 2, 3], [[], [], [], []], [[9]] * 4),  # a plain decoding step: k candidates only
-        ([3, 1], [[], []], [[9, 10], [11, 12, 13]]),  # the same with rows left out and k of 2 and 3
-        ([2], [[9, 10, 11]], [[]]),  # pending only
-    ]
-    for rows, pending, candidates in cases:
-        wp = max(len(p) for p in pending)
-        width = wp + max(len(c) for c in candidates)
-        got = kv._inputs(rows, pending, candidates, wp, width)
-        for a, b in zip(got, _per_row_inputs(kv, rows, pending, candidates, wp, width)):
+    assert kv is not None
+    built = kv._inputs
+    checked: list[int] = []
+
+    def checking(rows: list[int], pending: list[list[int]], candidates: list[list[int]]) -> Any:
+        got = built(rows, pending, candidates)
+        width = got[2].shape[-1]
+        assert width >= max(len(t) + h for t, h in zip(kv.tokens, kv.held)) + got[0].shape[1]
+        for a, b in zip(got, _per_row_inputs(kv, rows, pending, candidates, width)):
             assert a.dtype == b.dtype and torch.equal(a, b)
+        checked.append(len(rows))
+        return got
+
+    kv._inputs = checking
+    prompts = [tok(p)["input_ids"] for p in PROMPTS]
+    calls = [  # (rows, their prompts (PROMPTS indices), responses, candidates, candidates kept by a move)
+        ([0, 1, 2, 3], [0, 1, 2, 3], [[], [], [], []], [[9, 10, 11]] * 4, 0),
+        ([0, 2, 3], [0, 2, 3], [[10], [9], [11, 12]], [[12, 13, 14]] * 3, 3),  # row 1 sits out; 3 keeps 11, feeds 12
+        ([1, 3, 0], [1, 3, 0], [[11], [11, 12, 14], [10, 5, 6]], [[9, 1], [13, 12], [14, 9]], 2),  # 1's survived
+        ([0, 1, 2, 3], [0, 1, 2, 3], [[10, 5, 6, 14], [11, 1], [9, 12], [11, 12, 14, 12]], [[7, 8, 9, 10]] * 4, 4),
+        ([2, 0], [1, 0], [[], [10, 5, 6, 14, 8]], [[15, 16]] * 2, 1),  # row 2 starts a new episode (PROMPTS[1])
+    ]
+    kept = 0
+    for rows, which, responses, cands, moved in calls:
+        row_prompts = [prompts[w] for w in which]
+        got, own = scorer.score(rows, row_prompts, responses, cands, scoring="raw", prefix=True)
+        for i, (prompt, response) in enumerate(zip(row_prompts, responses)):
+            assert own[i] == pytest.approx(_one(rm, prompt + response), abs=1e-5)
+            for j, c in enumerate(cands[i]):
+                assert got[i, j] == pytest.approx(_one(rm, prompt + response + [c]), abs=1e-5), (rows[i], c)
+        kept += moved
+        assert kv.kept == kept
+    assert checked == [len(rows) for rows, *_ in calls] and kv.forwards == len(calls)
+    assert scorer.uses_prefix_cache

@@ -169,10 +169,10 @@ def test_candidate_rewards_equal_scoring_each_candidate_from_scratch(
 
 
 def test_scorer_edge_cases_match_scratch(test_world, tok):
-    """EOS / pad / turn-marker candidates, responses holding them, new episodes, compaction."""
+    """EOS / pad / turn-marker candidates, responses holding them, new episodes, kept candidates, cache growth."""
     model = load_reward_model(test_world.rm_dir, device="cpu")
     wrapper = RewardWrapper.from_model(model, lm_tokenizer=tok, device="cpu")
-    scorer = CandidateScorer(wrapper, 3, tok, compact_slack=8)
+    scorer = CandidateScorer(wrapper, 3, tok)
     marker = tok.convert_tokens_to_ids("Human:")
     specials = [tok.eos_token_id, tok.pad_token_id, marker]
     prompts = [tok(p)["input_ids"] for p in test_world.test_prompts[:3]]
@@ -198,7 +198,8 @@ def test_scorer_edge_cases_match_scratch(test_world, tok):
             responses[i].append(cands[i][int(rng.integers(5))])
         if step == 12:
             prompts[1], responses[1] = tok(test_world.test_prompts[7])["input_ids"], []
-    assert scorer.uses_prefix_cache and scorer._kv.mask.shape[1] < 24 * 8
+    kv = scorer._kv  # chosen candidates were kept by moving their slot: no slots pile up over 48 calls of 5
+    assert scorer.uses_prefix_cache and kv.kept > 0 and kv.cache.capacity < 24 * 8
 
 
 def test_prefix_cache_disagreement_warns_and_falls_back(test_world, tok, monkeypatch):

@@ -3,7 +3,7 @@
 `CandidateScorer` scores k candidate next tokens after each of N growing prefixes in one
 reward-model forward per call, keeping the reward model's KV cache of every prefix between
 calls: ``CandidateScorer(wrapper, num_rows, lm_tokenizer)``; `score_candidates` is the one-shot
-form. It stands on the reward wrapper's public seams and on `llm_envs.kv_cache.SlotKVCache`;
+form. It stands on the reward wrapper's public seams and on `llm_envs.length_cache.LengthKVCache`;
 the wrapper module does not know it (dependencies: text <- wrapper <- candidates).
 
 Whether the prefix cache gave the same scores as scoring from scratch is checked once per
@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from llm_envs.kv_cache import SlotKVCache
+from llm_envs.length_cache import LengthKVCache, to_device
 from llm_envs.models import cache_kwargs
 from llm_envs.rewards.text import (
     as_id_rows,
@@ -68,34 +68,41 @@ def score_candidates(
     return scorer.score(range(len(prompt_ids)), prompt_ids, response_ids, candidates, scoring=scoring)[0]
 
 
-def _to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """`host` on `device`; to a GPU from pinned memory without blocking, so the host goes on queueing kernels."""
-    if device.type == "cuda":
-        return host.pin_memory().to(device, non_blocking=True)
-    return host.to(device)
+_BUCKET = 32  # attention runs over a multiple of this many slots: shapes change every 32 tokens, not every one
+_NEVER = -(2**62)  # a padding query's limit: no relative slot lies below it (it sees only its own slot)
+
+
+def _round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
 
 
 class _PrefixKV:
     """The reward model's KV cache of N growing prefixes; scores k candidates per row per forward.
 
-    The rows live in a `SlotKVCache` (append-only, a ``[N, L]`` mask of the slots each row sees,
-    explicit per-row position ids, compaction when hidden slots pile up), as the decode engine's
-    do. One call is ONE forward of, per row, the prefix tokens not yet cached ("pending")
-    followed by the k candidates, with a 4-D attention mask: pending tokens are causal among
-    themselves; each candidate sees the row's prefix and itself only (not the other
-    candidates), all candidates at the same position. The score head is read at every
-    position, so a candidate's score is the sequence score of prefix + candidate.
-    Candidate slots stay hidden afterwards; when the next prefix is the old one plus one of them
-    (the chosen token), that slot is made visible instead of feeding the token again, so a
-    decoding step costs one reward-model forward of k tokens per row.
+    The rows live in a `LengthKVCache`, as the decode engine's do: row r's prefix is slots
+    ``[0, len[r])``, slot j at position j, the lengths exact on the host (`tokens`). One call is ONE
+    forward of a *run* per row: the prefix tokens not yet cached ("pending", m of them) followed by
+    the k candidates, written at slots ``len[r] .. len[r] + m + k - 1`` (padding fills shorter runs).
+    A 4-D attention mask built on the device from (len, m, k) per row makes pending tokens causal
+    among themselves and lets each candidate see the row's prefix, the pending tokens and itself only
+    (not the other candidates); every candidate sits at position ``len[r] + m``. The score head is
+    read at every position, so a candidate's score is the sequence score of prefix + candidate.
+
+    Afterwards the pending tokens are the row's (``len[r] += m``) and candidate j stays tentatively
+    at slot ``len[r] + j``. When the next prefix is the old one plus one of them (the chosen token),
+    `LengthKVCache.move_slots` copies that slot to slot ``len[r]`` (for all such rows in one call) and
+    ``len[r] += 1``, instead of feeding the token again: a decoding step costs one reward-model
+    forward of k tokens per row, with no copy of the cache, no hidden slots and no compaction. A row
+    left out of a call writes its padding past its tentative slots (``held``), so they survive.
 
     Scores follow the model's end rule, so they equal a fresh forward of the whole sequence: HF's
     sequence-classification pooling (the last token whose id is not the pad id), or a safe-rlhf score
     model's (`llm_envs.score_model.ScoreModel`: the last token, whatever its id).
     """
 
-    def __init__(self, model: PreTrainedModel | ScoreModel, num_rows: int, compact_slack: int) -> None:
+    def __init__(self, model: PreTrainedModel | ScoreModel, num_rows: int) -> None:
         self.model, self.base, self.head = model, model.base_model, model.score
+        self.cache = LengthKVCache(model, num_rows)  # validates num_rows and the model's cache layers
         self.pad = int(model.config.get_text_config().pad_token_id)
         # The id that pooling skips (its score is the prefix's): HF's pad id; none for a score model.
         self.skip: int | None = None if isinstance(model, ScoreModel) else self.pad
@@ -104,43 +111,41 @@ class _PrefixKV:
         self._open = torch.zeros((), dtype=self.dtype, device=self.device)
         self._shut = torch.full((), torch.finfo(self.dtype).min, dtype=self.dtype, device=self.device)
         self.num_rows = num_rows
-        self.slots = SlotKVCache(model, num_rows, compact_slack=compact_slack)
+        self.tokens: list[list[int]] = [[] for _ in range(num_rows)]  # ids in slots [0, len[r])
         self.pooled: list[list[float]] = [[] for _ in range(num_rows)]  # score of tokens[: i + 1]
-        self.tentative: list[dict[int, tuple[int, float]]] = [{} for _ in range(num_rows)]
-        self.forwards = 0
+        self.tentative: list[dict[int, tuple[int, float]]] = [{} for _ in range(num_rows)]  # id -> (j, score)
+        self.held = [0] * num_rows  # tentative slots past each row's length (candidate j at len + j)
+        self.forwards = 0  # reward-model forwards
+        self.kept = 0  # candidates kept by moving their slot (not fed again)
 
-    @property
-    def mask(self) -> torch.Tensor:
-        """The [N, L] mask of the slots each row sees."""
-        return self.slots.mask
-
-    def _sync(self, row: int, prefix: list[int]) -> list[int]:
-        """Make the row's visible slots the longest cached part of `prefix`; return the rest."""
-        fed, tentative = self.slots.tokens(row), self.tentative[row]
-        self.tentative[row] = {}
+    def _sync(self, row: int, prefix: list[int]) -> tuple[list[int], tuple[int, int] | None]:
+        """Make the row's cached tokens the longest cached part of `prefix`: returns the rest (pending)
+        and, when `prefix` adds one of the row's tentative candidates, the move (from slot, to slot)
+        that keeps its K/V (the caller runs every row's move at once)."""
+        fed, tentative = self.tokens[row], self.tentative[row]
+        self.tentative[row], self.held[row] = {}, 0
         n = len(fed)
         if len(prefix) > n and prefix[n] in tentative and prefix[:n] == fed:  # the chosen candidate
-            slot, score = tentative[prefix[n]]
-            self.slots.show(row, slot, prefix[n])
+            j, score = tentative[prefix[n]]
+            fed.append(prefix[n])
             self._pool(row, prefix[n], score)
-            n += 1
-        elif prefix[:n] != fed:  # diverged (new episode or rollback): keep the common part
+            return prefix[n + 1 :], (n + j, n)
+        if prefix[:n] != fed:  # diverged (new episode or rollback): keep the common part
             n = next((i for i, (a, b) in enumerate(zip(fed, prefix)) if a != b), min(n, len(prefix)))
-            self.slots.truncate(row, n)
-            del self.pooled[row][n:]
-        return prefix[n:]
+            del fed[n:], self.pooled[row][n:]
+        return prefix[n:], None
 
     @torch.inference_mode()
     def forget(self, rows: Sequence[int]) -> None:
-        """Drop what `rows` hold; once every row is empty the cache starts afresh (so a run's float
-        rounding depends only on its own inputs, as with `DecodeEngine.reset_rows`)."""
+        """Drop what `rows` hold; once every row is empty the cache is zeroed (so what a run reads,
+        masked slots included, depends only on its own inputs, as with `DecodeEngine.reset_rows`)."""
         for row in rows:
             self._sync(row, [])
-        if not any(self.slots.num_tokens(row) for row in range(self.num_rows)):
-            self.slots.clear()
+        if not any(self.tokens):
+            self.cache.clear(self.cache.capacity)
 
     def _pool(self, row: int, token: int, score: float) -> None:
-        """Record the sequence score after the row's newest visible token."""
+        """Record the sequence score after the row's newest cached token."""
         pooled = self.pooled[row]  # HF pooling: the last non-pad token (position 0 if none)
         pooled.append(score if token != self.skip or not pooled else pooled[-1])
 
@@ -149,75 +154,89 @@ class _PrefixKV:
         self, rows: list[int], prefixes: list[list[int]], candidates: list[list[int]]
     ) -> list[tuple[list[float], float]]:
         """Per row: the scores of prefix + [c] for each candidate c, and the prefix's own score."""
-        pending = [self._sync(r, p) for r, p in zip(rows, prefixes)]
-        if self.slots.maybe_compact():  # compaction drops hidden slots: tentative ones too
-            self.tentative = [{} for _ in range(self.num_rows)]
-        wp = max(len(p) for p in pending)
-        width = wp + max(len(c) for c in candidates)
-        if width:
-            scores = self._forward(rows, pending, candidates, wp, width)
+        pending, moves = [], []
+        for row, prefix in zip(rows, prefixes):
+            rest, move = self._sync(row, prefix)
+            pending.append(rest)
+            if move is not None:
+                moves.append((row, *move))
+        if moves:
+            self._keep(moves)
+        if any(pending) or any(candidates):
+            scores = self._forward(rows, pending, candidates)
         out = []
         for i, (row, cands) in enumerate(zip(rows, candidates)):
             cand_scores = [self.pooled[row][-1] if c == self.skip else float(scores[i][j]) for j, c in enumerate(cands)]
             out.append((cand_scores, self.pooled[row][-1]))
         return out
 
-    def _forward(
-        self, rows: list[int], pending: list[list[int]], candidates: list[list[int]], wp: int, width: int
-    ) -> list[list[float]]:
-        ids, pos, additive = self._inputs(rows, pending, candidates, wp, width)
+    def _keep(self, moves: list[tuple[int, int, int]]) -> None:
+        """Keep a tentative candidate per listed row: ``(row, its slot, the row's length)``; one host->device
+        copy and one `move_slots` for all rows (the host lengths already count the kept tokens)."""
+        rows, sources, targets = to_device(np.array(moves, dtype=np.int64).T.copy(), self.device)
+        self.cache.move_slots(rows, sources, targets)
+        self.kept += len(moves)
+
+    def _forward(self, rows: list[int], pending: list[list[int]], candidates: list[list[int]]) -> list[list[float]]:
+        """One forward of every row's pending tokens and candidates; records the pending tokens' scores and
+        the candidates as tentative; returns each listed row's candidate scores."""
+        ids, pos, additive = self._inputs(rows, pending, candidates)
         out = self.base(input_ids=ids, attention_mask=additive[:, None], position_ids=pos,
-                        **cache_kwargs(self.base, self.slots.cache), use_cache=True)
-        table = self.head(out.last_hidden_state)[..., 0].float().cpu().tolist()  # [N, width]
-        # The pending tokens stay visible; the candidates' slots stay hidden (tentative).
-        length = self.slots.extend(width, {row: (wp - len(pend), pend) for row, pend in zip(rows, pending)})
+                        **cache_kwargs(self.base, self.cache), use_cache=True)
+        self.cache.write_tokens(ids)
+        table = self.head(out.last_hidden_state)[..., 0].float().cpu().tolist()  # [N, run]
         self.forwards += 1
         result = []
         for row, pend, cands in zip(rows, pending, candidates):
-            start = wp - len(pend)
+            scores, m = table[row], len(pend)
             for i, token in enumerate(pend):
-                self._pool(row, token, table[row][start + i])
-            self.tentative[row] = {c: (length + wp + j, table[row][wp + j]) for j, c in enumerate(cands)}
-            result.append(table[row][wp : wp + len(cands)])
+                self._pool(row, token, scores[i])
+            self.tokens[row].extend(pend)
+            self.tentative[row] = {c: (j, scores[m + j]) for j, c in enumerate(cands)}
+            self.held[row] = len(cands)
+            result.append(scores[m : m + len(cands)])
         return result
 
     def _inputs(
-        self, rows: list[int], pending: list[list[int]], candidates: list[list[int]], wp: int, width: int
+        self, rows: list[int], pending: list[list[int]], candidates: list[list[int]]
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Input ids and position ids [N, width] and the additive 4-D mask [N, width, L + width] of one forward.
+        """Input ids and position ids [N, run] and the additive 4-D mask [N, run, width] of one forward;
+        calls the cache's `begin` (grows it first when the runs do not fit).
 
-        Row r's queries are its pending tokens at columns ``wp - m .. wp - 1`` and its k candidates
-        at ``wp .. wp + k - 1``; every other column is padding that sees only itself. Built for all
-        rows at once on the model's device from ONE host->device copy of the ids and per-row counts:
-        per-row slicing cost ~6 small kernels (and on a GPU as many copies) per row per step.
+        Row r's column q writes slot ``start[r] + q``: a listed row starts at its length (its pending
+        tokens at columns ``0 .. m - 1``, its candidates at ``m .. m + k - 1``), a row left out past its
+        tentative slots; every other column is padding that sees only its own slot. Built for all rows
+        at once on the model's device from ONE host->device copy of the ids and per-row (m, k, start).
         """
-        n, dev = self.num_rows, self.device
-        flat = [self.pad] * (n * width)  # host: the ids, then per row (pending, candidates, next position)
-        counts = [0] * (3 * n)
+        n = self.num_rows
+        run = max(len(p) + len(c) for p, c in zip(pending, candidates))
+        ids = np.full((n, run), self.pad, dtype=np.int64)
+        counts = np.zeros((3, n), dtype=np.int64)  # per row: m, k, start
+        counts[2] = [len(t) + held for t, held in zip(self.tokens, self.held)]  # a listed row holds none
         for row, pend, cands in zip(rows, pending, candidates):
-            at = row * width + wp
-            flat[at - len(pend) : at + len(cands)] = [*pend, *cands]
-            counts[row], counts[n + row], counts[2 * n + row] = len(pend), len(cands), self.slots.num_tokens(row)
-        packed = _to_device(torch.tensor(flat + counts, dtype=torch.long), dev)
-        ids = packed[: n * width].view(n, width)
-        m, k, first = packed[n * width :].view(3, n, 1)
-        q = torch.arange(width, device=dev)
-        own = torch.eye(width, dtype=torch.bool, device=dev)  # every query sees itself (no fully masked row)
-        if wp:
-            pend_q = (q >= wp - m) & (q < wp)  # [N, width]: the query is a pending token
-            cand_q = (q >= wp) & (q < wp + k)  # the query is a candidate
-            # Pending tokens at positions first .. first + m - 1, every candidate at first + m, padding at 0.
-            pos = torch.where(pend_q, first + q - (wp - m), torch.where(cand_q, first + m, 0))
-            causal = q[None, :] <= q[:, None]  # [query, key]
-            new = own | (pend_q[:, None, :] & ((pend_q[:, :, None] & causal) | cand_q[:, :, None]))  # keys: pending
-            real = pend_q | cand_q
-        else:  # a plain decoding step (nothing pending anywhere): the same, in a third of the kernels
-            real = q < k
-            pos = torch.where(real, first, 0)
-            new = own.expand(n, width, width)
-        allowed = torch.cat([real[:, :, None] & self.slots.mask[:, None, :], new], 2)  # real queries see the row
-        additive = torch.where(allowed, self._open, self._shut)
-        return ids, pos, additive
+            ids[row, : len(pend) + len(cands)] = pend + cands
+            counts[:2, row] = len(pend), len(cands)
+        need = int(counts[2].max()) + run
+        self._ensure_capacity(need)
+        width = _round_up(need, _BUCKET)
+        packed = to_device(np.concatenate([ids.reshape(-1), counts.reshape(-1)]), self.device)
+        ids_d, (m, k, start) = packed[: n * run].view(n, run), packed[n * run :].view(3, n, 1)
+        self.cache.begin(start[:, 0], width, run)
+        q = self.cache.slot_range(run)
+        real = q < m + k  # [N, run]: the column holds a pending token or a candidate
+        pos = torch.where(real, start + torch.minimum(q, m), 0)  # candidates all at start + m, padding at 0
+        # Query q sees the relative slots (s - start) below its limit (the row's prefix, and the pending
+        # tokens up to q for a pending token, all of them for a candidate) and its own slot.
+        limit = torch.where(real, torch.minimum(q + 1, m), _NEVER)
+        rel = self.cache.slot_range(width) - start  # [N, width]
+        allowed = (rel[:, None, :] < limit[:, :, None]) | (rel[:, None, :] == q[None, :, None])
+        return ids_d, pos, torch.where(allowed, self._open, self._shut)
+
+    def _ensure_capacity(self, need: int) -> None:
+        """Grow the cache (a reallocation and copy: rare) to hold ``need`` slots, by at least half its size,
+        to a multiple of the bucket (so a forward's width never depends on how the cache grew)."""
+        if need > self.cache.capacity:
+            self.cache.resize(_round_up(max(need, self.cache.capacity * 3 // 2), _BUCKET))
 
 
 class CandidateScorer:
@@ -255,7 +274,6 @@ class CandidateScorer:
         lm_tokenizer: PreTrainedTokenizerBase | None = None,
         *,
         prefix_cache: bool = True,
-        compact_slack: int = 64,
     ) -> None:
         if not isinstance(num_rows, int) or num_rows < 1:
             raise ValueError(f"num_rows={num_rows!r}; expected a positive int (one row per prefix).")
@@ -265,8 +283,8 @@ class CandidateScorer:
         self.wrapper, self.num_rows, self.lm_tokenizer = wrapper, num_rows, lm_tok
         self.parts: list[tuple[CandidateScorer, float]] | None = None  # a weighted sum: one scorer per term
         if wrapper.terms is not None:
-            self.parts = [(CandidateScorer(t, num_rows, lm_tok, prefix_cache=prefix_cache, compact_slack=compact_slack),
-                           w) for t, w in wrapper.terms]
+            self.parts = [(CandidateScorer(t, num_rows, lm_tok, prefix_cache=prefix_cache), w)
+                          for t, w in wrapper.terms]
         self.ids_path, why = wrapper.fast_path(lm_tok)
         self.lm_template = special_template(lm_tok) if self.ids_path else None
         self.eos = wrapper.response_end_id(lm_tok)  # the chat template's end of turn on chat prompts
@@ -277,9 +295,9 @@ class CandidateScorer:
             self.cache_off_reason = "; ".join(f"term {p.wrapper.name!r}: {p.cache_off_reason}" for p, _ in self.parts
                                               if p.cache_off_reason)
         elif prefix_cache and self.ids_path:
-            self._kv = self._make_kv(compact_slack)
+            self._kv = self._make_kv()
 
-    def _make_kv(self, compact_slack: int) -> _PrefixKV | None:
+    def _make_kv(self) -> _PrefixKV | None:
         model, template = self.wrapper.model, self.wrapper.template_ids
         reasons = [
             (prefix_cache_verdict(self.wrapper) is False, "the prefix cache disagreed with scoring from scratch"),
@@ -293,7 +311,7 @@ class CandidateScorer:
                 self.cache_off_reason = reason
                 return None
         try:
-            return _PrefixKV(model, self.num_rows, compact_slack)
+            return _PrefixKV(model, self.num_rows)
         except ValueError as exc:
             self.cache_off_reason = str(exc)
             return None
