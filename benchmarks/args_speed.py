@@ -108,8 +108,8 @@ def rm_limit_episode(rm: Any, prompts: list[list[int]], k: int, forwards: int) -
 
     Each candidate sees its row's prefix and itself (a 4-D additive mask), all k at the prefix's next
     position; the score head reads every candidate. Afterwards the first candidate's slot stays as the
-    row's next token and the rest are cropped, so the prefix grows by one token a step, as in ARGS,
-    with no hidden slots to attend over (ARGS's cache keeps them until it compacts)."""
+    row's next token and the rest are cropped, so the prefix grows by one token a step, as in ARGS
+    (whose prefix cache moves the chosen candidate's slot to the row's length)."""
     from transformers import DynamicCache
 
     from benchmarks.throughput import _sync
