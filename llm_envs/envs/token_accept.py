@@ -119,18 +119,16 @@ class _DevicePools:
             self.probs = torch.nn.functional.pad(self.probs, (0, grow))
             self.suffix = torch.nn.functional.pad(self.suffix, (0, grow))
         pad = self.width - width
-        self.ids[rows] = torch.nn.functional.pad(pools.ids, (0, pad), value=-1)
-        self.probs[rows] = torch.nn.functional.pad(pools.probs, (0, pad))
-        self.suffix[rows] = torch.nn.functional.pad(pools.suffix_mass, (0, pad))
+        if pad:
+            self.ids[rows] = -1
+            self.probs[rows] = 0.0
+            self.suffix[rows] = 0.0
+        self.ids[rows, :width] = pools.ids
+        self.probs[rows, :width] = pools.probs
+        self.suffix[rows, : width + 1] = pools.suffix_mass
         self.size[rows] = pools.size
         if pools.entropy is not None:
             self.entropy[rows] = pools.entropy
-
-    def save(self) -> tuple[torch.Tensor, ...]:
-        return tuple(t.clone() for t in (self.ids, self.probs, self.suffix, self.size, self.entropy))
-
-    def restore(self, saved: tuple[torch.Tensor, ...]) -> None:
-        self.ids, self.probs, self.suffix, self.size, self.entropy = saved
 
 
 class TokenAcceptCore(BatchedCore[TokenAcceptParams]):
@@ -259,34 +257,27 @@ class TokenAcceptCore(BatchedCore[TokenAcceptParams]):
         s = self.state
         accepted = continuing[actions[continuing] == ACCEPT]
         s.rejections[accepted] = 0
-        # Pools are rewritten before the forward, which may raise (non-finite logits): undo them then.
-        # Hidden states and logits are written only after it succeeded.
-        saved = self._pools.save()
         self._finite.fill_(True)  # the forward's verdict per row, checked in `_refresh`'s copy
-        try:
-            if self.params.obs_mode == "candidate":
-                # The proposed candidate sits in the cache: a reject hides it; an accept keeps it,
-                # and its forward already gave the next position's distribution.
-                self.engine.drop_last(continuing[actions[continuing] == REJECT].tolist())
-                if accepted.size:
-                    index = to_device(accepted, self.device)
-                    self._pools.write(index, self._pool_batch(self._next_logits[index]))
-                self._forward_candidates(np.union1d(continuing, np.asarray(started, dtype=np.int64)))
-            elif accepted.size:
-                # Prefix mode: only an accept changes the prefix; a reject needs no forward.
-                tokens = np.zeros(self.num_rows, dtype=np.int64)
-                tokens[accepted] = s.response[accepted, s.response_len[accepted] - 1]
-                mask = np.zeros(self.num_rows, dtype=bool)
-                mask[accepted] = True
-                out = self.engine.append(tokens, mask, check_finite=False)
+        if self.params.obs_mode == "candidate":
+            # The proposed candidate sits in the cache: a reject hides it; an accept keeps it,
+            # and its forward already gave the next position's distribution.
+            self.engine.drop_last(continuing[actions[continuing] == REJECT].tolist())
+            if accepted.size:
                 index = to_device(accepted, self.device)
-                self._pools.write(index, self._pool_batch(out.logits[index]))
-                self._hidden[index] = out.hidden[index]
-                self._finite[index] = out.finite[index]
-            self._refresh(np.union1d(continuing, np.asarray(started, dtype=np.int64)))
-        except BaseException:
-            self._pools.restore(saved)
-            raise
+                self._pools.write(index, self._pool_batch(self._next_logits[index]))
+            self._forward_candidates(np.union1d(continuing, np.asarray(started, dtype=np.int64)))
+        elif accepted.size:
+            # Prefix mode: only an accept changes the prefix; a reject needs no forward.
+            tokens = np.zeros(self.num_rows, dtype=np.int64)
+            tokens[accepted] = s.response[accepted, s.response_len[accepted] - 1]
+            mask = np.zeros(self.num_rows, dtype=bool)
+            mask[accepted] = True
+            out = self.engine.append(tokens, mask, check_finite=False)
+            index = to_device(accepted, self.device)
+            self._pools.write(index, self._pool_batch(out.logits[index]))
+            self._hidden[index] = out.hidden[index]
+            self._finite[index] = out.finite[index]
+        self._refresh(np.union1d(continuing, np.asarray(started, dtype=np.int64)))
 
     def _candidates(self) -> torch.Tensor:
         """[N] the token each row proposes now: its pool's rank `rejections` (on the device)."""
@@ -345,19 +336,21 @@ class TokenAcceptCore(BatchedCore[TokenAcceptParams]):
                 "mean_left": left / remaining.clamp_min(1), "reject_ok": allowed}
         for name, values in view.items():
             self._device_view[name][index] = values
-        host = pack_rows({"candidate": candidate, "candidate_prob": view["candidate_prob"], "top_prob": top_prob,
-                          "mean_left": view["mean_left"], "size": size, "entropy": entropy, "reject_ok": allowed,
-                          "past_head": past_head, "hidden": hidden, "finite": self._finite[index]})
-        if not host["finite"].all():
-            raise_non_finite(rows[~host["finite"]], self.ctx.model)
-        if host["past_head"].any():
+        # Few tensors into the copy (each costs a few operations to pack): grouped by dtype.
+        host = pack_rows({"real": torch.stack([view["candidate_prob"], top_prob, view["mean_left"], entropy], 1),
+                          "int": torch.stack([candidate, size], 1),
+                          "flag": torch.stack([allowed, past_head, self._finite[index]], 1), "hidden": hidden})
+        reject_ok, past, finite = host["flag"].T
+        if not finite.all():
+            raise_non_finite(rows[~finite], self.ctx.model)
+        if past.any():
             raise RuntimeError(
-                f"SKAM allows a reject at rank {int(self.state.rejections[rows][host['past_head']][0])}, past the "
-                "pool's head; build pools with nucleus_pools(..., head_min_prob=p_t) so the head covers every "
-                "reachable rank.")
+                f"SKAM allows a reject at rank {int(self.state.rejections[rows][past][0])}, past the pool's head; "
+                "build pools with nucleus_pools(..., head_min_prob=p_t) so the head covers every reachable rank.")
         m = self._mirror
-        for name in ("candidate", "candidate_prob", "top_prob", "mean_left", "size", "entropy", "reject_ok", "hidden"):
-            getattr(m, name)[rows] = host[name]
+        m.candidate_prob[rows], m.top_prob[rows], m.mean_left[rows], m.entropy[rows] = host["real"].T
+        m.candidate[rows], m.size[rows] = host["int"].T
+        m.reject_ok[rows], m.hidden[rows] = reject_ok, host["hidden"]
 
     # ------------------------------------------------------------------ rewards, infos
     def _reward_parts(self, row: int, score: float) -> dict[str, float]:
