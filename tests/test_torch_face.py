@@ -44,6 +44,9 @@ def test_the_torch_face_equals_the_numpy_face_along_random_episodes(world_kwargs
         assert torch.equal(ttruncated, torch.from_numpy(truncated))
         ended += int((terminated | truncated).sum())
     assert ended >= 3  # episode ends and autoresets went through both faces
+    policy = torch.nn.Linear(tobs.shape[1], 2)  # an agent trains on them: not inference-mode tensors
+    policy(tobs).sum().backward()
+    assert policy.weight.grad is not None
 
 
 def test_the_torch_face_wraps_only_llm_envs_vector_envs():

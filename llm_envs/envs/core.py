@@ -182,8 +182,9 @@ class BatchedCore(Generic[P]):
         """Start new episodes on `rows`; returns their observations [len(rows), D] and their infos
         (`infos[i]` is row `rows[i]`'s)."""
         rows = [int(r) for r in rows]
-        self._start(Restart(rows, list(rngs), list(options)))
-        self._advance(np.zeros(0, dtype=np.int64), rows, np.zeros(self.num_rows, dtype=np.int64))
+        with torch.inference_mode():  # as in `step`
+            self._start(Restart(rows, list(rngs), list(options)))
+            self._advance(np.zeros(0, dtype=np.int64), rows, np.zeros(self.num_rows, dtype=np.int64))
         present = np.zeros(self.num_rows, dtype=bool)
         present[rows] = True
         infos = self._step_infos(present, np.zeros(self.num_rows, dtype=bool))
@@ -230,7 +231,10 @@ class BatchedCore(Generic[P]):
         chosen, forced = self._check_actions(self._action_array(actions), stepped)
         saved = self.state.copy()
         try:
-            return self._step(stepped, chosen, forced, restart, restart_done)
+            # Inference mode throughout: the device state holds the engine's outputs (inference tensors),
+            # which may only be updated in place inside it.
+            with torch.inference_mode():
+                return self._step(stepped, chosen, forced, restart, restart_done)
         except BaseException as error:
             self.state.restore(saved)  # host bookkeeping as before the step; the MDP restores its own
             if isinstance(error, NonFiniteLogitsError):

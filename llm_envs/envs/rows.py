@@ -39,12 +39,9 @@ class RowArrays:
         self._fields = dict(fields)
         self._arrays = {name: np.zeros((num_rows, *shape), dtype=dtype) for name, (dtype, shape) in fields.items()}
         self._snapshot_class = make_dataclass("RowSnapshot", list(self._fields), frozen=True)
-
-    def __getattr__(self, name: str) -> np.ndarray:
-        arrays = self.__dict__.get("_arrays")
-        if arrays is not None and name in arrays:
-            return arrays[name]
-        raise AttributeError(name)
+        # Plain attributes (a __getattr__ costs a Python call on every access, dozens per step); the
+        # arrays are only ever changed in place, so these references stay the arrays.
+        self.__dict__.update(self._arrays)
 
     def clear(self, rows: Sequence[int] | np.ndarray) -> None:
         """Every field of `rows` back to zero (None for object fields)."""

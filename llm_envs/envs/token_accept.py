@@ -7,7 +7,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import gymnasium as gym
@@ -89,6 +89,15 @@ def reject_allowed(pool: Pool, rejections: int, params: TokenAcceptParams) -> bo
     """
     return gate_allows_reject(pool, params) and skam_allows_reject(pool, rejections, params.p_t,
                                                                    params.max_rejections)
+
+
+def _row_selector(rows: np.ndarray, num_rows: int, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
+    """`take(t)` = the rows `rows` (sorted, unique) of a [N, ...] tensor: the tensor itself when every
+    row is asked for (the common step: an index gather costs tens of microseconds on the CPU)."""
+    if len(rows) == num_rows:
+        return lambda tensor: tensor
+    index = to_device(rows, device)
+    return lambda tensor: tensor[index]
 
 
 class _DevicePools:
@@ -292,6 +301,9 @@ class TokenAcceptCore(BatchedCore[TokenAcceptParams]):
         active[rows] = True
         tokens = self._candidates().clamp_min(0)  # rows not active may hold -1 (never fed to the model)
         out = self.engine.append(tokens, active, check_finite=False)  # device ids: no host read
+        if len(rows) == self.num_rows:  # every row forwarded: keep the outputs, no [N, V] copy
+            self._hidden, self._next_logits, self._finite = out.hidden, out.logits, out.finite
+            return
         index = to_device(rows, self.device)
         self._hidden[index] = out.hidden[index]
         self._next_logits[index] = out.logits[index]
@@ -311,35 +323,38 @@ class TokenAcceptCore(BatchedCore[TokenAcceptParams]):
         if not rows.size:
             return
         p, pools = self.params, self._pools
-        index = to_device(rows, self.device)
+        take = _row_selector(rows, self.num_rows, self.device)
         rank = to_device(self.state.rejections[rows], self.device)[:, None]
-        ids, probs, size = pools.ids[index], pools.probs[index], pools.size[index]
+        ids, probs, size = take(pools.ids), take(pools.probs), take(pools.size)
         candidate = ids.gather(1, rank).squeeze(1)
-        left = pools.suffix[index].gather(1, rank).squeeze(1)  # mass of T', the pool minus the rejected
+        left = take(pools.suffix).gather(1, rank).squeeze(1)  # mass of T', the pool minus the rejected
         remaining = size - rank.squeeze(1)
         # SKAM: |T'| > 1 and the mean p left above p_t (and, with a cap, fewer rejections here).
         allowed = (remaining > 1) & (left > p.p_t * remaining)
         if p.max_rejections is not None:
             allowed &= rank.squeeze(1) < p.max_rejections
-        entropy, top_prob = pools.entropy[index], probs[:, 0]
+        entropy, top_prob = take(pools.entropy), probs[:, 0]
         if p.decision_mask == "entropy":
             allowed &= entropy >= p.entropy_threshold
         elif p.decision_mask == "confidence":
             allowed &= top_prob < p.confidence_threshold
         # `nucleus_pools(head_min_prob=p_t)` keeps every reachable candidate in the head.
         past_head = allowed & (rank.squeeze(1) + 1 >= (ids >= 0).sum(1))
-        hidden = self._hidden[index]
+        hidden = take(self._hidden)
         if p.obs_mode == "prefix":
             with torch.inference_mode():
                 hidden = torch.cat([hidden, self._embeddings(candidate.clamp_min(0)).float()], 1)
         view = {"obs_hidden": hidden, "candidate_prob": probs.gather(1, rank).squeeze(1),
                 "mean_left": left / remaining.clamp_min(1), "reject_ok": allowed}
         for name, values in view.items():
-            self._device_view[name][index] = values
+            if len(rows) == self.num_rows:
+                self._device_view[name] = values  # every row moved: the new tensors are the view
+            else:
+                self._device_view[name][to_device(rows, self.device)] = values
         # Few tensors into the copy (each costs a few operations to pack): grouped by dtype.
         host = pack_rows({"real": torch.stack([view["candidate_prob"], top_prob, view["mean_left"], entropy], 1),
                           "int": torch.stack([candidate, size], 1),
-                          "flag": torch.stack([allowed, past_head, self._finite[index]], 1), "hidden": hidden})
+                          "flag": torch.stack([allowed, past_head, take(self._finite)], 1), "hidden": hidden})
         reject_ok, past, finite = host["flag"].T
         if not finite.all():
             raise_non_finite(rows[~finite], self.ctx.model)
