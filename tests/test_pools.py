@@ -62,7 +62,9 @@ def _check_row(pool: Pool, ref: Pool, p_t: float | None) -> None:
 @pytest.mark.parametrize("kind", ["flat", "peaked", "zipf", "mixed"])
 @pytest.mark.parametrize("top_p", [0.5, 0.9, 0.99, 1.0])
 @pytest.mark.parametrize("temperature", [0.5, 1.0, 2.0])
-def test_pools_equal_the_full_sort(kind, top_p, temperature):
+def test_pools_equal_the_full_sort(kind, top_p, temperature, pool_path):
+    if pool_path == "sync_free" and temperature != 1.0:
+        pytest.skip("the sync-free path is checked at one temperature here (the scaling is shared code)")
     logits = _logits(kind, 6, 3000, seed=int(100 * top_p + 10 * temperature))
     for p_t in (None, 0.01, 1e-4):
         pools = nucleus_pools(logits, top_p=top_p, top_k=None, temperature=temperature, head_min_prob=p_t).rows()

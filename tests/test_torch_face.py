@@ -31,7 +31,7 @@ def test_the_torch_face_equals_the_numpy_face_along_random_episodes(world_kwargs
     assert torch.equal(tobs, torch.from_numpy(obs))
     rng = np.random.default_rng(0)
     ended = 0
-    for _ in range(20):
+    for _ in range(14):
         masks = numpy_env.action_masks()
         tmasks = torch_env.action_masks()
         assert tmasks.dtype == torch.bool and torch.equal(tmasks, torch.from_numpy(masks))
@@ -43,7 +43,7 @@ def test_the_torch_face_equals_the_numpy_face_along_random_episodes(world_kwargs
         assert torch.equal(tterminated, torch.from_numpy(terminated))
         assert torch.equal(ttruncated, torch.from_numpy(truncated))
         ended += int((terminated | truncated).sum())
-    assert ended >= 3  # episode ends and autoresets went through both faces
+    assert ended >= 2  # episode ends and autoresets went through both faces
     policy = torch.nn.Linear(tobs.shape[1], 2)  # an agent trains on them: not inference-mode tensors
     policy(tobs).sum().backward()
     assert policy.weight.grad is not None

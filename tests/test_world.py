@@ -53,6 +53,7 @@ def _digest(path: Path) -> dict[str, str]:
     }
 
 
+@pytest.mark.slow  # a second world build (about two minutes here): run by .ci/run's `-m slow` pass
 def test_a_rebuild_of_the_test_world_is_byte_identical(test_world, test_world_rebuild):
     """The same preset and seed, built again in a fresh cache by another process (another hash
     seed, another default thread count; see conftest's `BackgroundBuild`), gives the same bytes
