@@ -87,19 +87,6 @@ def _keep_slots(cache: Any, length: int) -> None:
             layer.keys, layer.values = layer.keys[..., :length, :], layer.values[..., :length, :]
 
 
-def _left_padded(prompts: list[list[int]], device: torch.device) -> tuple[torch.Tensor, ...]:
-    """ids, 0/1 attention mask and position ids [n, width] of left-padded prompts (built on the host)."""
-    n, width = len(prompts), max(len(p) for p in prompts)
-    ids = torch.zeros(n, width, dtype=torch.long)
-    attn = torch.zeros(n, width, dtype=torch.long)
-    pos = torch.zeros(n, width, dtype=torch.long)
-    for i, p in enumerate(prompts):
-        ids[i, width - len(p):] = torch.tensor(p)
-        attn[i, width - len(p):] = 1
-        pos[i, width - len(p):] = torch.arange(len(p))
-    return ids.to(device), attn.to(device), pos.to(device)
-
-
 @torch.inference_mode()
 def rm_limit_episode(rm: Any, prompts: list[list[int]], k: int, forwards: int) -> tuple[float, float, torch.Tensor]:
     """A bare reward-model prefill of `prompts`, then `forwards` batched forwards of k candidates (ids 0 .. k - 1)
@@ -112,11 +99,11 @@ def rm_limit_episode(rm: Any, prompts: list[list[int]], k: int, forwards: int) -
     (whose prefix cache moves the chosen candidate's slot to the row's length)."""
     from transformers import DynamicCache
 
-    from benchmarks.throughput import _sync
+    from benchmarks.throughput import _sync, left_padded
     from llm_envs.models import cache_kwargs
 
     base, head, device, dtype = rm.base_model, rm.score, rm.device, rm.dtype
-    ids, attn, pos = _left_padded(prompts, device)
+    ids, attn, pos = left_padded(prompts, device)
     n = ids.shape[0]
     candidates = torch.arange(k, device=device).expand(n, k)  # any k ids: the cost does not depend on them
     scores = torch.zeros(n, k, device=device)

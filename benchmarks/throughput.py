@@ -87,7 +87,8 @@ REWARD_NOTE = ("reward = a callable returning zeros, so reward-model time is exc
                "measurement (the env's LM path is measured, not the RM)")
 
 __all__ = [
-    "EnvRunner", "LLAMA_SHAPES", "Settings", "benchmark_model", "build_report", "grammar_prompts", "make_random_gpt2",
+    "EnvRunner", "LLAMA_SHAPES", "Settings", "benchmark_model", "build_report", "grammar_prompts", "left_padded",
+    "make_random_gpt2",
     "make_random_llama", "markdown", "measure_env", "measure_limit", "measure_naive", "main", "write_results",
     "zero_reward",
 ]
@@ -239,6 +240,20 @@ def _sample_prompts(prompt_ids: Sequence[Sequence[int]], n: int, rng: np.random.
 
 
 # ---------------------------------------------------------------------------------------- limit
+def left_padded(prompts: Sequence[Sequence[int]], device: torch.device) -> tuple[torch.Tensor, ...]:
+    """ids, 0/1 attention mask and position ids [n, width] of left-padded prompts (built on the host):
+    what a bare HF decode loop feeds its prefill (the limits here and in `benchmarks.args_speed`)."""
+    n, width = len(prompts), max(len(p) for p in prompts)
+    ids = torch.zeros(n, width, dtype=torch.long)
+    attn = torch.zeros(n, width, dtype=torch.long)
+    pos = torch.zeros(n, width, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):] = torch.tensor(list(p))
+        attn[i, width - len(p):] = 1
+        pos[i, width - len(p):] = torch.arange(len(p))
+    return ids.to(device), attn.to(device), pos.to(device)
+
+
 @torch.inference_mode()
 def _limit_episode(model: Any, prompts: list[list[int]], tokens: int) -> tuple[float, float, list[list[int]]]:
     """Prefill `prompts` (left-padded), then `tokens` batched single-token KV-cached forwards
@@ -247,16 +262,8 @@ def _limit_episode(model: Any, prompts: list[list[int]], tokens: int) -> tuple[f
 
     from llm_envs.models import cache_kwargs
 
-    n, width = len(prompts), max(len(p) for p in prompts)
-    ids = torch.zeros(n, width, dtype=torch.long)
-    attn = torch.zeros(n, width, dtype=torch.long)
-    pos = torch.zeros(n, width, dtype=torch.long)
-    for i, p in enumerate(prompts):
-        ids[i, width - len(p):] = torch.tensor(p)
-        attn[i, width - len(p):] = 1
-        pos[i, width - len(p):] = torch.arange(len(p))
-    device = model.device
-    ids, attn, pos = ids.to(device), attn.to(device), pos.to(device)  # built on the host, untimed
+    n, device = len(prompts), model.device
+    ids, attn, pos = left_padded(prompts, device)  # built on the host, untimed
     cache = DynamicCache(config=model.config)
     _sync(device)
     start = time.perf_counter()
