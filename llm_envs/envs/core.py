@@ -33,7 +33,7 @@ import torch
 
 from llm_envs.engine import DecodeEngine, NonFiniteLogitsError, StepOutput
 from llm_envs.envs.params import params_fields, resolve_params
-from llm_envs.envs.rows import RowArrays, StepInfos
+from llm_envs.envs.rows import RowArrays, StepInfos, python_scalar
 from llm_envs.task import LMContext, context_for_env
 
 P = TypeVar("P")
@@ -268,7 +268,7 @@ class BatchedCore(Generic[P]):
             finals = self._finish(done.tolist())
             rewards[done] += self._final_rewards(done, np.array([finals[r].score for r in done.tolist()]))
             for row in done.tolist():
-                done_infos[row] = {**{k: _scalar(v[row]) for k, v in columns.items()}, **finals[row].info}
+                done_infos[row] = {**{k: python_scalar(v[row]) for k, v in columns.items()}, **finals[row].info}
             if restart_done is not None:
                 final_obs = self._observations(done)
         batches = [restart] if restart is not None and restart.rows else []
@@ -286,10 +286,8 @@ class BatchedCore(Generic[P]):
         step_forced[started] = False
         infos = self._step_infos(present, step_forced)
         for row, info in done_infos.items():
-            if final_obs is None:
+            if final_obs is None:  # the columns already hold the ended row's last values (nothing moved it)
                 infos.extra[row] = {k: v for k, v in info.items() if k not in infos.columns}
-                for key in infos.columns:  # the ended episode's last values (a NEXT_STEP row keeps them)
-                    infos.columns[key][row] = info[key]
         if final_obs is not None:
             for i, row in enumerate(done.tolist()):
                 infos.extra[row] = {"final_obs": final_obs[i], "final_info": done_infos[row]}
@@ -477,10 +475,6 @@ class _Reordered(StepInfos):
 
     def as_list(self) -> list[dict[str, Any]]:
         return [self.row(r) for r in self._rows]
-
-
-def _scalar(value: Any) -> Any:
-    return value.item() if isinstance(value, np.generic) else value
 
 
 def raise_non_finite(rows: np.ndarray, model: Any) -> None:

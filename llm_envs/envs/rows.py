@@ -131,7 +131,7 @@ class StepInfos:
     def row(self, i: int) -> dict[str, Any]:
         if not self.present[i]:
             return {}
-        info = {key: _scalar(values[i]) for key, values in self.columns.items()}
+        info = {key: python_scalar(values[i]) for key, values in self.columns.items()}
         info.update(self.extra.get(i, {}))
         return info
 
@@ -162,7 +162,7 @@ class StepInfos:
 def _typed_column(values: np.ndarray, present: np.ndarray) -> np.ndarray:
     """A column as `merge_infos` types it: by the first present row's value (int, float, bool,
     numpy number: a typed array, 0 elsewhere; anything else: objects, None elsewhere)."""
-    first = _scalar(values[present][0])
+    first = python_scalar(values[present][0])
     if type(first) in (int, float, bool) or isinstance(first, np.number):
         column = np.zeros(len(values), dtype=type(first))
         column[present] = values[present]
@@ -172,7 +172,7 @@ def _typed_column(values: np.ndarray, present: np.ndarray) -> np.ndarray:
     return column
 
 
-def _scalar(value: Any) -> Any:
+def python_scalar(value: Any) -> Any:
     """A numpy scalar as the Python value a single env's info has always held."""
     return value.item() if isinstance(value, np.generic) else value
 
