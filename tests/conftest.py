@@ -16,6 +16,7 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 
 
 XDIST_WORKER = os.environ.get("PYTEST_XDIST_WORKER")  # "gw0", "gw1", ... under `pytest -n N`; None otherwise
+SHARED_CACHE = "llm_envs_cache"  # under pytest-xdist: the workers' cache root, in the run's common temp root
 
 
 @pytest.fixture(scope="session")
@@ -33,9 +34,48 @@ def world_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
         return kept
     if XDIST_WORKER is None:
         return tmp_path_factory.mktemp("llm_envs_cache")
-    shared = tmp_path_factory.getbasetemp().parent / "llm_envs_cache"
+    shared = tmp_path_factory.getbasetemp().parent / SHARED_CACHE
     shared.mkdir(exist_ok=True)
     return shared
+
+
+# ---------------------------------------------------------------------------------------------------
+# Under pytest-xdist the test world is built while the workers run the tests that do not need it.
+#
+# Why: the build is single-threaded (~40 s here, twice that on a slower machine) and every other
+# worker that reaches a world test waits on its lock, so one core idled through the build. Now the
+# controller (which runs no tests) starts the build in a process of its own at session start, and
+# the modules that need no world run first. A worker that reaches a world test before the build
+# ends waits on the same lock (`build_world`); if the early build failed, that worker builds it.
+
+
+def _needs_world(item: pytest.Item) -> bool:
+    return "test_world" in getattr(item, "fixturenames", ())
+
+
+def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Modules with no test that needs the test world first (whole modules, so module-scoped fixtures are
+    set up once; order inside a module and among each group kept). Every xdist worker sorts alike."""
+    modules: dict[str, bool] = {}
+    for item in items:
+        modules[item.nodeid.split("::")[0]] = modules.get(item.nodeid.split("::")[0], False) or _needs_world(item)
+    items.sort(key=lambda item: modules[item.nodeid.split("::")[0]])  # stable: False (world-free) first
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    config = session.config
+    is_controller = getattr(config.option, "numprocesses", None) and not hasattr(config, "workerinput")
+    if not is_controller or os.environ.get("LLM_ENVS_TEST_CACHE"):
+        return
+    shared = config._tmp_path_factory.getbasetemp() / SHARED_CACHE  # the workers' basetemps are under it
+    shared.mkdir(exist_ok=True)
+    config._early_world_build = BackgroundBuild(shared, shared.parent / "early_world_build.log")
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    build = getattr(session.config, "_early_world_build", None)
+    if build is not None:
+        build.stop()
 
 
 REBUILD_TEST = "test_a_rebuild_of_the_test_world_is_byte_identical"  # in tests/test_world.py
