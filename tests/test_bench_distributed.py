@@ -54,7 +54,7 @@ def test_a_bad_split_request_fails_naming_its_values(args):
 def test_idle_processes_are_named_with_the_fix():
     assert idle_note(500, 256, 2) is None and idle_note(16, 8, 2) is None
     note = idle_note(500, 256, 8)  # hh_gpu's 500 prompts at batch_size 64 on 8 GPUs
-    assert "make 2 chunk(s) of 256" in note and "6 of them have nothing to decode" in note
+    assert "make 2 chunk(s) of 256" in note and "for 8 processes, so 6 process(es) decode nothing" in note
     assert "smaller bench.batch_size" in note
 
 

@@ -141,9 +141,10 @@ def idle_note(total: int, chunk: int, count: int) -> str | None:
     chunks = -(-total // chunk)
     if chunks >= count:
         return None
-    return (f"{total} held-out prompts make {chunks} chunk(s) of {chunk} (4 x bench.batch_size), fewer than the "
-            f"{count} processes: {count - chunks} of them have nothing to decode. A smaller bench.batch_size spreads "
-            "the prompts wider (its records may then differ from this batch size's in the last float digits).")
+    return (f"{total} held-out prompts make {chunks} chunk(s) of {chunk} (4 x bench.batch_size) for {count} "
+            f"processes, so {count - chunks} process(es) decode nothing. A smaller bench.batch_size spreads the "
+            "prompts wider (other batches can change a response where two tokens nearly tie, as bf16 on a GPU "
+            "may: compare runs made at one batch size).")
 
 
 def joined(parts: Sequence[Generated | None]) -> Generated:
