@@ -1,7 +1,9 @@
 """The one evaluation harness: prompts + a `Decoder` -> scored per-episode records.
 
-`llm-envs bench` (every leaderboard row), `llm-envs eval` and RRHF's evaluation all call
-`evaluate_decoder`, so every number they print is made the same way:
+`llm-envs bench` (every leaderboard row), `llm-envs eval` and RRHF's evaluation all go through
+`generate_timed` (steps 1-2) and `scored` (step 3), so every number they print is made the same way
+(`evaluate_decoder` is the two in one; a bench launched on several processes runs step 2 on shares of
+the prompts and step 3 on their join):
 
 1. an untimed warm-up on the first prompt (lazy initialisation is not billed to the method);
 2. generation of every prompt, a chunk at a time (prompt i keeps seed `seed + i`), timed, with the
@@ -53,6 +55,16 @@ class Scorer:
 
     def __post_init__(self) -> None:
         check_word_tokenizer(self.rules.diversity_tokenizer)
+
+
+@dataclass(frozen=True)
+class Generated:
+    """A decoder's responses to a prompt set, in prompt order, with what generating them cost (not yet
+    scored: on several processes, each generates a share and one scores their join)."""
+
+    generations: list[Generation]
+    generate_seconds: float
+    peak_memory_mb: float | None
 
 
 @dataclass(frozen=True)
@@ -163,12 +175,12 @@ def score_episodes(scorer: Scorer, prompts: Sequence[str], generations: Sequence
     return episodes
 
 
-def evaluate_decoder(decoder: Decoder, prompts: Sequence[str], scorer: Scorer, *, max_new_tokens: int,
-                     seed: int = 0, chunk: int = 64, progress: bool = False, warmup: bool = True) -> Evaluation:
-    """Warm up, generate (timed, peak memory), then score every response: the one evaluation path."""
+def generate_timed(decoder: Decoder, prompts: Sequence[str], *, max_new_tokens: int, seed: int = 0, chunk: int = 64,
+                   progress: bool = False, warmup: bool = True) -> Generated:
+    """Warm up, then generate every prompt (`generate_all`), timed, with the block's peak memory."""
     prompts = list(prompts)
     if not prompts:
-        raise ValueError("evaluate_decoder got no prompts; pass at least one held-out prompt.")
+        raise ValueError("the harness got no prompts to generate; pass at least one held-out prompt.")
     if warmup:  # untimed: lazy initialisation should not be billed to whichever method runs first
         decoder.generate(prompts[:1], max_new_tokens=max_new_tokens, seed=seed)
     with PeakMemory() as memory:
@@ -176,7 +188,21 @@ def evaluate_decoder(decoder: Decoder, prompts: Sequence[str], scorer: Scorer, *
         generations = generate_all(decoder, prompts, max_new_tokens=max_new_tokens, seed=seed, chunk=chunk,
                                    progress=progress)
         seconds = time.perf_counter() - started
-    return Evaluation(score_episodes(scorer, prompts, generations), seconds, memory.mb)
+    return Generated(generations, seconds, memory.mb)
+
+
+def evaluate_decoder(decoder: Decoder, prompts: Sequence[str], scorer: Scorer, *, max_new_tokens: int,
+                     seed: int = 0, chunk: int = 64, progress: bool = False, warmup: bool = True) -> Evaluation:
+    """Warm up, generate (timed, peak memory), then score every response: the one evaluation path."""
+    generated = generate_timed(decoder, prompts, max_new_tokens=max_new_tokens, seed=seed, chunk=chunk,
+                               progress=progress, warmup=warmup)
+    return scored(scorer, prompts, generated)
+
+
+def scored(scorer: Scorer, prompts: Sequence[str], generated: Generated) -> Evaluation:
+    """`generated` (the responses to `prompts`, in order) scored: the records and what generating cost."""
+    return Evaluation(score_episodes(scorer, prompts, generated.generations), generated.generate_seconds,
+                      generated.peak_memory_mb)
 
 
 def summarize(evaluation: Evaluation) -> dict[str, Any]:

@@ -2,6 +2,7 @@
 
     llm-envs bench       [--config tiny] [--quick] [--methods a,b] [--sweep p_t|temperature|best_of_n|args_w]
                          [--from-records] [--out DIR] [key=value ...]   # the leaderboard (the main job)
+    accelerate launch --multi_gpu --num_processes N -m benchmarks.cli bench ...   # the prompts split over N GPUs
     llm-envs train       [--config tiny] [key=value ...]                # the MaskablePPO proxy
     llm-envs eval        [--config tiny] [--agent greedy|random|proxy:PATH|top_k|nucleus|best_of_N]
     llm-envs rrhf        [--config tiny] [--stages sample,score,train,eval] [key=value ...]
@@ -21,7 +22,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
+
+if TYPE_CHECKING:
+    from benchmarks.bench.config import SuiteConfig
 
 HEADROOM_KEYS = ("greedy_low_gold_frac", "nucleus_best_gold_frac", "rm_gold_agreement")
 WORLD_PRESET_NAMES = ("default", "v2", "smollm2", "test")  # llm_envs.world.WORLD_PRESETS, named here to keep --help light
@@ -125,19 +129,37 @@ def cmd_bench(args: argparse.Namespace) -> int:
     overrides = [*args.overrides, *(["bench.progress=false"] if args.no_progress else []),
                  *([f"bench.results_dir={args.out}"] if args.out else [])]
     cfg = load_suite_config(args.config, overrides, quick=args.quick)
+    if args.sweep or args.from_records:
+        return _bench_in_one_process(cfg, args)
+    from benchmarks.bench.distributed import launch
+    from benchmarks.bench.suite import run_suite
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
+    processes = launch(cfg.task.device)  # several under `accelerate launch`: each decodes a share of the prompts
+    summary = run_suite(cfg, methods=methods, processes=processes)
+    processes.close()
+    if summary is not None:  # the main process
+        print(f"bench: done in {summary['seconds']:.0f} s")
+    return 0
+
+
+def _bench_in_one_process(cfg: SuiteConfig, args: argparse.Namespace) -> int:
+    """`--sweep` and `--from-records`: one process does them (a launch of several is refused)."""
+    from benchmarks.bench.distributed import launched_process_count
+
+    count = launched_process_count()
+    if count > 1:
+        flag = "--sweep" if args.sweep else "--from-records"
+        raise ValueError(f"llm-envs bench {flag} runs in one process, but it was launched on {count}; run it "
+                         "without accelerate launch / torchrun (only a suite run splits its prompts).")
     if args.sweep:
         from benchmarks.bench.sweep import run_sweep
 
         run_sweep(cfg, {"pt": "p_t"}.get(args.sweep, args.sweep))
         return 0
-    from benchmarks.bench.suite import finish_suite, run_suite, suite_context
+    from benchmarks.bench.suite import finish_suite, suite_context
 
-    if args.from_records:
-        finish_suite(cfg, suite_context(cfg))
-        return 0
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
-    summary = run_suite(cfg, methods=methods)
-    print(f"bench: done in {summary['seconds']:.0f} s")
+    finish_suite(cfg, suite_context(cfg))
     return 0
 
 

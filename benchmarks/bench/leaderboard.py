@@ -24,10 +24,10 @@ Row keys (leaderboard.json `rows`, also the columns of leaderboard.md):
 | `lm_forwards_per_response` | LM forward rows spent per response (prefill = 1; best-of-n counts all n samples) |
 | `decisions_per_step` | RL agents played on an env: mean over episodes of decisions / steps, a decision being a step where the agent had a choice (TokenAccept: reject was legal under its decision mask; TokenChoice: more than one legal slot); null for decoders. `decisions_per_token` (json only): decisions / response tokens |
 | `rm_calls_per_response` | reward-model calls while generating: best-of-n scores n whole responses; ARGS one batched forward per token over its k candidates (prefix KV-cached) |
-| `seconds_per_response` | generation wall time / responses, all seeds (training excluded; scoring excluded) |
+| `seconds_per_response` | generation wall time / responses, all seeds (training excluded; scoring excluded); on a launch of several processes the wall time is the slowest process's (`benchmarks.bench.distributed`) |
 | `train_seconds` | training wall time of one model, mean over seeds (proxy, RRHF; 0 for decoding-time methods) |
 | `trainable_params` | parameters the method trains (proxy: the policy + value MLP; RRHF: the whole LM) |
-| `peak_memory_mb` | peak resident memory of the process while generating (CUDA: peak allocated) |
+| `peak_memory_mb` | peak resident memory of the process while generating (CUDA: peak allocated); on a launch of several processes the largest |
 """
 
 from __future__ import annotations

@@ -30,6 +30,7 @@ from agents.base import Decoder, PolicyDecoder
 from agents.configs import ChoiceTrainConfig, TrainConfig
 from agents.harness import unscored
 from benchmarks.bench.config import MethodConfig, SuiteConfig
+from benchmarks.bench.distributed import SINGLE_PROCESS, Processes
 from benchmarks.bench.records import fingerprint
 from llm_envs.config import ConfigError, from_dict, set_key, to_dict
 from llm_envs.task import LMContext
@@ -81,8 +82,23 @@ def _task_world_hash(suite: SuiteConfig) -> str | None:
     return suite.task.resolve(progress=False).world_hash if suite.task.needs_world() else None
 
 
-def _timed_training(directory: Path, train: Any, world_hash: str | None) -> float:
+def _timed_training(directory: Path, train: Any, world_hash: str | None, processes: Processes = SINGLE_PROCESS,
+                    *, together: bool = False) -> float:
     """Run `train()` unless `directory` holds a finished run; returns the run's training seconds.
+
+    Under a launch of several processes (`processes`) the main process trains while the others wait,
+    then they find its finished run; with `together` every process enters `train()` (RRHF's training
+    is multi-process itself: a process left out would stall the others) and the main process records
+    the time."""
+    if together:
+        return _train_or_reuse(directory, train, world_hash, record=processes.is_main)
+    with processes.main_first():
+        return _train_or_reuse(directory, train, world_hash, record=True)
+
+
+def _train_or_reuse(directory: Path, train: Any, world_hash: str | None, *, record: bool) -> float:
+    """`_timed_training` in one process: reuse the finished run in `directory`, else train and (`record`)
+    write its time.
 
     A run directory is named by its config and task, not by the world's bytes, so a world rebuilt
     with other bytes (a changed preset, another machine) would silently reuse a model trained on
@@ -101,21 +117,31 @@ def _timed_training(directory: Path, train: Any, world_hash: str | None) -> floa
     started = time.perf_counter()
     train()
     seconds = time.perf_counter() - started
-    atomic_write_json(info, {"train_seconds": seconds, "world_hash": world_hash})
+    if record:
+        atomic_write_json(info, {"train_seconds": seconds, "world_hash": world_hash})
     return seconds
 
 
-def train_proxy(suite: SuiteConfig, params: dict[str, Any], kind: str = "proxy") -> tuple[TrainConfig, Path, float]:
+def train_proxy(suite: SuiteConfig, params: dict[str, Any], kind: str = "proxy",
+                processes: Processes = SINGLE_PROCESS) -> tuple[TrainConfig, Path, float]:
     """Train (or reuse) the MaskablePPO proxy of `suite.train` with `params` applied: on TokenAccept
-    (`kind="proxy"`) or, with the same policy and PPO settings, on TokenChoice (`"choice_proxy"`)."""
+    (`kind="proxy"`) or, with the same policy and PPO settings, on TokenChoice (`"choice_proxy"`); on
+    a launch of several processes the main process trains it."""
     from agents.proxy import train
 
     base = suite.train if kind == "proxy" else ChoiceTrainConfig.like(suite.train, suite.task.max_new_tokens)
     cfg = with_overrides(base, params)
     directory = run_dir(suite, kind, cfg)
     cfg = dataclasses.replace(cfg, output_dir=str(directory), progress_bar=suite.bench.progress)
-    seconds = _timed_training(directory, lambda: train(cfg, suite.task), _task_world_hash(suite))
+    seconds = _timed_training(directory, lambda: train(cfg, suite.task), _task_world_hash(suite), processes)
     return cfg, directory / "proxy.zip", seconds
+
+
+def decoder_rows(suite: SuiteConfig) -> int:
+    """Rows per `generate` call of the HF decoders (4 x bench.batch_size, the env methods' rows), and the
+    harness's chunk of prompts: a chunk is one decoder batch, the unit a launch of several processes splits
+    the prompts by (`benchmarks.bench.distributed`)."""
+    return 4 * suite.bench.batch_size
 
 
 def token_accept_core(params: TokenAcceptParams, ctx: LMContext, batch_size: int) -> TokenAcceptCore:
@@ -123,10 +149,10 @@ def token_accept_core(params: TokenAcceptParams, ctx: LMContext, batch_size: int
     return TokenAcceptCore(min(batch_size, len(ctx.prompts)), context=unscored(ctx), params=params)
 
 
-def _proxy(method: MethodConfig, suite: SuiteConfig, ctx: LMContext) -> PreparedMethod:
+def _proxy(method: MethodConfig, suite: SuiteConfig, ctx: LMContext, processes: Processes) -> PreparedMethod:
     from agents.sb3_agent import load_proxy
 
-    cfg, path, seconds = train_proxy(suite, method.params)
+    cfg, path, seconds = train_proxy(suite, method.params, processes=processes)
     core = token_accept_core(cfg.env, ctx, suite.bench.batch_size)
     agent = load_proxy(path, core.observation_space)
     return PreparedMethod(PolicyDecoder(agent, core, name=method.name), agent.trainable_params, seconds,
@@ -142,10 +168,10 @@ def token_choice_core(params: TokenChoiceParams, ctx: LMContext, batch_size: int
     return TokenChoiceCore(min(batch_size, len(ctx.prompts)), context=scored, params=params)
 
 
-def _choice_proxy(method: MethodConfig, suite: SuiteConfig, ctx: LMContext) -> PreparedMethod:
+def _choice_proxy(method: MethodConfig, suite: SuiteConfig, ctx: LMContext, processes: Processes) -> PreparedMethod:
     from agents.sb3_agent import load_proxy
 
-    cfg, path, seconds = train_proxy(suite, method.params, kind="choice_proxy")
+    cfg, path, seconds = train_proxy(suite, method.params, kind="choice_proxy", processes=processes)
     core = token_choice_core(cfg.env, ctx, suite.bench.batch_size)
     agent = load_proxy(path, core.observation_space, action_space=core.action_space)
     return PreparedMethod(PolicyDecoder(agent, core, name=method.name), agent.trainable_params, seconds,
@@ -153,7 +179,7 @@ def _choice_proxy(method: MethodConfig, suite: SuiteConfig, ctx: LMContext) -> P
                            "temperature": cfg.env.temperature, "total_timesteps": cfg.total_timesteps})
 
 
-def _rrhf(method: MethodConfig, suite: SuiteConfig, ctx: LMContext) -> PreparedMethod:
+def _rrhf(method: MethodConfig, suite: SuiteConfig, ctx: LMContext, processes: Processes) -> PreparedMethod:
     from agents.decoding import GreedyDecoder
     from agents.rrhf import run
     from agents.rrhf.training import MODEL_DIR
@@ -162,9 +188,10 @@ def _rrhf(method: MethodConfig, suite: SuiteConfig, ctx: LMContext) -> PreparedM
     directory = run_dir(suite, "rrhf", cfg)
     cfg = dataclasses.replace(cfg, output_dir=str(directory), progress=suite.bench.progress)
     seconds = _timed_training(directory, lambda: run(cfg, suite.task, ("sample", "score", "train"),
-                                                     verbose=suite.bench.progress), _task_world_hash(suite))
+                                                     verbose=suite.bench.progress and processes.is_main),
+                              _task_world_hash(suite), processes, together=True)
     decoder = GreedyDecoder(str(directory / MODEL_DIR), ctx.tokenizer, device=suite.task.device,
-                            batch_size=4 * suite.bench.batch_size, name=method.name)
+                            batch_size=decoder_rows(suite), name=method.name)
     params = sum(p.numel() for p in decoder.model.parameters())  # RRHF fine-tunes every weight
     return PreparedMethod(decoder, params, seconds, {"run_dir": str(directory)})
 
@@ -176,7 +203,7 @@ def _decoding(method: MethodConfig, suite: SuiteConfig, ctx: LMContext) -> Prepa
     if method.kind == "best_of_n":
         kwargs.setdefault("reward", ctx.reward)
     decoder = make_decoder(method.kind, ctx.model, tokenizer=ctx.tokenizer, device=suite.task.device,
-                           batch_size=4 * suite.bench.batch_size, name=method.name, **kwargs)
+                           batch_size=decoder_rows(suite), name=method.name, **kwargs)
     return PreparedMethod(decoder)
 
 
@@ -222,10 +249,14 @@ def _custom(method: MethodConfig, suite: SuiteConfig, ctx: LMContext) -> Prepare
                       "deterministic) (a PolicyAgent); implement one of agents.base's protocols.")
 
 
-_BUILDERS = {"args": _args, "proxy": _proxy, "choice_proxy": _choice_proxy, "rrhf": _rrhf, "custom": _custom,
-             **{kind: _decoding for kind in DECODING_KINDS}}
+_BUILDERS = {"args": _args, "custom": _custom, **{kind: _decoding for kind in DECODING_KINDS}}
+_TRAINED_BUILDERS = {"proxy": _proxy, "choice_proxy": _choice_proxy, "rrhf": _rrhf}  # they also take the launch
 
 
-def prepare_method(method: MethodConfig, suite: SuiteConfig, ctx: LMContext) -> PreparedMethod:
-    """Build (and, for the proxies and RRHF, train or reuse) one method's decoder."""
+def prepare_method(method: MethodConfig, suite: SuiteConfig, ctx: LMContext,
+                   processes: Processes = SINGLE_PROCESS) -> PreparedMethod:
+    """Build (and, for the proxies and RRHF, train or reuse: on the launch's processes as
+    `_timed_training` says) one method's decoder."""
+    if method.kind in _TRAINED_BUILDERS:
+        return _TRAINED_BUILDERS[method.kind](method, suite, ctx, processes)
     return _BUILDERS[method.kind](method, suite, ctx)

@@ -5,7 +5,8 @@
   rejections), seeds in ascending order;
 - `records/<method>.json`: the method's settings, the suite fingerprint it was run under, its `seeds`,
   and per seed (`runs`) what it cost: wall time, training time, trainable parameters, peak memory,
-  and the method's info (e.g. the proxy's run directory).
+  the processes that generated it (`processes`: more than 1 under `accelerate launch`, whose records
+  equal one process's), and the method's info (e.g. the proxy's run directory).
 
 Records format 2 (`records_format`) adds the seeds. Format 1 (before seeds: no `records_format`, no
 `seed` per episode) is read as one run with seed 0 (what every shipped suite ran it with:

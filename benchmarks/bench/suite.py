@@ -4,7 +4,9 @@ Read top to bottom: the task's context (LM, reward model, gold judge, held-out p
 method and each of its seeds (`benchmarks.bench.seeds`): prepare (train or reuse), evaluate through
 the one harness (`agents.harness`: generate with a progress bar, score) -> write the method's records,
 every seed's -> leaderboard from the records -> plots -> wandb -> print. See
-`benchmarks/bench/leaderboard.py` for every column.
+`benchmarks/bench/leaderboard.py` for every column. Launched on several processes (`accelerate launch`,
+`benchmarks/bench/distributed.py`), each generates a share of the prompts and the main process scores
+them, writes the records and everything after them.
 """
 
 from __future__ import annotations
@@ -18,11 +20,12 @@ from typing import Any, Sequence
 
 import torch
 
-from agents.harness import Scorer, evaluate_decoder
+from agents.harness import Scorer, generate_timed, scored
 from agents.metrics import SentenceEncoder
 from benchmarks.bench.config import MethodConfig, SuiteConfig
+from benchmarks.bench.distributed import SINGLE_PROCESS, Processes, chunk_shard, idle_note, joined, launch
 from benchmarks.bench.leaderboard import COLUMNS, build_leaderboard, format_cell, write_leaderboard
-from benchmarks.bench.methods import prepare_method
+from benchmarks.bench.methods import decoder_rows, prepare_method
 from benchmarks.bench.plots import write_suite_plots
 from benchmarks.bench.records import fingerprint, read_method_records, results_lock, write_method_records
 from benchmarks.bench.seeds import evaluation_seed, method_seeds, seeded_method
@@ -35,13 +38,15 @@ from llm_envs.rewards import RewardWrapper
 
 @dataclasses.dataclass(frozen=True)
 class SuiteContext:
-    """What every method of a suite shares: the task's context, the held-out prompts, the scorer."""
+    """What every method of a suite shares: the task's context, the held-out prompts, the scorer, and the
+    launch's processes that split the prompts."""
 
     ctx: LMContext
     prompts: list[str]
     scorer: Scorer
     fingerprint: str
     header: dict[str, Any]
+    processes: Processes = SINGLE_PROCESS
 
 
 _WORLD_MODEL = re.compile(r"/world/([^/]+-seed\d+-v\d+/(?:lm|rm))/?$")
@@ -54,14 +59,16 @@ def display_name(source: str) -> str:
     return f"world:{match.group(1)}" if match else source
 
 
-def suite_context(cfg: SuiteConfig) -> SuiteContext:
-    """Load the task: LM, reward model, held-out prompts, gold judge, and the coherence encoder."""
+def suite_context(cfg: SuiteConfig, processes: Processes = SINGLE_PROCESS) -> SuiteContext:
+    """Load the task: LM, reward model, held-out prompts, gold judge, and the coherence encoder (on every
+    process of a launch: each decodes)."""
     task, bench = cfg.task, cfg.bench
-    if not bench.progress:  # no bars at all: transformers' weight-loading bars included
+    if not bench.progress or not processes.is_main:  # no bars at all: transformers' weight-loading bars included
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
-    sources = task.resolve(progress=bench.progress)  # builds the world on first use, bars only when asked
+    with processes.main_first():  # the main process builds the world on first use, the others then load it
+        sources = task.resolve(progress=bench.progress and processes.is_main)
     source = load_prompts(sources.eval_prompts, num_prompts=bench.num_prompts, seed=bench.seed)
     ctx = sources.context(source.prompts)
     prompts = list(ctx.prompts.prompts)
@@ -83,7 +90,7 @@ def suite_context(cfg: SuiteConfig) -> SuiteContext:
               "max_new_tokens": task.max_new_tokens, "chat_template": task.chat_template,
               "lm": lm, "reward": reward, "gold": gold.name if gold else None, "seed": bench.seed,
               "seeds": list(bench.seeds), "world_hash": sources.world_hash, **protocol_settings(cfg)}
-    return SuiteContext(ctx, prompts, scorer, fingerprint(**settings), header)
+    return SuiteContext(ctx, prompts, scorer, fingerprint(**settings), header, processes)
 
 
 def protocol_settings(cfg: SuiteConfig) -> dict[str, Any]:
@@ -104,29 +111,42 @@ def protocol_settings(cfg: SuiteConfig) -> dict[str, Any]:
 
 
 def run_seed(cfg: SuiteConfig, sc: SuiteContext, method: MethodConfig, seed: int
-             ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """One seed of a method: prepare (train or reuse its seed's model), evaluate with its sampling seed;
-    the episodes (each with its `seed`) and what the run cost."""
-    bench = cfg.bench
-    prepared = prepare_method(seeded_method(method, seed), cfg, sc.ctx)
-    evaluation = evaluate_decoder(prepared.decoder, sc.prompts, sc.scorer, max_new_tokens=cfg.task.max_new_tokens,
-                                  seed=evaluation_seed(seed), chunk=4 * bench.batch_size, progress=bench.progress)
+             ) -> tuple[list[dict[str, Any]], dict[str, Any]] | None:
+    """One seed of a method: prepare (train or reuse its seed's model), generate with its sampling seed
+    (each process of a launch its share, `chunk_shard`), score; the episodes (each with its `seed`) and
+    what the run cost, on the main process (None on the others)."""
+    bench, processes = cfg.bench, sc.processes
+    prepared = prepare_method(seeded_method(method, seed), cfg, sc.ctx, processes)
+    chunk = decoder_rows(cfg)
+    share = chunk_shard(len(sc.prompts), chunk, processes.count, processes.index)
+    # A share starts on a chunk boundary, and its chunks keep the seeds they have in one process's run.
+    mine = (generate_timed(prepared.decoder, sc.prompts[share.start:share.stop], max_new_tokens=cfg.task.max_new_tokens,
+                           seed=evaluation_seed(seed) + share.start, chunk=chunk,
+                           progress=bench.progress and processes.is_main) if share else None)
+    parts = processes.gather(mine)
+    if not processes.is_main:
+        return None
+    evaluation = scored(sc.scorer, sc.prompts, joined(parts))
     run = {"seed": seed, "generate_seconds": evaluation.generate_seconds, "train_seconds": prepared.train_seconds,
            "trainable_params": prepared.trainable_params, "peak_memory_mb": evaluation.peak_memory_mb,
-           "info": prepared.info, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+           "processes": processes.count, "info": prepared.info, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     return [{**e, "seed": seed} for e in evaluation.episodes], run
 
 
 def run_method(cfg: SuiteConfig, sc: SuiteContext, method: MethodConfig) -> None:
-    """Run every seed of one method (`method_seeds`) and write its records, all seeds in one pair of files."""
+    """Run every seed of one method (`method_seeds`) and write its records, all seeds in one pair of files
+    (the main process of a launch)."""
     episodes, runs = [], []
     seeds = method_seeds(method, cfg.bench)
     for seed in seeds:
-        if len(seeds) > 1 and cfg.bench.progress:
+        if len(seeds) > 1 and cfg.bench.progress and sc.processes.is_main:
             print(f"bench: {method.name} seed {seed}", file=sys.stderr)
-        mine, run = run_seed(cfg, sc, method, seed)
-        episodes += mine
-        runs.append(run)
+        result = run_seed(cfg, sc, method, seed)
+        if result is not None:
+            episodes += result[0]
+            runs.append(result[1])
+    if not sc.processes.is_main:
+        return
     meta = {"name": method.name, "kind": method.kind, "params": method.params, "entry": method.entry,
             "fingerprint": sc.fingerprint, "world_hash": sc.header.get("world_hash"), "seeds": list(seeds), "batch_size": cfg.bench.batch_size, "runs": runs}
     write_method_records(cfg.results_path, method.name, episodes, meta)
@@ -203,21 +223,32 @@ def check_kept_records(cfg: SuiteConfig, sc: SuiteContext, chosen: Sequence[Meth
         )
 
 
-def run_suite(cfg: SuiteConfig, *, methods: Sequence[str] | None = None, verbose: bool = True) -> dict[str, Any]:
-    """Run the suite's methods (all, or the named ones, keeping the others' records), then the leaderboard."""
+def run_suite(cfg: SuiteConfig, *, methods: Sequence[str] | None = None, verbose: bool = True,
+              processes: Processes | None = None) -> dict[str, Any] | None:
+    """Run the suite's methods (all, or the named ones, keeping the others' records), then the leaderboard.
+
+    `processes`: the launch that splits the prompts (default: this process's, `launch`). The main
+    process writes and prints everything and returns the summary; the others return None."""
     if not cfg.bench.methods:
         raise ConfigError("bench.methods is empty; list at least one method (see `llm-envs config show tiny bench`).")
     if cfg.bench.torch_threads:
         torch.set_num_threads(cfg.bench.torch_threads)
+    processes = launch(cfg.task.device) if processes is None else processes
+    verbose = verbose and processes.is_main
     chosen = [cfg.bench.method(name) for name in methods] if methods else list(cfg.bench.methods)
     cfg.results_path.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    sc = suite_context(cfg)
-    check_kept_records(cfg, sc, chosen)
+    sc = suite_context(cfg, processes)
+    check_kept_records(cfg, sc, chosen)  # on every process: each refuses, none waits for the others
+    note = idle_note(len(sc.prompts), decoder_rows(cfg), processes.count)
+    if verbose and note:
+        print(f"bench: note: {note}", file=sys.stderr)
     for method in chosen:
         if verbose:
             print(f"bench: {method.name} ({method.kind})", file=sys.stderr)
         run_method(cfg, sc, method)
+    if not processes.is_main:
+        return None
     summary = finish_suite(cfg, sc, verbose=verbose)
     summary["seconds"] = time.perf_counter() - started
     return summary

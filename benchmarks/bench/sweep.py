@@ -33,7 +33,7 @@ from agents.decoding import best_index
 from agents.harness import generate_all
 from benchmarks.bench.config import SWEEPS, MethodConfig, SuiteConfig
 from benchmarks.bench.leaderboard import add_ranks, method_row, short_hash, with_spread
-from benchmarks.bench.methods import prepare_method
+from benchmarks.bench.methods import decoder_rows, prepare_method
 from benchmarks.bench.plots import plot_overoptimisation, plot_sweep
 from benchmarks.bench.records import read_method_records, write_method_records
 from benchmarks.bench.seeds import evaluation_seed, method_seeds, seed_mean, seed_stat
@@ -118,7 +118,7 @@ def _candidates(sweep_cfg: SuiteConfig, sc: SuiteContext, seed: int, verbose: bo
     decoder = prepare_method(method, sweep_cfg, sc.ctx).decoder
     started = time.perf_counter()
     generations = generate_all(decoder, sc.prompts, max_new_tokens=sweep_cfg.task.max_new_tokens,
-                               seed=evaluation_seed(seed), chunk=4 * bench.batch_size, progress=bench.progress)
+                               seed=evaluation_seed(seed), chunk=decoder_rows(sweep_cfg), progress=bench.progress)
     seconds = time.perf_counter() - started
     episodes = _score_candidates(sc, [g.extra for g in generations], decoder.tokenizer, seed)
     meta = {"name": method.name, "kind": method.kind, "params": params, "entry": None, "fingerprint": sc.fingerprint,
