@@ -10,7 +10,9 @@ on N GPUs; with `task.device=cpu` the same command runs N CPU processes (gloo), 
 without GPUs. `--multi_gpu` is what starts N processes (torch's elastic launcher, which also serves
 CPU processes); `accelerate launch --cpu --num_processes N` starts ONE process (its CPU launcher
 needs mpirun for more). `torchrun --nproc_per_node N -m benchmarks.cli rrhf ...` works as well.
-The run's process count is `processes` in `model/rrhf_train.json`.
+The precision is `rrhf.mixed_precision` whatever the launch's `--mixed_precision` says (the flags
+above only spare accelerate's warnings about unset defaults). The run's process count is
+`processes` in `model/rrhf_train.json`.
 
 Each micro-batch holds `queries_per_batch` prompts in total over the processes, with all their
 responses, one row per (prompt, response): `prompt ids + response ids + EOS`, right-padded,
