@@ -84,12 +84,14 @@ def cmd_world_info(args: argparse.Namespace) -> int:
 
 def cmd_rrhf(args: argparse.Namespace) -> int:
     """RRHF's stages (sample, score, train, eval) on the suite's task, with its rrhf: section."""
+    from accelerate import PartialState
+
     from agents.rrhf import run
     from benchmarks.bench.config import load_suite_config
 
     cfg = load_suite_config(args.config, args.overrides)
     summary = run(cfg.rrhf, cfg.task, [s.strip() for s in args.stages.split(",") if s.strip()], verbose=not args.json)
-    if args.json:
+    if args.json and PartialState().is_main_process:  # under accelerate launch: one summary, not one per process
         print(json.dumps(summary))
     return 0
 

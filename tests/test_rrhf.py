@@ -119,6 +119,32 @@ def test_rrhf_loss_gradients_and_bad_input() -> None:
         rrhf_loss(logits, labels, rewards, groups, sft_normalization="token")  # type: ignore[arg-type]
 
 
+def test_query_weights_split_a_batch_over_processes_exactly() -> None:
+    """The trainer's split of a micro-batch over N processes (agents.rrhf.training): each process weighs
+    its queries N / (the batch's queries); the mean of the processes' losses and gradients (what DDP
+    averages) is then the whole batch's, also when the shares hold different numbers of queries."""
+    logits, labels, rewards, _ = _batch()
+    logits.requires_grad_(True)
+    groups = torch.tensor([0, 0, 1, 1, 2])  # three queries; process 0 gets query 0, process 1 queries 1 and 2
+    shares, n = [slice(0, 2), slice(2, 5)], 2
+    whole = rrhf_loss(logits, labels, rewards, groups)
+    (whole_grad,) = torch.autograd.grad(whole.loss, logits)
+    weighted = [rrhf_loss(logits[rows], labels[rows], rewards[rows], groups[rows],
+                          query_weights=torch.full((len(groups[rows].unique()),), n / 3)) for rows in shares]
+    mean = sum(part.loss for part in weighted) / n
+    (mean_grad,) = torch.autograd.grad(mean, logits)
+    assert abs(mean.item() - whole.loss.item()) <= 1e-6
+    assert torch.allclose(mean_grad, whole_grad, atol=1e-7)
+    # Each process's own mean would weigh query 0 twice as much as queries 1 and 2.
+    unweighted = sum(rrhf_loss(logits[rows], labels[rows], rewards[rows], groups[rows]).loss for rows in shares) / n
+    assert abs(unweighted.item() - whole.loss.item()) > 1e-3
+    # Weights [1, 0, 0] give query 0's loss alone; a weight per query is required.
+    first = rrhf_loss(logits, labels, rewards, groups, query_weights=torch.tensor([1.0, 0.0, 0.0]))
+    assert abs(first.loss.item() - rrhf_loss(logits[:2], labels[:2], rewards[:2]).loss.item()) <= 1e-6
+    with pytest.raises(ValueError, match="query_weights has 2 entries for 3 queries"):
+        rrhf_loss(logits, labels, rewards, groups, query_weights=torch.ones(2))
+
+
 # ---------------------------------------------------------------------------- caches and config
 
 

@@ -15,7 +15,9 @@ Sampling = Literal["beam", "diverse_beam", "top_p"]
 
 # Fields that define each stage's output: changing one after that output exists is refused, so a
 # resumed run never mixes results of two configs (see `agents.rrhf.pipeline.check_output_dir`).
-# `task.*` keys are the task's fields (see `agents.rrhf.pipeline.run_settings`).
+# `task.*` keys are the task's fields (see `agents.rrhf.pipeline.run_settings`). The process count of
+# `accelerate launch` is none of them: queries_per_batch is the micro-batch over all processes, so the
+# batches and updates are the same on any count (a resumed run may use another).
 SAMPLE_FIELDS = (
     "task.lm", "task.train_prompts", "task.max_prompt_tokens", "task.world", "task.world_seed", "num_prompts",
     "task.chat_template", "task.system_prompt", "dataset_responses", "responses_per_prompt", "sampling", "num_samples",
@@ -70,9 +72,12 @@ class RRHFConfig:
     max_steps: int | None = field(default=None, metadata=_help(
         "Stop after this many optimizer updates (overrides epochs when smaller); null = no cap."))
     queries_per_batch: int = field(default=8, metadata=_help(
-        "Prompts per micro-batch per process (all their responses go in together; paper: 1)."))
+        "Prompts per micro-batch in total over all processes (all their responses go in together); under "
+        "accelerate launch each of N processes takes queries_per_batch / N, so it must be divisible by N "
+        "(paper: 1 per GPU, i.e. 8 on 8 GPUs)."))
     grad_accum: int = field(default=1, metadata=_help(
-        "Micro-batches per optimizer update (paper: 8 on 8 GPUs = 64 prompts per update)."))
+        "Micro-batches per optimizer update: queries_per_batch * grad_accum prompts per update, whatever "
+        "the process count (paper: 8, with 8 prompts per micro-batch on 8 GPUs: 64 prompts per update)."))
     lr: float = field(default=5e-4, metadata=_help(
         "Peak learning rate: linear warmup then linear decay to 0 (paper: 2e-5 for 7B models; the "
         "world's small LM needs more)."))

@@ -16,7 +16,10 @@ Normalisation (stated, because the paper and the reference code differ):
   usual SFT loss. `sft_normalization="sum"` gives the paper's eq. 4 literally (a sum over tokens).
 - A batch holds several queries: `rank_loss` and `sft_loss` are the per-query values averaged
   over the queries of the batch (so the scale does not depend on the batch size; with gradient
-  accumulation or several processes the gradients are averaged the same way).
+  accumulation the micro-batches' gradients are averaged the same way). `query_weights` replaces
+  that mean by a weighted sum: the trainer uses it when a micro-batch is split over several
+  processes, so that DDP's mean of the processes' gradients is the gradient of the mean over the
+  whole micro-batch's queries (`agents.rrhf.training`).
 """
 
 from __future__ import annotations
@@ -34,8 +37,8 @@ class RRHFLossOutput(NamedTuple):
     """What `rrhf_loss` returns (all tensors; `scores` keeps its graph)."""
 
     loss: torch.Tensor  # scalar: rank_weight * rank_loss + sft_weight * sft_loss
-    rank_loss: torch.Tensor  # scalar: mean over queries of sum_{r_i < r_j} max(0, p_i - p_j)
-    sft_loss: torch.Tensor  # scalar: mean over queries of the best response's NLL
+    rank_loss: torch.Tensor  # scalar: mean (or query_weights sum) over queries of sum_{r_i < r_j} max(0, p_i - p_j)
+    sft_loss: torch.Tensor  # scalar: mean (or query_weights sum) over queries of the best response's NLL
     scores: torch.Tensor  # [N]: p_i, the length-normalised log-probability of each row
 
 
@@ -75,6 +78,7 @@ def rrhf_loss(
     rank_weight: float = 1.0,
     sft_weight: float = 1.0,
     sft_normalization: SFTNormalization = "mean",
+    query_weights: torch.Tensor | None = None,
     ignore_index: int = IGNORE_INDEX,
 ) -> RRHFLossOutput:
     """The RRHF loss of a batch of (query, response) rows; see the module docstring for the maths.
@@ -90,6 +94,9 @@ def rrhf_loss(
         sft_weight: weight of `sft_loss` in `loss` (1 in the paper).
         sft_normalization: "mean" (default) divides the best response's NLL by its own length;
             "sum" keeps the sum over tokens (eq. 4 literally).
+        query_weights: [number of queries] weight of each query's terms, queries in increasing
+            group id order: `rank_loss` and `sft_loss` are then sum_q w_q * term_q. None: 1 / the
+            number of queries each (the mean over the batch's queries).
 
     Returns:
         `RRHFLossOutput(loss, rank_loss, sft_loss, scores)`.
@@ -134,7 +141,14 @@ def rrhf_loss(
         best = rows[torch.argmax(rewards[rows])]  # first row with the highest reward
         nll = -sum_logp[best]
         sft_per_query.append(nll / lengths[best] if sft_normalization == "mean" else nll)
-    sft_loss = torch.stack(sft_per_query).mean()
-    rank_loss = rank_per_query.mean()
+    if query_weights is None:
+        weights = torch.full((num_queries,), 1.0 / num_queries, device=logits.device)
+    else:
+        weights = torch.as_tensor(query_weights, device=logits.device).float().reshape(-1)
+        if weights.shape[0] != num_queries:
+            raise ValueError(f"query_weights has {weights.shape[0]} entries for {num_queries} queries (distinct "
+                             "group ids); pass one weight per query, in increasing group id order.")
+    sft_loss = (weights * torch.stack(sft_per_query)).sum()
+    rank_loss = (weights * rank_per_query).sum()
     loss = rank_weight * rank_loss + sft_weight * sft_loss
     return RRHFLossOutput(loss=loss, rank_loss=rank_loss, sft_loss=sft_loss, scores=scores)

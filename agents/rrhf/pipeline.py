@@ -3,7 +3,8 @@
 `run(cfg, task)` checks the output directory (a stage's output made with other settings is never mixed
 with new results), writes the resolved config beside the outputs, then runs each requested stage;
 a stage whose output is complete is skipped. Under `accelerate launch` only the main process
-samples, scores and evaluates; every process trains.
+samples, scores and evaluates while the others wait in a barrier; every process trains
+(`agents.rrhf.training`: the same batches and updates on any process count).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -20,7 +22,7 @@ import yaml
 from agents.rrhf.cache import read_jsonl
 from agents.rrhf.config import EVAL_FIELDS, SAMPLE_FIELDS, SCORE_FIELDS, TRAIN_FIELDS, RRHFConfig
 from agents.rrhf.stages import SAMPLES_FILE, SCORED_FILE, Sources, resolve_sources, sample, score
-from agents.rrhf.training import CHECKPOINT_DIR, DONE_FILE, MODEL_DIR, model_is_complete, train
+from agents.rrhf.training import CHECKPOINT_DIR, DONE_FILE, MODEL_DIR, check_process_count, model_is_complete, train
 from llm_envs.config import ConfigError, read_yaml, to_dict
 from llm_envs.io import atomic_write_json, atomic_write_text
 from llm_envs.reward_spec import reward_label
@@ -28,6 +30,10 @@ from llm_envs.task import Task
 
 STAGES = ("sample", "score", "train", "eval")
 CONFIG_FILE, EVAL_FILE = "config.yaml", "eval.json"
+# How long the other processes of an `accelerate launch` wait in a barrier while the main process samples,
+# scores or evaluates: the process group's default (NCCL: 10 minutes) would end a run whose sampling takes
+# longer. A process that dies still ends the others at once (the launcher stops them all).
+STAGE_WAIT = timedelta(hours=24)
 
 
 def run_settings(cfg: RRHFConfig, task: Task) -> dict[str, Any]:
@@ -147,7 +153,9 @@ def run(cfg: RRHFConfig, task: Task | None = None, stages: Sequence[str] = STAGE
 
         torch.set_num_threads(cfg.num_threads)
     task = task or Task()
-    state = PartialState(cpu=task.device == "cpu")
+    state = PartialState(cpu=task.device == "cpu", timeout=STAGE_WAIT)
+    if "train" in stages:  # before sampling for hours: a batch that cannot be split fails now
+        check_process_count(cfg.queries_per_batch, state.num_processes)
     out = Path(cfg.output_dir)
     if state.is_main_process:
         check_output_dir(cfg, task)

@@ -1,16 +1,42 @@
 """RRHF stage 3: fine-tune the base LM on scored.jsonl with `rrhf_loss`, on accelerate.
 
-Single process: `llm-envs rrhf ...`. Several GPUs (DDP, or FSDP through `accelerate config`):
-`accelerate launch --multi_gpu --num_processes N -m benchmarks.cli rrhf ...` with no code change
-(`queries_per_batch` is per process; sampling, scoring and evaluation run on the main process
-while the others wait). Several CPU processes (gloo), e.g. to try it without GPUs:
-`torchrun --nproc_per_node 2 -m benchmarks.cli rrhf ... task.device=cpu`.
+One process: `llm-envs rrhf ...`. Several processes (DDP; FSDP through `accelerate config`) train
+the same model with the same global batch, no code change:
 
-Each micro-batch holds `queries_per_batch` prompts with all their responses, one row per
-(prompt, response): `prompt ids + response ids + EOS`, right-padded, labels = the response tokens
-(prompt and padding are -100). The epoch order is a seeded permutation, so a run restarted from a
-checkpoint (`checkpoint_every`) replays the same batches. The model is saved (save_pretrained plus
-the tokenizer) to `model/` atomically; `model/rrhf_train.json` marks it complete.
+    accelerate launch --multi_gpu --num_processes N --num_machines 1 --mixed_precision no \
+        --dynamo_backend no -m benchmarks.cli rrhf --stages train ...
+
+on N GPUs; with `task.device=cpu` the same command runs N CPU processes (gloo), e.g. to try it
+without GPUs. `--multi_gpu` is what starts N processes (torch's elastic launcher, which also serves
+CPU processes); `accelerate launch --cpu --num_processes N` starts ONE process (its CPU launcher
+needs mpirun for more). `torchrun --nproc_per_node N -m benchmarks.cli rrhf ...` works as well.
+The precision is `rrhf.mixed_precision` whatever the launch's `--mixed_precision` says (the flags
+above only spare accelerate's warnings about unset defaults). The run's process count is
+`processes` in `model/rrhf_train.json`.
+
+Each micro-batch holds `queries_per_batch` prompts in total over the processes, with all their
+responses, one row per (prompt, response): `prompt ids + response ids + EOS`, right-padded,
+labels = the response tokens (prompt and padding are -100). accelerate's `split_batches` gives
+each of N processes queries_per_batch / N of them (so queries_per_batch must be divisible by N),
+and the updates, the learning-rate schedule and the examples do not depend on N:
+
+- a micro-batch's loss is the mean over its queries; each process weighs its queries by
+  N / (queries in the micro-batch) (`query_weights` of `rrhf_loss`), so DDP's mean of the
+  processes' gradients is the gradient of that mean, also when the processes' shares differ;
+- an epoch's last micro-batch is short when the prompt count is not a multiple of
+  queries_per_batch: under several processes it is filled with weight-0 copies of its first
+  query (compute, no loss, no gradient), so every process has a share (DDP needs all of them in
+  every gradient all-reduce) and the processes see exactly the prompts one process sees
+  (accelerate's own `even_batches` would instead count repeats of the epoch's first prompts);
+- `train_log.jsonl`'s losses are those of the whole micro-batches (reduced over the processes).
+
+So N processes reach one process's loss curve and weights up to float rounding (summation order,
+padding widths; tests/test_rrhf_distributed.py states the tolerance), given a model without
+dropout: with dropout the processes draw other masks, the same training in distribution only.
+
+The epoch order is a seeded permutation, so a run restarted from a checkpoint (`checkpoint_every`)
+replays the same batches. The model is saved (save_pretrained plus the tokenizer) to `model/`
+atomically; `model/rrhf_train.json` marks it complete.
 """
 
 from __future__ import annotations
@@ -21,6 +47,7 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +64,7 @@ from llm_envs.models import context_length, load_causal_lm, load_tokenizer
 
 MODEL_DIR, DONE_FILE, CHECKPOINT_DIR = "model", "rrhf_train.json", "checkpoint"
 Example = tuple[list[int], list[list[int]], list[float]]  # prompt ids, response ids (EOS incl.), rewards
+LOSS_KEYS = ("loss", "rank_loss", "sft_loss")
 
 
 def model_is_complete(output_dir: str | os.PathLike) -> bool:
@@ -65,8 +93,13 @@ def tokenize_scored(records: list[dict[str, Any]], tokenizer: Any, max_length: i
     return examples
 
 
-def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded rows (one per response) with labels on response tokens, rewards and query ids."""
+def collate(examples: list[Example], pad_id: int, weights: Sequence[float] | None = None) -> dict[str, torch.Tensor]:
+    """Right-padded rows (one per response) with labels on response tokens, rewards, query ids and
+    each query's weight in the loss (`weights`; default 1 / len(examples) each: their mean)."""
+    if weights is None:
+        weights = [1.0 / len(examples)] * len(examples)
+    if len(weights) != len(examples):
+        raise ValueError(f"{len(weights)} weights for {len(examples)} queries; pass one weight per query.")
     rows, labels, rewards, groups = [], [], [], []
     for q, (prompt, responses, scores) in enumerate(examples):
         for response, reward in zip(responses, scores):
@@ -82,7 +115,37 @@ def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
         ids[i, : len(row)], mask[i, : len(row)] = torch.tensor(row), 1
         label_t[i, : len(label)] = torch.tensor(label)
     return {"input_ids": ids, "attention_mask": mask, "labels": label_t,
-            "rewards": torch.tensor(rewards, dtype=torch.float32), "groups": torch.tensor(groups)}
+            "rewards": torch.tensor(rewards, dtype=torch.float32), "groups": torch.tensor(groups),
+            "query_weights": torch.tensor(weights, dtype=torch.float32)}
+
+
+def check_process_count(queries_per_batch: int, num_processes: int) -> None:
+    """Refuse a micro-batch that cannot be split evenly over the processes (accelerate's split_batches)."""
+    if queries_per_batch % num_processes:
+        multiple = -(-queries_per_batch // num_processes) * num_processes
+        raise ValueError(
+            f"queries_per_batch={queries_per_batch} is the prompts per micro-batch summed over the processes, "
+            f"split evenly between them, so it must be divisible by the number of processes ({num_processes}); "
+            f"set rrhf.queries_per_batch={multiple} (or another multiple of {num_processes}), or launch a "
+            f"number of processes that divides {queries_per_batch}."
+        )
+
+
+def epoch_items(order: Sequence[int], queries_per_batch: int, num_processes: int) -> list[tuple[int, float]]:
+    """An epoch's (example index, query weight) items, `queries_per_batch` per micro-batch, in `order`.
+
+    A query weighs 1 / (the queries of its micro-batch), so a micro-batch's loss is their mean. Under
+    several processes a short last micro-batch is filled up to `queries_per_batch` with weight-0 copies
+    of its first query: accelerate's split_batches splits only full batches evenly (a short one it
+    either fills with repeats of the epoch's first prompts, which would count, or leaves some
+    processes without a share, whose missing gradient all-reduce would hang the others)."""
+    items: list[tuple[int, float]] = []
+    for start in range(0, len(order), queries_per_batch):
+        batch = order[start: start + queries_per_batch]
+        items += [(i, 1.0 / len(batch)) for i in batch]
+        if num_processes > 1:
+            items += [(batch[0], 0.0)] * (queries_per_batch - len(batch))
+    return items
 
 
 def _lr_at(update: int, total: int, peak: float, warmup: int) -> float:
@@ -98,7 +161,7 @@ def train(cfg: RRHFConfig, lm: str, device: str = "auto", tokenizer: Any = None)
     `tokenizer`: the LM's (default: loaded beside it); a chat task passes its chat tokenizer, so
     queries are encoded as rendered prompts and responses end with the template's end of turn."""
     from accelerate import Accelerator
-    from accelerate.utils import set_seed
+    from accelerate.utils import DataLoaderConfiguration, set_seed
 
     out_dir = Path(cfg.output_dir)
     target = out_dir / MODEL_DIR
@@ -110,8 +173,11 @@ def train(cfg: RRHFConfig, lm: str, device: str = "auto", tokenizer: Any = None)
             f"{out_dir / SCORED_FILE} is missing or incomplete; run the sample and score stages first "
             "(llm-envs rrhf --stages sample,score)."
         )
+    # split_batches: the loader's batch (queries_per_batch) is the global micro-batch, each process
+    # takes its 1/N of it, so one process and N train on the same batches.
     accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum, mixed_precision=cfg.mixed_precision,
-                              cpu=device == "cpu")
+                              cpu=device == "cpu", dataloader_config=DataLoaderConfiguration(split_batches=True))
+    check_process_count(cfg.queries_per_batch, accelerator.num_processes)
     set_seed(cfg.seed)
     if tokenizer is None:
         tokenizer = load_tokenizer(lm, padding_side="right")
@@ -128,8 +194,9 @@ def train(cfg: RRHFConfig, lm: str, device: str = "auto", tokenizer: Any = None)
 
     def epoch_loader(epoch: int) -> DataLoader:
         order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(cfg.seed + epoch)).tolist()
-        loader = DataLoader([examples[i] for i in order], batch_size=cfg.queries_per_batch,
-                            collate_fn=lambda batch: collate(batch, tokenizer.pad_token_id))
+        items = epoch_items(order, cfg.queries_per_batch, accelerator.num_processes)
+        loader = DataLoader(items, batch_size=cfg.queries_per_batch, collate_fn=lambda batch: collate(
+            [examples[i] for i, _ in batch], tokenizer.pad_token_id, [weight for _, weight in batch]))
         return accelerator.prepare(loader)
 
     per_epoch = math.ceil(len(epoch_loader(0)) / cfg.grad_accum)
@@ -146,7 +213,8 @@ def train(cfg: RRHFConfig, lm: str, device: str = "auto", tokenizer: Any = None)
 
     bar = tqdm(total=total, initial=update, desc="rrhf train", file=sys.stderr, leave=False,
                disable=not (cfg.progress and accelerator.is_main_process))
-    sums: dict[str, float] = {"loss": 0.0, "rank_loss": 0.0, "sft_loss": 0.0, "micro": 0}
+    # This process's share of each micro-batch's losses, summed over the micro-batches since the last log line.
+    sums, micro = torch.zeros(len(LOSS_KEYS), device=accelerator.device), 0
     started = time.perf_counter()
     while update < total:
         epoch = update // per_epoch
@@ -155,9 +223,12 @@ def train(cfg: RRHFConfig, lm: str, device: str = "auto", tokenizer: Any = None)
         for batch in loader:
             with accelerator.accumulate(model):
                 logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                # A process's queries weigh N / (the micro-batch's queries): DDP averages the N processes'
+                # gradients, which is then the gradient of the mean over the whole micro-batch.
                 parts = rrhf_loss(logits, batch["labels"], batch["rewards"], batch["groups"],
                                   rank_weight=cfg.rank_weight, sft_weight=cfg.sft_weight,
-                                  sft_normalization=cfg.sft_normalization)
+                                  sft_normalization=cfg.sft_normalization,
+                                  query_weights=batch["query_weights"] * accelerator.num_processes)
                 accelerator.backward(parts.loss)
                 if accelerator.sync_gradients:
                     if cfg.max_grad_norm > 0:
@@ -166,20 +237,21 @@ def train(cfg: RRHFConfig, lm: str, device: str = "auto", tokenizer: Any = None)
                         group["lr"] = _lr_at(update, total, cfg.lr, warmup)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-            for key in ("loss", "rank_loss", "sft_loss"):
-                sums[key] += float(getattr(parts, key).detach())
-            sums["micro"] += 1
+            sums += torch.stack([getattr(parts, key).detach().float() for key in LOSS_KEYS])
+            micro += 1
             if not accelerator.sync_gradients:
                 continue
             update += 1
             bar.update(1)
-            if update % cfg.log_every == 0 or update == total:
-                row = {k: round(sums[k] / sums["micro"], 5) for k in ("loss", "rank_loss", "sft_loss")}
+            if update % cfg.log_every == 0 or update == total:  # the same updates on every process
+                # The mean over the processes of their N-weighted shares: the whole micro-batches' losses.
+                means = (accelerator.reduce(sums, reduction="mean") / micro).tolist()
+                row: dict[str, Any] = {k: round(v, 5) for k, v in zip(LOSS_KEYS, means)}
                 row.update(update=update, epoch=epoch, lr=_lr_at(update - 1, total, cfg.lr, warmup))
                 bar.set_postfix(loss=row["loss"], rank=row["rank_loss"], sft=row["sft_loss"])
                 if accelerator.is_main_process:
                     append_jsonl(log_path, [row])
-                sums = {"loss": 0.0, "rank_loss": 0.0, "sft_loss": 0.0, "micro": 0}
+                sums, micro = torch.zeros_like(sums), 0
             if cfg.checkpoint_every and update % cfg.checkpoint_every == 0 and update < total:
                 _checkpoint(accelerator, checkpoint, update)
             if update >= total:
