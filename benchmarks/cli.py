@@ -84,15 +84,17 @@ def cmd_world_info(args: argparse.Namespace) -> int:
 
 def cmd_rrhf(args: argparse.Namespace) -> int:
     """RRHF's stages (sample, score, train, eval) on the suite's task, with its rrhf: section."""
-    from accelerate import PartialState
-
+    from agents.launch import launch
     from agents.rrhf import run
     from benchmarks.bench.config import load_suite_config
 
     cfg = load_suite_config(args.config, args.overrides)
-    summary = run(cfg.rrhf, cfg.task, [s.strip() for s in args.stages.split(",") if s.strip()], verbose=not args.json)
-    if args.json and PartialState().is_main_process:  # under accelerate launch: one summary, not one per process
+    processes = launch(cfg.task.device)  # several under `accelerate launch`: all train, the main one samples and scores
+    summary = run(cfg.rrhf, cfg.task, [s.strip() for s in args.stages.split(",") if s.strip()], verbose=not args.json,
+                  processes=processes)
+    if args.json and processes.is_main:  # under accelerate launch: one summary, not one per process
         print(json.dumps(summary))
+    processes.close()
     return 0
 
 
@@ -133,7 +135,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     cfg = load_suite_config(args.config, overrides, quick=args.quick)
     if args.sweep or args.from_records:
         return _bench_in_one_process(cfg, args)
-    from benchmarks.bench.distributed import launch
+    from agents.launch import launch
     from benchmarks.bench.suite import run_suite
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
@@ -147,7 +149,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def _bench_in_one_process(cfg: SuiteConfig, args: argparse.Namespace) -> int:
     """`--sweep` and `--from-records`: one process does them (a launch of several is refused)."""
-    from benchmarks.bench.distributed import launched_process_count
+    from agents.launch import launched_process_count
 
     count = launched_process_count()
     if count > 1:

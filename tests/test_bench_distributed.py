@@ -16,8 +16,8 @@ import yaml
 
 from agents.base import Generation
 from agents.harness import Generated
-from benchmarks.bench.distributed import (PROCESS_COUNT_VARS, SINGLE_PROCESS, chunk_shard, idle_note, joined,
-                                          launch, launched_process_count)
+from agents.launch import PROCESS_COUNT_VARS, SINGLE_PROCESS, launch, launched_process_count
+from benchmarks.bench.distributed import chunk_shard, idle_note, joined
 from test_bench import _suite_file
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

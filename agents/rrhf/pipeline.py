@@ -12,13 +12,13 @@ from __future__ import annotations
 import json
 import sys
 import time
-from datetime import timedelta
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 import yaml
 
+from agents.launch import Processes, launch
 from agents.rrhf.cache import read_jsonl
 from agents.rrhf.config import EVAL_FIELDS, SAMPLE_FIELDS, SCORE_FIELDS, TRAIN_FIELDS, RRHFConfig
 from agents.rrhf.stages import SAMPLES_FILE, SCORED_FILE, Sources, resolve_sources, sample, score
@@ -30,10 +30,6 @@ from llm_envs.task import Task
 
 STAGES = ("sample", "score", "train", "eval")
 CONFIG_FILE, EVAL_FILE = "config.yaml", "eval.json"
-# How long the other processes of an `accelerate launch` wait in a barrier while the main process samples,
-# scores or evaluates: the process group's default (NCCL: 10 minutes) would end a run whose sampling takes
-# longer. A process that dies still ends the others at once (the launcher stops them all).
-STAGE_WAIT = timedelta(hours=24)
 
 
 def run_settings(cfg: RRHFConfig, task: Task) -> dict[str, Any]:
@@ -140,11 +136,10 @@ def _stamp(path: Path) -> tuple[int, int] | None:
 
 
 def run(cfg: RRHFConfig, task: Task | None = None, stages: Sequence[str] = STAGES, *,
-        verbose: bool = True) -> dict[str, Any]:
+        verbose: bool = True, processes: Processes | None = None) -> dict[str, Any]:
     """Run the requested stages on `task` (default: the embedded world) in order, skipping complete
-    ones; returns what each produced."""
-    from accelerate import PartialState
-
+    ones; returns what each produced. `processes`: the launch this runs in (default: `launch(task.device)`,
+    one process unless a launcher started several)."""
     unknown = [s for s in stages if s not in STAGES]
     if unknown:
         raise ValueError(f"unknown stage {unknown[0]!r}; expected some of {list(STAGES)} (in any order).")
@@ -153,16 +148,16 @@ def run(cfg: RRHFConfig, task: Task | None = None, stages: Sequence[str] = STAGE
 
         torch.set_num_threads(cfg.num_threads)
     task = task or Task()
-    state = PartialState(cpu=task.device == "cpu", timeout=STAGE_WAIT)
+    processes = launch(task.device) if processes is None else processes
     if "train" in stages:  # before sampling for hours: a batch that cannot be split fails now
-        check_process_count(cfg.queries_per_batch, state.num_processes)
+        check_process_count(cfg.queries_per_batch, processes.count)
     out = Path(cfg.output_dir)
-    if state.is_main_process:
+    if processes.is_main:
         check_output_dir(cfg, task)
         atomic_write_text(out / CONFIG_FILE, yaml.safe_dump(run_config(cfg, task), sort_keys=False))
     with_eval = "eval" in stages
-    sources = resolve_sources(cfg, task, with_eval=with_eval) if state.is_main_process else None
-    state.wait_for_everyone()  # the main process builds the world if needed, the others then load it
+    sources = resolve_sources(cfg, task, with_eval=with_eval) if processes.is_main else None
+    processes.barrier()  # the main process builds the world if needed, the others then load it
     sources = sources or resolve_sources(cfg, task, with_eval=with_eval)
     summary: dict[str, Any] = {"output_dir": str(out), "lm": sources.lm, "reward": reward_label(sources.reward),
                                "train_prompts": len(sources.train_prompts), "world": sources.world_path,
@@ -174,7 +169,7 @@ def run(cfg: RRHFConfig, task: Task | None = None, stages: Sequence[str] = STAGE
         if stage == "train":
             summary["model"] = str(train(cfg, sources.lm, sources.device, sources.lm_tokenizer("right")))
             summary["train"] = json.loads((out / MODEL_DIR / DONE_FILE).read_text())
-        elif state.is_main_process:
+        elif processes.is_main:
             if stage == "sample":
                 summary["samples"] = str(sample(cfg, sources))
             elif stage == "score":
@@ -186,12 +181,12 @@ def run(cfg: RRHFConfig, task: Task | None = None, stages: Sequence[str] = STAGE
                                            "mean_best_reward": round(float(np.mean(best)), 4)}
             elif stage == "eval":
                 summary["eval"] = _eval_stage(cfg, task, sources, verbose)
-        state.wait_for_everyone()
+        processes.barrier()
         skipped = before is not None and _stamp(outputs[stage]) == before
         took = f"{time.perf_counter() - started:.1f} s"
         if stage == "eval" and summary.get("eval") is None:
             took = "skipped (no eval prompts: set eval_prompts)"
         summary.setdefault("stages", {})[stage] = "skipped (complete)" if skipped else took
-        if verbose and state.is_main_process:
+        if verbose and processes.is_main:
             print(f"rrhf: {stage}: {summary['stages'][stage]}", file=sys.stderr)
     return summary

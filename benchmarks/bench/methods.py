@@ -30,7 +30,7 @@ from agents.base import Decoder, PolicyDecoder
 from agents.configs import ChoiceTrainConfig, TrainConfig
 from agents.harness import unscored
 from benchmarks.bench.config import MethodConfig, SuiteConfig
-from benchmarks.bench.distributed import SINGLE_PROCESS, Processes
+from agents.launch import SINGLE_PROCESS, Processes
 from benchmarks.bench.records import fingerprint
 from llm_envs.config import ConfigError, from_dict, set_key, to_dict
 from llm_envs.task import LMContext
@@ -188,7 +188,8 @@ def _rrhf(method: MethodConfig, suite: SuiteConfig, ctx: LMContext, processes: P
     directory = run_dir(suite, "rrhf", cfg)
     cfg = dataclasses.replace(cfg, output_dir=str(directory), progress=suite.bench.progress)
     seconds = _timed_training(directory, lambda: run(cfg, suite.task, ("sample", "score", "train"),
-                                                     verbose=suite.bench.progress and processes.is_main),
+                                                     verbose=suite.bench.progress and processes.is_main,
+                                                     processes=processes),
                               _task_world_hash(suite), processes, together=True)
     decoder = GreedyDecoder(str(directory / MODEL_DIR), ctx.tokenizer, device=suite.task.device,
                             batch_size=decoder_rows(suite), name=method.name)

@@ -23,7 +23,8 @@ import torch
 from agents.harness import Scorer, generate_timed, scored
 from agents.metrics import SentenceEncoder
 from benchmarks.bench.config import MethodConfig, SuiteConfig
-from benchmarks.bench.distributed import SINGLE_PROCESS, Processes, chunk_shard, idle_note, joined, launch
+from agents.launch import SINGLE_PROCESS, Processes, launch
+from benchmarks.bench.distributed import chunk_shard, idle_note, joined
 from benchmarks.bench.leaderboard import COLUMNS, build_leaderboard, format_cell, write_leaderboard
 from benchmarks.bench.methods import decoder_rows, prepare_method
 from benchmarks.bench.plots import write_suite_plots
