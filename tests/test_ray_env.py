@@ -1,7 +1,8 @@
 """Ray env workers (`llm_envs.vector.ray_env`, `ray_sb3`): a local Ray cluster, 2 actors x 2 rows.
 
 Row i of the Ray env follows row i of a local 4-row env with the same seed; the masks come back
-batched; a killed actor or a silent one raises an error naming it, instead of hanging.
+batched; MaskablePPO trains through it (`agents.proxy.train` with `num_workers=2`); a killed actor
+or a silent one raises an error naming it, instead of hanging.
 
 Actors cost seconds to start (each imports torch and loads the LM), so one cluster serves the module
 and each env's actors serve several tests; a test that breaks an env (a kill, a timeout) is the
@@ -35,7 +36,7 @@ TIMEOUT_S = 60.0  # every Ray env here: a hung worker fails the test instead of 
 def ray_cluster():
     # Two CPUs: Ray starts one idle worker process per CPU at once, each a few seconds of CPU here. The
     # envs below reserve half a CPU per actor, so that both can be up at once (module fixtures outlive their
-    # tests when a subset runs).
+    # tests when a subset runs); train()'s actors take one each, so its test comes first.
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
@@ -45,6 +46,42 @@ def ray_cluster():
 def world_kwargs(test_world):
     return dict(lm=test_world.lm_dir, reward=test_world.rm_dir, prompts=test_world.train_prompts[:200],
                 gold=test_world.gold, device="cpu")
+
+
+# ----------------------------------------------------------------------------- training (first: its actors take
+# both of the cluster's CPUs)
+
+
+def test_maskable_ppo_trains_through_the_ray_env(ray_cluster, test_world, tmp_path):
+    """`agents.proxy.train` with num_workers=2: the Task is resolved inside each actor, MaskablePPO runs
+    a few hundred steps, episodes end, the policy moves, and the actors are gone afterwards (the Ray
+    cluster, which the caller started, stays up)."""
+    from sb3_contrib import MaskablePPO
+
+    from agents.configs import ProxyConfig, TrainConfig
+    from agents.proxy import train
+    from llm_envs.envs.params import TokenAcceptParams
+    from llm_envs.task import Task
+
+    task = Task(lm=str(test_world.lm_dir), reward=str(test_world.rm_dir), eval_prompts=test_world.test_prompts[:4],
+                train_prompts=test_world.train_prompts[:100], max_new_tokens=8, device="cpu")
+    proxy = ProxyConfig(hidden_sizes=(16,), n_steps=64, batch_size=64, n_epochs=2, learning_rate=1e-3)
+    cfg = TrainConfig(env=TokenAcceptParams(max_new_tokens=8, p_t=0.001), proxy=proxy, num_envs=4, num_workers=2,
+                      total_timesteps=256, checkpoint_freq=16, eval_episodes=4, output_dir=str(tmp_path / "run"),
+                      wandb_mode="disabled", progress_bar=False, torch_threads=1)
+    free_cpus = ray.available_resources().get("CPU", 0)
+    model = MaskablePPO.load(train(cfg, task), device="cpu")
+    assert model.num_timesteps >= 256
+    progress = (tmp_path / "run" / "logs" / "progress.csv").read_text()
+    assert "rollout/reward_model" in progress  # episodes ended during the rollout
+    # The checkpoint at 64 steps holds the initial policy (the first update comes after 4 x 64 steps).
+    initial = MaskablePPO.load(tmp_path / "run" / "checkpoints" / "proxy_64_steps.zip", device="cpu")
+    before = initial.policy.state_dict()
+    assert any(not torch.equal(before[k], v) for k, v in model.policy.state_dict().items())
+    deadline = time.perf_counter() + 10  # train() closed its env: its actors' CPUs come back
+    while ray.available_resources().get("CPU", 0) < free_cpus and time.perf_counter() < deadline:
+        time.sleep(0.1)
+    assert ray.available_resources().get("CPU", 0) == free_cpus and ray.is_initialized()  # the test's Ray stays up
 
 
 # ----------------------------------------------------------------------------- the Gymnasium and torch faces
