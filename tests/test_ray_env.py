@@ -269,3 +269,24 @@ def test_concat_vector_infos_fills_keys_a_worker_lacks():
     assert merged["b"].tolist() == [0, 0, 0.5, 0] and merged["_b"].tolist() == [False, False, True, False]
     assert merged["final_info"]["x"].tolist() == [None, "s", None, None]
     assert merged["final_info"]["_x"].tolist() == [False, True, False, False]
+
+
+@pytest.mark.slow
+def test_the_ray_overhead_benchmark_runs_quick(test_world, world_cache, tmp_path):
+    """`python -m benchmarks.ray_overhead --quick` (its own Ray cluster, in another process) does not rot."""
+    import json
+    import os
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run(
+        [sys.executable, "-m", "benchmarks.ray_overhead", "--quick", "--json", "--world", "test",
+         "--cache-dir", str(world_cache)], cwd=tmp_path, capture_output=True, text=True, timeout=600,
+        env={**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout)
+    assert [(r["model"], r["num_envs"]) for r in report["rows"]] == [("world", 4), ("gpt2-tiny", 4)]
+    for row in report["rows"]:
+        assert all(row[f"{key}_ms"] > 0 for key in ("local", "ray_1x", "ray_2x"))
+        assert row["overhead_ms"] == pytest.approx(row["ray_1x_ms"] - row["local_ms"])
