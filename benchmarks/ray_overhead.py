@@ -163,9 +163,9 @@ def markdown(report: dict[str, Any]) -> str:
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in report["rows"]:
-        lines.append(f"| {r['model']} ({r['params'] / 1e6:.1f}M) | {r['num_envs']} | {r['local_ms']:.2f} | {r['ray_1x_ms']:.2f} | "
-                     f"{r['ray_2x_ms']:.2f} | {r['overhead_ms']:+.2f} | {r['overhead_share']:.0%} | "
-                     f"{r['split_ms']:+.2f} | {r['split_share']:.0%} |")
+        lines.append(f"| {r['model']} ({r['params'] / 1e6:.1f}M) | {r['num_envs']} | {r['local_ms']:.2f} | "
+                     f"{r['ray_1x_ms']:.2f} | {r['ray_2x_ms']:.2f} | {r['overhead_ms']:+.2f} | "
+                     f"{r['overhead_share']:.0%} | {r['split_ms']:+.2f} | {r['split_share']:.0%} |")
     return "\n".join(lines)
 
 

@@ -24,7 +24,7 @@ ray = pytest.importorskip("ray")
 
 from llm_envs.vector import make_ray_sb3_vec_env, make_ray_vector_env, make_sb3_vec_env, make_vector_env  # noqa: E402
 from llm_envs.vector.ray_env import RayTorchVectorEnv  # noqa: E402
-from llm_envs.vector.ray_workers import RayWorkerError, concat_vector_infos  # noqa: E402
+from llm_envs.vector.ray_workers import RayWorkerError, concat_vector_infos, default_gpus_per_actor  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -192,13 +192,16 @@ def test_a_killed_actor_raises_an_error_naming_the_worker_instead_of_hanging(acc
     remote.reset(seed=0)
     ray.kill(remote.workers.workers[1])
     started = time.perf_counter()
-    with pytest.raises(RayWorkerError, match=r"Ray env worker 1 \(envs 2\.\.3\) failed \(.*(ActorDied|RayActorError)") as error:
+    died = r"Ray env worker 1 \(envs 2\.\.3\) failed \(.*(ActorDied|RayActorError)"
+    with pytest.raises(RayWorkerError, match=died) as error:
         while time.perf_counter() - started < 20:  # ray.kill is asynchronous: a step may still go through
             remote.step(np.zeros(4, dtype=int))
     assert error.value.workers == [1] and time.perf_counter() - started < 20
     with pytest.raises(RuntimeError, match=r"stopped after a worker failure .*worker 1"):
         remote.step(np.zeros(4, dtype=int))
     remote.close()
+    with pytest.raises(RuntimeError, match=r"this Ray env is closed"):
+        remote.reset()
 
 
 # ----------------------------------------------------------------------------- the SB3 face
@@ -247,7 +250,8 @@ def test_a_worker_that_does_not_answer_in_time_raises_naming_it(choice_envs):
     remote, _ = choice_envs  # the last test on these actors
     remote.reset()
     remote.workers.timeout_s = 1e-4  # no step answers this fast: as if both workers hung
-    with pytest.raises(RayWorkerError, match=r"Ray env worker \d \(envs \d\.\.\d\).* did not answer within timeout_s=0.0001"):
+    late = r"Ray env worker \d \(envs \d\.\.\d\).* did not answer within timeout_s=0.0001"
+    with pytest.raises(RayWorkerError, match=late):
         remote.step(np.zeros(4, dtype=int))
     with pytest.raises(RuntimeError, match=r"stopped after a worker failure"):
         remote.reset()
@@ -269,6 +273,14 @@ def test_concat_vector_infos_fills_keys_a_worker_lacks():
     assert merged["b"].tolist() == [0, 0, 0.5, 0] and merged["_b"].tolist() == [False, False, True, False]
     assert merged["final_info"]["x"].tolist() == [None, "s", None, None]
     assert merged["final_info"]["_x"].tolist() == [False, True, False, False]
+
+
+@pytest.mark.parametrize("workers, gpus, each", [(2, 0, 0.0), (2, 2, 1.0), (2, 8, 1.0), (2, 1, 0.5), (3, 2, 0.5),
+                                                  (4, 3, 0.5), (5, 2, 1 / 3)])
+def test_by_default_each_actor_gets_a_gpu_or_an_equal_share_that_fits_on_one(workers, gpus, each):
+    assert default_gpus_per_actor(workers, gpus) == pytest.approx(each)
+    if gpus:  # the shares fit the cluster's whole GPUs: no actor waits forever for a place
+        assert int(1 / each + 1e-9) * gpus >= workers
 
 
 @pytest.mark.slow

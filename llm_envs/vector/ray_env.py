@@ -124,8 +124,10 @@ def make_ray_vector_env(env_id: str, num_envs: int, *, num_workers: int,
     `kwargs_factory` (a picklable zero-argument callable, e.g. `llm_envs.task.TaskEnvKwargs(task)`) gives
     keywords built inside each actor instead, so each loads its models on its own device (`kwargs`
     override it). Worker options: `num_cpus` and `num_gpus` per actor (default: one GPU each when
-    the cluster has them, else CPU), `torch_threads` per actor, `timeout_s` per reset and step.
-    Starts a local Ray cluster when none is initialised."""
+    the cluster has them, an equal share of one when it has fewer GPUs than workers, else CPU; an actor sees
+    only its own GPUs, so leave `device` at 'auto' or 'cuda'), `torch_threads` per actor, `timeout_s`
+    per reset and step, `start_timeout_s` for the actors to start. Starts a local Ray cluster when
+    none is initialised (`llm_envs.vector.ray_workers.ensure_ray`)."""
     return ray_vector_env_class(core_class(env_id))(env_id, num_envs, num_workers=num_workers,
                                                     kwargs_factory=kwargs_factory, **kwargs)
 

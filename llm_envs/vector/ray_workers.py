@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -165,6 +166,13 @@ def _node_ip() -> str:
         return "?"
 
 
+def default_gpus_per_actor(num_workers: int, cluster_gpus: float) -> float:
+    """A GPU per actor when the cluster has one per worker; else equal shares packed onto whole GPUs (an
+    actor cannot span two): 1 / ceil(K / GPUs), e.g. 3 workers on 2 GPUs take half a GPU each; none
+    without GPUs."""
+    return 1.0 / math.ceil(num_workers / int(cluster_gpus)) if cluster_gpus >= 1 else 0.0
+
+
 def _positive_int(name: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
         raise ValueError(f"{name}={value!r}; expected a positive int.")
@@ -177,8 +185,9 @@ class WorkerGroup:
     `RayWorkerError` that names it (after which every call is refused: the rows can no longer move
     together).
 
-    `num_gpus=None` gives each actor one GPU when the cluster has one per worker, a share of them when
-    it has fewer (`GPUs / K`), and none on a cluster without GPUs; `num_cpus` is the CPUs each actor
+    `num_gpus=None` gives each actor one GPU when the cluster has one per worker, an equal share of one
+    when it has fewer (1 / ceil(K / GPUs): 2 workers on 1 GPU take half each), and none on a cluster
+    without GPUs; `num_cpus` is the CPUs each actor
     reserves; `torch_threads` sets torch's threads in each actor (None: Ray's default, OMP_NUM_THREADS
     = its CPUs). `timeout_s` bounds every reset and step (None: wait as long as the step takes; a dead
     actor is reported at once either way); `start_timeout_s` bounds the wait for the actors to be placed
@@ -211,7 +220,8 @@ class WorkerGroup:
         self.rows_per_worker = num_envs // num_workers
         self.timeout_s = timeout_s
         self.num_gpus = self._gpus_per_actor(num_gpus, num_cpus)
-        self._broken: str | None = None
+        self._broken: str | None = None  # why a worker failure stopped the group
+        self._closed = False
         remote = self.ray.remote(EnvWorker).options(num_cpus=num_cpus, num_gpus=self.num_gpus)
         self.workers = [remote.remote(face, env_id, self.rows_per_worker, kwargs_factory, dict(kwargs or {}),
                                       torch_threads) for _ in range(num_workers)]
@@ -242,7 +252,7 @@ class WorkerGroup:
         resources = self.ray.cluster_resources()
         cpus, gpus = resources.get("CPU", 0), resources.get("GPU", 0)
         if num_gpus is None:
-            num_gpus = min(1.0, gpus / self.num_workers) if gpus else 0
+            num_gpus = default_gpus_per_actor(self.num_workers, gpus)
         if num_cpus < 0 or num_gpus < 0:
             raise ValueError(f"num_cpus={num_cpus!r}, num_gpus={num_gpus!r}; expected resources >= 0 per actor.")
         for name, unit, each, total in (("num_cpus", "CPUs", num_cpus, cpus), ("num_gpus", "GPUs", num_gpus, gpus)):
@@ -333,10 +343,12 @@ class WorkerGroup:
 
     @property
     def broken(self) -> bool:
-        """Whether a worker failed (or the group was closed): no call goes out any more."""
-        return self._broken is not None
+        """Whether a worker failed or the group was closed: no call goes out any more."""
+        return self._broken is not None or self._closed
 
     def ensure_usable(self) -> None:
+        if self._closed:
+            raise RuntimeError("this Ray env is closed (its actors are gone); build a new one.")
         if self._broken is not None:
             raise RuntimeError(f"this Ray env stopped after a worker failure ({self._broken}); close() it and "
                                "build a new one.")
@@ -369,7 +381,7 @@ class WorkerGroup:
             with contextlib.suppress(Exception):
                 self.ray.kill(worker)
         self.workers = []
-        self._broken = self._broken or "closed"
+        self._closed = True
 
 
 def _first_line(error: BaseException) -> str:
