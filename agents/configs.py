@@ -56,6 +56,10 @@ class TrainConfig:
         "the TokenAccept MDP (p_t, top_p, temperature, obs_mode, costs ...); its max_new_tokens is the task's"))
     proxy: ProxyConfig = field(default_factory=ProxyConfig, metadata=_help("the policy and PPO"))
     num_envs: int = field(default=16, metadata=_help("envs stepped together (one batched LM forward per step)"))
+    num_workers: int = field(default=0, metadata=_help(
+        "0 = the training envs are one local batched core; K >= 1 = K Ray actors (pip install 'llm-envs[ray]'), "
+        "each one core of num_envs/K rows on its own device (a GPU each when the cluster has them); the "
+        "trajectories are the same, so it may change between resumes"))
     total_timesteps: int = field(default=50_000, metadata=_help("env steps of training"))
     seed: int = field(default=0, metadata=_help("seed of envs, policy init and PPO"))
     eval_freq: int = field(default=0, metadata=_help("vector steps between MaskableEvalCallback runs (0 = only at the end)"))
@@ -73,6 +77,12 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.num_envs < 1 or self.total_timesteps < 1:
             raise ValueError(f"num_envs={self.num_envs}, total_timesteps={self.total_timesteps}; expected >= 1.")
+        if isinstance(self.num_workers, bool) or not isinstance(self.num_workers, int) or self.num_workers < 0:
+            raise ValueError(f"num_workers={self.num_workers!r}; expected 0 (one local core) or K >= 1 Ray workers.")
+        if self.num_workers and self.num_envs % self.num_workers:
+            raise ValueError(f"num_envs={self.num_envs} is not divisible by num_workers={self.num_workers}: every Ray "
+                             f"worker holds num_envs / num_workers envs. Use a num_envs that is a multiple of "
+                             f"{self.num_workers}, or a num_workers that divides {self.num_envs}.")
         if self.eval_freq < 0 or self.checkpoint_freq < 0 or self.eval_episodes < 1:
             raise ValueError("eval_freq and checkpoint_freq must be >= 0 and eval_episodes >= 1.")
 

@@ -26,6 +26,7 @@ ended during the rollout; a metric appears when the env reports it):
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -37,12 +38,13 @@ from sb3_contrib import MaskablePPO
 from sb3_contrib.common.maskable.callbacks import MaskableEvalCallback
 from stable_baselines3.common.callbacks import BaseCallback, CallbackList
 from stable_baselines3.common.logger import KVWriter, configure
+from stable_baselines3.common.vec_env import VecEnv
 
 import llm_envs
 from agents.configs import TrainConfig, check_budget
 from agents.run_dir import AppendingCSV, AtomicCheckpoints, claim_run_dir, newest_loadable_checkpoint, save_atomically
 from llm_envs.config import to_dict
-from llm_envs.task import Task
+from llm_envs.task import Task, TaskEnvKwargs, TaskSources
 
 ENV_ID = TrainConfig.env_id  # the default env (a config's class says which env it trains on)
 ACTIVATIONS = {"relu": torch.nn.ReLU, "tanh": torch.nn.Tanh, "gelu": torch.nn.GELU}
@@ -116,10 +118,34 @@ def train(cfg: TrainConfig, task: Task | None = None, *, restart: bool = False) 
     claim_run_dir(run_dir, run_config(cfg, task), restart=restart,
                   defaults={"train": to_dict(type(cfg)()), "task": to_dict(Task())})  # fields added since: at default
 
-    # Envs: one engine steps all training envs; evaluation runs on the task's held-out prompts.
+    with contextlib.ExitStack() as stack:
+        return _train(cfg, task, run_dir, stack)
+
+
+def _train_env(cfg: TrainConfig, task: Task, sources: TaskSources, stack: contextlib.ExitStack) -> VecEnv:
+    """The training envs: one local engine steps them all, or (`num_workers` = K) K Ray actors each step
+    num_envs/K of them on their own device, each resolving the task itself (its models loaded there, not
+    pickled from here). Ray is started for the run when it is not running, and the actors end with it."""
+    if not cfg.num_workers:
+        return llm_envs.make_sb3_vec_env(cfg.env_id, cfg.num_envs, params=cfg.env,
+                                         **sources.env_kwargs(sources.train_prompts))
+    from llm_envs.vector.ray_sb3 import make_ray_sb3_vec_env
+    from llm_envs.vector.ray_workers import ray_session
+
+    stack.enter_context(ray_session(min_cpus=cfg.num_workers))
+    env = make_ray_sb3_vec_env(cfg.env_id, cfg.num_envs, num_workers=cfg.num_workers,
+                               kwargs_factory=TaskEnvKwargs(task, "train"), params=cfg.env,
+                               torch_threads=cfg.torch_threads)
+    stack.callback(env.close)
+    return env
+
+
+def _train(cfg: TrainConfig, task: Task, run_dir: Path, stack: contextlib.ExitStack) -> Path:
+    """`train` in its claimed run directory; `stack` closes the Ray workers however training ends."""
+    # Envs: one engine steps all training envs (or K Ray workers do); evaluation runs on the task's
+    # held-out prompts. The task is resolved here first, so a world it needs is built once, before any worker.
     sources = task.resolve()
-    train_env = llm_envs.make_sb3_vec_env(cfg.env_id, cfg.num_envs, params=cfg.env,
-                                          **sources.env_kwargs(sources.train_prompts))
+    train_env = _train_env(cfg, task, sources, stack)
     train_env.seed(cfg.seed)
     eval_env = llm_envs.make_sb3_vec_env(cfg.env_id, min(cfg.num_envs, cfg.eval_episodes), params=cfg.env,
                                          **sources.env_kwargs(sources.eval_prompts))

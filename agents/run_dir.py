@@ -4,7 +4,7 @@
   with a config that changes the model, the env, the task or the seed stops with the differing keys
   and the fix (a new `output_dir`, or `restart=True` / `--restart`, which moves the old run aside and
   never deletes it). Settings that do not change what is learned (total steps, logging, checkpoint
-  and eval frequency) may change between resumes.
+  and eval frequency, torch threads, the number of Ray env workers) may change between resumes.
 - `AtomicCheckpoints`: SB3's `CheckpointCallback`, but every checkpoint is written to a unique temp
   file, fsynced and renamed, so a kill mid-save never leaves a truncated zip under a real name.
 - `newest_loadable_checkpoint`: resume from the newest checkpoint that loads; broken ones are skipped
@@ -35,7 +35,7 @@ from llm_envs.io import append_lines, atomic_write_bytes, atomic_write_text
 CONFIG_FILE = "config.yaml"
 # train: fields that do not change what a run learns, so a resume may change them.
 RESUMABLE_FIELDS = ("total_timesteps", "eval_freq", "eval_episodes", "checkpoint_freq", "output_dir", "resume",
-                    "wandb_mode", "wandb_project", "progress_bar", "torch_threads")
+                    "wandb_mode", "wandb_project", "progress_bar", "torch_threads", "num_workers")
 
 
 def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:

@@ -206,6 +206,27 @@ class TaskSources:
 
 
 @dataclass(frozen=True)
+class TaskEnvKwargs:
+    """The env keywords of `task` on its `split` prompts, resolved where this is called: a picklable
+    zero-argument callable for the Ray env workers (`llm_envs.vector.ray_env`, `kwargs_factory=`), so
+    each actor loads the LM and reward model itself, on its own device, instead of receiving loaded
+    models pickled from the driver. Resolve the task once on the driver first when it may build the
+    embedded world (the actors then find it in the cache; they never show progress)."""
+
+    task: Task
+    split: Literal["train", "eval"] = "train"
+
+    def __post_init__(self) -> None:
+        if self.split not in ("train", "eval"):
+            raise ValueError(f"split={self.split!r}; expected 'train' or 'eval' (the task's train_prompts or "
+                             "eval_prompts).")
+
+    def __call__(self) -> dict[str, Any]:
+        sources = self.task.resolve(progress=False)
+        return sources.env_kwargs(sources.train_prompts if self.split == "train" else sources.eval_prompts)
+
+
+@dataclass(frozen=True)
 class LMContext:
     """A task loaded: the frozen LM and its tokenizer, the reward wrapper, the prompts (and their
     token ids), the gold judge. Envs built on one context share its models."""

@@ -173,6 +173,25 @@ def test_bad_configs_fail_clearly(tmp_path, capsys):
     assert "Did you mean 'activation'" in capsys.readouterr().err
     with pytest.raises(ValueError, match="differs from task.max_new_tokens"):
         train(TrainConfig(env=TokenAcceptParams(max_new_tokens=8)), Task(max_new_tokens=16))
+    with pytest.raises(ValueError, match=r"num_envs=6 is not divisible by num_workers=4"):
+        TrainConfig(num_envs=6, num_workers=4)
+    with pytest.raises(ConfigError, match=r"num_workers=-1; expected 0 \(one local core\) or K >= 1"):
+        load_config(TrainConfig, None, ["num_workers=-1"])
+
+
+def test_a_run_may_resume_with_another_number_of_ray_workers(tmp_path):
+    """Ray workers hold the same rows as one local core (tests/test_ray_env.py), so num_workers is a
+    run-only setting, as torch_threads: a resume may change it; a run made before it existed resumes."""
+    from agents.proxy import run_config
+    from agents.run_dir import claim_run_dir
+
+    run, cfg = tmp_path / "run", TrainConfig(output_dir=str(tmp_path / "run"))
+    defaults = {"train": to_dict(TrainConfig()), "task": to_dict(Task())}
+    old = run_config(cfg, Task())
+    del old["train"]["num_workers"]  # a run made before the field
+    claim_run_dir(run, old)
+    claim_run_dir(run, run_config(cfg, Task()), defaults=defaults)
+    claim_run_dir(run, run_config(dataclasses.replace(cfg, num_workers=2), Task()), defaults=defaults)
 
 
 def test_the_shipped_tiny_config_is_valid():

@@ -42,8 +42,9 @@ from llm_envs.io import atomic_write_json
 DECODING_KINDS = ("greedy", "top_k", "nucleus", "best_of_n")
 TRAIN_INFO = "bench_train.json"  # written once a training run is complete: its wall time
 # Fields that do not change what a training run learns (left out of the run directory's hash).
+# num_workers: Ray workers hold the same rows a local core would (row i == row i, tests/test_ray_env.py).
 _RUN_ONLY_FIELDS = ("output_dir", "progress_bar", "progress", "wandb_mode", "wandb_project", "torch_threads",
-                    "num_threads", "resume")
+                    "num_threads", "resume", "num_workers")
 
 
 @dataclass

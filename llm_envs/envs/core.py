@@ -244,6 +244,12 @@ class BatchedCore(Generic[P]):
                 error.add_note("Every env of this batch now needs reset() (the step could not be undone).")
             raise
 
+    def check_actions(self, actions: Sequence[Any] | np.ndarray, active: Sequence[bool] | np.ndarray | None = None) -> None:
+        """Raise what `step(actions, active)` would raise on these actions, changing nothing (a Ray env
+        checks a step's actions on its workers before any of them moves)."""
+        active = np.ones(self.num_rows, dtype=bool) if active is None else np.asarray(active, dtype=bool).reshape(-1)
+        self._check_actions(self._action_array(actions), np.flatnonzero(active))
+
     def _step(self, stepped: np.ndarray, chosen: np.ndarray, forced: np.ndarray, restart: Restart | None,
               restart_done: Callable[[list[int]], Restart] | None) -> StepResult:
         n, s = self.num_rows, self.state

@@ -71,6 +71,10 @@ class LMSb3VecEnv(VecEnv):
     def action_masks(self) -> np.ndarray:
         return self.core.action_masks()
 
+    def check_actions(self, actions: np.ndarray) -> None:
+        """Raise what `step(actions)` would raise on them, changing nothing."""
+        self.core.check_actions(actions)
+
     def close(self) -> None:
         pass
 

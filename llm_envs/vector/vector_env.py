@@ -94,6 +94,13 @@ class LMVectorEnv(VectorEnv):
     def _restart(self, rows: list[int]) -> Restart:
         return Restart(rows, [self._rngs[r] for r in rows], [self._options] * len(rows))
 
+    def check_actions(self, actions: Any) -> None:
+        """Raise what `step(actions)` would raise on them, changing nothing (rows about to reset ignore
+        their action, as in `step`)."""
+        if not self._started:
+            raise RuntimeError("step() called before reset(); call reset() first.")
+        self.core.check_actions(actions, ~self._needs_reset)
+
     def action_masks(self) -> np.ndarray:
         """[num_envs, n_actions] bool (for rows about to reset: all actions legal)."""
         masks = self.core.action_masks()
