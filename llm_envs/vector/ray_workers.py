@@ -42,20 +42,25 @@ def require_ray() -> Any:
 
 
 def ensure_ray(min_cpus: int = 1) -> bool:
-    """Start a local Ray cluster when none is connected (this machine's CPUs, at least `min_cpus` of them
-    since Ray's CPUs are only a scheduling count, and its GPUs; no dashboard); returns whether it started
-    one. A cluster the user started (`ray.init(...)`, `ray start`) is used as is."""
+    """Connect to Ray: the cluster this process already joined (`ray.init(...)`), else a running one
+    (`RAY_ADDRESS`, or one started on this machine by `ray start`), else a new local cluster (this
+    machine's CPUs, at least `min_cpus` of them since Ray's CPUs are only a scheduling count, and its
+    GPUs; no dashboard). Returns whether it connected here (the caller then disconnects when done)."""
     ray = require_ray()
     if ray.is_initialized():
         return False
-    ray.init(num_cpus=max(os.cpu_count() or 1, min_cpus), include_dashboard=False, log_to_driver=True)
+    try:  # a running cluster takes no resource arguments (ray.init refuses num_cpus when joining one)
+        ray.init(address="auto", log_to_driver=True)
+    except ConnectionError:  # none running: start one on this machine
+        ray.init(num_cpus=max(os.cpu_count() or 1, min_cpus), include_dashboard=False, log_to_driver=True)
     return True
 
 
 @contextlib.contextmanager
 def ray_session(min_cpus: int = 1) -> Iterator[None]:
-    """Ray for the duration of a block: started locally (`ensure_ray`) if not yet initialised, and then
-    shut down at the end; a Ray the caller had started stays up."""
+    """Ray for the duration of a block (`ensure_ray`: a running cluster joined, or a local one started),
+    disconnected at the end (a local cluster started here stops with it; a `ray start` cluster stays
+    up); a Ray this process had joined before stays connected."""
     started = ensure_ray(min_cpus)
     try:
         yield
