@@ -87,14 +87,17 @@ def test_maskable_ppo_trains_through_the_ray_env(ray_cluster, test_world, tmp_pa
 # ----------------------------------------------------------------------------- the Gymnasium and torch faces
 
 
+def ray_and_local(make_ray: Any, make_local: Any, env_id: str, **kwargs: Any) -> Any:
+    """(a Ray env of 2 actors x 2 rows, the local env of 4 rows) with the same keywords; closes the Ray one."""
+    remote = make_ray(env_id, 4, num_workers=2, num_cpus=0.5, torch_threads=1, timeout_s=TIMEOUT_S, **kwargs)
+    yield remote, make_local(env_id, 4, **kwargs)
+    remote.close()
+
+
 @pytest.fixture(scope="module")
 def accept_envs(ray_cluster, world_kwargs):
-    """(Ray env: 2 actors x 2 rows, local env: 4 rows), TokenAccept; the kill test ends the Ray one."""
-    kwargs = dict(max_new_tokens=6, p_t=0.001, **world_kwargs)
-    remote = make_ray_vector_env(ACCEPT, 4, num_workers=2, num_cpus=0.5, torch_threads=1, timeout_s=TIMEOUT_S,
-                                 **kwargs)
-    yield remote, make_vector_env(ACCEPT, 4, **kwargs)
-    remote.close()
+    """(Ray env, local env) of TokenAccept; the kill test ends the Ray one."""
+    yield from ray_and_local(make_ray_vector_env, make_vector_env, ACCEPT, max_new_tokens=6, p_t=0.001, **world_kwargs)
 
 
 def assert_close(got: Any, want: Any, where: str = "") -> None:
@@ -209,12 +212,8 @@ def test_a_killed_actor_raises_an_error_naming_the_worker_instead_of_hanging(acc
 
 @pytest.fixture(scope="module")
 def choice_envs(ray_cluster, world_kwargs):
-    """(Ray SB3 env: 2 actors x 2 rows, local SB3 env: 4 rows), TokenChoice; the timeout test ends it."""
-    kwargs = dict(max_new_tokens=4, k=3, **world_kwargs)
-    remote = make_ray_sb3_vec_env(CHOICE, 4, num_workers=2, num_cpus=0.5, torch_threads=1, timeout_s=TIMEOUT_S,
-                                  **kwargs)
-    yield remote, make_sb3_vec_env(CHOICE, 4, **kwargs)
-    remote.close()
+    """(Ray SB3 env, local SB3 env) of TokenChoice; the timeout test ends the Ray one."""
+    yield from ray_and_local(make_ray_sb3_vec_env, make_sb3_vec_env, CHOICE, max_new_tokens=4, k=3, **world_kwargs)
 
 
 def test_sb3_rows_equal_the_local_rows_with_batched_masks(choice_envs):
