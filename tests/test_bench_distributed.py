@@ -5,23 +5,19 @@ against one process on the test world: the same records, the same leaderboard bu
 from __future__ import annotations
 
 import json
-import os
-import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
 from agents.base import Generation
 from agents.harness import Generated
 from agents.launch import PROCESS_COUNT_VARS, SINGLE_PROCESS, launch, launched_process_count
 from benchmarks.bench.distributed import chunk_shard, idle_note, joined
+from launching import ROOT, accelerate_launch, launch_env
 from test_bench import _suite_file
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-ROOT = Path(__file__).resolve().parents[1]
 
 
 # ---------------------------------------------------------------------------- the split
@@ -110,23 +106,12 @@ EQUAL = ("greedy", "args_greedy", "nucleus", "proxy")
 TIMING = ("seconds_per_response", "train_seconds", "peak_memory_mb")
 
 
-def _free_port() -> int:
-    """A port for the launch's rendezvous (not accelerate's default 29500: another launch may hold it)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _launch_two_cpu_processes(config: Path, out: Path, world_cache: Path) -> None:
-    """`accelerate launch` of the bench on two CPU processes. `--multi_gpu` is what starts several local
-    processes (torchrun); with no GPU, or task.device=cpu, they join over gloo. (`--cpu` starts one.)"""
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "LLM_ENVS_CACHE": str(world_cache),
-           "WANDB_MODE": "disabled"}
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               "--main_process_port", str(_free_port()), "-m", "benchmarks.cli", "bench", "--config", str(config),
-               f"bench.results_dir={out / 'results'}", f"bench.runs_dir={out / 'runs'}"]
-    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    """`accelerate launch` of the bench on two CPU processes (`launching.accelerate_launch`)."""
+    command = accelerate_launch(2, "bench", "--config", str(config), f"bench.results_dir={out / 'results'}",
+                                f"bench.runs_dir={out / 'runs'}")
+    result = subprocess.run(command, cwd=ROOT, env=launch_env(world_cache, out / "hf_home"), capture_output=True,
+                            text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
 
 

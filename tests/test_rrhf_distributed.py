@@ -19,9 +19,7 @@ import json
 import math
 import os
 import signal
-import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -30,9 +28,9 @@ import torch
 from agents.rrhf import read_jsonl
 from agents.rrhf.training import check_process_count, collate, epoch_items, tokenize_scored
 from benchmarks.bench.config import load_suite_config
+from launching import ROOT, accelerate_launch, launch_env
 from llm_envs.models import load_causal_lm, load_tokenizer
 
-ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 # 14 prompts in micro-batches of 6: the epoch's last holds 2, so under 2 processes one process gets
@@ -45,21 +43,12 @@ LOGPROB_ATOL = 1e-4
 WEIGHT_REL = 1e-2  # of the training's change; see the module docstring (the attention key bias)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _launch_two_processes(out: Path, world_cache: Path, home: Path) -> subprocess.Popen:
     """`llm-envs rrhf` on 2 CPU processes, every stage but eval, started in the background."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "LLM_ENVS_CACHE": str(world_cache),
-           "HF_HOME": str(home), "HF_HUB_OFFLINE": "1"}  # HF_HOME: no user accelerate config is read
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               "--main_process_port", str(_free_port()), "-m", "benchmarks.cli", "rrhf", "--config", "tiny",
-               "--stages", "sample,score,train", "--json", *SETTINGS, f"rrhf.output_dir={out}"]
-    return subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    command = accelerate_launch(2, "rrhf", "--config", "tiny", "--stages", "sample,score,train", "--json", *SETTINGS,
+                                f"rrhf.output_dir={out}")
+    return subprocess.Popen(command, cwd=ROOT, env=launch_env(world_cache, home), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True,
                             start_new_session=True)  # its own process group: a failed test ends the workers too
 
 
