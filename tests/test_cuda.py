@@ -89,16 +89,20 @@ def zero_reward(prompts: list[str], responses: list[str]) -> list[float]:
     return [0.0] * len(prompts)
 
 
-def _vector_env(model: PreTrainedModel, device: str, num_envs: int = 4, **extra: Any) -> Any:
-    import gymnasium as gym
-
+def _env_kwargs(model: PreTrainedModel, device: str, **extra: Any) -> dict[str, Any]:
+    """TokenAccept-v0's keywords on `model` (float32) with a word tokenizer and prompts, zero reward."""
     from llm_envs.world.build import train_tokenizer
 
     words = [f"w{i}" for i in range(VOCAB - 8)]
     prompts = [" ".join(words[i:i + 3 + i % 5]) for i in range(0, 40, 3)]
-    tokenizer = train_tokenizer(prompts)
-    return gym.make_vec("llm_envs/TokenAccept-v0", num_envs=num_envs, lm=model, tokenizer=tokenizer,
-                        reward=zero_reward, prompts=prompts, device=device, dtype="float32", **extra)
+    return dict(lm=model, tokenizer=train_tokenizer(prompts), reward=zero_reward, prompts=prompts, device=device,
+                dtype="float32", **extra)
+
+
+def _vector_env(model: PreTrainedModel, device: str, num_envs: int = 4, **extra: Any) -> Any:
+    import gymnasium as gym
+
+    return gym.make_vec("llm_envs/TokenAccept-v0", num_envs=num_envs, **_env_kwargs(model, device, **extra))
 
 
 def test_masks_and_observations_on_cuda_equal_the_cpu_ones(exact_float32_matmuls: Any) -> None:
@@ -144,3 +148,39 @@ def test_a_torch_face_step_syncs_only_for_its_two_copies() -> None:
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert all(count <= 2 for count in counts), counts
+
+
+def test_a_ray_worker_gets_the_gpu_and_its_rows_follow_the_local_env() -> None:
+    """One Ray env worker on a one-GPU cluster takes the GPU by default (num_gpus=1), its torch face gives
+    CUDA tensors on the caller's device, and its rows follow the local CUDA env's (same seed and actions,
+    same GPU and shapes, TF32 on in both)."""
+    ray = pytest.importorskip("ray")
+    from pathlib import Path
+
+    from llm_envs.vector import make_ray_torch_vector_env, make_torch_vector_env
+
+    tests = Path(__file__).resolve().parent  # the actor unpickles this module's zero_reward
+    ray.init(num_cpus=2, num_gpus=1, include_dashboard=False,
+             runtime_env={"env_vars": {"PYTHONPATH": f"{tests.parent}:{tests}"}})
+    try:
+        kwargs = _env_kwargs(tiny_llama(torch.float32), "cuda", max_new_tokens=8)
+        remote = make_ray_torch_vector_env("llm_envs/TokenAccept-v0", 4, num_workers=1, tensor_device="cuda",
+                                           **kwargs)
+        local = make_torch_vector_env("llm_envs/TokenAccept-v0", 4, **kwargs)
+        assert remote.unwrapped.workers.num_gpus == 1 and remote.unwrapped.workers.infos[0].device.startswith("cuda")
+        obs_remote, _ = remote.reset(seed=0)
+        obs_local, _ = local.reset(seed=0)
+        rng = np.random.default_rng(0)
+        for step in range(STEPS):
+            assert obs_remote.device.type == "cuda"
+            torch.testing.assert_close(obs_remote, obs_local, atol=1e-5, rtol=0, msg=f"observations at step {step}")
+            masks = local.action_masks()
+            assert torch.equal(remote.action_masks().to(masks.device), masks), f"action masks at step {step}"
+            choice = torch.from_numpy(rng.random(4) < 0.5).to(masks.device)
+            actions = torch.where(masks[:, 1] & choice, 1, 0)
+            obs_remote, rewards_remote, *_ = remote.step(actions)
+            obs_local, rewards_local, *_ = local.step(actions)
+            torch.testing.assert_close(rewards_remote, rewards_local)
+        remote.close()
+    finally:
+        ray.shutdown()

@@ -151,7 +151,7 @@ def test_the_torch_face_gives_tensors_on_the_requested_device_equal_to_the_numpy
     remote, local = accept_envs
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     for device in devices:
-        face = RayTorchVectorEnv(remote, device=device)
+        face = RayTorchVectorEnv(remote, tensor_device=device)
         obs, _ = face.reset(seed=8)
         want_obs, _ = local.reset(seed=8)
         assert isinstance(obs, torch.Tensor) and obs.device.type == device and obs.dtype == torch.float32

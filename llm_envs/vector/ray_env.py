@@ -6,7 +6,8 @@ same spaces, same autoreset, same info layout, and row i follows the same trajec
 `make_vector_env(env_id, num_envs)` with the same seed. A step sends every actor its actions and
 gathers all their results in one round trip; `action_masks()` answers from what the step brought back.
 
-`make_ray_torch_vector_env` gives the same env with torch tensors on the caller's `device`.
+`make_ray_torch_vector_env` gives the same env with torch tensors on the caller's `tensor_device`
+(`device=` stays the env keyword: where each actor's engine runs).
 """
 
 from __future__ import annotations
@@ -133,18 +134,18 @@ def make_ray_vector_env(env_id: str, num_envs: int, *, num_workers: int,
 
 
 class RayTorchVectorEnv(VectorWrapper):
-    """`RayVectorEnv` with torch tensors on `device` (the caller's, e.g. where the agent lives) in and
+    """`RayVectorEnv` with torch tensors on `tensor_device` (the caller's, e.g. where the agent lives) in and
     out: obs [N, D] float32, rewards [N] float32, terminated / truncated [N] bool, `action_masks()`
     [N, n_actions] bool; actions as a tensor on any device (or anything the numpy face takes). Infos
     keep the numpy layout. The workers' arrays reach the driver's host anyway, so each result is one
     host -> device copy."""
 
-    def __init__(self, env: RayVectorEnv, device: str | torch.device = "auto") -> None:
+    def __init__(self, env: RayVectorEnv, tensor_device: str | torch.device = "auto") -> None:
         if not isinstance(env, RayVectorEnv):
             raise TypeError(f"RayTorchVectorEnv wraps a RayVectorEnv, got {type(env).__name__}; build one with "
                             "make_ray_torch_vector_env(env_id, num_envs, num_workers=K).")
         super().__init__(env)
-        self.device: torch.device = resolve_device(device)
+        self.device: torch.device = resolve_device(tensor_device)
 
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
         obs, infos = self.env.reset(seed=seed, options=options)
@@ -161,12 +162,14 @@ class RayTorchVectorEnv(VectorWrapper):
         return to_device(self.env.action_masks(), self.device)
 
 
-def make_ray_torch_vector_env(env_id: str, num_envs: int, *, num_workers: int, device: str | torch.device = "auto",
-                              kwargs_factory: KwargsFactory | None = None, **kwargs: Any) -> RayTorchVectorEnv:
+def make_ray_torch_vector_env(env_id: str, num_envs: int, *, num_workers: int,
+                              tensor_device: str | torch.device = "auto", kwargs_factory: KwargsFactory | None = None,
+                              **kwargs: Any) -> RayTorchVectorEnv:
     """The torch face of `make_ray_vector_env(env_id, num_envs, num_workers=K, **kwargs)`, with tensors on
-    `device` ('auto': cuda when the driver has one, else cpu)."""
+    `tensor_device` ('auto': cuda when the driver has one, else cpu); `device=` in `kwargs` is, as for
+    every env, where the actors' engines run ('auto': each actor's GPU when it has one)."""
     return RayTorchVectorEnv(make_ray_vector_env(env_id, num_envs, num_workers=num_workers,
-                                                 kwargs_factory=kwargs_factory, **kwargs), device)
+                                                 kwargs_factory=kwargs_factory, **kwargs), tensor_device)
 
 
 __all__ = ["RayTorchVectorEnv", "RayVectorEnv", "make_ray_torch_vector_env", "make_ray_vector_env",
