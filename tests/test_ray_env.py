@@ -147,6 +147,33 @@ def test_gymnasium_rows_equal_the_local_rows_with_the_same_seed(accept_envs):
     assert ended >= 3  # episodes ended (NEXT_STEP autoresets on both sides), rows of both workers among them
 
 
+def test_same_step_autoreset_rows_equal_the_local_rows(ray_cluster, world_kwargs):
+    """SAME_STEP on the Gymnasium face: a row that ends starts over within the step, its last observation and
+    infos in `final_obs` / `final_info`, joined over the workers as the local env lays them out."""
+    from gymnasium.vector import AutoresetMode
+
+    kwargs = dict(max_new_tokens=4, p_t=0.001, autoreset_mode=AutoresetMode.SAME_STEP, **world_kwargs)
+    # num_cpus=0: the module's other Ray envs may still hold the cluster's two CPUs.
+    remote = make_ray_vector_env(ACCEPT, 4, num_workers=2, num_cpus=0, torch_threads=1, timeout_s=TIMEOUT_S, **kwargs)
+    try:
+        local = make_vector_env(ACCEPT, 4, **kwargs)
+        assert_close(remote.reset(seed=5), local.reset(seed=5))
+        rng = np.random.default_rng(1)
+        ended_rows: set[int] = set()
+        for _ in range(12):
+            masks = local.action_masks()
+            assert np.array_equal(remote.action_masks(), masks)
+            actions = np.array([rng.choice(np.flatnonzero(m)) for m in masks])
+            got, want = remote.step(actions), local.step(actions)
+            assert_close(got, want)  # final_obs / final_info of the rows that ended included
+            done = np.flatnonzero(want[2] | want[3])
+            assert not done.size or want[4]["_final_obs"][done].all()
+            ended_rows.update(done.tolist())
+        assert ended_rows & {0, 1} and ended_rows & {2, 3}  # rows of both workers ended and restarted
+    finally:
+        remote.close()
+
+
 def test_the_torch_face_gives_tensors_on_the_requested_device_equal_to_the_numpy_face(accept_envs):
     remote, local = accept_envs
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
