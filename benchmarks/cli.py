@@ -90,11 +90,13 @@ def cmd_rrhf(args: argparse.Namespace) -> int:
 
     cfg = load_suite_config(args.config, args.overrides)
     processes = launch(cfg.task.device)  # several under `accelerate launch`: all train, the main one samples and scores
-    summary = run(cfg.rrhf, cfg.task, [s.strip() for s in args.stages.split(",") if s.strip()], verbose=not args.json,
-                  processes=processes)
+    try:
+        summary = run(cfg.rrhf, cfg.task, [s.strip() for s in args.stages.split(",") if s.strip()],
+                      verbose=not args.json, processes=processes)
+    finally:
+        processes.close()
     if args.json and processes.is_main:  # under accelerate launch: one summary, not one per process
         print(json.dumps(summary))
-    processes.close()
     return 0
 
 
@@ -140,8 +142,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
     processes = launch(cfg.task.device)  # several under `accelerate launch`: each decodes a share of the prompts
-    summary = run_suite(cfg, methods=methods, processes=processes)
-    processes.close()
+    try:
+        summary = run_suite(cfg, methods=methods, processes=processes)
+    finally:
+        processes.close()
     if summary is not None:  # the main process
         print(f"bench: done in {summary['seconds']:.0f} s")
     return 0

@@ -29,8 +29,8 @@ from typing import Any
 from agents.base import Decoder, PolicyDecoder
 from agents.configs import ChoiceTrainConfig, TrainConfig
 from agents.harness import unscored
-from benchmarks.bench.config import MethodConfig, SuiteConfig
 from agents.launch import SINGLE_PROCESS, Processes
+from benchmarks.bench.config import MethodConfig, SuiteConfig
 from benchmarks.bench.records import fingerprint
 from llm_envs.config import ConfigError, from_dict, set_key, to_dict
 from llm_envs.task import LMContext
@@ -198,7 +198,7 @@ def _rrhf(method: MethodConfig, suite: SuiteConfig, ctx: LMContext, processes: P
     return PreparedMethod(decoder, params, seconds, {"run_dir": str(directory)})
 
 
-def _decoding(method: MethodConfig, suite: SuiteConfig, ctx: LMContext) -> PreparedMethod:
+def _decoding(method: MethodConfig, suite: SuiteConfig, ctx: LMContext, processes: Processes) -> PreparedMethod:
     from agents.decoding import make_decoder
 
     kwargs = dict(method.params)
@@ -209,7 +209,7 @@ def _decoding(method: MethodConfig, suite: SuiteConfig, ctx: LMContext) -> Prepa
     return PreparedMethod(decoder)
 
 
-def _args(method: MethodConfig, suite: SuiteConfig, ctx: LMContext) -> PreparedMethod:
+def _args(method: MethodConfig, suite: SuiteConfig, ctx: LMContext, processes: Processes) -> PreparedMethod:
     from agents.args import ARGS
 
     decoder = ARGS(ctx.model, ctx.reward, tokenizer=ctx.tokenizer, device=suite.task.device,
@@ -229,7 +229,7 @@ def import_entry(entry: str) -> Any:
     return getattr(module, attr)
 
 
-def _custom(method: MethodConfig, suite: SuiteConfig, ctx: LMContext) -> PreparedMethod:
+def _custom(method: MethodConfig, suite: SuiteConfig, ctx: LMContext, processes: Processes) -> PreparedMethod:
     cls = import_entry(method.entry)
     kwargs = dict(method.params)
     suite_parts = {"lm": ctx.model, "tokenizer": ctx.tokenizer, "reward": ctx.reward, "device": suite.task.device}
@@ -251,14 +251,14 @@ def _custom(method: MethodConfig, suite: SuiteConfig, ctx: LMContext) -> Prepare
                       "deterministic) (a PolicyAgent); implement one of agents.base's protocols.")
 
 
-_BUILDERS = {"args": _args, "custom": _custom, **{kind: _decoding for kind in DECODING_KINDS}}
-_TRAINED_BUILDERS = {"proxy": _proxy, "choice_proxy": _choice_proxy, "rrhf": _rrhf}  # they also take the launch
+# Each builder takes the launch's processes (the trained methods decide which of them trains; the others
+# build the same decoder on every process).
+_BUILDERS = {"args": _args, "proxy": _proxy, "choice_proxy": _choice_proxy, "rrhf": _rrhf, "custom": _custom,
+             **{kind: _decoding for kind in DECODING_KINDS}}
 
 
 def prepare_method(method: MethodConfig, suite: SuiteConfig, ctx: LMContext,
                    processes: Processes = SINGLE_PROCESS) -> PreparedMethod:
     """Build (and, for the proxies and RRHF, train or reuse: on the launch's processes as
     `_timed_training` says) one method's decoder."""
-    if method.kind in _TRAINED_BUILDERS:
-        return _TRAINED_BUILDERS[method.kind](method, suite, ctx, processes)
-    return _BUILDERS[method.kind](method, suite, ctx)
+    return _BUILDERS[method.kind](method, suite, ctx, processes)

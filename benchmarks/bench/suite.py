@@ -21,9 +21,9 @@ from typing import Any, Sequence
 import torch
 
 from agents.harness import Scorer, generate_timed, scored
+from agents.launch import SINGLE_PROCESS, Processes, launch
 from agents.metrics import SentenceEncoder
 from benchmarks.bench.config import MethodConfig, SuiteConfig
-from agents.launch import SINGLE_PROCESS, Processes, launch
 from benchmarks.bench.distributed import chunk_shard, idle_note, joined
 from benchmarks.bench.leaderboard import COLUMNS, build_leaderboard, format_cell, write_leaderboard
 from benchmarks.bench.methods import decoder_rows, prepare_method

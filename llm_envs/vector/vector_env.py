@@ -78,8 +78,7 @@ class LMVectorEnv(VectorEnv):
         return obs, infos.vector()
 
     def step(self, actions: Any):
-        if not self._started:
-            raise RuntimeError("step() called before reset(); call reset() first.")
+        self._require_started()
         # NEXT_STEP: the rows that ended last step start over now (their action is ignored);
         # SAME_STEP: rows that end now start over at once, their last obs in final_obs.
         same_step = self.autoreset_mode == AutoresetMode.SAME_STEP
@@ -97,9 +96,12 @@ class LMVectorEnv(VectorEnv):
     def check_actions(self, actions: Any) -> None:
         """Raise what `step(actions)` would raise on them, changing nothing (rows about to reset ignore
         their action, as in `step`)."""
+        self._require_started()
+        self.core.check_actions(actions, ~self._needs_reset)
+
+    def _require_started(self) -> None:
         if not self._started:
             raise RuntimeError("step() called before reset(); call reset() first.")
-        self.core.check_actions(actions, ~self._needs_reset)
 
     def action_masks(self) -> np.ndarray:
         """[num_envs, n_actions] bool (for rows about to reset: all actions legal)."""
