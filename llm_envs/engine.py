@@ -14,7 +14,8 @@ with a length per row (its docstring has the details):
   attends over a bucket of slots; a kept token is ``len[r] += 1``. ``drop_last`` is
   ``len[r] -= 1``: the next write overwrites the slot, so there are no holes and no compaction.
 * ``reset_rows`` prefills the new prompts in their own left-padded batch (fresh `DynamicCache`),
-  then copies each prompt's K/V into slots ``[0, P)`` of its row.
+  then copies each prompt's K/V into slots ``[0, P)`` of its row. With ``ahead=`` the same forward
+  also prefills other rows' next prompts, which their later resets copy in without a forward.
 * The lengths are kept exact on the host (numpy), so context checks, capacity, the bucket and
   every per-row query need no device->host sync; each forward sends them to the device in one
   host->device copy. With token ids already on the device and ``check_finite=False``, ``append``
@@ -28,7 +29,7 @@ from __future__ import annotations
 
 import itertools
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -132,13 +133,51 @@ def _length_groups(lengths: list[int], overhead_tokens: float) -> list[list[int]
 
 @dataclass(frozen=True)
 class _Prefill:
-    """A prefill forward not yet copied into the engine's cache (see `DecodeEngine.reset_rows`)."""
+    """A prefill forward not yet copied into the engine's cache (see `DecodeEngine.reset_rows`):
+    ``prompts[i]`` sits left-padded in row i of ``cache``, its last-token outputs in row i of the rest."""
 
-    rows: list[int]
     prompts: list[list[int]]
     cache: DynamicCache
     logits: torch.Tensor
     hidden: torch.Tensor
+    finite: torch.Tensor
+
+
+@dataclass(frozen=True)
+class _Ahead:
+    """A row's next prompt, prefilled ahead of its reset: row ``index`` of ``prefill``."""
+
+    prompt: list[int]
+    prefill: _Prefill
+    index: int
+
+
+AheadPrompts = Callable[[list[int]], Mapping[int, Sequence[int]]]
+
+
+def _gather_outputs(
+    sources: list[tuple[_Prefill, int]], groups: list[tuple[_Prefill, list[int]]], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Logits, hidden states and finite flags of the rows `sources` name (row i: row ``sources[i][1]``
+    of prefill ``sources[i][0]``), in that order; `groups` lists each prefill with the rows it serves.
+    One index per prefill (none when one prefill serves every row in its own order), not one per row."""
+    parts: list[tuple[torch.Tensor, ...]] = []
+    order: list[int] = []
+    for prefill, members in groups:
+        index = [sources[i][1] for i in members]
+        tensors = (prefill.logits, prefill.hidden, prefill.finite)
+        if index != list(range(len(prefill.prompts))):
+            where = torch.tensor(index, device=device)
+            tensors = tuple(t.index_select(0, where) for t in tensors)
+        parts.append(tensors)
+        order += members
+    out = [torch.cat(column) if len(column) > 1 else column[0] for column in zip(*parts)]
+    if order != list(range(len(order))):  # back to the caller's row order
+        back = torch.empty(len(order), dtype=torch.long)
+        back[torch.tensor(order)] = torch.arange(len(order))
+        back = back.to(device)
+        out = [t[back] for t in out]
+    return out[0], out[1], out[2]
 
 
 def _finite_rows(logits: torch.Tensor) -> torch.Tensor:
@@ -277,6 +316,8 @@ class DecodeEngine:
         self._lowest_write = np.full(num_rows, np.iinfo(np.int64).max, dtype=np.int64)
         self._highest_write = -1
         self._capturing, self._captured = False, None
+        # Rows' next prompts prefilled ahead of their resets (`reset_rows(..., ahead=)`), by row.
+        self._ahead: dict[int, _Ahead] = {}
         if self.hidden_layer == -1:  # the LM head's input is the final normed hidden state
             handle = self._head.register_forward_pre_hook(_head_input_hook(self))
             weakref.finalize(self, handle.remove)
@@ -316,23 +357,47 @@ class DecodeEngine:
     # ------------------------------------------------------------------ operations
     @torch.inference_mode()
     def reset_rows(
-        self, rows: Sequence[int], prompt_ids: Sequence[Sequence[int] | torch.Tensor]
+        self, rows: Sequence[int], prompt_ids: Sequence[Sequence[int] | torch.Tensor], *,
+        ahead: AheadPrompts | None = None,
     ) -> StepOutput:
         """Replace what ``rows`` hold with new prompts, prefilled in one batched forward.
 
         Returns, in the order of ``rows``, the logits and hidden state at each prompt's last
         token. Other rows are untouched. Non-finite logits raise `NonFiniteLogitsError` naming
         the rows, before any row is replaced.
+
+        ``ahead(free_rows)`` -> {row: its next prompt}: when this reset runs a prefill forward, the
+        rows that hold no prompt prefilled ahead (``free_rows``) are offered, and the next prompts the
+        caller knows go into the same forward. A later reset of such a row with exactly that prompt
+        then copies it from there, with no forward of its own. Why: a forward's fixed cost (Python,
+        launches) dwarfs a short prompt's compute on a small model or a GPU, and rows of an env end one
+        or two at a time, so one batched prefill then serves about N resets instead of one. Memory: at
+        most one prefilled prompt per row beside the cache. A prompt that differs from the one banked
+        (a reseeded sampler, reset options) is simply prefilled then.
         """
         rows, prompts = self._checked_prompts(rows, prompt_ids)
-        order, prefills = [], []
-        for group in _length_groups([len(p) for p in prompts], self._prefill_overhead_tokens):
-            prefills.append(self._prefill_forward([rows[i] for i in group], [prompts[i] for i in group]))
-            order += group
-        logits, hidden = (torch.cat([pf.logits for pf in prefills]), torch.cat([pf.hidden for pf in prefills]))
-        finite = _finite_rows(logits)
+        banked = [self._ahead.pop(row, None) for row in rows]  # consumed or stale either way
+        sources: list[tuple[_Prefill, int]] = [
+            (entry.prefill, entry.index) if entry is not None and entry.prompt == prompt else None  # type: ignore[misc]
+            for entry, prompt in zip(banked, prompts)]
+        missing = [i for i, source in enumerate(sources) if source is None]
+        if missing:
+            extra = self._ahead_prompts(ahead)
+            batch = [prompts[i] for i in missing] + [prompt for _, prompt in extra]
+            for group in _length_groups([len(p) for p in batch], self._prefill_overhead_tokens):
+                prefill = self._prefill_forward([batch[i] for i in group])
+                for index, member in enumerate(group):
+                    if member < len(missing):
+                        sources[missing[member]] = (prefill, index)
+                    else:
+                        row, prompt = extra[member - len(missing)]
+                        self._ahead[row] = _Ahead(prompt, prefill, index)
+        by_prefill: dict[int, tuple[_Prefill, list[int]]] = {}  # the rows each prefill serves
+        for i, (prefill, _) in enumerate(sources):
+            by_prefill.setdefault(id(prefill), (prefill, []))[1].append(i)
+        logits, hidden, finite = _gather_outputs(sources, list(by_prefill.values()), self.device)
         # Checked before anything is copied: a non-finite prefill leaves every row as it was.
-        _check_finite_logits(logits, [rows[i] for i in order], self.model, finite)
+        _check_finite_logits(logits, rows, self.model, finite)
         need = max(len(p) for p in prompts) + self.reserve_tokens
         if len(rows) == self.num_rows:
             # Every row starts over: a cache as if new, sized by the new prompts alone, so the layout
@@ -341,18 +406,27 @@ class DecodeEngine:
             self._kv.clear(self._capacity_for(need))
         else:
             self._ensure_capacity(need)
-        for pf in prefills:
-            self._kv.load(pf.rows, pf.prompts, pf.cache)
-            for row, prompt in zip(pf.rows, pf.prompts):
-                self._len[row] = self._prompt_len[row] = len(prompt)
-                self._row_forwards[row] = 1
+        for prefill, members in by_prefill.values():
+            self._kv.load([rows[i] for i in members], [prompts[i] for i in members], prefill.cache,
+                          source_rows=[sources[i][1] for i in members])
+        for row, prompt in zip(rows, prompts):
+            self._len[row] = self._prompt_len[row] = len(prompt)
+            self._row_forwards[row] = 1
         self._resets += 1
-        if len(prefills) > 1:  # back to the caller's row order
-            back = torch.empty(len(order), dtype=torch.long)
-            back[torch.tensor(order)] = torch.arange(len(order))
-            back = back.to(logits.device)
-            logits, hidden, finite = logits[back], hidden[back], finite[back]
         return StepOutput(logits, hidden, finite)
+
+    def _ahead_prompts(self, ahead: AheadPrompts | None) -> list[tuple[int, list[int]]]:
+        """The (row, prompt) pairs to prefill ahead: what ``ahead`` knows of the rows holding none."""
+        if ahead is None:
+            return []
+        free = [row for row in range(self.num_rows) if row not in self._ahead]
+        pairs = []
+        for row, prompt in ahead(free).items():
+            if row not in free:
+                raise ValueError(f"ahead() returned a prompt for row {row}, which it was not offered; "
+                                 f"return prompts only for the rows it is called with ({len(free)} rows).")
+            pairs.append((int(row), self._checked_prompts([row], [prompt])[1][0]))
+        return pairs
 
     def _checked_prompts(
         self, rows: Sequence[int], prompt_ids: Sequence[Sequence[int] | torch.Tensor]
@@ -380,9 +454,9 @@ class DecodeEngine:
             self._check_ids(row, prompt)
         return rows, prompts
 
-    def _prefill_forward(self, rows: list[int], prompts: list[list[int]]) -> _Prefill:
-        """One left-padded batched forward of `prompts` in a fresh cache (copied to the rows later)."""
-        batch, width = len(rows), max(len(p) for p in prompts)
+    def _prefill_forward(self, prompts: list[list[int]]) -> _Prefill:
+        """One left-padded batched forward of `prompts` in a fresh cache (copied to rows later)."""
+        batch, width = len(prompts), max(len(p) for p in prompts)
         inputs = np.zeros((3, batch, width), dtype=np.int64)  # ids, attention mask, position ids
         for i, prompt in enumerate(prompts):  # left padding: every prompt ends at slot width-1
             n = len(prompt)
@@ -392,7 +466,7 @@ class DecodeEngine:
         logits, hidden = self._forward(ids, attn, pos, fresh)
         self.forward_calls += 1
         self.tokens_forwarded += batch * width
-        return _Prefill(rows, prompts, fresh, logits, hidden)
+        return _Prefill(prompts, fresh, logits, hidden, _finite_rows(logits))
 
     @torch.inference_mode()
     def append(

@@ -237,26 +237,35 @@ class LengthKVCache(Cache):
         self.tokens = self.tokens.new_zeros(self.num_rows, 0)
         self.resize(capacity)
 
-    def load(self, rows: Sequence[int], prompts: Sequence[Sequence[int]], source: DynamicCache) -> None:
-        """Put prompts prefilled left-padded in ``source`` (one forward, ``W`` slots, prompt i ending
-        at slot W - 1) into slots ``[0, P_i)`` of ``rows[i]``, undoing the padding with a gather;
-        the rest of each of those rows is zeroed. Needs ``capacity >= W``."""
+    def load(self, rows: Sequence[int], prompts: Sequence[Sequence[int]], source: DynamicCache,
+             source_rows: Sequence[int] | None = None) -> None:
+        """Put prompts prefilled left-padded in ``source`` (one forward of ``W`` slots, each prompt ending
+        at slot W - 1) into slots ``[0, P_i)`` of ``rows[i]``, undoing the padding with a gather; the
+        rest of each of those rows is zeroed. Prompt i is row ``source_rows[i]`` of ``source`` (default:
+        row i). Needs ``capacity >= max P_i``."""
         width = max(len(p) for p in prompts)
         if width > self.capacity:
             raise ValueError(f"prompts of {width} tokens do not fit the capacity of {self.capacity} slots; "
                              "resize first.")
+        padded = int(source.layers[0].keys.shape[2])
         lengths = np.array([len(p) for p in prompts], dtype=np.int64)[:, None]
         columns = np.arange(width, dtype=np.int64)[None, :]
-        index = width - lengths + np.minimum(columns, lengths - 1)  # past P_i: repeats of the last slot (finite)
+        index = padded - lengths + np.minimum(columns, lengths - 1)  # past P_i: repeats of the last slot (finite)
         ids = np.zeros((len(prompts), width), dtype=np.int64)
         for i, prompt in enumerate(prompts):
             ids[i, : len(prompt)] = prompt
-        packed = to_device(np.concatenate([np.asarray(rows, dtype=np.int64)[:, None], index, ids], axis=1), self.device)
-        where, index_d, ids_d = packed[:, 0], packed[:, 1 : width + 1], packed[:, width + 1 :]
+        taken = np.arange(len(prompts)) if source_rows is None else np.asarray(source_rows, dtype=np.int64)
+        every = source_rows is None or (len(taken) == source.layers[0].keys.shape[0]
+                                        and bool((taken == np.arange(len(taken))).all()))
+        packed = to_device(np.concatenate([np.asarray(rows, dtype=np.int64)[:, None], taken[:, None], index, ids],
+                                          axis=1), self.device)
+        where, taken_d = packed[:, 0], packed[:, 1]
+        index_d, ids_d = packed[:, 2 : width + 2], packed[:, width + 2 :]
         for mine, theirs in zip(self.layers, source.layers):
             if not mine.is_initialized:
                 mine.lazy_initialization(theirs.keys, theirs.values)
             for cache, new in ((mine.keys, theirs.keys), (mine.values, theirs.values)):
+                new = new if every else new.index_select(0, taken_d)
                 cache.index_fill_(0, where, 0)
                 gather = index_d[:, None, :, None].expand(-1, new.shape[1], -1, new.shape[3])
                 cache[where, :, :width] = new.gather(2, gather)

@@ -440,3 +440,52 @@ def test_the_prefill_split_threshold_depends_on_the_device() -> None:
     assert prefill_overhead_tokens(cpu, small) < 1  # a CPU forward's fixed cost is tiny next to 135M params
     assert prefill_overhead_tokens(cuda, small) > 1000  # on a GPU padding a small model is nearly free
     assert 10 < prefill_overhead_tokens(cuda, large) < 200
+
+
+# ---------------------------------------------------------------------------- prompts prefilled ahead
+@pytest.mark.parametrize("arch", ARCHS)
+def test_prompts_prefilled_ahead_serve_later_resets_without_a_forward(arch: str) -> None:
+    """`reset_rows(ahead=)`: the next prompts ride in a prefill that runs anyway; a later reset with
+    exactly that prompt copies it in (no forward) and equals a fresh forward, before and after decoding;
+    a prompt other than the banked one is prefilled then, and the rows offered are those holding none."""
+    model = make_model(arch, "sdpa")
+    engine = DecodeEngine(model, 4, reserve_tokens=8)
+    check = Checker(model, engine)
+    rng = random.Random(3)
+    upcoming = {row: random_prompt(rng, 2, 20) for row in range(4)}
+    offered: list[list[int]] = []
+
+    def ahead(free: list[int]) -> dict[int, list[int]]:
+        offered.append(free)
+        return {row: upcoming[row] for row in free if row != 3}  # row 3's next prompt is unknown
+
+    out = engine.reset_rows(range(4), [random_prompt(rng) for _ in range(4)], ahead=ahead)
+    assert engine.forward_calls == 1 and offered == [[0, 1, 2, 3]]  # one forward: 4 prompts + 3 ahead
+    check(out, [0, 1, 2, 3], [])
+    for _ in range(3):
+        check(engine.append([rng.randrange(VOCAB) for _ in range(4)]), [0, 1, 2, 3], [])
+    out = engine.reset_rows([2, 0], [upcoming[2], upcoming[0]], ahead=ahead)
+    assert engine.forward_calls == 4 and len(offered) == 1  # served from the bank: no forward, no offer
+    assert [engine.tokens(2), engine.tokens(0)] == [upcoming[2], upcoming[0]]
+    check(out, [2, 0], {2: 0, 0: 1})
+    for _ in range(3):
+        check(engine.append([rng.randrange(VOCAB) for _ in range(4)], [True, False, True, True]), [0, 2, 3], [])
+    other = random_prompt(rng, 2, 20)
+    upcoming.update({row: random_prompt(rng, 2, 20) for row in range(4)})
+    out = engine.reset_rows([1], [other], ahead=ahead)  # row 1's banked prompt was not this one
+    assert engine.forward_calls == 8 and offered[-1] == [0, 1, 2, 3]  # 0 and 2 used theirs, 1's was stale
+    assert engine.tokens(1) == other
+    check(out, [1], {1: 0})
+    check(engine.append([rng.randrange(VOCAB) for _ in range(4)]), [0, 1, 2, 3], [])
+    with pytest.raises(ValueError, match="row 0, which it was not offered"):  # row 0 holds its next prompt
+        engine.reset_rows([3], [random_prompt(rng)], ahead=lambda free: {0: [1, 2]})
+
+
+def test_without_ahead_nothing_is_prefilled_for_later() -> None:
+    model = make_model("gpt2", "sdpa")
+    engine = DecodeEngine(model, 2)
+    rng = random.Random(4)
+    prompts = [random_prompt(rng) for _ in range(2)]
+    engine.reset_rows([0, 1], prompts)
+    engine.reset_rows([0], [prompts[0]])  # the same prompt again: no bank without ahead=, so a forward
+    assert engine.forward_calls == 2

@@ -357,6 +357,35 @@ def test_vector_rows_equal_single_envs_with_the_same_seeds_and_actions(world_kwa
     assert episodes >= 3
 
 
+@pytest.mark.parametrize("autoreset_mode", ["NextStep", "SameStep"])
+def test_prompts_prefilled_ahead_change_nothing_but_the_forward_count(world_kwargs, autoreset_mode):
+    """prefill_ahead=True (the default) and False give the same episodes (prompts, tokens, masks,
+    rewards; observations to float rounding: a prompt's prefill batch differs), through autoresets and
+    a reseeded reset; True needs fewer forwards."""
+    n = 4
+    envs = [make_vector_env(ENV_ID, n, autoreset_mode=autoreset_mode, prefill_ahead=flag,
+                            **{**world_kwargs, "max_new_tokens": 6}) for flag in (True, False)]
+    rng = np.random.default_rng(2)
+    ended = 0
+    for seed in (3, 4):
+        (obs_a, info_a), (obs_b, info_b) = (env.reset(seed=seed) for env in envs)
+        np.testing.assert_allclose(obs_a, obs_b, atol=1e-5)
+        for _ in range(30):
+            masks = envs[0].action_masks()
+            assert (masks == envs[1].action_masks()).all()
+            actions = np.where(masks[:, REJECT] & (rng.random(n) < 0.4), REJECT, ACCEPT)
+            (obs_a, r_a, te_a, tr_a, info_a), (obs_b, r_b, te_b, tr_b, info_b) = (env.step(actions) for env in envs)
+            np.testing.assert_allclose(obs_a, obs_b, atol=1e-5)
+            np.testing.assert_allclose(r_a, r_b, atol=1e-5)
+            assert (te_a == te_b).all() and (tr_a == tr_b).all()
+            assert (info_a["prompt"] == info_b["prompt"]).all()
+            assert (info_a["candidate_id"] == info_b["candidate_id"]).all()
+            ended += int((te_a | tr_a).sum())
+    assert ended >= 2 * n
+    with_ahead, without = (env.unwrapped.core.engine.forward_calls for env in envs)
+    assert with_ahead < without
+
+
 def test_same_step_autoreset_rows_equal_single_envs_and_share_the_forward(world_kwargs):
     """SAME_STEP: a finished row starts over inside the step; the new rows' first candidates go in
     the step's batched forward (a step costs at most a prefill plus one forward)."""
@@ -462,6 +491,7 @@ def test_nan_reward_names_the_pair(world_kwargs):
     ({"entropy_threshold": 1.0}, "entropy_threshold=1.0; expected None, since decision_mask='skam'"),
     ({"decision_mask": "entropy", "entropy_threshold": 1.0, "confidence_threshold": 0.5},
      "confidence_threshold=0.5; expected None"),
+    ({"prefill_ahead": "yes"}, "prefill_ahead='yes'; expected True"),
 ])
 def test_bad_kwargs_fail_clearly(world_kwargs, kwargs, match):
     with pytest.raises(ValueError, match=match):

@@ -21,6 +21,7 @@ one host copy), `_observations`, `_info_columns`, `_reward_parts`, `_episode_sta
 
 from __future__ import annotations
 
+import copy
 import functools
 import inspect
 from collections.abc import Callable, Sequence
@@ -106,6 +107,7 @@ class BatchedCore(Generic[P]):
         reward_rules: Any = None,
         reward_tokenizer: str | None = None,
         context: LMContext | None = None,
+        prefill_ahead: bool = True,
         params: P | None = None,
         **param_kwargs: Any,
     ) -> None:
@@ -117,6 +119,9 @@ class BatchedCore(Generic[P]):
                                    chat_template=chat_template, system_prompt=system_prompt,
                                    reward_rules=reward_rules, reward_tokenizer=reward_tokenizer)
         self.num_rows = int(num_rows)
+        if not isinstance(prefill_ahead, (bool, np.bool_)):
+            raise ValueError(f"prefill_ahead={prefill_ahead!r}; expected True (prefill rows' next prompts ahead, in "
+                             "forwards that run anyway) or False (each prompt when its row resets).")
         self._check_sizes()
         # The reserve: a response of max_new_tokens, plus the slot a finished row still writes while idle.
         self.engine = DecodeEngine(self.ctx.model, self.num_rows, hidden_layer=self.params.hidden_layer,
@@ -125,6 +130,10 @@ class BatchedCore(Generic[P]):
         self.device = self.engine.device
         fields = {**COMMON_FIELDS, "response": (np.int64, (self.params.max_new_tokens,)), **self._row_fields()}
         self.state = RowArrays(self.num_rows, fields)
+        # Each row's prompt sampler and reset options at its latest start: what its next start will
+        # most likely draw from, so that `_start` can have the engine prefill it ahead.
+        self._prompt_sources: dict[int, tuple[np.random.Generator, dict[str, Any]]] = {}
+        self._prefill_ahead = bool(prefill_ahead)
         # Read once (a tokenizer attribute lookup per row per step adds up); on a chat task it is the
         # template's end-of-turn token (`llm_envs.chat.chat_tokenizer`).
         self._eos_token_id = self.ctx.eos_token_id
@@ -194,13 +203,33 @@ class BatchedCore(Generic[P]):
         """Draw each row's prompt and prefill them all in one batched forward."""
         picked = [self.ctx.pick_prompt(rng, opts or {}, self.params.max_new_tokens)
                   for rng, opts in zip(restart.rngs, restart.options)]  # may raise: before any row changes
-        out = self.engine.reset_rows(restart.rows, [ids for _, _, ids in picked])
+        for row, rng, opts in zip(restart.rows, restart.rngs, restart.options):
+            self._prompt_sources[row] = (rng, opts or {})
+        out = self.engine.reset_rows(restart.rows, [ids for _, _, ids in picked],
+                                     ahead=self._next_prompts if self._prefill_ahead else None)
         s = self.state
         s.clear(restart.rows)
         for row, (prompt, index, prompt_ids) in zip(restart.rows, picked):
             s.prompt[row], s.prompt_index[row], s.prompt_ids[row] = prompt, index, prompt_ids
         s.live[restart.rows] = True
         self._set_positions(restart.rows, out)
+
+    def _next_prompts(self, rows: list[int]) -> dict[int, list[int]]:
+        """The prompt each of `rows` will draw at its next start, from a copy of its sampler (the
+        engine's `reset_rows(ahead=)`): a guess that holds unless the sampler is reseeded or the reset
+        options change, and is checked against the real draw then. Rows never started, or whose draw
+        would raise (an over-long prompt raises at the real draw), are left out."""
+        found = {}
+        for row in rows:
+            source = self._prompt_sources.get(row)
+            if source is None:
+                continue
+            rng, options = source
+            try:
+                found[row] = self.ctx.pick_prompt(copy.deepcopy(rng), options, self.params.max_new_tokens)[2]
+            except ValueError:
+                continue
+        return found
 
     # ------------------------------------------------------------------ step
     def step(

@@ -23,9 +23,10 @@ from llm_envs.config import did_you_mean
 
 P = TypeVar("P")
 
-# Constructor keywords that pick the world an env runs in; every other keyword is an MDP parameter.
+# Constructor keywords that pick the world an env runs in (and how it runs there); every other keyword
+# is an MDP parameter.
 WORLD_KEYWORDS = ("lm", "reward", "prompts", "tokenizer", "gold", "device", "dtype", "max_prompt_tokens",
-                  "chat_template", "system_prompt", "reward_rules", "reward_tokenizer", "context")
+                  "chat_template", "system_prompt", "reward_rules", "reward_tokenizer", "context", "prefill_ahead")
 
 
 class UnknownArgumentError(TypeError, ValueError):

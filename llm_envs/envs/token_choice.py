@@ -365,8 +365,8 @@ class TokenChoiceEnv(SingleRowEnv):
     ## Arguments
     `gym.make("llm_envs/TokenChoice-v0", **kwargs)`; with no kwargs it runs on the embedded world:
     - World keywords: `lm`, `tokenizer`, `reward`, `gold`, `prompts`, `max_prompt_tokens`,
-      `chat_template`, `system_prompt`, `reward_rules`, `reward_tokenizer`, `device`, `dtype`, `context`: as
-      in `llm_envs/TokenAccept-v0`.
+      `chat_template`, `system_prompt`, `reward_rules`, `reward_tokenizer`, `device`, `dtype`, `context`,
+      `prefill_ahead`: as in `llm_envs/TokenAccept-v0`.
 
     MDP parameters (`TokenChoiceParams`): pass them as keywords, or `params=TokenChoiceParams(...)`
     (keywords given beside it replace its fields); `env.unwrapped.params` holds them. An unknown
