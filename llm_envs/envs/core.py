@@ -21,7 +21,6 @@ one host copy), `_observations`, `_info_columns`, `_reward_parts`, `_episode_sta
 
 from __future__ import annotations
 
-import copy
 import functools
 import inspect
 from collections.abc import Callable, Sequence
@@ -226,7 +225,7 @@ class BatchedCore(Generic[P]):
                 continue
             rng, options = source
             try:
-                found[row] = self.ctx.pick_prompt(copy.deepcopy(rng), options, self.params.max_new_tokens)[2]
+                found[row] = self.ctx.pick_prompt(_copy_generator(rng), options, self.params.max_new_tokens)[2]
             except ValueError:
                 continue
         return found
@@ -265,7 +264,8 @@ class BatchedCore(Generic[P]):
             with torch.inference_mode():
                 return self._step(stepped, chosen, forced, restart, restart_done)
         except BaseException as error:
-            self.state.restore(saved)  # host bookkeeping as before the step; the MDP restores its own
+            self.state.restore(saved)  # host bookkeeping as before the step
+            self._discard_step()
             if isinstance(error, NonFiniteLogitsError):
                 # The forward already overwrote cache slots (a rejected candidate's), so the rows cannot
                 # go back to where they were: every episode ends here, and the next call must reset.
@@ -441,6 +441,9 @@ class BatchedCore(Generic[P]):
         """The host mirror of the action masks, [N, n_actions] bool (not a copy)."""
         raise NotImplementedError
 
+    def _discard_step(self) -> None:
+        """Drop what the MDP kept for a step that raised before it finished (nothing by default)."""
+
     def _set_positions(self, rows: list[int], out: StepOutput) -> None:
         """The position after a prefix: `out` holds the rows' next-token logits and hidden states."""
         raise NotImplementedError
@@ -510,6 +513,13 @@ class _Reordered(StepInfos):
 
     def as_list(self) -> list[dict[str, Any]]:
         return [self.row(r) for r in self._rows]
+
+
+def _copy_generator(rng: np.random.Generator) -> np.random.Generator:
+    """An independent copy of `rng` at its current state (half the cost of `copy.deepcopy`)."""
+    bits = type(rng.bit_generator)()
+    bits.state = rng.bit_generator.state
+    return np.random.Generator(bits)
 
 
 def raise_non_finite(rows: np.ndarray, model: Any) -> None:

@@ -261,11 +261,12 @@ def _sorted_head(probs: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.T
     straddles the head's edge (its last value also sits outside it) is settled per row.
     """
     vocab = probs.shape[-1]
-    p, ids = torch.topk(probs, min(width + 1, vocab), dim=-1)
-    by_id = ids.argsort(-1)
-    p, ids = p.gather(1, by_id), ids.gather(1, by_id)
-    order = torch.sort(p, dim=-1, descending=True, stable=True).indices
-    p, ids = p.gather(1, order), ids.gather(1, order)
+    p, ids = torch.topk(probs, min(width + 1, vocab), dim=-1)  # sorted: only ties can be out of order
+    if sync_free(probs.device) or bool((p[:, 1:] == p[:, :-1]).any()):  # on the CPU, re-sort only ties
+        by_id = ids.argsort(-1)
+        p, ids = p.gather(1, by_id), ids.gather(1, by_id)
+        order = torch.sort(p, dim=-1, descending=True, stable=True).indices
+        p, ids = p.gather(1, order), ids.gather(1, order)
     if width < vocab and sync_free(probs.device):
         ids = _settle_edge_ties(probs, p, ids, width)
     elif width < vocab:

@@ -23,6 +23,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from llm_envs.envs.pools import sync_free
+
 __all__ = ["HostPack", "RowArrays", "StepInfos", "merge_infos", "pack_rows", "to_device"]
 
 
@@ -89,6 +91,8 @@ def pack_rows(tensors: Mapping[str, torch.Tensor]) -> HostPack:
     [R, total] uint8 tensor, copied once (`.cpu()`), and split back into numpy views of the original
     dtypes and shapes. Bool tensors travel as uint8.
     """
+    if not any(sync_free(tensor.device) for tensor in tensors.values()):  # all on the CPU (not a test of the
+        return _host_views(tensors)                                       # accelerator path): nothing to move
     names, parts, layout = [], [], []
     rows = None
     for name, tensor in tensors.items():
@@ -111,6 +115,18 @@ def pack_rows(tensors: Mapping[str, torch.Tensor]) -> HostPack:
         np_dtype = np.uint8 if dtype == torch.bool else torch.empty(0, dtype=dtype).numpy().dtype
         values = block.view(np_dtype).reshape(host.shape[0], *shape)
         arrays[name] = values.astype(bool) if dtype == torch.bool else values
+    return HostPack(arrays)
+
+
+def _host_views(tensors: Mapping[str, torch.Tensor]) -> HostPack:
+    """`pack_rows` of tensors already on the host: numpy views, no packing (it only pays off when
+    it saves transfers); the same arrays and checks."""
+    rows = next(iter(tensors.values())).shape[0] if tensors else 0
+    arrays = {}
+    for name, tensor in tensors.items():
+        if tensor.shape[0] != rows:
+            raise ValueError(f"pack_rows: {name} has {tensor.shape[0]} rows, expected {rows}.")
+        arrays[name] = tensor.numpy()
     return HostPack(arrays)
 
 

@@ -165,6 +165,7 @@ class TokenAcceptCore(BatchedCore[TokenAcceptParams]):
         self.observation_space = gym.spaces.Box(-np.inf, np.inf, (self.obs_dim,), np.float32)
         self.action_space = gym.spaces.Discrete(2)
         self._pool_workspace = PoolWorkspace()
+        self._started: list[tuple[list[int], StepOutput]] = []  # prefills `_advance` has not taken in yet
         self._check_entropy_threshold()
         n, device = self.num_rows, self.device
         self._pools = _DevicePools(n, device)
@@ -251,42 +252,62 @@ class TokenAcceptCore(BatchedCore[TokenAcceptParams]):
         return rewards, tokens
 
     # ------------------------------------------------------------------ positions
+    def _discard_step(self) -> None:
+        self._started.clear()
+
     def _set_positions(self, rows: list[int], out: StepOutput) -> None:
-        index = to_device(np.asarray(rows, dtype=np.int64), self.device)
-        self._pools.write(index, self._pool_batch(out.logits))
-        self._hidden[index] = out.hidden
+        # Their pools are built by `_advance`, in one batched call with the accepted rows' (each call is
+        # a few dozen small device ops whatever the batch).
+        self._started.append((rows, out))
 
     def _advance(self, continuing: np.ndarray, started: list[int], actions: np.ndarray) -> None:
         """Propose the next candidate on each continuing row, with at most one batched forward, and
         copy what the host needs of every row that moved (`_refresh`, one copy).
 
-        `started` rows have their first pool already (from their prefill); in candidate mode
-        their first candidate rides along in the same forward.
+        `started` rows come with their prefill's outputs (`_set_positions`); their pools are built
+        with the accepted rows' in one call, and in candidate mode their first candidate rides along
+        in the same forward.
         """
         s = self.state
+        fresh, self._started = self._started, []
         accepted = continuing[actions[continuing] == ACCEPT]
         s.rejections[accepted] = 0
         self._finite.fill_(True)  # the forward's verdict per row, checked in `_refresh`'s copy
+        new_rows = [np.asarray(rows, dtype=np.int64) for rows, _ in fresh]  # rows at a new position
+        new_logits = [out.logits for _, out in fresh]
+        for rows, out in fresh:
+            self._hidden[to_device(np.asarray(rows, dtype=np.int64), self.device)] = out.hidden
         if self.params.obs_mode == "candidate":
             # The proposed candidate sits in the cache: a reject hides it; an accept keeps it,
             # and its forward already gave the next position's distribution.
             self.engine.drop_last(continuing[actions[continuing] == REJECT].tolist())
             if accepted.size:
-                index = to_device(accepted, self.device)
-                self._pools.write(index, self._pool_batch(self._next_logits[index]))
+                new_rows.append(accepted)
+                new_logits.append(self._next_logits[to_device(accepted, self.device)])
+            self._write_pools(new_rows, new_logits)
             self._forward_candidates(np.union1d(continuing, np.asarray(started, dtype=np.int64)))
-        elif accepted.size:
-            # Prefix mode: only an accept changes the prefix; a reject needs no forward.
-            tokens = np.zeros(self.num_rows, dtype=np.int64)
-            tokens[accepted] = s.response[accepted, s.response_len[accepted] - 1]
-            mask = np.zeros(self.num_rows, dtype=bool)
-            mask[accepted] = True
-            out = self.engine.append(tokens, mask, check_finite=False)
-            index = to_device(accepted, self.device)
-            self._pools.write(index, self._pool_batch(out.logits[index]))
-            self._hidden[index] = out.hidden[index]
-            self._finite[index] = out.finite[index]
+        else:
+            if accepted.size:
+                # Prefix mode: only an accept changes the prefix; a reject needs no forward.
+                tokens = np.zeros(self.num_rows, dtype=np.int64)
+                tokens[accepted] = s.response[accepted, s.response_len[accepted] - 1]
+                mask = np.zeros(self.num_rows, dtype=bool)
+                mask[accepted] = True
+                out = self.engine.append(tokens, mask, check_finite=False)
+                index = to_device(accepted, self.device)
+                self._hidden[index] = out.hidden[index]
+                self._finite[index] = out.finite[index]
+                new_rows.append(accepted)
+                new_logits.append(out.logits[index])
+            self._write_pools(new_rows, new_logits)
         self._refresh(np.union1d(continuing, np.asarray(started, dtype=np.int64)))
+
+    def _write_pools(self, rows: list[np.ndarray], logits: list[torch.Tensor]) -> None:
+        """The pools of every row at a new position (`rows[i]`'s next-token `logits[i]`), one batched call."""
+        if not rows:
+            return
+        index = to_device(np.concatenate(rows), self.device)
+        self._pools.write(index, self._pool_batch(logits[0] if len(logits) == 1 else torch.cat(logits)))
 
     def _candidates(self) -> torch.Tensor:
         """[N] the token each row proposes now: its pool's rank `rejections` (on the device)."""
