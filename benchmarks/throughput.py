@@ -32,6 +32,13 @@ advanced for one row; a batched forward over N rows counts as N env-steps):
   episode) -- and env-steps/s = 1 / mean step time. Rows run one after another, so N does not
   change this rate beyond noise.
 
+``env_over_work_limit`` (the table's "env / limit, same work") puts the env next to the bare forwards
+of its own work: its batched decode forwards at the limit's time per forward, plus a prefill of every
+prompt it started at the limit's batched-prefill time per prompt (``limit_prefill_s / N``), over the
+env's time. ``env / limit`` compares with decoding alone and so charges the env for its prefills too:
+an upper bound of about decode / (decode + prefill) whatever the env does (the world LM's episodes end
+at EOS after ~20 tokens, about as long as its prompts, so a fifth of its forward work is prefill).
+
 Timing: ``time.perf_counter`` under ``torch.inference_mode``, one torch thread by default (faster
 than two on a shared 2-core box), a warm-up before each measurement. For each (model, N) the three
 take turns for ``rounds`` rounds (default 3; per round: limit one 64-token episode, env 65 vector
@@ -339,16 +346,17 @@ class EnvRunner:
         self.core = venv.unwrapped.core if hasattr(venv.unwrapped, "core") else venv.core
         self.n = venv.num_envs
         self.rng = np.random.default_rng(settings.seed)
-        self.reset_seconds = 0.0
+        self.reset_seconds, self.prompts_started = 0.0, 0
         engine = self.core.engine
         original = engine.reset_rows
 
-        def timed_reset(*args: Any, **kwargs: Any) -> Any:
+        def timed_reset(rows: Any, *args: Any, **kwargs: Any) -> Any:
             start = time.perf_counter()
             try:
-                return original(*args, **kwargs)
+                return original(rows, *args, **kwargs)
             finally:
                 self.reset_seconds += time.perf_counter() - start
+                self.prompts_started += len(rows)
 
         engine.reset_rows = timed_reset  # instance attribute: only this env's engine is instrumented
         venv.reset(seed=settings.seed)
@@ -367,7 +375,7 @@ class EnvRunner:
 
     def segment(self, steps: int) -> dict[str, Any]:
         forwards_before = self.core.engine.forward_calls
-        self.reset_seconds = 0.0
+        self.reset_seconds, self.prompts_started = 0.0, 0
         transitions = rejects = 0
         start = time.perf_counter()
         for _ in range(steps):
@@ -378,6 +386,8 @@ class EnvRunner:
             "env_steps_per_s": transitions / total,
             "env_decode_steps_per_s": transitions / max(total - self.reset_seconds, 1e-12),
             "env_reset_time_fraction": self.reset_seconds / total,
+            "env_seconds": total,
+            "env_prompts_started": self.prompts_started,
             "env_transitions": transitions,
             "env_vector_steps": steps,
             "env_lm_forwards_per_vector_step": (self.core.engine.forward_calls - forwards_before) / steps,
@@ -504,12 +514,18 @@ def benchmark_model(name: str, lm: str | os.PathLike | Any, prompts: Sequence[st
                "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
                "peak_gpu_mem_gib": _peak_memory_gib(device), **_best_of(rounds)}
         row["env_over_limit"] = row["env_steps_per_s"] / row["limit_steps_per_s"]
+        # The same work at the limit's speed: the env's batched decode forwards, plus a prefill of every
+        # prompt it started at the limit's batched-prefill cost per prompt.
+        row["env_work_limit_s"] = (row["env_vector_steps"] * n / row["limit_steps_per_s"]
+                                   + row["env_prompts_started"] * row["limit_prefill_s"] / n)
+        row["env_over_work_limit"] = row["env_work_limit_s"] / row["env_seconds"]
         row["env_decode_over_limit"] = row["env_decode_steps_per_s"] / row["limit_steps_per_s"]
         row["env_over_naive"] = row["env_steps_per_s"] / row["naive_steps_per_s"]
         rows.append(row)
         log(f"{name:<10} N={n:<3} limit {row['limit_steps_per_s']:9.1f}  env {row['env_steps_per_s']:9.1f} "
             f"(decode {row['env_decode_steps_per_s']:9.1f})  naive {row['naive_steps_per_s']:8.1f}  "
-            f"env/limit {row['env_over_limit']:.2f}  env/naive {row['env_over_naive']:.1f}"
+            f"env/limit {row['env_over_limit']:.2f} (same work {row['env_over_work_limit']:.2f})  "
+            f"env/naive {row['env_over_naive']:.1f}"
             + (f"  peak {row['peak_gpu_mem_gib']:.2f} GiB" if row["peak_gpu_mem_gib"] is not None else ""))
     return rows
 
@@ -568,6 +584,11 @@ def _where(report: dict[str, Any]) -> str:
     return f"CPU, {prov['torch_threads']} torch thread(s), {prov['cpu_count']} CPUs"
 
 
+def _same_work(row: dict[str, Any]) -> str:
+    value = row.get("env_over_work_limit")  # reports written before it have no such key
+    return f"{value:.2f}" if value is not None else "-"
+
+
 def _memory_cell(row: dict[str, Any]) -> str:
     peak = row.get("peak_gpu_mem_gib")
     return f" {peak:.2f} GiB |" if peak is not None else " - |"
@@ -584,14 +605,15 @@ def markdown(report: dict[str, Any]) -> str:
         f"max_new_tokens = {s['max_new_tokens']}, top_p = {s['top_p']}, p_t = {s['p_t']}; {report['reward']}.",
         "",
         "| model | params | N | limit | env | env excl. resets | naive | env / limit | env excl. resets / limit "
-        "| env / naive | env LM fwd / vector step | env rejects |" + (" peak GPU mem |" if on_gpu else ""),
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if on_gpu else ""),
+        "| env / limit, same work | env / naive | env LM fwd / vector step | env rejects |"
+        + (" peak GPU mem |" if on_gpu else ""),
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if on_gpu else ""),
     ]
     for r in report["rows"]:
         lines.append(
             f"| {r['model']} | {r['params'] / 1e6:.2f}M | {r['num_envs']} | {r['limit_steps_per_s']:.1f} | "
             f"{r['env_steps_per_s']:.1f} | {r['env_decode_steps_per_s']:.1f} | {r['naive_steps_per_s']:.1f} | "
-            f"{r['env_over_limit']:.2f} | {r['env_decode_over_limit']:.2f} | {r['env_over_naive']:.1f} | "
+            f"{r['env_over_limit']:.2f} | {r['env_decode_over_limit']:.2f} | {_same_work(r)} | {r['env_over_naive']:.1f} | "
             f"{r['env_lm_forwards_per_vector_step']:.2f} | {100 * r['env_reject_fraction']:.0f}% |"
             + (_memory_cell(r) if on_gpu else "")
         )
@@ -600,6 +622,11 @@ def markdown(report: dict[str, Any]) -> str:
         "- **limit**: " + report["method"]["limit"] + ".",
         "- **env**: " + report["method"]["env"] + ".",
         "- **naive**: " + report["method"]["naive"] + ".",
+        "- **env / limit, same work**: the env's own work at the limit's speed (its batched decode forwards "
+        "at the limit's time per forward, plus a prefill of every prompt it started at the limit's batched-prefill "
+        "time per prompt, limit_prefill_s / N) over the env's time: what the env costs beyond its forwards. "
+        "env / limit compares with decoding alone, so it also charges the env for its prefills (each episode "
+        "starts a prompt; the world LM's episodes end at EOS after ~20 tokens, about as long as its prompts).",
         "- env LM fwd / vector step: batched LM forwards (prefills of autoreset rows included) per `venv.step`; "
         "env rejects: share of transitions that were rejects (random valid actions; SKAM forbids every reject "
         "on a near-uniform random model, so its episodes are all accepts).",

@@ -255,8 +255,6 @@ class LengthKVCache(Cache):
         for i, prompt in enumerate(prompts):
             ids[i, : len(prompt)] = prompt
         taken = np.arange(len(prompts)) if source_rows is None else np.asarray(source_rows, dtype=np.int64)
-        every = source_rows is None or (len(taken) == source.layers[0].keys.shape[0]
-                                        and bool((taken == np.arange(len(taken))).all()))
         packed = to_device(np.concatenate([np.asarray(rows, dtype=np.int64)[:, None], taken[:, None], index, ids],
                                           axis=1), self.device)
         where, taken_d = packed[:, 0], packed[:, 1]
@@ -265,10 +263,9 @@ class LengthKVCache(Cache):
             if not mine.is_initialized:
                 mine.lazy_initialization(theirs.keys, theirs.values)
             for cache, new in ((mine.keys, theirs.keys), (mine.values, theirs.values)):
-                new = new if every else new.index_select(0, taken_d)
                 cache.index_fill_(0, where, 0)
-                gather = index_d[:, None, :, None].expand(-1, new.shape[1], -1, new.shape[3])
-                cache[where, :, :width] = new.gather(2, gather)
+                # [R, width, heads, dim]: row taken[i], slots index[i] (one gather), to the cache's layout
+                cache[where, :, :width] = new[taken_d[:, None], :, index_d].transpose(1, 2)
         self.tokens.index_fill_(0, where, 0)
         self.tokens[where, :width] = ids_d
 

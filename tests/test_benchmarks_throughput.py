@@ -18,7 +18,7 @@ PROMPTS = [
 
 ROW_KEYS = {
     "model", "params", "num_envs", "limit_steps_per_s", "env_steps_per_s", "naive_steps_per_s",
-    "env_over_limit", "env_over_naive", "env_decode_steps_per_s", "env_decode_over_limit",
+    "env_over_limit", "env_over_naive", "env_decode_steps_per_s", "env_decode_over_limit", "env_over_work_limit",
 }
 
 
@@ -58,6 +58,10 @@ def test_tiny_benchmark_writes_the_documented_schema(tiny_lm, tmp_path):
     assert row["env_decode_steps_per_s"] >= row["env_steps_per_s"]
     # 10 vector steps of 2 rows with 6-token episodes: at least one autoreset step falls in the window
     assert 0 < row["env_transitions"] < 2 * settings.env_steps
+    # same work: the env's 10 forwards at the limit's time each, plus its restarts' prompts at the limit's prefill cost
+    assert row["env_prompts_started"] >= 1
+    work = 10 * 2 / row["limit_steps_per_s"] + row["env_prompts_started"] * row["limit_prefill_s"] / 2
+    assert row["env_over_work_limit"] == pytest.approx(work / row["env_seconds"])
     assert row["naive_positions"] == [0, 2, 3, 5]
     for key, values in row["rounds"].items():  # each rate is the best of the rounds
         assert len(values) == 2 and row[key] == max(values), key  # spread evenly over 0..max_new_tokens-1
