@@ -143,41 +143,34 @@ class _Prefill:
     finite: torch.Tensor
 
 
-@dataclass(frozen=True)
-class _Ahead:
-    """A row's next prompt, prefilled ahead of its reset: row ``index`` of ``prefill``."""
-
-    prompt: list[int]
-    prefill: _Prefill
-    index: int
-
-
 AheadPrompts = Callable[[list[int]], Mapping[int, Sequence[int]]]
 
 
-def _gather_outputs(
-    sources: list[tuple[_Prefill, int]], groups: list[tuple[_Prefill, list[int]]], device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Logits, hidden states and finite flags of the rows `sources` name (row i: row ``sources[i][1]``
-    of prefill ``sources[i][0]``), in that order; `groups` lists each prefill with the rows it serves.
-    One index per prefill (none when one prefill serves every row in its own order), not one per row."""
-    parts: list[tuple[torch.Tensor, ...]] = []
-    order: list[int] = []
-    for prefill, members in groups:
-        index = [sources[i][1] for i in members]
-        tensors = (prefill.logits, prefill.hidden, prefill.finite)
-        if index != list(range(len(prefill.prompts))):
-            where = torch.tensor(index, device=device)
-            tensors = tuple(t.index_select(0, where) for t in tensors)
-        parts.append(tensors)
-        order += members
-    out = [torch.cat(column) if len(column) > 1 else column[0] for column in zip(*parts)]
-    if order != list(range(len(order))):  # back to the caller's row order
-        back = torch.empty(len(order), dtype=torch.long)
-        back[torch.tensor(order)] = torch.arange(len(order))
-        back = back.to(device)
-        out = [t[back] for t in out]
-    return out[0], out[1], out[2]
+class _Bank:
+    """Rows' next prompts prefilled ahead of their resets (`DecodeEngine.reset_rows(ahead=)`): their
+    K/V in a `LengthKVCache` of their own (row r's next prompt in its row r), their last-token
+    outputs beside it, and which prompt each row holds. A later reset copies a row's entry into the
+    engine's cache in one batched copy with the other rows served from here."""
+
+    def __init__(self, model: PreTrainedModel, num_rows: int) -> None:
+        self.kv = LengthKVCache(model, num_rows)
+        self.prompts: dict[int, list[int]] = {}
+        self.outputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # logits, hidden, finite
+
+    def store(self, rows: list[int], prompts: list[list[int]], prefill: _Prefill, source_rows: list[int],
+              bucket_size: int) -> None:
+        """Rows `rows` hold `prompts`, rows `source_rows` of `prefill`."""
+        need = _round_up(max(len(p) for p in prompts), bucket_size)
+        if need > self.kv.capacity:
+            self.kv.resize(need)
+        self.kv.load(rows, prompts, prefill.cache, source_rows=source_rows)
+        where, taken = (torch.tensor(v, device=prefill.logits.device) for v in (rows, source_rows))
+        fresh = (prefill.logits, prefill.hidden, prefill.finite)
+        if self.outputs is None:
+            self.outputs = tuple(t.new_zeros(self.kv.num_rows, *t.shape[1:]) for t in fresh)  # type: ignore[assignment]
+        for bank, new in zip(self.outputs, fresh):
+            bank[where] = new[taken]
+        self.prompts.update(zip(rows, prompts))
 
 
 def _finite_rows(logits: torch.Tensor) -> torch.Tensor:
@@ -316,8 +309,8 @@ class DecodeEngine:
         self._lowest_write = np.full(num_rows, np.iinfo(np.int64).max, dtype=np.int64)
         self._highest_write = -1
         self._capturing, self._captured = False, None
-        # Rows' next prompts prefilled ahead of their resets (`reset_rows(..., ahead=)`), by row.
-        self._ahead: dict[int, _Ahead] = {}
+        # Rows' next prompts prefilled ahead of their resets (`reset_rows(..., ahead=)`).
+        self._bank = _Bank(model, num_rows)
         if self.hidden_layer == -1:  # the LM head's input is the final normed hidden state
             handle = self._head.register_forward_pre_hook(_head_input_hook(self))
             weakref.finalize(self, handle.remove)
@@ -376,26 +369,20 @@ class DecodeEngine:
         (a reseeded sampler, reset options) is simply prefilled then.
         """
         rows, prompts = self._checked_prompts(rows, prompt_ids)
-        banked = [self._ahead.pop(row, None) for row in rows]  # consumed or stale either way
-        sources: list[tuple[_Prefill, int]] = [
-            (entry.prefill, entry.index) if entry is not None and entry.prompt == prompt else None  # type: ignore[misc]
-            for entry, prompt in zip(banked, prompts)]
-        missing = [i for i, source in enumerate(sources) if source is None]
+        bank = self._bank
+        hits = [i for i, (row, prompt) in enumerate(zip(rows, prompts)) if bank.prompts.get(row) == prompt]
+        for row in rows:
+            bank.prompts.pop(row, None)  # taken or stale: either way the row's next prompt is unknown now
+        hit = set(hits)
+        missing = [i for i in range(len(rows)) if i not in hit]
+        prefills: list[tuple[_Prefill, list[int]]] = []  # each forward with the batch members it holds
+        extra: list[tuple[int, list[int]]] = []
         if missing:
             extra = self._ahead_prompts(ahead)
             batch = [prompts[i] for i in missing] + [prompt for _, prompt in extra]
             for group in _length_groups([len(p) for p in batch], self._prefill_overhead_tokens):
-                prefill = self._prefill_forward([batch[i] for i in group])
-                for index, member in enumerate(group):
-                    if member < len(missing):
-                        sources[missing[member]] = (prefill, index)
-                    else:
-                        row, prompt = extra[member - len(missing)]
-                        self._ahead[row] = _Ahead(prompt, prefill, index)
-        by_prefill: dict[int, tuple[_Prefill, list[int]]] = {}  # the rows each prefill serves
-        for i, (prefill, _) in enumerate(sources):
-            by_prefill.setdefault(id(prefill), (prefill, []))[1].append(i)
-        logits, hidden, finite = _gather_outputs(sources, list(by_prefill.values()), self.device)
+                prefills.append((self._prefill_forward([batch[i] for i in group]), group))
+        logits, hidden, finite = self._reset_outputs(rows, hits, missing, prefills)
         # Checked before anything is copied: a non-finite prefill leaves every row as it was.
         _check_finite_logits(logits, rows, self.model, finite)
         need = max(len(p) for p in prompts) + self.reserve_tokens
@@ -406,20 +393,57 @@ class DecodeEngine:
             self._kv.clear(self._capacity_for(need))
         else:
             self._ensure_capacity(need)
-        for prefill, members in by_prefill.values():
-            self._kv.load([rows[i] for i in members], [prompts[i] for i in members], prefill.cache,
-                          source_rows=[sources[i][1] for i in members])
+        if hits:  # before the bank takes new prompts (a row taken now may get its next one below)
+            self._kv.copy_rows(bank.kv, [rows[i] for i in hits], max(len(prompts[i]) for i in hits))
+        for prefill, group in prefills:
+            now = [(slot, missing[member]) for slot, member in enumerate(group) if member < len(missing)]
+            later = [(slot, extra[member - len(missing)]) for slot, member in enumerate(group) if member >= len(missing)]
+            if now:
+                self._kv.load([rows[i] for _, i in now], [prompts[i] for _, i in now], prefill.cache,
+                              source_rows=[slot for slot, _ in now])
+            if later:
+                bank.store([row for _, (row, _) in later], [prompt for _, (_, prompt) in later], prefill,
+                           [slot for slot, _ in later], self.bucket_size)
         for row, prompt in zip(rows, prompts):
             self._len[row] = self._prompt_len[row] = len(prompt)
             self._row_forwards[row] = 1
         self._resets += 1
         return StepOutput(logits, hidden, finite)
 
+    def _reset_outputs(
+        self, rows: list[int], hits: list[int], missing: list[int], prefills: list[tuple[_Prefill, list[int]]]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Logits, hidden states and finite flags of the reset rows in their order: the hits' from the bank,
+        the others' from this reset's prefills (one index per source, none for a prefill serving all)."""
+        parts: list[tuple[torch.Tensor, ...]] = []
+        order: list[int] = []
+        if hits:
+            where = torch.tensor([rows[i] for i in hits], device=self.device)
+            parts.append(tuple(t.index_select(0, where) for t in self._bank.outputs))  # type: ignore[union-attr]
+            order += hits
+        for prefill, group in prefills:
+            slots = [slot for slot, member in enumerate(group) if member < len(missing)]
+            if not slots:  # a forward of prompts prefilled ahead only
+                continue
+            tensors = (prefill.logits, prefill.hidden, prefill.finite)
+            if len(slots) != len(prefill.prompts):
+                where = torch.tensor(slots, dtype=torch.long, device=self.device)
+                tensors = tuple(t.index_select(0, where) for t in tensors)
+            parts.append(tensors)
+            order += [missing[group[slot]] for slot in slots]
+        out = [torch.cat(column) if len(column) > 1 else column[0] for column in zip(*parts)]
+        if order != list(range(len(order))):  # back to the caller's row order
+            back = torch.empty(len(order), dtype=torch.long)
+            back[torch.tensor(order)] = torch.arange(len(order))
+            back = back.to(self.device)
+            out = [t[back] for t in out]
+        return out[0], out[1], out[2]
+
     def _ahead_prompts(self, ahead: AheadPrompts | None) -> list[tuple[int, list[int]]]:
         """The (row, prompt) pairs to prefill ahead: what ``ahead`` knows of the rows holding none."""
         if ahead is None:
             return []
-        free = [row for row in range(self.num_rows) if row not in self._ahead]
+        free = [row for row in range(self.num_rows) if row not in self._bank.prompts]
         pairs = []
         for row, prompt in ahead(free).items():
             if row not in free:

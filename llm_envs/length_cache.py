@@ -269,6 +269,23 @@ class LengthKVCache(Cache):
         self.tokens.index_fill_(0, where, 0)
         self.tokens[where, :width] = ids_d
 
+    def copy_rows(self, source: LengthKVCache, rows: Sequence[int], width: int) -> None:
+        """Rows ``rows`` take the same rows of ``source`` (a cache of the same model and row count):
+        their first ``width`` slots copied (one gather and one scatter per tensor per layer), the rest
+        zeroed, as `load` leaves a row. Needs ``width`` <= both capacities."""
+        if width > min(self.capacity, source.capacity):
+            raise ValueError(f"width={width} exceeds a capacity ({self.capacity} here, {source.capacity} in the source); "
+                             "resize first.")
+        where = to_device(np.asarray(rows, dtype=np.int64), self.device)
+        for mine, theirs in zip(self.layers, source.layers):
+            if not mine.is_initialized:
+                mine.lazy_initialization(theirs.keys, theirs.values)
+            for cache, new in ((mine.keys, theirs.keys), (mine.values, theirs.values)):
+                cache.index_fill_(0, where, 0)
+                cache[where, :, :width] = new[where, :, :width]
+        self.tokens.index_fill_(0, where, 0)
+        self.tokens[where, :width] = source.tokens[where, :width]
+
     def zero_from(self, lengths: torch.Tensor, width: int) -> None:
         """Zero every slot ``j >= lengths[r]`` of the first ``width`` slots of each row r (lengths [N]
         on the device): scrubs what steps that were undone wrote, which may be non-finite."""

@@ -477,8 +477,25 @@ def test_prompts_prefilled_ahead_serve_later_resets_without_a_forward(arch: str)
     assert engine.tokens(1) == other
     check(out, [1], {1: 0})
     check(engine.append([rng.randrange(VOCAB) for _ in range(4)]), [0, 1, 2, 3], [])
+    out = engine.reset_rows([0, 2, 1], [upcoming[0], upcoming[2], upcoming[1]], ahead=ahead)
+    assert engine.forward_calls == 9  # all three from the bank
+    check(out, [0, 2, 1], {0: 0, 2: 1, 1: 2})
+    check(engine.append([rng.randrange(VOCAB) for _ in range(4)]), [0, 1, 2, 3], [])
+    # Split by length (no fixed cost): the short prompt in one forward, the long ones ahead in another.
+    engine._prefill_overhead_tokens = 0.0
+    short = random_prompt(rng, 2, 2)
+    upcoming.update({row: random_prompt(rng, 30, 30) for row in range(4)})
+    out = engine.reset_rows([3], [short], ahead=ahead)
+    assert engine.forward_calls == 12 and engine.tokens(3) == short
+    check(out, [3], {3: 0})
+    check(engine.append([rng.randrange(VOCAB) for _ in range(4)]), [0, 1, 2, 3], [])
+    out = engine.reset_rows([1, 0], [upcoming[1], upcoming[0]], ahead=ahead)
+    assert engine.forward_calls == 13 and [engine.tokens(1), engine.tokens(0)] == [upcoming[1], upcoming[0]]
+    check(out, [1, 0], {1: 0, 0: 1})
+    check(engine.append([rng.randrange(VOCAB) for _ in range(4)]), [0, 1, 2, 3], [])
+    engine.reset_rows([3], [random_prompt(rng)], ahead=lambda free: {row: [5, 6] for row in free})  # fills 0, 1, 3
     with pytest.raises(ValueError, match="row 0, which it was not offered"):  # row 0 holds its next prompt
-        engine.reset_rows([3], [random_prompt(rng)], ahead=lambda free: {0: [1, 2]})
+        engine.reset_rows([2], [random_prompt(rng)], ahead=lambda free: {0: [1, 2]})
 
 
 def test_without_ahead_nothing_is_prefilled_for_later() -> None:
