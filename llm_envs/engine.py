@@ -366,19 +366,25 @@ class DecodeEngine:
         launches) dwarfs a short prompt's compute on a small model or a GPU, and rows of an env end one
         or two at a time, so one batched prefill then serves about N resets instead of one. Memory: at
         most one prefilled prompt per row beside the cache. A prompt that differs from the one banked
-        (a reseeded sampler, reset options) is simply prefilled then.
+        (a reseeded sampler, reset options) is simply prefilled then. Only resets of some rows take
+        banked prompts (a reset of every row prefills them all, so it is bit-reproducible), and an
+        engine of one row banks nothing (its every reset is of every row).
         """
         rows, prompts = self._checked_prompts(rows, prompt_ids)
-        bank = self._bank
-        hits = [i for i, (row, prompt) in enumerate(zip(rows, prompts)) if bank.prompts.get(row) == prompt]
+        bank, full = self._bank, len(rows) == self.num_rows
+        # A reset of every row prefills all of them afresh, so that the same prompts give the same bits
+        # whatever came before (`reset(seed=...)` twice); partial resets (autoresets) take banked prompts.
+        hits = [] if full else [i for i, (row, prompt) in enumerate(zip(rows, prompts))
+                                if bank.prompts.get(row) == prompt]
         for row in rows:
             bank.prompts.pop(row, None)  # taken or stale: either way the row's next prompt is unknown now
         hit = set(hits)
         missing = [i for i in range(len(rows)) if i not in hit]
         prefills: list[tuple[_Prefill, list[int]]] = []  # each forward with the batch members it holds
         extra: list[tuple[int, list[int]]] = []
-        if missing:
+        if missing and self.num_rows > 1:  # with one row every reset is a full one: nothing to bank for
             extra = self._ahead_prompts(ahead)
+        if missing:
             batch = [prompts[i] for i in missing] + [prompt for _, prompt in extra]
             for group in _length_groups([len(p) for p in batch], self._prefill_overhead_tokens):
                 prefills.append((self._prefill_forward([batch[i] for i in group]), group))
@@ -386,7 +392,7 @@ class DecodeEngine:
         # Checked before anything is copied: a non-finite prefill leaves every row as it was.
         _check_finite_logits(logits, rows, self.model, finite)
         need = max(len(p) for p in prompts) + self.reserve_tokens
-        if len(rows) == self.num_rows:
+        if full:
             # Every row starts over: a cache as if new, sized by the new prompts alone, so the layout
             # (and with it the float rounding of attention sums) depends only on them. This makes a
             # single env bit-for-bit reproducible across resets with the same seed.

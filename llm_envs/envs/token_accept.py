@@ -525,10 +525,11 @@ class TokenAcceptEnv(SingleRowEnv):
     - `device="auto"` (cuda when present), `dtype="auto"` (bfloat16 on CUDA, float32 on CPU; or "float32", "bfloat16",
       "float16" on GPU: logits, probabilities and rewards are float32 whatever the model runs in);
       `context`: an `LMContext` to share between envs instead of all of the above.
-    - `prefill_ahead=True`: when a reset runs a prefill, the next prompts of the rows that will
-      start over later (drawn from copies of their samplers) ride in the same batched forward, so
-      most restarts cost a copy instead of a forward of their own; episodes are the same either way.
-      It holds up to one prefilled prompt per row beside the KV cache: pass False where memory is tight.
+    - `prefill_ahead=True` (vector envs): when a reset runs a prefill, the next prompts of the rows
+      that will start over later (drawn from copies of their samplers) ride in the same batched
+      forward, so most autoresets cost a copy instead of a forward of their own; episodes are the same
+      either way (a reset of every env always prefills afresh). It holds up to one prefilled prompt
+      per row beside the KV cache: pass False where memory is tight.
 
     MDP parameters (`TokenAcceptParams`): pass them as keywords, or `params=TokenAcceptParams(...)`
     (keywords given beside it replace its fields); `env.unwrapped.params` holds them. An unknown
