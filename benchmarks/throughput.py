@@ -32,6 +32,10 @@ advanced for one row; a batched forward over N rows counts as N env-steps):
   episode) -- and env-steps/s = 1 / mean step time. Rows run one after another, so N does not
   change this rate beyond noise.
 
+Each round also steps a second env made with ``prefill_ahead=True`` (keys ``ahead_*``, a second table):
+a reset's prefill forward then also prefills the other rows' next prompts, which later autoresets copy
+in without a forward of their own.
+
 ``env_over_work_limit`` (the table's "env / limit, same work") puts the env next to the bare forwards
 of its own work: its batched decode forwards at the limit's time per forward, plus a prefill of every
 prompt it started at the limit's batched-prefill time per prompt (``limit_prefill_s / N``), over the
@@ -321,7 +325,8 @@ def measure_limit(model: Any, prompt_ids: Sequence[Sequence[int]], num_envs: int
 
 
 # ------------------------------------------------------------------------------------------ env
-def make_env(model: Any, tokenizer: Any, prompts: Sequence[str], num_envs: int, settings: Settings) -> Any:
+def make_env(model: Any, tokenizer: Any, prompts: Sequence[str], num_envs: int, settings: Settings,
+             prefill_ahead: bool = False) -> Any:
     """The vector env on the benchmark's already-loaded `model` (one copy of the weights for limit, env
     and naive: a second copy would double a GPU row's peak memory)."""
     import gymnasium as gym
@@ -331,7 +336,7 @@ def make_env(model: Any, tokenizer: Any, prompts: Sequence[str], num_envs: int, 
     return gym.make_vec(
         "llm_envs/TokenAccept-v0", num_envs=num_envs, lm=model, tokenizer=tokenizer, reward=zero_reward,
         prompts=list(prompts), max_new_tokens=settings.max_new_tokens, top_p=settings.top_p, p_t=settings.p_t,
-        temperature=settings.temperature, device=settings.device, dtype=settings.dtype,
+        temperature=settings.temperature, device=settings.device, dtype=settings.dtype, prefill_ahead=prefill_ahead,
     )
 
 
@@ -449,14 +454,17 @@ def measure_naive(model: Any, prompts: list[list[int]], trajectories: list[list[
 
 # ---------------------------------------------------------------------------------------- driver
 _RATES = ("limit_steps_per_s", "limit_with_prefill_steps_per_s", "env_steps_per_s", "env_decode_steps_per_s",
-          "naive_steps_per_s")
+          "ahead_steps_per_s", "ahead_decode_steps_per_s", "naive_steps_per_s")
+_ENVS = ("env_", "ahead_")  # the env as made by default, and with prefill_ahead=True
 
 
 def _best_of(rounds: list[dict[str, Any]]) -> dict[str, Any]:
-    """Each rate: the best round (noise from other processes only ever slows a round down); the
+    """Each rate: the best round (noise from other processes only ever slows a round down); each
     env's counters come from its best round; every round's rates are kept under `rounds`."""
-    best_env = max(rounds, key=lambda r: r["env_steps_per_s"])
-    out = {**rounds[0], **{k: v for k, v in best_env.items() if k.startswith("env_")}}
+    out = dict(rounds[0])
+    for prefix in _ENVS:
+        best = max(rounds, key=lambda r: r[f"{prefix}steps_per_s"])
+        out.update({k: v for k, v in best.items() if k.startswith(prefix)})
     for key in _RATES:
         out[key] = max(r[key] for r in rounds)
     out["limit_prefill_s"] = min(r["limit_prefill_s"] for r in rounds)
@@ -498,36 +506,45 @@ def benchmark_model(name: str, lm: str | os.PathLike | Any, prompts: Sequence[st
     rows = []
     for n in settings.num_envs or MODEL_NUM_ENVS.get(name, DEFAULT_NUM_ENVS):
         _start_memory_window(device)
-        venv = make_env(model, tokenizer, prompts, n, settings)
+        venvs = [make_env(model, tokenizer, prompts, n, settings, prefill_ahead=ahead) for ahead in (False, True)]
         try:
-            runner = EnvRunner(venv, settings)
+            runners = [EnvRunner(venv, settings) for venv in venvs]
             rounds: list[dict[str, Any]] = []
-            for r in range(settings.rounds):  # the three take turns, so load from elsewhere hits all alike
+            for r in range(settings.rounds):  # they take turns, so load from elsewhere hits all alike
                 limit = measure_limit(model, prompt_ids, n, settings, round_index=r)
-                env = runner.segment(settings.env_steps)
+                env = runners[0].segment(settings.env_steps)
+                ahead = {"ahead_" + k.removeprefix("env_"): v for k, v in runners[1].segment(settings.env_steps).items()}
                 naive = measure_naive(model, limit.pop("_prompts"), limit.pop("_trajectories"), n, settings)
-                rounds.append({**limit, **env, **naive})
+                rounds.append({**limit, **env, **ahead, **naive})
         finally:
-            venv.close()
-            del venv
+            for venv in venvs:
+                venv.close()
+            del venvs
         row = {"model": name, "params": params, "num_envs": n, "device": str(device),
                "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
                "peak_gpu_mem_gib": _peak_memory_gib(device), **_best_of(rounds)}
-        row["env_over_limit"] = row["env_steps_per_s"] / row["limit_steps_per_s"]
-        # The same work at the limit's speed: the env's batched decode forwards, plus a prefill of every
-        # prompt it started at the limit's batched-prefill cost per prompt.
-        row["env_work_limit_s"] = (row["env_vector_steps"] * n / row["limit_steps_per_s"]
-                                   + row["env_prompts_started"] * row["limit_prefill_s"] / n)
-        row["env_over_work_limit"] = row["env_work_limit_s"] / row["env_seconds"]
-        row["env_decode_over_limit"] = row["env_decode_steps_per_s"] / row["limit_steps_per_s"]
-        row["env_over_naive"] = row["env_steps_per_s"] / row["naive_steps_per_s"]
+        for prefix in _ENVS:
+            row.update(_env_ratios(row, prefix, n))
         rows.append(row)
         log(f"{name:<10} N={n:<3} limit {row['limit_steps_per_s']:9.1f}  env {row['env_steps_per_s']:9.1f} "
             f"(decode {row['env_decode_steps_per_s']:9.1f})  naive {row['naive_steps_per_s']:8.1f}  "
-            f"env/limit {row['env_over_limit']:.2f} (same work {row['env_over_work_limit']:.2f})  "
-            f"env/naive {row['env_over_naive']:.1f}"
+            f"env/limit {row['env_over_limit']:.2f} (same work {row['env_over_work_limit']:.2f}, prefill_ahead "
+            f"{row['ahead_over_limit']:.2f})  env/naive {row['env_over_naive']:.1f} ({row['ahead_over_naive']:.1f})"
             + (f"  peak {row['peak_gpu_mem_gib']:.2f} GiB" if row["peak_gpu_mem_gib"] is not None else ""))
     return rows
+
+
+def _env_ratios(row: dict[str, Any], prefix: str, n: int) -> dict[str, float]:
+    """An env's ratios to the limit and the naive design (`prefix`: "env_" or "ahead_")."""
+    # The same work at the limit's speed: the env's batched decode forwards, plus a prefill of every
+    # prompt it started at the limit's batched-prefill cost per prompt.
+    work_s = (row[f"{prefix}vector_steps"] * n / row["limit_steps_per_s"]
+              + row[f"{prefix}prompts_started"] * row["limit_prefill_s"] / n)
+    return {f"{prefix}work_limit_s": work_s,
+            f"{prefix}over_limit": row[f"{prefix}steps_per_s"] / row["limit_steps_per_s"],
+            f"{prefix}over_work_limit": work_s / row[f"{prefix}seconds"],
+            f"{prefix}decode_over_limit": row[f"{prefix}decode_steps_per_s"] / row["limit_steps_per_s"],
+            f"{prefix}over_naive": row[f"{prefix}steps_per_s"] / row["naive_steps_per_s"]}
 
 
 def build_report(rows: list[dict[str, Any]], settings: Settings, command: str,
@@ -546,7 +563,7 @@ def build_report(rows: list[dict[str, Any]], settings: Settings, command: str,
                    "SKAM allows it), NEXT_STEP autoreset; time of the whole loop incl. action_masks and "
                    "autoresets; counts real transitions only; env_decode_steps_per_s subtracts time in "
                    "engine.reset_rows (prefill of new prompts); env_lm_forwards_per_vector_step counts "
-                   "batched forwards, prefills included",
+                   "batched forwards, prefills included; ahead_*: the same with prefill_ahead=True",
             "naive": "one env per row, no KV cache, full forward of prompt + accepted + candidate every step "
                      "(logits_to_keep=1: a conservative, fast naive), rows one after another, same per-step env "
                      "work; mean over positions spread evenly over 0..max_new_tokens-1 of greedy trajectories",
@@ -617,6 +634,22 @@ def markdown(report: dict[str, Any]) -> str:
             f"{r['env_lm_forwards_per_vector_step']:.2f} | {100 * r['env_reject_fraction']:.0f}% |"
             + (_memory_cell(r) if on_gpu else "")
         )
+    if all("ahead_steps_per_s" in r for r in report["rows"]):  # reports written before it have none
+        lines += [
+            "",
+            "The env with `prefill_ahead=True` (a reset's prefill forward also prefills the other rows' next prompts, "
+            "which later autoresets copy in; same episodes up to float rounding), measured in the same rounds:",
+            "",
+            "| model | N | env | env excl. resets | env / limit | env / limit, same work | env / naive "
+            "| env LM fwd / vector step |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        lines += [
+            f"| {r['model']} | {r['num_envs']} | {r['ahead_steps_per_s']:.1f} | {r['ahead_decode_steps_per_s']:.1f} | "
+            f"{r['ahead_over_limit']:.2f} | {r['ahead_over_work_limit']:.2f} | {r['ahead_over_naive']:.1f} | "
+            f"{r['ahead_lm_forwards_per_vector_step']:.2f} |"
+            for r in report["rows"]
+        ]
     lines += [
         "",
         "- **limit**: " + report["method"]["limit"] + ".",

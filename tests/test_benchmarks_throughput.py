@@ -62,6 +62,9 @@ def test_tiny_benchmark_writes_the_documented_schema(tiny_lm, tmp_path):
     assert row["env_prompts_started"] >= 1
     work = 10 * 2 / row["limit_steps_per_s"] + row["env_prompts_started"] * row["limit_prefill_s"] / 2
     assert row["env_over_work_limit"] == pytest.approx(work / row["env_seconds"])
+    # the same env with prefill_ahead=True, in the same rounds
+    assert row["ahead_over_limit"] == pytest.approx(row["ahead_steps_per_s"] / row["limit_steps_per_s"])
+    assert row["ahead_prompts_started"] >= 1 and "prefill_ahead=True" in md_path.read_text()
     assert row["naive_positions"] == [0, 2, 3, 5]
     for key, values in row["rounds"].items():  # each rate is the best of the rounds
         assert len(values) == 2 and row[key] == max(values), key  # spread evenly over 0..max_new_tokens-1

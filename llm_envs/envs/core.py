@@ -106,7 +106,7 @@ class BatchedCore(Generic[P]):
         reward_rules: Any = None,
         reward_tokenizer: str | None = None,
         context: LMContext | None = None,
-        prefill_ahead: bool = True,
+        prefill_ahead: bool = False,
         params: P | None = None,
         **param_kwargs: Any,
     ) -> None:
