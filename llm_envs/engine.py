@@ -366,23 +366,24 @@ class DecodeEngine:
         launches) dwarfs a short prompt's compute on a small model or a GPU, and rows of an env end one
         or two at a time, so one batched prefill then serves about N resets instead of one. Memory: at
         most one prefilled prompt per row beside the cache. A prompt that differs from the one banked
-        (a reseeded sampler, reset options) is simply prefilled then. Only resets of some rows take
-        banked prompts (a reset of every row prefills them all, so it is bit-reproducible), and an
-        engine of one row banks nothing (its every reset is of every row).
+        (a reseeded sampler, reset options) is simply prefilled then. A reset without ``ahead`` takes
+        nothing banked (it prefills afresh, bit-reproducible whatever came before), and an engine of one
+        row banks nothing (its every reset is of all its rows).
         """
         rows, prompts = self._checked_prompts(rows, prompt_ids)
         bank, full = self._bank, len(rows) == self.num_rows
-        # A reset of every row prefills all of them afresh, so that the same prompts give the same bits
-        # whatever came before (`reset(seed=...)` twice); partial resets (autoresets) take banked prompts.
-        hits = [] if full else [i for i, (row, prompt) in enumerate(zip(rows, prompts))
-                                if bank.prompts.get(row) == prompt]
+        # Without `ahead` the reset neither takes nor banks anything, so it gives the same bits whatever
+        # came before; one row has nothing to bank for (every reset of it is a reset of all its rows).
+        banking = ahead is not None and self.num_rows > 1
+        hits = [i for i, (row, prompt) in enumerate(zip(rows, prompts)) if bank.prompts.get(row) == prompt] \
+            if banking else []
         for row in rows:
             bank.prompts.pop(row, None)  # taken or stale: either way the row's next prompt is unknown now
         hit = set(hits)
         missing = [i for i in range(len(rows)) if i not in hit]
         prefills: list[tuple[_Prefill, list[int]]] = []  # each forward with the batch members it holds
         extra: list[tuple[int, list[int]]] = []
-        if missing and self.num_rows > 1:  # with one row every reset is a full one: nothing to bank for
+        if missing and banking:
             extra = self._ahead_prompts(ahead)
         if missing:
             batch = [prompts[i] for i in missing] + [prompt for _, prompt in extra]
@@ -445,10 +446,8 @@ class DecodeEngine:
             out = [t[back] for t in out]
         return out[0], out[1], out[2]
 
-    def _ahead_prompts(self, ahead: AheadPrompts | None) -> list[tuple[int, list[int]]]:
+    def _ahead_prompts(self, ahead: AheadPrompts) -> list[tuple[int, list[int]]]:
         """The (row, prompt) pairs to prefill ahead: what ``ahead`` knows of the rows holding none."""
-        if ahead is None:
-            return []
         free = [row for row in range(self.num_rows) if row not in self._bank.prompts]
         pairs = []
         for row, prompt in ahead(free).items():

@@ -191,21 +191,23 @@ class BatchedCore(Generic[P]):
         (`infos[i]` is row `rows[i]`'s)."""
         rows = [int(r) for r in rows]
         with torch.inference_mode():  # as in `step`
-            self._start(Restart(rows, list(rngs), list(options)))
+            self._start(Restart(rows, list(rngs), list(options)), fresh=True)
             self._advance(np.zeros(0, dtype=np.int64), rows, np.zeros(self.num_rows, dtype=np.int64))
         present = np.zeros(self.num_rows, dtype=bool)
         present[rows] = True
         infos = self._step_infos(present, np.zeros(self.num_rows, dtype=bool))
         return self._observations(rows), _Reordered(infos, rows)
 
-    def _start(self, restart: Restart) -> None:
-        """Draw each row's prompt and prefill them all in one batched forward."""
+    def _start(self, restart: Restart, fresh: bool = False) -> None:
+        """Draw each row's prompt and prefill them all in one batched forward. Autoresets (not `fresh`)
+        take prompts prefilled ahead and bank others' (`prefill_ahead`); an explicit reset prefills
+        afresh, so the same seed gives the same bits whatever came before."""
         picked = [self.ctx.pick_prompt(rng, opts or {}, self.params.max_new_tokens)
                   for rng, opts in zip(restart.rngs, restart.options)]  # may raise: before any row changes
         for row, rng, opts in zip(restart.rows, restart.rngs, restart.options):
             self._prompt_sources[row] = (rng, opts or {})
         out = self.engine.reset_rows(restart.rows, [ids for _, _, ids in picked],
-                                     ahead=self._next_prompts if self._prefill_ahead else None)
+                                     ahead=self._next_prompts if self._prefill_ahead and not fresh else None)
         s = self.state
         s.clear(restart.rows)
         for row, (prompt, index, prompt_ids) in zip(restart.rows, picked):

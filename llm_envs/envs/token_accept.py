@@ -525,13 +525,14 @@ class TokenAcceptEnv(SingleRowEnv):
     - `device="auto"` (cuda when present), `dtype="auto"` (bfloat16 on CUDA, float32 on CPU; or "float32", "bfloat16",
       "float16" on GPU: logits, probabilities and rewards are float32 whatever the model runs in);
       `context`: an `LMContext` to share between envs instead of all of the above.
-    - `prefill_ahead=False`: True (vector envs) has a reset that runs a prefill also prefill the next
-      prompts of the rows that will start over later (drawn from copies of their samplers) in the same
-      batched forward, so most autoresets cost a copy instead of a forward of their own (1.06 instead
-      of 1.71 LM forwards per step on the world LM at N=64). Episodes are the same up to float
-      rounding (a prompt prefilled in another batch), which a PPO run amplifies into a different run:
-      off by default so that results match earlier versions bit for bit. It holds up to one
-      prefilled prompt per row beside the KV cache.
+    - `prefill_ahead=False`: True (vector envs) has an autoreset that runs a prefill also prefill the
+      next prompts of the rows that will start over later (drawn from copies of their samplers) in
+      the same batched forward, so most later autoresets cost a copy instead of a forward of their own
+      (1.06 instead of 1.71 LM forwards per step on the world LM at N=64; rows that all end together
+      gain nothing). `reset()` always prefills afresh. Episodes are the same up to float rounding (a
+      prompt prefilled in another batch), which a PPO run amplifies into a different run: off by
+      default so that results match earlier versions bit for bit. It holds up to one prefilled prompt
+      per row beside the KV cache.
 
     MDP parameters (`TokenAcceptParams`): pass them as keywords, or `params=TokenAcceptParams(...)`
     (keywords given beside it replace its fields); `env.unwrapped.params` holds them. An unknown
