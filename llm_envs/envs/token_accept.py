@@ -269,13 +269,13 @@ class TokenAcceptCore(BatchedCore[TokenAcceptParams]):
         in the same forward.
         """
         s = self.state
-        fresh, self._started = self._started, []
+        prefilled, self._started = self._started, []
         accepted = continuing[actions[continuing] == ACCEPT]
         s.rejections[accepted] = 0
         self._finite.fill_(True)  # the forward's verdict per row, checked in `_refresh`'s copy
-        new_rows = [np.asarray(rows, dtype=np.int64) for rows, _ in fresh]  # rows at a new position
-        new_logits = [out.logits for _, out in fresh]
-        for rows, out in fresh:
+        new_rows = [np.asarray(rows, dtype=np.int64) for rows, _ in prefilled]  # rows at a new position
+        new_logits = [out.logits for _, out in prefilled]
+        for rows, out in prefilled:
             self._hidden[to_device(np.asarray(rows, dtype=np.int64), self.device)] = out.hidden
         if self.params.obs_mode == "candidate":
             # The proposed candidate sits in the cache: a reject hides it; an accept keeps it,
