@@ -15,7 +15,8 @@ with a length per row (its docstring has the details):
   ``len[r] -= 1``: the next write overwrites the slot, so there are no holes and no compaction.
 * ``reset_rows`` prefills the new prompts in their own left-padded batch (fresh `DynamicCache`),
   then copies each prompt's K/V into slots ``[0, P)`` of its row. With ``ahead=`` the same forward
-  also prefills other rows' next prompts, which their later resets copy in without a forward.
+  also prefills other rows' next prompts, which their later resets copy in without a forward
+  (`llm_envs.prefill`).
 * The lengths are kept exact on the host (numpy), so context checks, capacity, the bucket and
   every per-row query need no device->host sync; each forward sends them to the device in one
   host->device copy. With token ids already on the device and ``check_finite=False``, ``append``
@@ -29,7 +30,7 @@ from __future__ import annotations
 
 import itertools
 import weakref
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,6 +40,13 @@ from transformers import DynamicCache, PreTrainedModel
 
 from llm_envs.length_cache import LengthKVCache, to_device
 from llm_envs.models import cache_kwargs, context_length, enable_tf32
+from llm_envs.prefill import (
+    AheadPrompts,
+    Prefill,
+    PrefillBank,
+    length_groups,
+    prefill_overhead_tokens,
+)
 
 __all__ = ["DecodeEngine", "EngineSnapshot", "NonFiniteLogitsError", "StepOutput"]
 
@@ -96,81 +104,6 @@ def _as_int_list(values: Sequence[int] | np.ndarray | torch.Tensor) -> list[int]
 
 def _round_up(value: int, multiple: int) -> int:
     return -(-value // multiple) * multiple
-
-
-# A forward's fixed cost (Python, dispatch, kernel launches) in seconds, and the matmul throughput
-# (FLOP/s) a token position of a forward gets, per device type; rough, but of the right order: on a
-# CPU ~1 ms and ~20 GFLOP/s, on a datacenter GPU a few ms of launches and ~200 TFLOP/s. Other
-# accelerators are taken to behave like a GPU.
-_FORWARD_COST = {"cpu": (1e-3, 20e9), "cuda": (4e-3, 200e12)}
-
-
-def prefill_overhead_tokens(device: torch.device, num_params: int) -> float:
-    """A forward's fixed cost in token positions of a model of ``num_params`` on ``device`` (~2 FLOPs
-    per parameter per token): whether splitting a prefill in two batches pays off (`_length_groups`).
-    On a GPU it is thousands of positions for a small model (padding is nearly free), tens for 8B."""
-    fixed_s, flops = _FORWARD_COST.get(torch.device(device).type, _FORWARD_COST["cuda"])
-    return fixed_s * flops / (2.0 * max(num_params, 1))
-
-
-def _length_groups(lengths: list[int], overhead_tokens: float) -> list[list[int]]:
-    """Split prompts (indices into `lengths`) into at most two left-padded prefill batches.
-
-    Padding is computed like real tokens, so a batch of mixed lengths wastes work; a second
-    forward pays off when the padding it saves outweighs a forward's fixed cost, expressed as
-    `overhead_tokens` (`prefill_overhead_tokens`).
-    """
-    by_length = sorted(range(len(lengths)), key=lambda i: lengths[i])
-    ordered = [lengths[i] for i in by_length]
-    padded = len(ordered) * ordered[-1]
-    best, cut = padded, 0
-    for k in range(1, len(ordered)):  # first k (shortest) prompts in their own batch
-        cost = k * ordered[k - 1] + (len(ordered) - k) * ordered[-1] + overhead_tokens
-        if cost < best:
-            best, cut = cost, k
-    return [by_length[:cut], by_length[cut:]] if cut else [list(range(len(lengths)))]
-
-
-@dataclass(frozen=True)
-class _Prefill:
-    """A prefill forward not yet copied into the engine's cache (see `DecodeEngine.reset_rows`):
-    ``prompts[i]`` sits left-padded in row i of ``cache``, its last-token outputs in row i of the rest."""
-
-    prompts: list[list[int]]
-    cache: DynamicCache
-    logits: torch.Tensor
-    hidden: torch.Tensor
-    finite: torch.Tensor
-
-
-AheadPrompts = Callable[[list[int]], Mapping[int, Sequence[int]]]
-
-
-class _Bank:
-    """Rows' next prompts prefilled ahead of their resets (`DecodeEngine.reset_rows(ahead=)`): their
-    K/V in a `LengthKVCache` of their own (row r's next prompt in its row r), their last-token
-    outputs beside it, and which prompt each row holds. A later reset copies a row's entry into the
-    engine's cache in one batched copy with the other rows served from here."""
-
-    def __init__(self, model: PreTrainedModel, num_rows: int) -> None:
-        self.kv = LengthKVCache(model, num_rows)
-        self.prompts: dict[int, list[int]] = {}
-        self.outputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # logits, hidden, finite
-
-    def store(self, rows: list[int], prompts: list[list[int]], prefill: _Prefill, source_rows: list[int],
-              bucket_size: int) -> None:
-        """Rows `rows` hold `prompts`, rows `source_rows` of `prefill`."""
-        need = _round_up(max(len(p) for p in prompts), bucket_size)
-        if need > self.kv.capacity:
-            self.kv.resize(need)
-        self.kv.load(rows, prompts, prefill.cache, source_rows=source_rows)
-        where, taken = (torch.tensor(v, device=prefill.logits.device) for v in (rows, source_rows))
-        fresh = (prefill.logits, prefill.hidden, prefill.finite)
-        if self.outputs is None:
-            self.outputs = tuple(t.new_zeros(self.kv.num_rows, *t.shape[1:]) for t in fresh)  # type: ignore[assignment]
-        for bank, new in zip(self.outputs, fresh):
-            bank[where] = new[taken]
-        self.prompts.update(zip(rows, prompts))
 
 
 def _finite_rows(logits: torch.Tensor) -> torch.Tensor:
@@ -310,7 +243,7 @@ class DecodeEngine:
         self._highest_write = -1
         self._capturing, self._captured = False, None
         # Rows' next prompts prefilled ahead of their resets (`reset_rows(..., ahead=)`).
-        self._bank = _Bank(model, num_rows)
+        self._bank = PrefillBank(model, num_rows)
         if self.hidden_layer == -1:  # the LM head's input is the final normed hidden state
             handle = self._head.register_forward_pre_hook(_head_input_hook(self))
             weakref.finalize(self, handle.remove)
@@ -381,13 +314,13 @@ class DecodeEngine:
             bank.prompts.pop(row, None)  # taken or stale: either way the row's next prompt is unknown now
         hit = set(hits)
         missing = [i for i in range(len(rows)) if i not in hit]
-        prefills: list[tuple[_Prefill, list[int]]] = []  # each forward with the batch members it holds
+        prefills: list[tuple[Prefill, list[int]]] = []  # each forward with the batch members it holds
         extra: list[tuple[int, list[int]]] = []
         if missing and banking:
             extra = self._ahead_prompts(ahead)
         if missing:
             batch = [prompts[i] for i in missing] + [prompt for _, prompt in extra]
-            for group in _length_groups([len(p) for p in batch], self._prefill_overhead_tokens):
+            for group in length_groups([len(p) for p in batch], self._prefill_overhead_tokens):
                 prefills.append((self._prefill_forward([batch[i] for i in group]), group))
         logits, hidden, finite = self._reset_outputs(rows, hits, missing, prefills)
         # Checked before anything is copied: a non-finite prefill leaves every row as it was.
@@ -409,8 +342,9 @@ class DecodeEngine:
                 self._kv.load([rows[i] for _, i in now], [prompts[i] for _, i in now], prefill.cache,
                               source_rows=[slot for slot, _ in now])
             if later:
-                bank.store([row for _, (row, _) in later], [prompt for _, (_, prompt) in later], prefill,
-                           [slot for slot, _ in later], self.bucket_size)
+                banked = [prompt for _, (_, prompt) in later]
+                bank.store([row for _, (row, _) in later], banked, prefill, [slot for slot, _ in later],
+                           _round_up(max(len(p) for p in banked), self.bucket_size))
         for row, prompt in zip(rows, prompts):
             self._len[row] = self._prompt_len[row] = len(prompt)
             self._row_forwards[row] = 1
@@ -418,7 +352,7 @@ class DecodeEngine:
         return StepOutput(logits, hidden, finite)
 
     def _reset_outputs(
-        self, rows: list[int], hits: list[int], missing: list[int], prefills: list[tuple[_Prefill, list[int]]]
+        self, rows: list[int], hits: list[int], missing: list[int], prefills: list[tuple[Prefill, list[int]]]
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Logits, hidden states and finite flags of the reset rows in their order: the hits' from the bank,
         the others' from this reset's prefills (one index per source, none for a prefill serving all)."""
@@ -483,7 +417,7 @@ class DecodeEngine:
             self._check_ids(row, prompt)
         return rows, prompts
 
-    def _prefill_forward(self, prompts: list[list[int]]) -> _Prefill:
+    def _prefill_forward(self, prompts: list[list[int]]) -> Prefill:
         """One left-padded batched forward of `prompts` in a fresh cache (copied to rows later)."""
         batch, width = len(prompts), max(len(p) for p in prompts)
         inputs = np.zeros((3, batch, width), dtype=np.int64)  # ids, attention mask, position ids
@@ -495,7 +429,7 @@ class DecodeEngine:
         logits, hidden = self._forward(ids, attn, pos, fresh)
         self.forward_calls += 1
         self.tokens_forwarded += batch * width
-        return _Prefill(prompts, fresh, logits, hidden, _finite_rows(logits))
+        return Prefill(prompts, fresh, logits, hidden, _finite_rows(logits))
 
     @torch.inference_mode()
     def append(

@@ -391,7 +391,8 @@ def test_the_package_layers_flow_one_way() -> None:
     assert imports("models.py") == {"llm_envs.io", "llm_envs.score_model"}
     assert imports("length_cache.py") == set()
     assert imports("score_model.py") == set() and imports("reward_spec.py") == {"llm_envs.config"}
-    assert imports("engine.py") == {"llm_envs.length_cache", "llm_envs.models"}
+    assert imports("engine.py") == {"llm_envs.length_cache", "llm_envs.models", "llm_envs.prefill"}
+    assert imports("prefill.py") == {"llm_envs.length_cache"}
 
 
 def _per_row_inputs(kv: Any, rows: list[int], pending: list[list[int]], candidates: list[list[int]],
