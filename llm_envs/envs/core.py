@@ -204,8 +204,9 @@ class BatchedCore(Generic[P]):
         afresh, so the same seed gives the same bits whatever came before."""
         picked = [self.ctx.pick_prompt(rng, opts or {}, self.params.max_new_tokens)
                   for rng, opts in zip(restart.rngs, restart.options)]  # may raise: before any row changes
-        for row, rng, opts in zip(restart.rows, restart.rngs, restart.options):
-            self._prompt_sources[row] = (rng, opts or {})
+        if self._prefill_ahead:
+            for row, rng, opts in zip(restart.rows, restart.rngs, restart.options):
+                self._prompt_sources[row] = (rng, opts or {})
         out = self.engine.reset_rows(restart.rows, [ids for _, _, ids in picked],
                                      ahead=self._next_prompts if self._prefill_ahead and not fresh else None)
         s = self.state

@@ -89,16 +89,17 @@ def pack_rows(tensors: Mapping[str, torch.Tensor]) -> HostPack:
 
     Each is flattened per row and reinterpreted as bytes, the byte rows are concatenated into one
     [R, total] uint8 tensor, copied once (`.cpu()`), and split back into numpy views of the original
-    dtypes and shapes. Bool tensors travel as uint8.
+    dtypes and shapes. Bool tensors travel as uint8. Tensors already on the host (and not a test of
+    the accelerator path) come back as numpy views: packing only pays off when it saves transfers.
     """
-    if not any(sync_free(tensor.device) for tensor in tensors.values()):  # all on the CPU (not a test of the
-        return _host_views(tensors)                                       # accelerator path): nothing to move
-    names, parts, layout = [], [], []
-    rows = None
+    rows = next(iter(tensors.values())).shape[0] if tensors else 0
     for name, tensor in tensors.items():
-        rows = tensor.shape[0] if rows is None else rows
         if tensor.shape[0] != rows:
             raise ValueError(f"pack_rows: {name} has {tensor.shape[0]} rows, expected {rows}.")
+    if not any(sync_free(tensor.device) for tensor in tensors.values()):
+        return HostPack({name: tensor.numpy() for name, tensor in tensors.items()})
+    names, parts, layout = [], [], []
+    for name, tensor in tensors.items():
         flat = tensor.reshape(rows, -1)
         if flat.numel() and flat.stride(-1) != 1:  # also a "contiguous" [1, 1] view of a wider row
             flat = torch.empty_like(flat, memory_format=torch.contiguous_format).copy_(flat)
@@ -115,18 +116,6 @@ def pack_rows(tensors: Mapping[str, torch.Tensor]) -> HostPack:
         np_dtype = np.uint8 if dtype == torch.bool else torch.empty(0, dtype=dtype).numpy().dtype
         values = block.view(np_dtype).reshape(host.shape[0], *shape)
         arrays[name] = values.astype(bool) if dtype == torch.bool else values
-    return HostPack(arrays)
-
-
-def _host_views(tensors: Mapping[str, torch.Tensor]) -> HostPack:
-    """`pack_rows` of tensors already on the host: numpy views, no packing (it only pays off when
-    it saves transfers); the same arrays and checks."""
-    rows = next(iter(tensors.values())).shape[0] if tensors else 0
-    arrays = {}
-    for name, tensor in tensors.items():
-        if tensor.shape[0] != rows:
-            raise ValueError(f"pack_rows: {name} has {tensor.shape[0]} rows, expected {rows}.")
-        arrays[name] = tensor.numpy()
     return HostPack(arrays)
 
 
