@@ -70,6 +70,7 @@ def environment() -> dict[str, Any]:
 def ppo_speed(device: str, shape: str, num_envs: int, steps: int, n_steps: int, seed: int = 0) -> dict[str, Any]:
     """Train MaskablePPO for `steps` env-steps on `num_envs` rows; env-steps/s of the whole `learn()`."""
     from sb3_contrib import MaskablePPO
+    from stable_baselines3.common.logger import Logger
 
     import llm_envs
     from benchmarks.throughput import grammar_prompts, make_random_llama, zero_reward
@@ -84,6 +85,7 @@ def ppo_speed(device: str, shape: str, num_envs: int, steps: int, n_steps: int, 
         # batch_size = one rollout: one gradient step per epoch keeps the update share of a short run small
         agent = MaskablePPO("MlpPolicy", venv, n_steps=n_steps, batch_size=n_steps * num_envs, n_epochs=2,
                             seed=seed, policy_kwargs=dict(net_arch=[64]), device=device)
+        agent.set_logger(Logger(folder=None, output_formats=[]))  # SB3's default logger makes a /tmp/SB3-* dir per run
         start = time.perf_counter()
         agent.learn(steps)
         seconds = time.perf_counter() - start

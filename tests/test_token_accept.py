@@ -436,10 +436,12 @@ def test_sb3_vec_env_autoresets_in_the_same_step_with_masks(world_kwargs):
 
 def test_maskable_ppo_trains_a_few_steps_on_the_sb3_view(world_kwargs):
     from sb3_contrib import MaskablePPO
+    from stable_baselines3.common.logger import Logger
 
     venv = llm_envs.make_sb3_vec_env(ENV_ID, 2, **{**world_kwargs, "max_new_tokens": 6})
     model = MaskablePPO("MlpPolicy", venv, n_steps=16, batch_size=16, n_epochs=1, seed=0,
                         policy_kwargs=dict(net_arch=[32]), device="cpu")
+    model.set_logger(Logger(folder=None, output_formats=[]))  # SB3's default logger leaves a /tmp/SB3-* dir
     model.learn(64)
     assert model.num_timesteps >= 64
 
