@@ -62,14 +62,11 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
-import math
-import numbers
 import os
 import weakref
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
-import numpy as np
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -84,6 +81,7 @@ from llm_envs.models import (
 )
 from llm_envs.reward_rules import RewardRules, as_reward_rules
 from llm_envs.reward_spec import is_combination, reward_terms, weighted_name
+from llm_envs.rewards.backends import check_finite, check_pairs, function_scores, model_scores, short
 from llm_envs.rewards.combination import WeightedSum, check_terms
 from llm_envs.rewards.text import (
     SpecialTemplate,
@@ -104,10 +102,6 @@ Template = Literal["concat", "pair"]
 RewardFn = Callable[[list[str], list[str]], Sequence[float]]
 ChatReading = Literal["message", "same", "own"]  # how a backend reads a chat-rendered prompt
 Term = tuple["RewardWrapper", float]  # one wrapper of a weighted sum and its weight
-
-
-def _short(text: str, limit: int = 200) -> str:
-    return repr(text if len(text) <= limit else text[:limit] + "...")
 
 
 def _merged_rules(rules: RewardRules | Mapping[str, Any] | None, turn_markers: Sequence[str] | None) -> RewardRules:
@@ -403,7 +397,7 @@ class RewardWrapper(WeightedSum):
     def score(self, prompts: Sequence[str], responses: Sequence[str]) -> list[float]:
         """Score text pairs (responses cut at the next turn marker first; chat-rendered prompts read
         as the module docstring says)."""
-        prompts, responses = self._check_pairs(prompts, responses, str, "score")
+        prompts, responses = check_pairs(prompts, responses, str, "score")
         if self.terms is not None:
             return self._summed(lambda t: t.score(prompts, responses), prompts, responses)
         return self._score_text(prompts, responses, self.chat)
@@ -460,7 +454,7 @@ class RewardWrapper(WeightedSum):
         input (the rules applied, the RM's specials and an appended EOS included), before truncation to
         ``max_length``: what a skip rule such as ARGS's (pairs of >= 1334 tokens are not scored) checks. A
         weighted sum gives each pair's longest input over its models; a function reads no tokens (an error)."""
-        prompts, responses = self._check_pairs(prompts, responses, str, "input_lengths")
+        prompts, responses = check_pairs(prompts, responses, str, "input_lengths")
         if self.terms is not None:
             lengths = [t.input_lengths(prompts, responses) for t, _ in self.terms if t.kind != "callable"]
             if not lengths:
@@ -521,7 +515,7 @@ class RewardWrapper(WeightedSum):
         decode + re-tokenize. `lm_tokenizer` defaults to the one given at construction.
         """
         prompt_ids, response_ids = as_id_rows(prompt_ids), as_id_rows(response_ids)
-        prompt_ids, response_ids = self._check_pairs(prompt_ids, response_ids, Sequence, "score_ids")
+        prompt_ids, response_ids = check_pairs(prompt_ids, response_ids, Sequence, "score_ids")
         if not prompt_ids:
             return []
         lm_tok = lm_tokenizer if lm_tokenizer is not None else self.lm_tokenizer
@@ -650,29 +644,6 @@ class RewardWrapper(WeightedSum):
             types.append(list(enc.get("token_type_ids") or []))
         return ids, (types if with_types else None)
 
-    def _check_pairs(
-        self, prompts: Any, responses: Any, item_type: type, where: str
-    ) -> tuple[list[Any], list[Any]]:
-        for label, seq in (("prompts", prompts), ("responses", responses)):
-            if isinstance(seq, (str, bytes)) or not isinstance(seq, Sequence):
-                raise TypeError(
-                    f"{where}: {label} must be a list, got {type(seq).__name__}: {_short(str(seq), 80)}."
-                )
-        if len(prompts) != len(responses):
-            raise ValueError(
-                f"{where}: got {len(prompts)} prompts but {len(responses)} responses; "
-                "pass one response per prompt."
-            )
-        for label, seq in (("prompts", prompts), ("responses", responses)):
-            for i, item in enumerate(seq):
-                if not isinstance(item, item_type) or (item_type is Sequence and isinstance(item, str)):
-                    want = "str" if item_type is str else "a list of token ids"
-                    raise TypeError(
-                        f"{where}: {label}[{i}] is {type(item).__name__} ({_short(str(item), 80)}); "
-                        f"expected {want}."
-                    )
-        return list(prompts), list(responses)
-
     def _model_max_length(self) -> int | None:
         assert self.model is not None and self.tokenizer is not None
         # A tokenizer without a limit reports a huge sentinel (1e30): only plausible limits count.
@@ -715,36 +686,15 @@ class RewardWrapper(WeightedSum):
         id_pairs: tuple[list[list[int]], list[list[int]]] | None = None,
     ) -> list[float]:
         assert self.model is not None
-        model, pad = self.model, int(self.model.config.pad_token_id)
         for i, ids in enumerate(seqs):
             if not ids:
                 p, r = self._pair_text(i, prompts, responses, id_pairs)
                 raise ValueError(
-                    f"pair {i} (prompt {_short(p)}, response {_short(r)}) tokenizes to nothing for reward "
+                    f"pair {i} (prompt {short(p)}, response {short(r)}) tokenizes to nothing for reward "
                     f"model {self.name!r}; give a non-empty prompt or response."
                 )
-        order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))  # less padding per batch
-        step = self.batch_size or max(1, len(seqs))
-        out = [0.0] * len(seqs)
-        with torch.inference_mode():
-            for start in range(0, len(order), step):
-                idx = order[start : start + step]
-                width = max(len(seqs[i]) for i in idx)
-                ids = torch.full((len(idx), width), pad, dtype=torch.long)
-                mask = torch.zeros((len(idx), width), dtype=torch.long)
-                for row, i in enumerate(idx):  # right padding: positions start at 0 for every row
-                    ids[row, : len(seqs[i])] = torch.tensor(seqs[i], dtype=torch.long)
-                    mask[row, : len(seqs[i])] = 1
-                inputs: dict[str, torch.Tensor] = {"input_ids": ids, "attention_mask": mask}
-                if token_types is not None:
-                    types = torch.zeros((len(idx), width), dtype=torch.long)
-                    for row, i in enumerate(idx):
-                        types[row, : len(token_types[i])] = torch.tensor(token_types[i], dtype=torch.long)
-                    inputs["token_type_ids"] = types
-                logits = model(**{k: v.to(model.device) for k, v in inputs.items()}).logits
-                self.calls += 1
-                for row, value in zip(idx, logits[:, 0].float().cpu().tolist()):
-                    out[row] = float(value)
+        out, calls = model_scores(self.model, seqs, token_types, int(self.model.config.pad_token_id), self.batch_size)
+        self.calls += calls
         self.pairs_scored += len(seqs)
         self._check_finite(out, prompts, responses, id_pairs)
         return out
@@ -754,46 +704,11 @@ class RewardWrapper(WeightedSum):
     ) -> list[float]:
         """`fn` on the pairs in batches; `shown` = the pairs as the caller gave them (for error messages)."""
         assert self.fn is not None
-        step = self.batch_size or max(1, len(prompts))
-        out: list[float] = []
-        for start in range(0, len(prompts), step):
-            p, r = prompts[start : start + step], responses[start : start + step]
-            result = self.fn(p, r)
-            self.calls += 1
-            out.extend(self._as_floats(result, len(p), start))
+        out, calls = function_scores(self.fn, prompts, responses, self.batch_size, self.name)
+        self.calls += calls
         self.pairs_scored += len(prompts)
         self._check_finite(out, *(shown or (prompts, responses)), None)
         return out
-
-    def _as_floats(self, result: Any, expected: int, offset: int) -> list[float]:
-        where = f"reward function {self.name!r}"
-        if isinstance(result, torch.Tensor):
-            result = result.detach().cpu().numpy()
-        if isinstance(result, np.ndarray):
-            if result.ndim != 1:
-                raise TypeError(
-                    f"{where} returned an array of shape {result.shape}; expected a 1-D list of {expected} floats."
-                )
-            result = result.tolist()
-        if isinstance(result, (str, bytes, dict)) or not isinstance(result, Sequence):
-            raise TypeError(
-                f"{where} returned {type(result).__name__} ({_short(str(result), 80)}); expected a list of "
-                f"{expected} floats, one per (prompt, response) pair."
-            )
-        if len(result) != expected:
-            raise ValueError(
-                f"{where} returned {len(result)} scores for a batch of {expected} pairs; it must return one "
-                "float per pair, in order."
-            )
-        values = []
-        for j, value in enumerate(result):
-            if isinstance(value, bool) or not isinstance(value, numbers.Real):
-                raise TypeError(
-                    f"{where} returned {type(value).__name__} ({_short(str(value), 80)}) for pair {offset + j}; "
-                    "expected a real number."
-                )
-            values.append(float(value))
-        return values
 
     def _pair_text(
         self,
@@ -815,12 +730,5 @@ class RewardWrapper(WeightedSum):
         responses: list[str] | None,
         id_pairs: tuple[list[list[int]], list[list[int]]] | None,
     ) -> None:
-        for i, value in enumerate(scores):
-            if not math.isfinite(value):
-                p, r = self._pair_text(i, prompts, responses, id_pairs)
-                raise ValueError(
-                    f"reward backend {self.kind} {self.name!r} returned a non-finite score ({value}) "
-                    f"for pair {i}: "
-                    f"prompt {_short(p)}, response {_short(r)}. Check the reward function / model (e.g. dtype "
-                    "overflow: try dtype='float32')."
-                )
+        check_finite(scores, f"{self.kind} {self.name!r}",
+                     lambda i: self._pair_text(i, prompts, responses, id_pairs))
