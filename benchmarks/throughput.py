@@ -45,8 +45,8 @@ at EOS after ~20 tokens, about as long as its prompts, so a fifth of its forward
 
 Timing: ``time.perf_counter`` under ``torch.inference_mode``, one torch thread by default (faster
 than two on a shared 2-core box), a warm-up before each measurement. For each (model, N) the three
-take turns for ``rounds`` rounds (default 3; per round: limit one 64-token episode, env 65 vector
-steps = one all-accept episode plus its autoreset step, naive 64 positions) and each rate is its
+take turns for ``rounds`` rounds (default 3; per round: limit one 64-token episode, env 130 vector
+steps = two all-accept episodes, each with its autoreset step, naive 64 positions) and each rate is its
 best round (load from other processes only slows a round down); every round is kept in the JSON.
 
 ``--device cuda`` runs the same three measurements on a GPU (``--dtype auto`` = bfloat16 there); every
@@ -115,7 +115,9 @@ class Settings:
     limit_episodes: int = 1  # timed decode episodes per round (each: untimed prefill, then the forwards)
     limit_tokens: int | None = None  # decode forwards timed per limit episode (None = max_new_tokens)
     env_warmup: int = 4  # env steps after reset, before the first round
-    env_steps: int = 65  # timed env steps per round (= one all-accept episode + its autoreset step)
+    # timed env steps per round: two all-accept episodes, each with its autoreset step, so rows that all end
+    # together restart twice in every window, whether their next prompts were prefilled ahead or not
+    env_steps: int = 130
     naive_samples: int = 64  # timed naive steps per round, positions spread evenly over 0..max_new_tokens-1
     naive_warmup: int = 2
     top_p: float = 0.9
