@@ -62,6 +62,9 @@ def test_tiny_benchmark_writes_the_documented_schema(tiny_lm, tmp_path):
     assert row["env_prompts_started"] >= 1
     work = 10 * 2 / row["limit_steps_per_s"] + row["env_prompts_started"] * row["limit_prefill_s"] / 2
     assert row["env_over_work_limit"] == pytest.approx(work / row["env_seconds"])
+    # at most: env / limit had the env taken exactly that work's time
+    assert row["env_over_limit_at_most"] == pytest.approx(row["env_transitions"] / work / row["limit_steps_per_s"])
+    assert row["env_over_limit"] == pytest.approx(row["env_over_limit_at_most"] * row["env_over_work_limit"])
     # the same env with prefill_ahead=True, in the same rounds
     assert row["ahead_over_limit"] == pytest.approx(row["ahead_steps_per_s"] / row["limit_steps_per_s"])
     assert row["ahead_prompts_started"] >= 1 and "prefill_ahead=True" in md_path.read_text()
