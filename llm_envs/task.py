@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING, Any, Callable, Literal, Sequence
 import numpy as np
 
 from llm_envs.chat import ChatFormat, chat_format_of, encode_prompt
+from llm_envs.config import did_you_mean
 from llm_envs.data import PromptSet, load_prompts
 from llm_envs.reward_rules import RewardRules, as_reward_rules
 from llm_envs.reward_spec import RewardTerm, is_combination, reward_terms
@@ -263,7 +264,9 @@ class LMContext:
         leaves no room for `max_new_tokens` in the model's context is a clear error."""
         unknown = set(options) - {"prompt", "prompt_index"}
         if unknown:
-            raise ValueError(f"reset options {sorted(unknown)} are unknown; expected 'prompt' or 'prompt_index'.")
+            first = sorted(map(str, unknown))[0]
+            raise ValueError(f"reset options {sorted(map(str, unknown))} are unknown; expected 'prompt' or "
+                             f"'prompt_index'.{did_you_mean(first, ['prompt', 'prompt_index'])}")
         if "prompt" in options:
             prompt, index = options["prompt"], None
             if self.chat is not None and isinstance(prompt, str) and prompt.strip():

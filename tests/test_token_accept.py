@@ -473,6 +473,8 @@ def test_prompt_too_long_for_the_context_is_a_clear_error(world_kwargs):
         env.reset(options={"prompt": "   "})
     with pytest.raises(ValueError, match="prompt_index"):
         env.reset(options={"prompt_index": 10_000})
+    with pytest.raises(ValueError, match=r"reset options \['prompt_idx'\] are unknown.*Did you mean 'prompt_index'\?"):
+        env.reset(options={"prompt_idx": 3})
 
 
 def test_nan_reward_names_the_pair(world_kwargs):
