@@ -41,9 +41,10 @@ of its own work: its batched decode forwards at the limit's time per forward, pl
 prompt it started at the limit's batched-prefill time per prompt (``limit_prefill_s / N``), over the
 env's time. ``env / limit`` compares with decoding alone and so charges the env for its prefills too:
 ``env_over_limit_at_most`` (the table's "env / limit at most") is the ``env / limit`` of an env whose time
-were exactly that work, i.e. one that cost nothing beyond its forwards, which no env can exceed by being
-faster elsewhere (the world LM's episodes end at EOS after ~20 tokens, about as long as its prompts, so
-about a quarter of its forward work is prefill at N=64).
+were exactly that work: one that cost nothing beyond its forwards and ran them at the limit's speed. An
+env exceeds it only by running its forwards faster than the limit does (the world LM's episodes end at
+EOS after ~20 tokens, about as long as its prompts, so about a quarter of its forward work is prefill at
+N=64).
 
 Timing: ``time.perf_counter`` under ``torch.inference_mode``, one torch thread by default (faster
 than two on a shared 2-core box), a warm-up before each measurement. For each (model, N) the three
@@ -670,7 +671,8 @@ def markdown(report: dict[str, Any]) -> str:
         "env / limit compares with decoding alone, so it also charges the env for its prefills (each episode "
         "starts a prompt; the world LM's episodes end at EOS after ~20 tokens, about as long as its prompts).",
         "- **env / limit at most**: the env / limit of an env whose time were exactly that same work (one that "
-        "cost nothing beyond its forwards): the most env / limit can reach with these episodes and prompts.",
+        "cost nothing beyond its forwards and ran them at the limit's speed): what env / limit can reach with these "
+        "episodes and prompts unless the env's forwards beat the limit's.",
         "- env LM fwd / vector step: batched LM forwards (prefills of autoreset rows included) per `venv.step`; "
         "env rejects: share of transitions that were rejects (random valid actions; SKAM forbids every reject "
         "on a near-uniform random model, so its episodes are all accepts).",
