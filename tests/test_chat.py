@@ -311,6 +311,24 @@ def test_rm_without_a_template_and_functions_read_the_message(tok):
     assert judge.seen == [(MESSAGES[0], "paris ."), (MESSAGES[0], "paris ."), ("a plain prompt", "yes")]
 
 
+def test_a_chat_copy_counts_its_own_truncations(tok):
+    # The copy shares the backend and how its inputs are built, not its counters.
+    chat, plain = _chat(tok), make_tokenizer(template=None)
+    bare = RewardWrapper.from_model(make_rm(plain, seed=4), tokenizer=plain, device="cpu", max_length=5)
+    copy_ = RewardWrapper.build(bare, lm_tokenizer=chat)
+    long = "the capital of france is paris and it is large ."
+    copy_.score([copy_.chat.render(MESSAGES[0])], [long])
+    assert (copy_.truncated, bare.truncated) == (1, 0)
+    lengths = bare.input_lengths([MESSAGES[0]], [long])  # full lengths: nothing truncated, nothing counted
+    assert lengths[0] > 5 and bare.truncated == 0
+    bare.score([MESSAGES[0]], [long])
+    ids = bare.fit_to_max_length(list(range(7)))
+    assert ids == [2, 3, 4, 5, 6] and (bare.truncated, copy_.truncated) == (2, 1)
+    assert bare.describe()["truncated"] == 2 and bare.max_length == copy_.max_length == 5
+    bare.reset_counters()
+    assert (bare.truncated, copy_.truncated) == (0, 1)
+
+
 def test_task_carries_the_chat_setting_to_every_env(tok, lm):
     task = Task(lm="unused", reward="unused", train_prompts=MESSAGES, eval_prompts=MESSAGES, chat_template=True,
                 system_prompt="you are brief")

@@ -362,8 +362,8 @@ def test_public_seams_for_candidate_scoring(wrapper: RewardWrapper, rm, tok) -> 
 
 
 def test_the_package_layers_flow_one_way() -> None:
-    """text | combination | backends <- wrapper <- candidates, none of them lazily backwards; length_cache/models
-    stay below."""
+    """text <- inputs | backends | combination <- wrapper <- candidates, none of them lazily backwards;
+    length_cache/models stay below."""
     import ast
 
     import llm_envs
@@ -379,11 +379,13 @@ def test_the_package_layers_flow_one_way() -> None:
     # the text conventions read only the reading rules (plain data over the config layer)
     assert imports("rewards/text.py") == {"llm_envs.reward_rules"} and imports("rewards/combination.py") == set()
     assert imports("rewards/backends.py") == set()  # runs a model or a function on ready inputs
+    assert imports("rewards/inputs.py") == {"llm_envs.chat", "llm_envs.models", "llm_envs.reward_rules",
+                                            "llm_envs.rewards.text"}
     assert imports("reward_rules.py") == {"llm_envs.config"}
     assert imports("rewards/wrapper.py") == {"llm_envs.chat", "llm_envs.models", "llm_envs.reward_rules",
                                              "llm_envs.reward_spec", "llm_envs.rewards.backends",
-                                             "llm_envs.rewards.combination", "llm_envs.rewards.text",
-                                             "llm_envs.score_model"}
+                                             "llm_envs.rewards.combination", "llm_envs.rewards.inputs",
+                                             "llm_envs.rewards.text", "llm_envs.score_model"}
     assert imports("chat.py") == set()  # the chat format is data: it reads no other llm_envs module
     assert imports("rewards/candidates.py") == {
         "llm_envs.length_cache", "llm_envs.models", "llm_envs.rewards.text", "llm_envs.rewards.wrapper",

@@ -1,12 +1,14 @@
 """The reward wrapper shared by every method: scores (prompt, response) pairs, and candidate tokens.
 
-Its modules, each importing only the ones before it (`combination`, the weighted sum, and `backends` stand
-beside `text`), over `llm_envs.reward_rules` (below this package, no torch: `RewardRules`, how a response is
+Its modules, each importing only the ones before it (`inputs`, `backends` and `combination`, the weighted sum,
+stand side by side), over `llm_envs.reward_rules` (below this package, no torch: `RewardRules`, how a response is
 read before scoring -- turn markers, their case, the whitespace at a cut, a prefix to strip, an appended EOS):
 
 - `llm_envs.rewards.text`: the conventions as plain functions -- turn cutting (`cut_at_turn`,
   `DEFAULT_TURN_MARKERS`), joining a prompt and a response, special-token templates, response
   special ids/strings, whether two tokenizers match (the ids fast path);
+- `llm_envs.rewards.inputs`: `ModelInputs`, how text becomes a reward model's input ids (its specials, an
+  appended EOS, truncation to its length, a chat prompt read as the wrapper decided);
 - `llm_envs.rewards.backends`: a reward model or a function run on ready
   inputs, batched, and the checks on a call's pairs and on the scores;
 - `llm_envs.rewards.wrapper`: `RewardWrapper`, which scores pairs in batches with a reward model

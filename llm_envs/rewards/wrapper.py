@@ -23,7 +23,8 @@ Conventions shared by every backend:
   prefix to strip (ARGS's ``": "``), and whether the reward model's EOS follows the response
   (``append_eos``: safe-rlhf score models were trained on prompt + answer + EOS). One set of rules per
   wrapper, applied on every path (text, ids, candidates). The text and special-token rules are
-  functions of `llm_envs.rewards.text`.
+  functions of `llm_envs.rewards.text`; a reward model's input ids are built by
+  `llm_envs.rewards.inputs.ModelInputs`, and the backends run by `llm_envs.rewards.backends`.
 - **Input lengths.** `input_lengths` gives how many tokens the reward model would read for each pair
   (its specials and an appended EOS included, before truncation to ``max_length``): what a protocol's
   skip rule (ARGS: pairs of >= 1334 tokens are not scored) is checked against.
@@ -65,16 +66,15 @@ import difflib
 import os
 import weakref
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from llm_envs.chat import ChatFormat, chat_format_of, chat_tokenizer, render_exchange
+from llm_envs.chat import ChatFormat, chat_format_of, chat_tokenizer
 from llm_envs.models import (
     RewardModel,
     RewardModelSpec,
-    context_length,
     load_reward_model,
     load_tokenizer,
     model_source_name,
@@ -83,11 +83,10 @@ from llm_envs.reward_rules import RewardRules, as_reward_rules
 from llm_envs.reward_spec import is_combination, reward_terms, weighted_name
 from llm_envs.rewards.backends import check_finite, check_pairs, function_scores, model_scores, short
 from llm_envs.rewards.combination import WeightedSum, check_terms
+from llm_envs.rewards.inputs import ChatReading, ModelInputs, Template
 from llm_envs.rewards.text import (
     SpecialTemplate,
     as_id_rows,
-    clean_response_text,
-    join_prompt_response,
     response_content_ids,
     response_special_ids,
     special_template,
@@ -98,9 +97,7 @@ from llm_envs.score_model import ScoreModel
 
 __all__ = ["RewardFn", "RewardWrapper", "Template"]
 
-Template = Literal["concat", "pair"]
 RewardFn = Callable[[list[str], list[str]], Sequence[float]]
-ChatReading = Literal["message", "same", "own"]  # how a backend reads a chat-rendered prompt
 Term = tuple["RewardWrapper", float]  # one wrapper of a weighted sum and its weight
 
 
@@ -160,12 +157,10 @@ class RewardWrapper(WeightedSum):
         self.lm_tokenizer = lm_tokenizer
         self.batch_size = batch_size
         self.template: Template = template
-        self.max_length: int | None = None
         # The LM's chat format (its prompts are rendered through it): given, or the LM tokenizer's.
         self.chat: ChatFormat | None = chat if chat is not None else chat_format_of(lm_tokenizer)
         self._chat_reading: dict[ChatFormat, tuple[ChatReading, PreTrainedTokenizerBase | None]] = {}
-        self._template_ids: SpecialTemplate | None = None
-        self._eos_ids: list[int] = []  # the RM's EOS id when the rules append it (model backend)
+        self._inputs: ModelInputs | None = None  # how text becomes the reward model's input ids (model backend)
         if fn is not None and self.rules.append_eos:
             raise ValueError(f"rules.append_eos=True for the function backend {name!r}; a function reads text, not a "
                              "reward model's tokens, so there is no EOS to append. Set append_eos only for reward "
@@ -179,11 +174,7 @@ class RewardWrapper(WeightedSum):
             if model.config.pad_token_id is None:
                 pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
                 model.config.pad_token_id = int(pad) if pad is not None else 0
-            self._template_ids = special_template(tokenizer)
-            self._eos_ids = self._appended_eos(tokenizer, template)
-            self.max_length = max_length if max_length is not None else self._model_max_length()
-            if self.max_length is not None and self.max_length < 2:
-                raise ValueError(f"max_length={self.max_length!r}; expected at least 2 tokens.")
+            self._inputs = ModelInputs.build(model, tokenizer, self.rules, template, max_length, name)
         self.reset_counters()
 
     # ------------------------------------------------------------------ constructors
@@ -411,6 +402,12 @@ class RewardWrapper(WeightedSum):
         seqs, types = self._text_inputs(prompts, responses, chat, fit=True)
         return self._model_scores(seqs, types, prompts, responses)
 
+    @property
+    def max_length(self) -> int | None:
+        """The longest input the reward model reads (longer ones lose their oldest prompt tokens); None for a
+        function backend, or when neither the model nor its tokenizer states a limit."""
+        return self._inputs.max_length if self._inputs is not None else None
+
     def _read_text(self, prompts: list[str], responses: list[str], chat: ChatFormat | None
                    ) -> tuple[list[str], list[str]]:
         """What a function backend reads: the prompts (user messages on chat prompts) and the responses cut at
@@ -422,32 +419,13 @@ class RewardWrapper(WeightedSum):
 
     def _text_inputs(self, prompts: list[str], responses: list[str], chat: ChatFormat | None, *, fit: bool
                      ) -> tuple[list[list[int]], list[list[int]] | None]:
-        """The reward model's input ids of text pairs (and token types for the 'pair' template): the response
-        cleaned of special strings and read by the rules, the prompt read per the chat reading, the RM's
-        specials (and an appended EOS) around. `fit=True` truncates to ``max_length`` (counted in
-        ``truncated``), `fit=False` gives the full lengths (`input_lengths`)."""
-        assert self.tokenizer is not None
-        if chat is not None:  # the LM's turn ends at its end-of-turn text, whatever the RM's EOS
-            responses = [r.split(chat.end_of_turn, 1)[0] if chat.end_of_turn else r for r in responses]
-        messages = [chat.message_of(p) if chat is not None else None for p in prompts]
+        """The reward model's input ids of text pairs (`ModelInputs.text_inputs`), chat prompts read per
+        `chat_reading`; `fit=True` truncates to ``max_length`` (counted in ``truncated``)."""
+        assert self._inputs is not None
         reading = self.chat_reading(chat) if chat is not None else "same"
-        tok = self.tokenizer
-        cut = [self.rules.read(clean_response_text(r, tok)) for r in responses]
-        if self.template == "pair":
-            firsts = [p if m is None or reading == "same" else m for p, m in zip(prompts, messages)]
-            return self._pair_inputs(firsts, cut, fit=fit)
-        seqs = []
-        for p, m, r in zip(prompts, messages, cut):
-            if m is not None and reading == "own":  # the RM's own template around the exchange
-                ids = list(tok(render_exchange(tok, m, r), add_special_tokens=False)["input_ids"]) + self._eos_ids
-                seqs.append(self.fit_to_max_length(ids) if fit else ids)
-                continue
-            body = list(tok(join_prompt_response(p if m is None or reading == "same" else m, r),
-                            add_special_tokens=False)["input_ids"])
-            if m is not None and reading == "same":  # the rendered prompt holds the template's BOS already
-                body = strip_template(body, self._template_ids)
-            seqs.append(self._wrap(body, fit=fit))
-        return seqs, None
+        seqs, types, truncated = self._inputs.text_inputs(prompts, responses, chat, reading, fit=fit)
+        self.truncated += truncated
+        return seqs, types
 
     def input_lengths(self, prompts: Sequence[str], responses: Sequence[str]) -> list[int]:
         """How many tokens the reward model reads for each (prompt, response) text pair, as `score` builds its
@@ -531,7 +509,8 @@ class RewardWrapper(WeightedSum):
         eligible, why = self.fast_path(lm_tok)
         if fast and not eligible:
             raise ValueError(f"score_ids(fast=True) is impossible: {why}; use fast=None or False.")
-        lm_template = self._template_ids if lm_tok is self.tokenizer else self._lm_template(lm_tok)
+        lm_template = self._inputs.specials if self._inputs is not None and lm_tok is self.tokenizer \
+            else self._lm_template(lm_tok)
         prompt_content = [strip_template(list(map(int, p)), lm_template) for p in prompt_ids]
         eos = self.response_end_id(lm_tok)
         specials = response_special_ids(lm_tok) | ({eos} if eos is not None else set())
@@ -565,9 +544,10 @@ class RewardWrapper(WeightedSum):
         """The special ids the reward tokenizer adds (before, after) one sequence, e.g.
         ``([bos], [])``; None for a function backend or when unknowable. With ``rules.append_eos`` the suffix
         starts with the RM's EOS (so the candidate scorer's prefix cache, which cannot append it, stands aside)."""
-        if self._template_ids is None or not self._eos_ids:
-            return self._template_ids
-        return self._template_ids[0], self._eos_ids + self._template_ids[1]
+        if self._inputs is None or self._inputs.specials is None or not self._inputs.eos_ids:
+            return self._inputs.specials if self._inputs is not None else None
+        prefix, suffix = self._inputs.specials
+        return prefix, self._inputs.eos_ids + suffix
 
     def fast_path(self, lm_tokenizer: PreTrainedTokenizerBase) -> tuple[bool, str]:
         """Whether `score_ids` can feed `lm_tokenizer`'s ids to the reward model as they are
@@ -580,7 +560,7 @@ class RewardWrapper(WeightedSum):
             return False, f"the backend of {self.name!r} is a function, which scores text"
         if self.template != "concat":
             return False, "template='pair' scores text pairs"
-        if self._template_ids is None:
+        if self._inputs is None or self._inputs.specials is None:
             return False, "the reward tokenizer's special-token template could not be determined"
         rm_tok = self.tokenizer
         chat = chat_format_of(lm_tokenizer) or self.chat
@@ -608,9 +588,10 @@ class RewardWrapper(WeightedSum):
 
     def fit_to_max_length(self, ids: list[int]) -> list[int]:
         """The last ``max_length`` of `ids` (the oldest tokens give way, counted in ``truncated``)."""
-        if self.max_length is not None and len(ids) > self.max_length:
-            self.truncated += 1
-            return ids[len(ids) - self.max_length :]
+        if self._inputs is None:
+            return ids
+        ids, truncated = self._inputs.fit(ids)
+        self.truncated += truncated
         return ids
 
     def count_call(self, pairs: int) -> None:
@@ -629,53 +610,12 @@ class RewardWrapper(WeightedSum):
         self._check_finite(out, prompts, responses, None)
         return out
 
-    def _pair_inputs(self, prompts: list[str], cut: list[str], *, fit: bool
-                     ) -> tuple[list[list[int]], list[list[int]] | None]:
-        assert self.tokenizer is not None
-        tok = self.tokenizer
-        with_types = "token_type_ids" in tok.model_input_names
-        ids, types = [], []
-        for p, r in zip(prompts, cut):
-            enc = tok(p, r)
-            if fit and self.max_length is not None and len(enc["input_ids"]) > self.max_length:
-                self.truncated += 1  # the prompt gives way (tokenizer's truncation_side)
-                enc = tok(p, r, truncation="only_first", max_length=self.max_length)
-            ids.append(list(enc["input_ids"]))
-            types.append(list(enc.get("token_type_ids") or []))
-        return ids, (types if with_types else None)
-
-    def _model_max_length(self) -> int | None:
-        assert self.model is not None and self.tokenizer is not None
-        # A tokenizer without a limit reports a huge sentinel (1e30): only plausible limits count.
-        limits = [context_length(self.model), getattr(self.tokenizer, "model_max_length", None)]
-        valid = [int(x) for x in limits if isinstance(x, int) and 0 < x < 1_000_000]
-        return min(valid) if valid else None
-
-    def _wrap(self, body: list[int], *, fit: bool = True) -> list[int]:
-        """RM template specials around a body of content ids (and the RM's EOS after it when the rules append
-        it), truncating the oldest tokens (`fit`)."""
-        prefix, suffix = self._template_ids or ([], [])
-        suffix = self._eos_ids + suffix
-        if fit and self.max_length is not None:
-            room = self.max_length - len(prefix) - len(suffix)
-            if len(body) > room:
-                self.truncated += 1
-                body = body[len(body) - room :]
-        return prefix + body + suffix
-
-    def _appended_eos(self, tokenizer: PreTrainedTokenizerBase, template: Template) -> list[int]:
-        """``[eos]`` when the rules append the RM's EOS (checked: a concat template, a tokenizer with an EOS)."""
-        if not self.rules.append_eos:
-            return []
-        if template != "concat":
-            raise ValueError(f"rules.append_eos=True with template={template!r} for reward model {self.name!r}; an "
-                             "EOS is appended to the 'concat' text (prompt + response + EOS). Use template='concat'.")
-        eos = tokenizer.eos_token_id
-        if not isinstance(eos, int):
-            raise ValueError(f"rules.append_eos=True but the tokenizer of reward model {self.name!r} has no EOS token; "
-                             "pass a reward tokenizer with an EOS (safe-rlhf's Llama tokenizers have '</s>'), or set "
-                             "append_eos: false.")
-        return [int(eos)]
+    def _wrap(self, body: list[int]) -> list[int]:
+        """The reward model's specials around a body of content ids, truncated to ``max_length`` (counted)."""
+        assert self._inputs is not None
+        ids, truncated = self._inputs.wrap(body)
+        self.truncated += truncated
+        return ids
 
     def _model_scores(
         self,
