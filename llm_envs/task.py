@@ -264,9 +264,9 @@ class LMContext:
         leaves no room for `max_new_tokens` in the model's context is a clear error."""
         unknown = set(options) - {"prompt", "prompt_index"}
         if unknown:
-            first = sorted(map(str, unknown))[0]
-            raise ValueError(f"reset options {sorted(map(str, unknown))} are unknown; expected 'prompt' or "
-                             f"'prompt_index'.{did_you_mean(first, ['prompt', 'prompt_index'])}")
+            names = sorted(map(str, unknown))
+            raise ValueError(f"reset options {names} are unknown; expected 'prompt' or "
+                             f"'prompt_index'.{did_you_mean(names[0], ['prompt', 'prompt_index'])}")
         if "prompt" in options:
             prompt, index = options["prompt"], None
             if self.chat is not None and isinstance(prompt, str) and prompt.strip():

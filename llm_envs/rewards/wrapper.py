@@ -544,8 +544,8 @@ class RewardWrapper(WeightedSum):
         """The special ids the reward tokenizer adds (before, after) one sequence, e.g.
         ``([bos], [])``; None for a function backend or when unknowable. With ``rules.append_eos`` the suffix
         starts with the RM's EOS (so the candidate scorer's prefix cache, which cannot append it, stands aside)."""
-        if self._inputs is None or self._inputs.specials is None or not self._inputs.eos_ids:
-            return self._inputs.specials if self._inputs is not None else None
+        if self._inputs is None or self._inputs.specials is None:
+            return None
         prefix, suffix = self._inputs.specials
         return prefix, self._inputs.eos_ids + suffix
 
